@@ -1,0 +1,353 @@
+//! The `granary` command line: parses arguments, then calls one library function per
+//! subcommand. Errors are printed as one line naming the thing and the reason.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::castore::{validate_root_name, Node, RootRecord};
+use crate::import::{self, ImportOptions, Progress};
+use crate::store::{self, Store};
+use crate::tree;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "granary",
+    version,
+    about = "A content-addressed, chunk-deduplicating store for file trees, and a read-only FUSE view of it",
+    long_about = "A content-addressed, chunk-deduplicating store for file trees, and a read-only FUSE view of it.\n\n\
+        Every file is cut into content-defined chunks (FastCDC, BLAKE3-addressed) stored once however many trees \
+        share them. ROOT arguments are a root name (see `granary roots`) or a directory/blob digest (hex or \
+        blake3-<base64>). Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
+)]
+pub struct Cli {
+    /// Store URL: file:///path or memory://. Default: $GRANARY_STORE, else
+    /// $XDG_DATA_HOME/granary, else ~/.local/share/granary.
+    #[arg(long, global = true, value_name = "URL")]
+    store: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Import file trees; prints each tree's digest. With --name, records a named root.
+    Import {
+        /// Directories, files or symlinks to import.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Record the (single) imported tree as a root of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Name each imported tree after its basename.
+        #[arg(long, conflicts_with = "name")]
+        named: bool,
+        /// Skip devices, fifos and sockets with a warning instead of failing.
+        #[arg(long)]
+        skip_special: bool,
+        /// Files imported at once (default: twice the number of cores).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// List the named roots.
+    Roots,
+    /// List a directory: ROOT[/PATH].
+    Ls {
+        path: String,
+        /// Show type, mode, size and digest.
+        #[arg(short, long)]
+        long: bool,
+    },
+    /// Print a file's content: ROOT/PATH.
+    Cat { path: String },
+    /// Materialise a tree (ROOT[/PATH]) at DEST, which must not exist.
+    Export { path: String, dest: PathBuf },
+    /// Show what the store holds: objects, logical bytes, unique bytes, bytes stored.
+    Info {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("granary-rt")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("granary: error: cannot start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let res = rt.block_on(run(cli));
+    // Do not wait for blocking tasks that may still be draining (e.g. after an error).
+    rt.shutdown_timeout(Duration::from_secs(1));
+    match res {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("granary: error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn open_store(url: Option<&str>) -> Result<Store> {
+    let url = url.map_or_else(store::default_url, str::to_string);
+    store::open(&url)
+        .await
+        .with_context(|| format!("opening store {url}"))
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let store = open_store(cli.store.as_deref()).await?;
+    match cli.command {
+        Command::Import {
+            paths,
+            name,
+            named,
+            skip_special,
+            jobs,
+        } => {
+            let opts = ImportOptions {
+                skip_special,
+                parallelism: jobs,
+            };
+            cmd_import(&store, &paths, name, named, &opts).await
+        }
+        Command::Roots => {
+            let mut out = std::io::stdout().lock();
+            for name in store.roots.list().await? {
+                writeln!(out, "{name}")?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ls { path, long } => cmd_ls(&store, &path, long).await,
+        Command::Cat { path } => {
+            let node = tree::resolve(&store, &path).await?;
+            let Node::File { digest, .. } = node else {
+                bail!("{path}: not a regular file");
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            tree::write_blob(&store, &digest, &mut out)
+                .await
+                .with_context(|| path.clone())?;
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Export { path, dest } => {
+            let node = tree::resolve(&store, &path).await?;
+            if dest.symlink_metadata().is_ok() {
+                bail!("{}: already exists; export needs a new path", dest.display());
+            }
+            tree::export(&store, &node, &dest)
+                .await
+                .with_context(|| format!("exporting {path} to {}", dest.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Info { json } => cmd_info(&store, json).await,
+    }
+}
+
+/// A progress bar on stderr when it is a terminal, fed from the import's counters.
+fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    Some(tokio::spawn(async move {
+        loop {
+            bar.set_length(progress.bytes_total.load(Ordering::Relaxed));
+            bar.set_position(progress.bytes_done.load(Ordering::Relaxed));
+            bar.set_message(format!(
+                "{}/{} files",
+                progress.files_done.load(Ordering::Relaxed),
+                progress.files_total.load(Ordering::Relaxed)
+            ));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if Arc::strong_count(&progress) == 1 {
+                bar.finish_and_clear();
+                return;
+            }
+        }
+    }))
+}
+
+async fn cmd_import(
+    store: &Store,
+    paths: &[PathBuf],
+    name: Option<String>,
+    named: bool,
+    opts: &ImportOptions,
+) -> Result<ExitCode> {
+    if name.is_some() && paths.len() != 1 {
+        bail!("--name takes exactly one PATH (use --named to name several by basename)");
+    }
+    if let Some(n) = &name {
+        validate_root_name(n).with_context(|| format!("root name {n:?}"))?;
+    }
+    // Every name is decided before anything is imported, so a bad one fails early.
+    let mut names = Vec::new();
+    for p in paths {
+        names.push(match (&name, named) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true) => Some(import::default_root_name(p).with_context(|| {
+                format!("{}: basename is not a valid root name", p.display())
+            })?),
+            _ => None,
+        });
+    }
+    let progress = Arc::new(Progress::default());
+    let bar = spawn_progress(progress.clone());
+    let mut results = Vec::new();
+    for p in paths {
+        let node = import::import_path(store, p, opts, progress.clone()).await;
+        results.push(node?);
+    }
+    drop(progress);
+    if let Some(b) = bar {
+        let _ = b.await;
+    }
+    let mut out = std::io::stdout().lock();
+    for ((p, node), name) in paths.iter().zip(&results).zip(names) {
+        if let Some(name) = name {
+            store
+                .roots
+                .put(&RootRecord {
+                    name: name.clone(),
+                    node: node.clone(),
+                    nix: None,
+                })
+                .await
+                .with_context(|| format!("recording root {name:?}"))?;
+        }
+        let shown = match node {
+            Node::Directory { digest, .. } | Node::File { digest, .. } => digest.to_hex(),
+            Node::Symlink { target } => {
+                format!("symlink -> {}", String::from_utf8_lossy(target))
+            }
+        };
+        writeln!(out, "{shown}\t{}", p.display())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(node: &Node) -> (char, &'static str, u64, String) {
+    match node {
+        Node::Directory { digest, size } => ('d', "r-xr-xr-x", *size, digest.to_hex()),
+        Node::File {
+            digest,
+            size,
+            executable,
+        } => (
+            '-',
+            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
+            *size,
+            digest.to_hex(),
+        ),
+        Node::Symlink { target } => (
+            'l',
+            "rwxrwxrwx",
+            target.len() as u64,
+            format!("-> {}", String::from_utf8_lossy(target)),
+        ),
+    }
+}
+
+async fn cmd_ls(store: &Store, path: &str, long: bool) -> Result<ExitCode> {
+    let node = tree::resolve(store, path).await?;
+    let mut out = std::io::stdout().lock();
+    for l in tree::list(store, &node).await? {
+        let name = if l.name.is_empty() {
+            path.rsplit('/').next().unwrap_or(path).to_string()
+        } else {
+            String::from_utf8_lossy(&l.name).into_owned()
+        };
+        if long {
+            let (t, mode, size, what) = describe(&l.node);
+            writeln!(out, "{t}{mode} {size:>12} {name} {what}")?;
+        } else {
+            writeln!(out, "{name}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
+    let mut memo = std::collections::HashMap::new();
+    let mut logical = 0u64;
+    let names = store.roots.list().await?;
+    for name in &names {
+        let r = tree::get_root(store, name).await?;
+        logical += tree::logical_size(store, &r.node, &mut memo)
+            .await
+            .with_context(|| format!("root {name}"))?;
+    }
+    let usage = match &store.maintenance {
+        Some(m) => Some(m.usage().await?),
+        None => None,
+    };
+    let ratio = |u: &store::Usage| {
+        if u.chunk_bytes == 0 {
+            1.0
+        } else {
+            logical as f64 / u.chunk_bytes as f64
+        }
+    };
+    let p = store.params();
+    let mut out = std::io::stdout().lock();
+    if json {
+        let u = usage.clone().unwrap_or_default();
+        writeln!(
+            out,
+            "{{\"store\":{:?},\"chunking\":{{\"min\":{},\"avg\":{},\"max\":{}}},\"roots\":{},\"chunks\":{},\"blob_indexes\":{},\"directories\":{},\"logical_bytes\":{},\"unique_chunk_bytes\":{},\"stored_bytes\":{},\"dedup_ratio\":{:.4}}}",
+            store.url, p.min, p.avg, p.max, names.len(), u.chunks, u.blob_indexes, u.directories,
+            logical, u.chunk_bytes, u.stored_bytes, ratio(&u)
+        )?;
+    } else {
+        writeln!(out, "store              {}", store.url)?;
+        writeln!(out, "chunking (fastcdc) {}/{}/{}", p.min, p.avg, p.max)?;
+        writeln!(out, "roots              {}", names.len())?;
+        writeln!(out, "logical bytes      {logical}")?;
+        if let Some(u) = usage {
+            writeln!(out, "chunks             {}", u.chunks)?;
+            writeln!(out, "blob indexes       {}", u.blob_indexes)?;
+            writeln!(out, "directories        {}", u.directories)?;
+            writeln!(out, "unique chunk bytes {}", u.chunk_bytes)?;
+            writeln!(out, "stored bytes       {}", u.stored_bytes)?;
+            writeln!(out, "dedup ratio        {:.3}", ratio(&u))?;
+            let comp = if u.stored_bytes == 0 {
+                1.0
+            } else {
+                logical as f64 / u.stored_bytes as f64
+            };
+            writeln!(out, "logical / stored   {comp:.3}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

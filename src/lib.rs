@@ -1,0 +1,15 @@
+//! granary: a content-addressed, chunk-deduplicating store for file trees, and a read-only
+//! FUSE filesystem that exposes it. See DESIGN.md for the architecture.
+//!
+//! - [`castore`]: the data model (digests, directories, roots), no I/O
+//! - [`chunking`]: FastCDC with per-store parameters
+//! - [`store`]: the blob, directory and root services and their backends
+//! - [`import`] / [`tree`]: trees in and out
+//! - [`cli`]: the `granary` command, a thin layer over the above
+
+pub mod castore;
+pub mod chunking;
+pub mod cli;
+pub mod import;
+pub mod store;
+pub mod tree;

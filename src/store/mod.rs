@@ -1,0 +1,267 @@
+//! The three store services (DESIGN.md §3) and the URL that picks their backend.
+//!
+//! Contracts, for every backend:
+//! - Everything a service returns has been verified: chunk bytes hash to their digest,
+//!   directories decode, validate and hash to their digest. Corruption is
+//!   [`StoreError::Corrupt`], never wrong data.
+//! - `Ok(None)` means absent; an error means the backend could not answer.
+//! - Puts are idempotent: putting an object that exists succeeds and stores one copy.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+
+use crate::castore::{B3Digest, BlobIndex, Directory, ModelError, RootRecord};
+use crate::chunking::ChunkParams;
+
+pub mod config;
+pub mod local;
+pub mod memory;
+pub mod reader;
+
+pub use config::StoreConfig;
+pub use reader::BlobReader;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what} {digest}: corrupt: {reason}")]
+    Corrupt {
+        what: &'static str,
+        digest: String,
+        reason: String,
+    },
+    #[error("{what} {digest} not found")]
+    NotFound { what: &'static str, digest: String },
+    #[error("{0}")]
+    Model(#[from] ModelError),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store {url}: {reason}")]
+    Config { url: String, reason: String },
+    #[error("{0}")]
+    Backend(String),
+    #[error("{what} timed out after {secs:.1}s")]
+    Timeout { what: String, secs: f64 },
+}
+
+impl StoreError {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+    pub fn corrupt(what: &'static str, digest: &B3Digest, reason: impl Into<String>) -> Self {
+        StoreError::Corrupt {
+            what,
+            digest: digest.to_hex(),
+            reason: reason.into(),
+        }
+    }
+    pub fn not_found(what: &'static str, digest: &B3Digest) -> Self {
+        StoreError::NotFound {
+            what,
+            digest: digest.to_hex(),
+        }
+    }
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One chunk of a blob: its digest and uncompressed length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub digest: B3Digest,
+    pub size: u64,
+}
+
+/// What `stat` tells about a blob: its size and the chunks that make it, in order.
+/// A single-chunk blob lists itself as its one chunk; an empty blob lists none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlobMeta {
+    pub size: u64,
+    pub chunks: Vec<ChunkRef>,
+}
+
+impl BlobMeta {
+    pub fn from_index(idx: &BlobIndex) -> Result<Self> {
+        idx.validate()?;
+        let chunks = idx
+            .chunks
+            .iter()
+            .map(|c| {
+                Ok(ChunkRef {
+                    digest: B3Digest::try_from(&c.digest[..])?,
+                    size: c.size,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        Ok(BlobMeta {
+            size: idx.size,
+            chunks,
+        })
+    }
+
+    pub fn to_index(&self) -> BlobIndex {
+        BlobIndex {
+            chunks: self
+                .chunks
+                .iter()
+                .map(|c| crate::castore::proto::blob_index::Chunk {
+                    digest: Bytes::copy_from_slice(c.digest.as_bytes()),
+                    size: c.size,
+                })
+                .collect(),
+            size: self.size,
+        }
+    }
+}
+
+/// The digest of the empty blob: present in every store without being written.
+pub fn empty_blob() -> B3Digest {
+    B3Digest::of(b"")
+}
+
+/// Chunks and blob indexes.
+#[async_trait]
+pub trait BlobService: Send + Sync {
+    /// Size and chunk list of a blob; `Ok(None)` if the blob is absent.
+    async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>>;
+
+    /// The verified bytes of one chunk; `Ok(None)` if absent.
+    async fn read_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>>;
+
+    async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool>;
+
+    /// Stores one chunk. `digest` must be `blake3(data)`; a backend that does not trust its
+    /// caller re-hashes and refuses a mismatch.
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;
+
+    /// Records the chunk list of a multi-chunk blob. The chunks must already be stored.
+    async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()>;
+
+    async fn has(&self, blob: &B3Digest) -> Result<bool> {
+        Ok(self.stat(blob).await?.is_some())
+    }
+}
+
+/// Directory nodes.
+#[async_trait]
+pub trait DirectoryService: Send + Sync {
+    /// A verified, validated directory; `Ok(None)` if absent.
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>>;
+
+    /// Validates and stores one directory, returning its digest. Its child directories
+    /// must already be stored (leaves first) and agree with their recorded sizes.
+    async fn put(&self, dir: &Directory) -> Result<B3Digest>;
+
+    async fn has(&self, digest: &B3Digest) -> Result<bool>;
+}
+
+/// Named roots.
+#[async_trait]
+pub trait RootService: Send + Sync {
+    async fn get(&self, name: &str) -> Result<Option<RootRecord>>;
+    /// Creates or atomically replaces the root of that name.
+    async fn put(&self, root: &RootRecord) -> Result<()>;
+    /// All root names, sorted.
+    async fn list(&self) -> Result<Vec<String>>;
+    /// Removes a root; `Ok(false)` if there was none.
+    async fn delete(&self, name: &str) -> Result<bool>;
+}
+
+/// Checks a directory's child entries against the children already in the store.
+pub async fn check_children(dirs: &dyn DirectoryService, dir: &Directory) -> Result<()> {
+    for entry in &dir.directories {
+        let d = B3Digest::try_from(&entry.digest[..])?;
+        let child = dirs
+            .get(&d)
+            .await?
+            .ok_or_else(|| StoreError::not_found("child directory", &d))?;
+        Directory::check_child(entry, &child)?;
+    }
+    Ok(())
+}
+
+/// Counters a backend can report about itself, for `granary info`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub chunks: u64,
+    pub blob_indexes: u64,
+    pub directories: u64,
+    pub roots: u64,
+    /// Uncompressed bytes of all chunks.
+    pub chunk_bytes: u64,
+    /// Bytes the store's objects occupy where they are kept.
+    pub stored_bytes: u64,
+}
+
+/// Operations over all objects of a backend (counting now; listing and sweeping for gc).
+#[async_trait]
+pub trait Maintenance: Send + Sync {
+    async fn usage(&self) -> Result<Usage>;
+}
+
+/// A whole store: the three services and the parameters it was created with.
+#[derive(Clone)]
+pub struct Store {
+    pub url: String,
+    pub config: StoreConfig,
+    pub blobs: Arc<dyn BlobService>,
+    pub dirs: Arc<dyn DirectoryService>,
+    pub roots: Arc<dyn RootService>,
+    /// Whole-store operations, where the backend can list its objects.
+    pub maintenance: Option<Arc<dyn Maintenance>>,
+}
+
+impl Store {
+    pub fn params(&self) -> ChunkParams {
+        self.config.chunking
+    }
+}
+
+/// The default store location: `$GRANARY_STORE`, else `$XDG_DATA_HOME/granary`, else
+/// `~/.local/share/granary`.
+pub fn default_url() -> String {
+    if let Ok(s) = std::env::var("GRANARY_STORE") {
+        if !s.is_empty() {
+            return if s.contains("://") {
+                s
+            } else {
+                format!("file://{s}")
+            };
+        }
+    }
+    let base = std::env::var_os("XDG_DATA_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::Path::new(&h).join(".local/share")))
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    format!("file://{}", base.join("granary").display())
+}
+
+/// Opens the store a URL names, creating a `file://` store on first use.
+pub async fn open(url: &str) -> Result<Store> {
+    let bad = |reason: &str| StoreError::Config {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    if let Some(path) = url.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(bad("file:// needs a path"));
+        }
+        local::LocalStore::open(url, std::path::Path::new(path)).await
+    } else if url == "memory://" || url.starts_with("memory://") {
+        Ok(memory::MemoryStore::new_store(url, StoreConfig::default()))
+    } else if url.contains("://") {
+        Err(bad("unsupported scheme (want file:// or memory://)"))
+    } else {
+        // A bare path is a local store.
+        local::LocalStore::open(&format!("file://{url}"), std::path::Path::new(url)).await
+    }
+}

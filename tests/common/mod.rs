@@ -1,0 +1,177 @@
+//! Shared helpers for integration tests: run the real `granary` binary against a store in a
+//! temp dir, and generate trees with known shapes.
+#![allow(dead_code)]
+
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn granary_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_granary"))
+}
+
+/// A store in a temp dir and a way to run `granary --store file://...` against it.
+pub struct TestStore {
+    pub dir: tempfile::TempDir,
+}
+
+impl TestStore {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+    pub fn path(&self) -> PathBuf {
+        self.dir.path().join("store")
+    }
+    pub fn url(&self) -> String {
+        format!("file://{}", self.path().display())
+    }
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(granary_bin());
+        c.arg("--store").arg(self.url());
+        c
+    }
+    /// Runs granary with `args`; panics with its stderr if it fails.
+    pub fn ok(&self, args: &[&str]) -> Output {
+        let out = self.cmd().args(args).output().expect("run granary");
+        assert!(
+            out.status.success(),
+            "granary {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+    /// Runs granary with `args`, expecting failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.cmd().args(args).output().expect("run granary");
+        assert!(
+            !out.status.success(),
+            "granary {args:?} should have failed; stdout: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+    /// Number of files under a store subdirectory (chunks, blobs, dirs, roots).
+    pub fn count(&self, sub: &str) -> usize {
+        walk_files(&self.path().join(sub)).len()
+    }
+}
+
+pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so tests are reproducible.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut s = seed | 1;
+    let mut v = Vec::with_capacity(n);
+    while v.len() < n {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        v.extend_from_slice(&s.to_le_bytes());
+    }
+    v.truncate(n);
+    v
+}
+
+pub fn write(path: &Path, data: &[u8], exec: bool) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+    let mode = if exec { 0o755 } else { 0o644 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The round-trip tree of the foundation issue: nested dirs, empty files and dirs, files of
+/// exactly min/avg/max chunk size ±1, executables, symlinks (relative, absolute, dangling),
+/// names with spaces and non-UTF-8 bytes, and (if `big` > 0) one large file of `big` bytes.
+pub fn gen_tree(root: &Path, big: usize) {
+    std::fs::create_dir_all(root).unwrap();
+    write(&root.join("empty"), b"", false);
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    write(&root.join("hello.txt"), b"hello\n", false);
+    write(&root.join("bin/tool"), b"#!/bin/sh\necho tool\n", true);
+    write(&root.join("a/b/c/d/deep.txt"), b"deep", false);
+    write(&root.join("with space/file name.txt"), b"spaces", false);
+    let odd = std::ffi::OsStr::from_bytes(b"latin1-\xe9\xff");
+    write(&root.join(odd), b"not utf-8 name", false);
+    for (i, base) in [16usize << 10, 64 << 10, 256 << 10].into_iter().enumerate() {
+        for (j, delta) in [-1isize, 0, 1].into_iter().enumerate() {
+            let n = (base as isize + delta) as usize;
+            write(
+                &root.join(format!("sizes/f{base}{delta:+}")),
+                &noise(n, (i * 3 + j) as u64 + 100),
+                j == 1,
+            );
+        }
+    }
+    write(&root.join("multi/two-meg"), &noise(2 << 20, 7), false);
+    std::os::unix::fs::symlink("hello.txt", root.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", root.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("does/not/exist", root.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("../hello.txt", root.join("bin/up-link")).unwrap();
+    if big > 0 {
+        write_big(&root.join("big.bin"), big, 42);
+    }
+}
+
+/// Writes a large pseudo-random file without holding it all in memory.
+pub fn write_big(path: &Path, size: usize, seed: u64) {
+    use std::io::Write;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let block = 4 << 20;
+    let mut left = size;
+    let mut k = 0;
+    while left > 0 {
+        let n = left.min(block);
+        f.write_all(&noise(n, seed.wrapping_mul(1000) + k)).unwrap();
+        left -= n;
+        k += 1;
+    }
+}
+
+/// Compares two trees with `diff -r --no-dereference` and checks exec bits.
+pub fn assert_same_tree(a: &Path, b: &Path) {
+    let out = Command::new("diff")
+        .args(["-r", "--no-dereference"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .expect("run diff");
+    assert!(
+        out.status.success(),
+        "trees differ:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for f in walk_files(a) {
+        let rel = f.strip_prefix(a).unwrap();
+        let ma = std::fs::symlink_metadata(&f).unwrap();
+        let mb = std::fs::symlink_metadata(b.join(rel)).unwrap();
+        assert_eq!(ma.file_type().is_symlink(), mb.file_type().is_symlink(), "{rel:?}");
+        if ma.file_type().is_file() {
+            assert_eq!(
+                ma.permissions().mode() & 0o100,
+                mb.permissions().mode() & 0o100,
+                "exec bit of {rel:?}"
+            );
+        } else if ma.file_type().is_symlink() {
+            assert_eq!(std::fs::read_link(&f).unwrap(), std::fs::read_link(b.join(rel)).unwrap());
+        }
+    }
+}
