@@ -113,7 +113,11 @@ pub fn decode_chunk(digest: &B3Digest, compressed: &[u8]) -> Result<Bytes> {
     dec.read_to_end(&mut out)
         .map_err(|e| StoreError::corrupt("chunk", digest, format!("zstd: {e}")))?;
     if out.len() > MAX_CHUNK {
-        return Err(StoreError::corrupt("chunk", digest, "larger than any chunk"));
+        return Err(StoreError::corrupt(
+            "chunk",
+            digest,
+            "larger than any chunk",
+        ));
     }
     let actual = B3Digest::of(&out);
     if actual != *digest {
@@ -171,12 +175,19 @@ impl LocalStore {
             Ok(text) => StoreConfig::from_toml(&text)
                 .map_err(|r| bad(format!("{}: {r}", cfg_path.display())))?,
             Err(e) if e.kind() == ErrorKind::NotFound => {
-                if path.is_dir()
-                    && std::fs::read_dir(path)
-                        .map_err(|e| bad(format!("cannot read {}: {e}", path.display())))?
-                        .next()
-                        .is_some()
-                {
+                // Refuse to take over a directory holding anything but what a store being
+                // created by another process at this moment would hold.
+                let foreign = match std::fs::read_dir(path) {
+                    Ok(rd) => rd.flatten().any(|e| {
+                        let n = e.file_name();
+                        let n = n.to_string_lossy();
+                        !(n.starts_with(TMP_PREFIX)
+                            || ["config.toml", "chunks", "blobs", "dirs", "roots"]
+                                .contains(&n.as_ref()))
+                    }),
+                    Err(_) => false,
+                };
+                if foreign {
                     return Err(bad(format!(
                         "{} is a non-empty directory without config.toml; not a granary store",
                         path.display()
@@ -306,7 +317,9 @@ impl LocalStore {
                     let meta = match std::fs::metadata(&path) {
                         Ok(m) => m,
                         Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                        Err(e) => return Err(StoreError::io(format!("stat {}", path.display()), e)),
+                        Err(e) => {
+                            return Err(StoreError::io(format!("stat {}", path.display()), e))
+                        }
                     };
                     u.stored_bytes += meta.len();
                     match kind {
