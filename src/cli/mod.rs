@@ -234,6 +234,7 @@ async fn cmd_import(
         let node = import::import_path(store, p, opts, progress.clone()).await;
         results.push(node?);
     }
+    store.flush().await.context("making the import durable")?;
     drop(progress);
     if let Some(b) = bar {
         let _ = b.await;

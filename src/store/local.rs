@@ -8,13 +8,21 @@
 //! roots/<name>       root record
 //! ```
 //!
-//! Objects are immutable: written to a temp file in the target directory, fsynced, then
+//! Objects are immutable: written to a temp file in the target directory, made durable, then
 //! renamed into place, so a crash never leaves a partial object under a final name, and two
 //! processes writing the same object both succeed. Disk I/O runs on tokio's blocking pool.
+//!
+//! An fsync per object costs milliseconds, which dominates an import of many small files. So
+//! objects are *staged*: written to temp files, then made durable together by one `syncfs`
+//! and renamed into place ([`LocalStore::flush`]), before any root can refer to them (a root
+//! put flushes first) and whenever the staged set grows large. Staged objects are visible to
+//! this process (reads fall back to the temp file) but not to others until flushed.
 
+use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -54,11 +62,31 @@ impl Kind {
     }
 }
 
-/// The on-disk store. Cheap to clone (shared state is the path and config).
-#[derive(Debug, Clone)]
+/// Staged objects are flushed once they hold this many bytes or objects.
+const STAGE_MAX_BYTES: u64 = 512 << 20;
+const STAGE_MAX_OBJECTS: usize = 50_000;
+
+/// Objects written to temp files, awaiting one `syncfs` and their rename into place.
+#[derive(Default)]
+struct Staged {
+    objects: HashMap<PathBuf, tempfile::TempPath>,
+    bytes: u64,
+}
+
+/// The on-disk store. Cheap to clone (all state is shared).
+#[derive(Clone)]
 pub struct LocalStore {
     root: Arc<PathBuf>,
     config: StoreConfig,
+    staged: Arc<Mutex<Staged>>,
+}
+
+impl std::fmt::Debug for LocalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("root", &self.root)
+            .finish()
+    }
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -73,25 +101,17 @@ pub fn write_atomic(path: &Path, data: &[u8], replace: bool) -> Result<()> {
     if !replace && path.exists() {
         return Ok(());
     }
-    let dir = path
-        .parent()
-        .ok_or_else(|| StoreError::Backend(format!("{} has no parent", path.display())))?;
-    let mut tmp = match tempfile::Builder::new().prefix(TMP_PREFIX).tempfile_in(dir) {
-        Ok(t) => t,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
-            tempfile::Builder::new()
-                .prefix(TMP_PREFIX)
-                .tempfile_in(dir)
-                .map_err(|e| StoreError::io(format!("temp file in {}", dir.display()), e))?
-        }
-        Err(e) => return Err(StoreError::io(format!("temp file in {}", dir.display()), e)),
-    };
+    let mut tmp = temp_beside(path)?;
     let ctx = |e| StoreError::io(format!("writing {}", path.display()), e);
     tmp.write_all(data).map_err(ctx)?;
     tmp.as_file().sync_data().map_err(ctx)?;
     tmp.persist(path).map_err(|e| ctx(e.error))?;
+    // Make the rename itself durable.
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(ctx)?;
+    }
     Ok(())
 }
 
@@ -100,6 +120,23 @@ fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
         Ok(b) => Ok(Some(b)),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
         Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+    }
+}
+
+/// Creates a temp file beside `path`, creating the fan-out directory on first use.
+fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
+    let dir = path
+        .parent()
+        .ok_or_else(|| StoreError::Backend(format!("{} has no parent", path.display())))?;
+    let make = || tempfile::Builder::new().prefix(TMP_PREFIX).tempfile_in(dir);
+    match make() {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+            make().map_err(|e| StoreError::io(format!("temp file in {}", dir.display()), e))
+        }
+        Err(e) => Err(StoreError::io(format!("temp file in {}", dir.display()), e)),
     }
 }
 
@@ -214,7 +251,106 @@ impl LocalStore {
         Ok(LocalStore {
             root: Arc::new(path.to_path_buf()),
             config,
+            staged: Arc::default(),
         })
+    }
+
+    /// Writes an object to a temp file beside its final path, to be made durable and renamed
+    /// by the next flush. An object already in place or already staged is left alone.
+    fn stage(&self, path: PathBuf, data: &[u8]) -> Result<()> {
+        if path.exists() || self.lock_staged()?.objects.contains_key(&path) {
+            return Ok(());
+        }
+        let mut tmp = temp_beside(&path)?;
+        tmp.write_all(data)
+            .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+        let tmp = tmp.into_temp_path();
+        let full = {
+            let mut st = self.lock_staged()?;
+            if st.objects.contains_key(&path) {
+                return Ok(());
+            }
+            st.objects.insert(path, tmp);
+            st.bytes += data.len() as u64;
+            st.bytes >= STAGE_MAX_BYTES || st.objects.len() >= STAGE_MAX_OBJECTS
+        };
+        if full {
+            self.flush_blocking()?;
+        }
+        Ok(())
+    }
+
+    fn lock_staged(&self) -> Result<std::sync::MutexGuard<'_, Staged>> {
+        self.staged
+            .lock()
+            .map_err(|_| StoreError::Backend("staged-object lock poisoned".into()))
+    }
+
+    /// Makes every staged object durable (one `syncfs`), renames them into place, and makes
+    /// the renames durable (a second `syncfs`).
+    pub fn flush_blocking(&self) -> Result<()> {
+        let mut st = self.lock_staged()?;
+        if st.objects.is_empty() {
+            return Ok(());
+        }
+        self.syncfs()?;
+        for (path, tmp) in st.objects.drain() {
+            tmp.persist(&path).map_err(|e| {
+                StoreError::io(format!("renaming into {}", path.display()), e.error)
+            })?;
+        }
+        st.bytes = 0;
+        drop(st);
+        self.syncfs()
+    }
+
+    fn syncfs(&self) -> Result<()> {
+        let dir = std::fs::File::open(&*self.root)
+            .map_err(|e| StoreError::io(format!("opening {}", self.root.display()), e))?;
+        // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(StoreError::io(
+                format!("syncfs {}", self.root.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Opens an object in place or, if staged by this process, its temp file.
+    fn open_object(&self, path: &Path) -> Result<Option<std::fs::File>> {
+        let ctx = |e| StoreError::io(format!("reading {}", path.display()), e);
+        match std::fs::File::open(path) {
+            Ok(f) => return Ok(Some(f)),
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(ctx(e)),
+        }
+        {
+            let st = self.lock_staged()?;
+            if let Some(tmp) = st.objects.get(path) {
+                return std::fs::File::open(tmp).map(Some).map_err(ctx);
+            }
+        }
+        // A flush may have renamed it between the two looks.
+        match std::fs::File::open(path) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(ctx(e)),
+        }
+    }
+
+    fn read_object_bytes(&self, path: &Path) -> Result<Option<Vec<u8>>> {
+        let Some(mut f) = self.open_object(path)? else {
+            return Ok(None);
+        };
+        let mut buf = Vec::new();
+        f.read_to_end(&mut buf)
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        Ok(Some(buf))
+    }
+
+    fn object_exists(&self, path: &Path) -> Result<bool> {
+        Ok(path.exists() || self.lock_staged()?.objects.contains_key(path))
     }
 
     pub fn path(&self) -> &Path {
@@ -239,23 +375,23 @@ impl LocalStore {
     /// Stores a chunk from a blocking context (the import pipeline's worker threads).
     pub fn put_chunk_blocking(&self, digest: &B3Digest, data: &[u8]) -> Result<()> {
         let path = self.object_path(Kind::Chunk, digest);
-        if path.exists() {
+        if self.object_exists(&path)? {
             return Ok(());
         }
         let compressed = zstd::bulk::compress(data, self.config.zstd_level)
             .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))?;
-        write_atomic(&path, &compressed, false)
+        self.stage(path, &compressed)
     }
 
     fn read_chunk_blocking(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
-        let Some(raw) = read_optional(&self.object_path(Kind::Chunk, digest))? else {
+        let Some(raw) = self.read_object_bytes(&self.object_path(Kind::Chunk, digest))? else {
             return Ok(None);
         };
         decode_chunk(digest, &raw).map(Some)
     }
 
     fn read_object(&self, kind: Kind, digest: &B3Digest) -> Result<Option<Vec<u8>>> {
-        let Some(raw) = read_optional(&self.object_path(kind, digest))? else {
+        let Some(raw) = self.read_object_bytes(&self.object_path(kind, digest))? else {
             return Ok(None);
         };
         check_digest(kind, digest, &raw)?;
@@ -271,18 +407,17 @@ impl LocalStore {
         }
         // The index is named by the blob digest, which is not the hash of the index bytes,
         // so it is validated structurally here; chunk reads verify the bytes.
-        if let Some(raw) = read_optional(&self.object_path(Kind::BlobIndex, blob))? {
+        if let Some(raw) = self.read_object_bytes(&self.object_path(Kind::BlobIndex, blob))? {
             let idx = BlobIndex::decode_valid(&raw)
                 .map_err(|e| StoreError::corrupt("blob index", blob, e.to_string()))?;
             return BlobMeta::from_index(&idx).map(Some);
         }
         let path = self.object_path(Kind::Chunk, blob);
         let mut header = [0u8; 18];
-        let n = match std::fs::File::open(&path) {
-            Ok(mut f) => read_up_to(&mut f, &mut header)
+        let n = match self.open_object(&path)? {
+            Some(mut f) => read_up_to(&mut f, &mut header)
                 .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+            None => return Ok(None),
         };
         let size = match zstd::zstd_safe::get_frame_content_size(&header[..n]) {
             Ok(Some(s)) if s as usize <= MAX_CHUNK => s,
@@ -391,8 +526,8 @@ impl BlobService for LocalStore {
     }
 
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
-        let path = self.object_path(Kind::Chunk, chunk);
-        blocking(move || Ok(path.exists())).await
+        let (s, path) = (self.clone(), self.object_path(Kind::Chunk, chunk));
+        blocking(move || s.object_exists(&path)).await
     }
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
@@ -402,9 +537,14 @@ impl BlobService for LocalStore {
 
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
         index.validate()?;
-        let path = self.object_path(Kind::BlobIndex, &blob);
+        let (s, path) = (self.clone(), self.object_path(Kind::BlobIndex, &blob));
         let bytes = prost::Message::encode_to_vec(index);
-        blocking(move || write_atomic(&path, &bytes, false)).await
+        blocking(move || s.stage(path, &bytes)).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let s = self.clone();
+        blocking(move || s.flush_blocking()).await
     }
 }
 
@@ -428,14 +568,19 @@ impl DirectoryService for LocalStore {
         check_children(self, dir).await?;
         let bytes = dir.encode_canonical();
         let digest = B3Digest::of(&bytes);
-        let path = self.object_path(Kind::Directory, &digest);
-        blocking(move || write_atomic(&path, &bytes, false)).await?;
+        let (s, path) = (self.clone(), self.object_path(Kind::Directory, &digest));
+        blocking(move || s.stage(path, &bytes)).await?;
         Ok(digest)
     }
 
     async fn has(&self, digest: &B3Digest) -> Result<bool> {
-        let path = self.object_path(Kind::Directory, digest);
-        blocking(move || Ok(path.exists())).await
+        let (s, path) = (self.clone(), self.object_path(Kind::Directory, digest));
+        blocking(move || s.object_exists(&path)).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        let s = self.clone();
+        blocking(move || s.flush_blocking()).await
     }
 }
 
@@ -468,7 +613,13 @@ impl RootService for LocalStore {
     async fn put(&self, root: &RootRecord) -> Result<()> {
         let path = self.root_path(&root.name)?;
         let bytes = root.encode();
-        blocking(move || write_atomic(&path, &bytes, true)).await
+        let s = self.clone();
+        // Everything the root refers to is durable and in place before the root is.
+        blocking(move || {
+            s.flush_blocking()?;
+            write_atomic(&path, &bytes, true)
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<String>> {

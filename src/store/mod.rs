@@ -148,6 +148,12 @@ pub trait BlobService: Send + Sync {
     async fn has(&self, blob: &B3Digest) -> Result<bool> {
         Ok(self.stat(blob).await?.is_some())
     }
+
+    /// Makes every object put so far durable and visible to other processes. A root put
+    /// flushes first, so only tree digests printed without a root need this.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Directory nodes.
@@ -161,6 +167,11 @@ pub trait DirectoryService: Send + Sync {
     async fn put(&self, dir: &Directory) -> Result<B3Digest>;
 
     async fn has(&self, digest: &B3Digest) -> Result<bool>;
+
+    /// As [`BlobService::flush`].
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Named roots.
@@ -222,6 +233,12 @@ pub struct Store {
 impl Store {
     pub fn params(&self) -> ChunkParams {
         self.config.chunking
+    }
+
+    /// Makes everything put so far durable (see [`BlobService::flush`]).
+    pub async fn flush(&self) -> Result<()> {
+        self.blobs.flush().await?;
+        self.dirs.flush().await
     }
 }
 
