@@ -278,3 +278,44 @@ fn concurrent_creation_of_a_new_store() {
     }
     assert!(s.path().join("config.toml").is_file());
 }
+
+#[test]
+fn unreadable_file_fails_cleanly_with_no_root() {
+    // Root reads everything, so run granary as an unprivileged user for this one.
+    if Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: setpriv not installed");
+        return;
+    }
+    let s = TestStore::new();
+    let src = s.dir.path().join("src");
+    write(&src.join("ok"), b"ok", false);
+    write(&src.join("secret"), b"secret", false);
+    let chmod = |p: &Path, m: u32| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    };
+    chmod(s.dir.path(), 0o777);
+    chmod(&src, 0o755);
+    chmod(&src.join("secret"), 0o000);
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+        .arg(granary_bin())
+        .arg("--store")
+        .arg(s.url())
+        .args(["import", "--name", "t"])
+        .arg(&src)
+        .env("HOME", s.dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "import of an unreadable file succeeded"
+    );
+    assert!(
+        err.contains("secret") && err.contains("Permission denied"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(!s.path().join("roots/t").exists(), "no root recorded");
+}

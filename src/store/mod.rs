@@ -282,3 +282,6 @@ pub async fn open(url: &str) -> Result<Store> {
         local::LocalStore::open(&format!("file://{url}"), std::path::Path::new(url)).await
     }
 }
+
+#[cfg(test)]
+mod conformance;
