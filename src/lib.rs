@@ -10,6 +10,8 @@
 pub mod castore;
 pub mod chunking;
 pub mod cli;
+pub mod gc;
 pub mod import;
 pub mod store;
 pub mod tree;
+pub mod verify;

@@ -16,6 +16,8 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod maintain;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "granary",
@@ -74,6 +76,28 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Remove named roots (their objects stay until `granary gc`).
+    Rm {
+        #[arg(required = true)]
+        roots: Vec<String>,
+    },
+    /// Delete objects no root reaches. Safe while imports run, if none runs longer than --grace.
+    Gc {
+        /// Only report what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+        /// Never delete objects written or reused more recently than this (e.g. 30m, 1h, 2d).
+        #[arg(long, default_value = "1h", value_parser = crate::gc::parse_duration)]
+        grace: Duration,
+    },
+    /// Check every object (or the named roots' closures); exit non-zero on any problem.
+    Verify {
+        /// Roots to check (default: every root and every stored object).
+        roots: Vec<String>,
+        /// Replace damaged or missing objects with verified copies from this store.
+        #[arg(long, value_name = "URL")]
+        repair_from: Option<String>,
     },
 }
 
@@ -168,6 +192,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => cmd_info(&store, json).await,
+        Command::Rm { roots } => maintain::rm(&store, &roots).await,
+        Command::Gc { dry_run, grace } => maintain::gc(&store, grace, dry_run).await,
+        Command::Verify { roots, repair_from } => {
+            maintain::verify(&store, &roots, repair_from.as_deref()).await
+        }
     }
 }
 

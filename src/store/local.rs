@@ -23,13 +23,15 @@ use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 
+pub use super::ObjectKind as Kind;
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
-    Result, RootService, Store, StoreConfig, StoreError, Usage,
+    ObjectInfo, Result, RootService, Store, StoreConfig, StoreError, Usage,
 };
 use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 
@@ -37,30 +39,6 @@ use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRec
 pub const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX as usize;
 
 const TMP_PREFIX: &str = ".tmp-";
-
-#[derive(Debug, Clone, Copy)]
-pub enum Kind {
-    Chunk,
-    BlobIndex,
-    Directory,
-}
-
-impl Kind {
-    pub fn dir(self) -> &'static str {
-        match self {
-            Kind::Chunk => "chunks",
-            Kind::BlobIndex => "blobs",
-            Kind::Directory => "dirs",
-        }
-    }
-    fn what(self) -> &'static str {
-        match self {
-            Kind::Chunk => "chunk",
-            Kind::BlobIndex => "blob index",
-            Kind::Directory => "directory",
-        }
-    }
-}
 
 /// Staged objects are flushed once they hold this many bytes or objects.
 const STAGE_MAX_BYTES: u64 = 512 << 20;
@@ -258,7 +236,7 @@ impl LocalStore {
     /// Writes an object to a temp file beside its final path, to be made durable and renamed
     /// by the next flush. An object already in place or already staged is left alone.
     fn stage(&self, path: PathBuf, data: &[u8]) -> Result<()> {
-        if path.exists() || self.lock_staged()?.objects.contains_key(&path) {
+        if self.reuse(&path)? {
             return Ok(());
         }
         let mut tmp = temp_beside(&path)?;
@@ -349,6 +327,21 @@ impl LocalStore {
         Ok(Some(buf))
     }
 
+    /// For a put: true if the object is already stored (its mtime is refreshed, so a
+    /// concurrent gc's grace period protects it) or staged by this process.
+    fn reuse(&self, path: &Path) -> Result<bool> {
+        if self.lock_staged()?.objects.contains_key(path) {
+            return Ok(true);
+        }
+        let touched =
+            std::fs::File::open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        match touched {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io(format!("touching {}", path.display()), e)),
+        }
+    }
+
     fn object_exists(&self, path: &Path) -> Result<bool> {
         Ok(path.exists() || self.lock_staged()?.objects.contains_key(path))
     }
@@ -375,7 +368,7 @@ impl LocalStore {
     /// Stores a chunk from a blocking context (the import pipeline's worker threads).
     pub fn put_chunk_blocking(&self, digest: &B3Digest, data: &[u8]) -> Result<()> {
         let path = self.object_path(Kind::Chunk, digest);
-        if self.object_exists(&path)? {
+        if self.reuse(&path)? {
             return Ok(());
         }
         let compressed = zstd::bulk::compress(data, self.config.zstd_level)
@@ -644,10 +637,128 @@ impl RootService for LocalStore {
     }
 }
 
+impl LocalStore {
+    fn list_blocking(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
+        let top = self.root.join(kind.dir());
+        let mut out = Vec::new();
+        for fan in read_dir_names(&top)? {
+            let dir = top.join(&fan);
+            for name in read_dir_names(&dir)? {
+                let Ok(digest) = name.parse::<B3Digest>() else {
+                    continue; // temp files and strangers
+                };
+                let path = dir.join(&name);
+                let meta = match std::fs::metadata(&path) {
+                    Ok(m) => m,
+                    Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StoreError::io(format!("stat {}", path.display()), e)),
+                };
+                out.push(ObjectInfo {
+                    kind,
+                    digest,
+                    stored_bytes: meta.len(),
+                    modified: meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Moves the object aside, re-checks its age (a put may have refreshed it in between),
+    /// then deletes it or puts it back. A put that touches it after the move finds it gone
+    /// and writes it again.
+    fn delete_if_older_blocking(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        cutoff: SystemTime,
+    ) -> Result<bool> {
+        let path = self.object_path(kind, digest);
+        let young = |p: &Path| -> Result<Option<bool>> {
+            match std::fs::metadata(p) {
+                Ok(m) => Ok(Some(m.modified().unwrap_or(SystemTime::now()) >= cutoff)),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(StoreError::io(format!("stat {}", p.display()), e)),
+            }
+        };
+        if young(&path)? != Some(false) {
+            return Ok(false);
+        }
+        let aside = path.with_file_name(format!("{TMP_PREFIX}gc-{}", digest.to_hex()));
+        match std::fs::rename(&path, &aside) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(StoreError::io(format!("moving {}", path.display()), e)),
+        }
+        if young(&aside)? == Some(true) {
+            std::fs::rename(&aside, &path)
+                .map_err(|e| StoreError::io(format!("restoring {}", path.display()), e))?;
+            return Ok(false);
+        }
+        std::fs::remove_file(&aside)
+            .map_err(|e| StoreError::io(format!("removing {}", aside.display()), e))?;
+        Ok(true)
+    }
+
+    fn sweep_temp_blocking(&self, cutoff: SystemTime) -> Result<u64> {
+        let mut dirs = vec![self.root.to_path_buf(), self.root.join("roots")];
+        for kind in Kind::ALL {
+            let top = self.root.join(kind.dir());
+            dirs.extend(read_dir_names(&top)?.into_iter().map(|f| top.join(f)));
+        }
+        let mut n = 0;
+        for dir in dirs {
+            for name in read_dir_names(&dir)? {
+                if !name.starts_with(TMP_PREFIX) {
+                    continue;
+                }
+                let p = dir.join(&name);
+                let old = std::fs::symlink_metadata(&p)
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t < cutoff);
+                if old && std::fs::remove_file(&p).is_ok() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[async_trait]
 impl Maintenance for LocalStore {
     async fn usage(&self) -> Result<Usage> {
         let s = self.clone();
         blocking(move || s.usage_blocking()).await
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
+        let s = self.clone();
+        blocking(move || s.list_blocking(kind)).await
+    }
+
+    async fn delete_if_older(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        cutoff: SystemTime,
+    ) -> Result<bool> {
+        let (s, d) = (self.clone(), *digest);
+        blocking(move || s.delete_if_older_blocking(kind, &d, cutoff)).await
+    }
+
+    async fn remove(&self, kind: Kind, digest: &B3Digest) -> Result<()> {
+        let path = self.object_path(kind, digest);
+        blocking(move || match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io(format!("removing {}", path.display()), e)),
+        })
+        .await
+    }
+
+    async fn sweep_temp(&self, cutoff: SystemTime) -> Result<u64> {
+        let s = self.clone();
+        blocking(move || s.sweep_temp_blocking(cutoff)).await
     }
 }

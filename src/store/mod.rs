@@ -199,6 +199,46 @@ pub async fn check_children(dirs: &dyn DirectoryService, dir: &Directory) -> Res
     Ok(())
 }
 
+/// The kinds of content-addressed object a store holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ObjectKind {
+    Chunk,
+    BlobIndex,
+    Directory,
+}
+
+impl ObjectKind {
+    pub const ALL: [ObjectKind; 3] = [Self::Chunk, Self::BlobIndex, Self::Directory];
+
+    /// Directory (or key prefix) holding objects of this kind.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Chunk => "chunks",
+            Self::BlobIndex => "blobs",
+            Self::Directory => "dirs",
+        }
+    }
+
+    pub fn what(self) -> &'static str {
+        match self {
+            Self::Chunk => "chunk",
+            Self::BlobIndex => "blob index",
+            Self::Directory => "directory",
+        }
+    }
+}
+
+/// One stored object, as a listing reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub kind: ObjectKind,
+    pub digest: B3Digest,
+    /// Bytes as stored (compressed, for chunks).
+    pub stored_bytes: u64,
+    /// Last write or reuse by an import (protects it from a concurrent gc).
+    pub modified: std::time::SystemTime,
+}
+
 /// Counters a backend can report about itself, for `granary info`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Usage {
@@ -213,9 +253,31 @@ pub struct Usage {
 }
 
 /// Operations over all objects of a backend (counting now; listing and sweeping for gc).
+///
+/// Garbage collection relies on one rule every backend keeps: a put that finds its object
+/// already stored refreshes the object's `modified` time, so an object an import is about to
+/// refer to always looks young to a concurrent gc.
 #[async_trait]
 pub trait Maintenance: Send + Sync {
     async fn usage(&self) -> Result<Usage>;
+
+    /// Every stored object of one kind.
+    async fn list(&self, kind: ObjectKind) -> Result<Vec<ObjectInfo>>;
+
+    /// Deletes an object unless it was modified at or after `cutoff` (checked atomically with
+    /// respect to a concurrent put). Returns whether it was deleted.
+    async fn delete_if_older(
+        &self,
+        kind: ObjectKind,
+        digest: &B3Digest,
+        cutoff: std::time::SystemTime,
+    ) -> Result<bool>;
+
+    /// Deletes an object unconditionally (to replace a corrupt one during repair).
+    async fn remove(&self, kind: ObjectKind, digest: &B3Digest) -> Result<()>;
+
+    /// Removes leftovers of interrupted writes older than `cutoff`; returns how many.
+    async fn sweep_temp(&self, cutoff: std::time::SystemTime) -> Result<u64>;
 }
 
 /// A whole store: the three services and the parameters it was created with.

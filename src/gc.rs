@@ -1,0 +1,147 @@
+//! Garbage collection: mark every object reachable from the named roots, sweep the rest.
+//!
+//! Safe beside concurrent imports: an object modified after `min(mark start, now - grace)`
+//! is never deleted, and a put that reuses an existing object refreshes its time (see
+//! [`crate::store::Maintenance`]), so an import never ends up with a root pointing at an
+//! object this sweep removed — provided no import runs longer than the grace period.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use crate::castore::{B3Digest, Node};
+use crate::store::{ObjectKind, Result, Store, StoreError};
+
+/// The objects reachable from a set of roots.
+#[derive(Debug, Default)]
+pub struct Marks {
+    pub chunks: HashSet<B3Digest>,
+    pub blob_indexes: HashSet<B3Digest>,
+    pub dirs: HashSet<B3Digest>,
+}
+
+impl Marks {
+    fn contains(&self, kind: ObjectKind, d: &B3Digest) -> bool {
+        match kind {
+            ObjectKind::Chunk => self.chunks.contains(d),
+            ObjectKind::BlobIndex => self.blob_indexes.contains(d),
+            ObjectKind::Directory => self.dirs.contains(d),
+        }
+    }
+}
+
+/// Marks a blob: its index (if it has one) and its chunks.
+async fn mark_blob(store: &Store, blob: &B3Digest, marks: &mut Marks) -> Result<()> {
+    let meta = store
+        .blobs
+        .stat(blob)
+        .await?
+        .ok_or_else(|| StoreError::not_found("blob", blob))?;
+    if !(meta.chunks.len() == 1 && meta.chunks[0].digest == *blob) && !meta.chunks.is_empty() {
+        marks.blob_indexes.insert(*blob);
+    }
+    marks.chunks.extend(meta.chunks.iter().map(|c| c.digest));
+    Ok(())
+}
+
+/// Marks everything reachable from `node`. A missing object is an error: gc must not sweep
+/// a store whose roots are already broken (run `granary verify`).
+pub async fn mark_node(store: &Store, node: &Node, marks: &mut Marks) -> Result<()> {
+    let mut blobs_seen = HashSet::new();
+    let mut todo = Vec::new();
+    match node {
+        Node::Directory { digest, .. } => todo.push(*digest),
+        Node::File { digest, .. } => return mark_blob(store, digest, marks).await,
+        Node::Symlink { .. } => return Ok(()),
+    }
+    while let Some(d) = todo.pop() {
+        if !marks.dirs.insert(d) {
+            continue;
+        }
+        let dir = crate::tree::get_dir(store, &d).await?;
+        for e in &dir.directories {
+            todo.push(B3Digest::try_from(&e.digest[..])?);
+        }
+        for f in &dir.files {
+            let b = B3Digest::try_from(&f.digest[..])?;
+            if blobs_seen.insert(b) {
+                mark_blob(store, &b, marks).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct GcReport {
+    pub kept: u64,
+    pub deleted: u64,
+    pub deleted_bytes: u64,
+    /// Unreachable but too young to delete.
+    pub young: u64,
+    pub temp_files: u64,
+}
+
+/// Runs a gc. With `dry_run`, only reports what would be deleted.
+pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcReport> {
+    let maint = store.maintenance.as_ref().ok_or_else(|| {
+        StoreError::Backend(format!(
+            "{}: this backend cannot list its objects",
+            store.url
+        ))
+    })?;
+    let mark_start = SystemTime::now();
+    let cutoff = mark_start
+        .checked_sub(grace)
+        .unwrap_or(SystemTime::UNIX_EPOCH)
+        .min(mark_start);
+    let mut marks = Marks::default();
+    for name in store.roots.list().await? {
+        // A root deleted since the listing is simply not marked.
+        let Some(root) = store.roots.get(&name).await? else {
+            continue;
+        };
+        mark_node(store, &root.node, &mut marks)
+            .await
+            .map_err(|e| StoreError::Backend(format!("root {name}: {e}; not collecting")))?;
+    }
+    let mut report = GcReport::default();
+    for kind in ObjectKind::ALL {
+        for obj in maint.list(kind).await? {
+            if marks.contains(kind, &obj.digest) {
+                report.kept += 1;
+            } else if obj.modified >= cutoff {
+                report.young += 1;
+            } else if dry_run {
+                report.deleted += 1;
+                report.deleted_bytes += obj.stored_bytes;
+            } else if maint.delete_if_older(kind, &obj.digest, cutoff).await? {
+                report.deleted += 1;
+                report.deleted_bytes += obj.stored_bytes;
+            } else {
+                report.young += 1;
+            }
+        }
+    }
+    if !dry_run {
+        report.temp_files = maint.sweep_temp(cutoff).await?;
+    }
+    Ok(report)
+}
+
+/// Parses `90s`, `15m`, `1h`, `2d` or plain seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        Some((i, 'd')) => (&t[..i], 86400),
+        _ => (t, 1),
+    };
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 15m, 1h)"))?;
+    n.checked_mul(mul)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}

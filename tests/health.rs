@@ -1,0 +1,420 @@
+//! Store health: rm + gc frees exactly what is unshared, gc is safe beside imports, verify
+//! finds every injected fault and repairs from a second store, SIGKILLed imports leave a
+//! store that verifies.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// (files, bytes) per object kind directory.
+fn census(s: &TestStore) -> Vec<(usize, u64)> {
+    ["chunks", "blobs", "dirs"]
+        .iter()
+        .map(|k| {
+            let files: Vec<PathBuf> = walk_files(&s.path().join(k))
+                .into_iter()
+                .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+                .collect();
+            let bytes = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+            (files.len(), bytes)
+        })
+        .collect()
+}
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn two_trees(base: &Path) -> (PathBuf, PathBuf) {
+    let a = base.join("a");
+    gen_tree(&a, 0);
+    write_big(&a.join("shared.bin"), 4 << 20, 1);
+    let b = base.join("b");
+    gen_tree(&b, 0);
+    write_big(&b.join("shared.bin"), 4 << 20, 1);
+    write_big(&b.join("only-b.bin"), 3 << 20, 2);
+    write(&b.join("hello.txt"), b"changed in b\n", false);
+    (a, b)
+}
+
+#[test]
+fn gc_frees_exactly_the_unshared_objects() {
+    let s = TestStore::new();
+    let (a, b) = two_trees(s.dir.path());
+    // What A alone needs, measured in a store of its own.
+    let alone = TestStore::new();
+    alone.ok(&["import", "--name", "a", a.to_str().unwrap()]);
+    let want = census(&alone);
+
+    s.ok(&["import", "--name", "a", a.to_str().unwrap()]);
+    s.ok(&["import", "--name", "b", b.to_str().unwrap()]);
+    let before = census(&s);
+    assert!(before[0].0 > want[0].0, "b adds chunks");
+
+    // Nothing unreachable yet: gc deletes nothing.
+    let out = stdout(&s.ok(&["gc", "--grace", "0s"]));
+    assert!(out.starts_with("deleted 0 objects"), "{out}");
+
+    s.ok(&["rm", "b"]);
+    let e = s.fails(&["rm", "b"]);
+    assert!(e.contains("no such root"), "{e}");
+    let dry = stdout(&s.ok(&["gc", "--dry-run", "--grace", "0s"]));
+    assert_eq!(census(&s), before, "dry run deletes nothing");
+    // With the default grace (1h) everything just written is protected.
+    let out = stdout(&s.ok(&["gc"]));
+    assert!(out.starts_with("deleted 0 objects"), "{out}");
+
+    let out = stdout(&s.ok(&["gc", "--grace", "0s"]));
+    let after = census(&s);
+    assert_eq!(after, want, "gc left exactly what a alone needs");
+    let freed_objects: usize =
+        before.iter().map(|c| c.0).sum::<usize>() - want.iter().map(|c| c.0).sum::<usize>();
+    let freed_bytes: u64 =
+        before.iter().map(|c| c.1).sum::<u64>() - want.iter().map(|c| c.1).sum::<u64>();
+    let expect = format!("deleted {freed_objects} objects ({freed_bytes} bytes)");
+    assert!(out.starts_with(&expect), "{out} vs {expect}");
+    assert!(
+        dry.starts_with(&format!(
+            "would delete {freed_objects} objects ({freed_bytes} bytes)"
+        )),
+        "{dry}"
+    );
+
+    let dest = s.dir.path().join("out");
+    s.ok(&["export", "a", dest.to_str().unwrap()]);
+    assert_same_tree(&a, &dest);
+    assert!(stdout(&s.ok(&["verify"])).contains("ok: no problems"));
+}
+
+#[test]
+fn gc_beside_a_loop_of_imports_never_breaks_a_root() {
+    let s = TestStore::new();
+    let base = s.dir.path().join("garbage");
+    gen_tree(&base, 0);
+    write_big(&base.join("g.bin"), 2 << 20, 5);
+    s.ok(&["import", "--name", "g", base.to_str().unwrap()]);
+    s.ok(&["rm", "g"]);
+    // Let the garbage age past the grace period used below.
+    std::thread::sleep(Duration::from_millis(2500));
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let gc_loop = {
+        let (stop, url) = (stop.clone(), s.url());
+        std::thread::spawn(move || {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let st = Command::new(granary_bin())
+                    .args(["--store", &url, "gc", "--grace", "2s"])
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                runs += 1;
+            }
+            runs
+        })
+    };
+    // Each import reuses the aged garbage (same content) plus something new.
+    for i in 0..12 {
+        let t = s.dir.path().join(format!("t{i}"));
+        Command::new("cp")
+            .arg("-a")
+            .arg(&base)
+            .arg(&t)
+            .status()
+            .unwrap();
+        write(&t.join("new.txt"), format!("import {i}").as_bytes(), false);
+        s.ok(&["import", "--name", &format!("r{i}"), t.to_str().unwrap()]);
+        let v = s.cmd().args(["verify", &format!("r{i}")]).output().unwrap();
+        assert!(v.status.success(), "root r{i} broken: {}", stdout(&v));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let runs = gc_loop.join().unwrap();
+    assert!(runs >= 2, "gc ran {runs} times");
+    // Every root still exports intact after the last gc.
+    s.ok(&["gc", "--grace", "2s"]);
+    for i in 0..12 {
+        let d = s.dir.path().join(format!("out{i}"));
+        s.ok(&["export", &format!("r{i}"), d.to_str().unwrap()]);
+        assert_same_tree(&s.dir.path().join(format!("t{i}")), &d);
+    }
+}
+
+fn object(s: &TestStore, kind: &str, digest: &str) -> PathBuf {
+    s.path().join(kind).join(&digest[..2]).join(digest)
+}
+
+fn root_digest(s: &TestStore, root: &str) -> String {
+    stdout(&s.ok(&["ls", "-l", root]))
+        .lines()
+        .map(|l| l.to_string())
+        .next()
+        .unwrap_or_default()
+}
+
+#[test]
+fn verify_finds_each_fault_and_repairs_from_a_second_store() {
+    let s = TestStore::new();
+    let donor = TestStore::new();
+    let src = s.dir.path().join("src");
+    gen_tree(&src, 0);
+    write_big(&src.join("big.bin"), 3 << 20, 11);
+    for st in [&s, &donor] {
+        st.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    }
+    let ok = stdout(&s.ok(&["verify"]));
+    assert!(ok.contains("ok: no problems"), "{ok}");
+    let _ = root_digest(&s, "t");
+
+    let big_digest = blake3::hash(&std::fs::read(src.join("big.bin")).unwrap())
+        .to_hex()
+        .to_string();
+    let index = prost_free_index_chunks(&std::fs::read(object(&s, "blobs", &big_digest)).unwrap());
+    assert!(index.len() >= 4, "big.bin has several chunks");
+    let hello = blake3::hash(b"hello\n").to_hex().to_string();
+    let tool = blake3::hash(b"#!/bin/sh\necho tool\n").to_hex().to_string();
+
+    let faults: Vec<(&str, Box<dyn Fn()>, String)> = vec![
+        (
+            "flipped byte",
+            Box::new(|| {
+                let p = object(&s, "chunks", &index[0]);
+                let mut raw = zstd::decode_all(&std::fs::read(&p).unwrap()[..]).unwrap();
+                raw[100] ^= 1;
+                std::fs::write(&p, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
+            }),
+            index[0].clone(),
+        ),
+        (
+            "truncated chunk",
+            Box::new(|| {
+                let p = object(&s, "chunks", &index[1]);
+                let raw = std::fs::read(&p).unwrap();
+                std::fs::write(&p, &raw[..raw.len() / 2]).unwrap();
+            }),
+            index[1].clone(),
+        ),
+        (
+            "missing chunk",
+            Box::new(|| {
+                std::fs::remove_file(object(&s, "chunks", &hello)).unwrap();
+            }),
+            hello.clone(),
+        ),
+        (
+            "lying blob index",
+            Box::new(|| {
+                // Swap two chunk entries: structurally valid, but the content no longer
+                // hashes to the blob digest.
+                let p = object(&s, "blobs", &big_digest);
+                let raw = std::fs::read(&p).unwrap();
+                std::fs::write(&p, swap_first_two_entries(&raw)).unwrap();
+            }),
+            big_digest.clone(),
+        ),
+        (
+            "corrupt directory",
+            Box::new(|| {
+                let d = dir_containing(&s, "tool");
+                let p = object(&s, "dirs", &d);
+                let mut raw = std::fs::read(&p).unwrap();
+                let n = raw.len();
+                raw[n - 1] ^= 0x40;
+                std::fs::write(&p, raw).unwrap();
+            }),
+            String::new(),
+        ),
+    ];
+    let _ = tool;
+    for (what, inject, digest) in &faults {
+        inject();
+        let out = s.cmd().arg("verify").output().unwrap();
+        let text = stdout(&out);
+        assert!(!out.status.success(), "{what}: verify passed:\n{text}");
+        assert!(
+            digest.is_empty() || text.contains(digest.as_str()),
+            "{what}: {text}"
+        );
+        assert!(
+            text.contains("roots: t"),
+            "{what}: affected root named: {text}"
+        );
+        let fixed = s
+            .cmd()
+            .args(["verify", "--repair-from", &donor.url()])
+            .output()
+            .unwrap();
+        assert!(
+            fixed.status.success(),
+            "{what}: repair failed: {}",
+            stdout(&fixed)
+        );
+        assert!(
+            stdout(&s.ok(&["verify"])).contains("ok: no problems"),
+            "{what}"
+        );
+    }
+
+    // A root pointing at a missing directory.
+    let top = stdout(&s.ok(&["import", src.to_str().unwrap()]));
+    let top = top.split('\t').next().unwrap().to_string();
+    std::fs::remove_file(object(&s, "dirs", &top)).unwrap();
+    let text = stdout(&s.cmd().arg("verify").output().unwrap());
+    assert!(
+        text.contains(&top) && text.contains("missing directory"),
+        "{text}"
+    );
+    s.ok(&["verify", "--repair-from", &donor.url()]);
+
+    let dest = s.dir.path().join("out");
+    s.ok(&["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+}
+
+/// The digest (hex) of the stored directory that has an entry named `name`.
+fn dir_containing(s: &TestStore, name: &str) -> String {
+    for f in walk_files(&s.path().join("dirs")) {
+        let raw = std::fs::read(&f).unwrap();
+        if raw.windows(name.len()).any(|w| w == name.as_bytes()) {
+            return f.file_name().unwrap().to_string_lossy().into_owned();
+        }
+    }
+    panic!("no directory holds {name}");
+}
+
+// Minimal protobuf reading for BlobIndex { repeated Chunk chunks = 1 { bytes digest = 1; uint64 size = 2 } }.
+fn varint(b: &[u8], i: &mut usize) -> u64 {
+    let mut v = 0u64;
+    let mut shift = 0;
+    loop {
+        let byte = b[*i];
+        *i += 1;
+        v |= ((byte & 0x7f) as u64) << shift;
+        if byte < 0x80 {
+            return v;
+        }
+        shift += 7;
+    }
+}
+
+fn index_entries(raw: &[u8]) -> Vec<(usize, usize)> {
+    let mut i = 0;
+    let mut out = Vec::new();
+    while i < raw.len() {
+        let start = i;
+        let tag = varint(raw, &mut i);
+        if tag == (1 << 3 | 2) {
+            let len = varint(raw, &mut i) as usize;
+            i += len;
+            out.push((start, i));
+        } else {
+            let _ = varint(raw, &mut i);
+        }
+    }
+    out
+}
+
+fn prost_free_index_chunks(raw: &[u8]) -> Vec<String> {
+    index_entries(raw)
+        .into_iter()
+        .map(|(s, e)| {
+            let body = &raw[s..e];
+            let pos = body.windows(2).position(|w| w == [0x0a, 0x20]).unwrap();
+            body[pos + 2..pos + 34]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect()
+        })
+        .collect()
+}
+
+fn swap_first_two_entries(raw: &[u8]) -> Vec<u8> {
+    let e = index_entries(raw);
+    let (a, b) = (e[0], e[1]);
+    let mut out = raw[..a.0].to_vec();
+    out.extend_from_slice(&raw[b.0..b.1]);
+    out.extend_from_slice(&raw[a.0..a.1]);
+    out.extend_from_slice(&raw[b.1..]);
+    out
+}
+
+#[test]
+fn sigkilled_imports_leave_a_store_that_verifies() {
+    let s = TestStore::new();
+    let src = s.dir.path().join("src");
+    gen_tree(&src, 0);
+    for i in 0..3 {
+        write_big(&src.join(format!("big{i}.bin")), 48 << 20, 20 + i);
+    }
+    for i in 0..400 {
+        write(
+            &src.join(format!("many/{}/f{i}", i % 20)),
+            &noise(4096 + i * 37, i as u64),
+            false,
+        );
+    }
+    // How long a full import takes here, so kills land at random points inside one.
+    let t = Instant::now();
+    s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    let full = t.elapsed().as_millis() as u64;
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut killed = 0;
+    for run in 0..20u64 {
+        // New content in one large file each run, so every import has real work to do.
+        write_big(
+            &src.join(format!("big{}.bin", run % 3)),
+            48 << 20,
+            100 + run,
+        );
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        // One file of three is new, so an import takes about a third of the first.
+        let delay = Duration::from_millis(full / 50 + rng % (full / 4).max(1));
+        let mut child = s
+            .cmd()
+            .args(["import", "--name", "t"])
+            .arg(&src)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let t = Instant::now();
+        while t.elapsed() < delay && child.try_wait().unwrap().is_none() {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            killed += 1;
+        }
+        child.wait().unwrap();
+        let v = s.cmd().arg("verify").output().unwrap();
+        assert!(
+            v.status.success(),
+            "run {run}: verify after kill: {}",
+            stdout(&v)
+        );
+        // A re-run completes, with the digest an import into an empty store gives.
+        let again = stdout(&s.ok(&["import", "--name", "t", src.to_str().unwrap()]));
+        let fresh = stdout(
+            &Command::new(granary_bin())
+                .args(["--store", "memory://", "import"])
+                .arg(&src)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(again, fresh, "run {run}");
+        // Drop what the superseded versions left, so the store (and verify) stays small.
+        s.ok(&["gc", "--grace", "0s"]);
+    }
+    assert!(
+        killed >= 10,
+        "only {killed} of 20 imports were killed mid-way"
+    );
+    s.ok(&["gc", "--grace", "0s"]);
+    assert!(stdout(&s.ok(&["verify"])).contains("ok: no problems"));
+}
