@@ -36,7 +36,7 @@ async fn mark_blob(store: &Store, blob: &B3Digest, marks: &mut Marks) -> Result<
         .stat(blob)
         .await?
         .ok_or_else(|| StoreError::not_found("blob", blob))?;
-    if !(meta.chunks.len() == 1 && meta.chunks[0].digest == *blob) && !meta.chunks.is_empty() {
+    if !(meta.chunks.is_empty() || meta.chunks.len() == 1 && meta.chunks[0].digest == *blob) {
         marks.blob_indexes.insert(*blob);
     }
     marks.chunks.extend(meta.chunks.iter().map(|c| c.digest));
@@ -111,10 +111,7 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcRepor
                 report.kept += 1;
             } else if obj.modified >= cutoff {
                 report.young += 1;
-            } else if dry_run {
-                report.deleted += 1;
-                report.deleted_bytes += obj.stored_bytes;
-            } else if maint.delete_if_older(kind, &obj.digest, cutoff).await? {
+            } else if dry_run || maint.delete_if_older(kind, &obj.digest, cutoff).await? {
                 report.deleted += 1;
                 report.deleted_bytes += obj.stored_bytes;
             } else {

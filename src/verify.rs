@@ -132,13 +132,11 @@ pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
             dirs_ok.insert(d);
             for e in &dir.directories {
                 let c = B3Digest::try_from(&e.digest[..])?;
-                match store.dirs.get(&c).await {
-                    Ok(Some(child)) => {
-                        if let Err(err) = crate::castore::Directory::check_child(e, &child) {
-                            f.add(ObjectKind::Directory, d, err.to_string(), Some(name));
-                        }
+                // A missing or corrupt child is reported when visited.
+                if let Ok(Some(child)) = store.dirs.get(&c).await {
+                    if let Err(err) = crate::castore::Directory::check_child(e, &child) {
+                        f.add(ObjectKind::Directory, d, err.to_string(), Some(name));
                     }
-                    _ => {} // reported when visited
                 }
                 todo.push(c);
             }
