@@ -178,7 +178,8 @@ fn verify_finds_each_fault_and_repairs_from_a_second_store() {
     let hello = blake3::hash(b"hello\n").to_hex().to_string();
     let tool = blake3::hash(b"#!/bin/sh\necho tool\n").to_hex().to_string();
 
-    let faults: Vec<(&str, Box<dyn Fn()>, String)> = vec![
+    type Fault<'a> = (&'a str, Box<dyn Fn() + 'a>, String);
+    let faults: Vec<Fault> = vec![
         (
             "flipped byte",
             Box::new(|| {
