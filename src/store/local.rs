@@ -333,12 +333,18 @@ impl LocalStore {
         if self.lock_staged()?.objects.contains_key(path) {
             return Ok(true);
         }
-        let touched =
-            std::fs::File::open(path).and_then(|f| f.set_modified(std::time::SystemTime::now()));
-        match touched {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(StoreError::io(format!("touching {}", path.display()), e)),
+        // One utimensat both tests existence and refreshes the time.
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| StoreError::Backend(format!("{} contains NUL", path.display())))?;
+        // SAFETY: `c` is a valid NUL-terminated path; a null `times` means "now".
+        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.kind() {
+            ErrorKind::NotFound => Ok(false),
+            _ => Err(StoreError::io(format!("touching {}", path.display()), e)),
         }
     }
 
