@@ -16,6 +16,8 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod mount;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "granary",
@@ -75,6 +77,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Mount the store read-only at MOUNTPOINT (its named roots, or one tree with --root);
+    /// serves until SIGINT/SIGTERM, which unmount cleanly.
+    Mount(mount::MountArgs),
 }
 
 /// Entry point of the binary.
@@ -157,7 +162,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!("{}: already exists; export needs a new path", dest.display());
+                bail!(
+                    "{}: already exists; export needs a new path",
+                    dest.display()
+                );
             }
             tree::export(&store, &node, &dest)
                 .await
@@ -165,6 +173,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => cmd_info(&store, json).await,
+        Command::Mount(args) => mount::run(&store, args).await,
     }
 }
 
@@ -216,9 +225,11 @@ async fn cmd_import(
     for p in paths {
         names.push(match (&name, named) {
             (Some(n), _) => Some(n.clone()),
-            (None, true) => Some(import::default_root_name(p).with_context(|| {
-                format!("{}: basename is not a valid root name", p.display())
-            })?),
+            (None, true) => {
+                Some(import::default_root_name(p).with_context(|| {
+                    format!("{}: basename is not a valid root name", p.display())
+                })?)
+            }
             _ => None,
         });
     }
@@ -266,7 +277,11 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
+            if *executable {
+                "r-xr-xr-x"
+            } else {
+                "r--r--r--"
+            },
             *size,
             digest.to_hex(),
         ),
