@@ -148,10 +148,15 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tokio::task::spawn_blocking(move || unmounter.unmount())
-        .await
-        .context("unmount task")?
-        .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    let mp = mountpoint.clone();
+    tokio::task::spawn_blocking(move || match unmounter.unmount() {
+        // Files still open keep the mount busy: detach it now; it ends when we exit.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => fs::detach(&mp),
+        other => other,
+    })
+    .await
+    .context("unmount task")?
+    .with_context(|| format!("unmounting {}", mountpoint.display()))?;
     // Open files can keep a lazily detached mount's session alive; exiting closes the FUSE
     // device, which ends it.
     if let Ok(res) = tokio::time::timeout(Duration::from_secs(5), serving).await {

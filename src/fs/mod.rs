@@ -1074,3 +1074,26 @@ pub fn mount_device(path: &Path) -> Option<String> {
 pub fn is_mount_point(path: &Path) -> bool {
     mount_device(path).is_some()
 }
+
+/// Lazily detaches the mount at `path` (`umount -l`); unprivileged, through `fusermount3 -uz`.
+pub fn detach(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads nothing else.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let st = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(path)
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("fusermount3 -uz failed: {st}")))
+    }
+}
