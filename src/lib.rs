@@ -5,12 +5,14 @@
 //! - [`chunking`]: FastCDC with per-store parameters
 //! - [`store`]: the blob, directory and root services and their backends
 //! - [`import`] / [`tree`]: trees in and out
+//! - [`fs`]: the read-only FUSE mount
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
 pub mod castore;
 pub mod chunking;
 pub mod cli;
 pub mod gc;
+pub mod fs;
 pub mod import;
 pub mod store;
 pub mod tree;

@@ -17,6 +17,7 @@ use crate::store::{self, Store};
 use crate::tree;
 
 mod maintain;
+mod mount;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -99,6 +100,9 @@ enum Command {
         #[arg(long, value_name = "URL")]
         repair_from: Option<String>,
     },
+    /// Mount the store read-only at MOUNTPOINT (its named roots, or one tree with --root);
+    /// serves until SIGINT/SIGTERM, which unmount cleanly.
+    Mount(mount::MountArgs),
 }
 
 /// Entry point of the binary.
@@ -197,6 +201,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Verify { roots, repair_from } => {
             maintain::verify(&store, &roots, repair_from.as_deref()).await
         }
+        Command::Mount(args) => mount::run(&store, args).await,
     }
 }
 

@@ -1,0 +1,525 @@
+//! `granary mount` end to end: real FUSE mounts of real stores, checked against the source
+//! trees with diff, stat, readlink, getfattr and pread.
+
+mod common;
+
+use std::collections::HashSet;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// The foundation's round-trip tree plus 10 000 small files in one directory and a path 20
+/// directories deep.
+fn gen_wide_deep_tree(root: &Path) {
+    gen_tree(root, 0);
+    let many = root.join("many");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..10_000 {
+        std::fs::write(many.join(format!("f{i:05}")), format!("small file {i}\n")).unwrap();
+    }
+    let mut deep = root.join("deep");
+    for i in 0..20 {
+        deep = deep.join(format!("level{i:02}"));
+    }
+    write(&deep.join("bottom.txt"), b"twenty levels down\n", false);
+    // Identical content at two paths: must not look like a hard link.
+    write(&root.join("twin-a"), b"twin", false);
+    write(&root.join("twin-b"), b"twin", false);
+}
+
+fn import_named(store: &TestStore, src: &Path, name: &str) -> String {
+    let out = store.ok(&["import", "--name", name, src.to_str().unwrap()]);
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn getfattr_digest(path: &Path) -> String {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-h", "-n", "user.granary.digest"])
+        .arg(path)
+        .output()
+        .expect("run getfattr (package attr)");
+    assert!(
+        out.status.success(),
+        "getfattr {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn walk_all(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if std::fs::symlink_metadata(&p).unwrap().is_dir() {
+                stack.push(p.clone());
+            }
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn mounted_tree_matches_source() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    gen_wide_deep_tree(&src);
+    let digest = import_named(&store, &src, "tree");
+    let m = Mount::start(&store.url(), &[]);
+    let mnt = m.path().join("tree");
+    assert_same_tree(&src, &mnt);
+
+    // stat: type, size, exec bit, modes; readlink; digests from getfattr.
+    let mut inodes = HashSet::new();
+    for p in walk_all(&src) {
+        let rel = p.strip_prefix(&src).unwrap();
+        let (a, b) = (
+            std::fs::symlink_metadata(&p).unwrap(),
+            std::fs::symlink_metadata(mnt.join(rel)).unwrap(),
+        );
+        assert_eq!(a.file_type(), b.file_type(), "{rel:?}");
+        assert!(
+            inodes.insert(b.ino()),
+            "inode {} shown twice ({rel:?})",
+            b.ino()
+        );
+        let mode = b.permissions().mode() & 0o7777;
+        if a.is_file() {
+            assert_eq!(a.len(), b.len(), "{rel:?}");
+            assert_eq!(b.blocks(), b.len().div_ceil(512), "{rel:?}");
+            assert_eq!(b.nlink(), 1);
+            let exec = a.permissions().mode() & 0o100 != 0;
+            assert_eq!(mode, if exec { 0o555 } else { 0o444 }, "{rel:?}");
+            assert_eq!(b.mtime(), 1);
+            if rel.starts_with("sizes") || rel.starts_with("multi") || rel == Path::new("hello.txt")
+            {
+                let want = blake3::hash(&std::fs::read(&p).unwrap())
+                    .to_hex()
+                    .to_string();
+                assert_eq!(getfattr_digest(&mnt.join(rel)), want, "{rel:?}");
+            }
+        } else if a.is_dir() {
+            assert_eq!(mode, 0o555);
+            let subdirs = std::fs::read_dir(&p)
+                .unwrap()
+                .filter(|e| e.as_ref().unwrap().file_type().unwrap().is_dir())
+                .count() as u64;
+            assert_eq!(b.nlink(), 2 + subdirs, "{rel:?}");
+        } else {
+            assert_eq!(mode, 0o777);
+            assert_eq!(
+                std::fs::read_link(&p).unwrap(),
+                std::fs::read_link(mnt.join(rel)).unwrap()
+            );
+            assert_eq!(
+                b.len(),
+                std::fs::read_link(&p).unwrap().as_os_str().len() as u64
+            );
+        }
+    }
+    assert_eq!(
+        getfattr_digest(&mnt),
+        digest,
+        "directory digest of the root"
+    );
+    let many = std::fs::read_dir(mnt.join("many")).unwrap().count();
+    assert_eq!(many, 10_000);
+    let deep: std::path::PathBuf = (0..20).map(|i| format!("level{i:02}")).collect();
+    assert_eq!(
+        std::fs::read(mnt.join("deep").join(&deep).join("bottom.txt")).unwrap(),
+        b"twenty levels down\n"
+    );
+    let (ta, tb) = (
+        std::fs::metadata(mnt.join("twin-a")).unwrap(),
+        std::fs::metadata(mnt.join("twin-b")).unwrap(),
+    );
+    assert_ne!(ta.ino(), tb.ino(), "identical files are not hard links");
+    drop(m);
+
+    // The same tree mounted alone, by digest.
+    let m = Mount::start(&store.url(), &["--root", &digest]);
+    assert_same_tree(&src, m.path());
+}
+
+#[test]
+fn big_file_random_reads_and_concurrent_readers() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    // 300 MiB as in the issue would dominate CI time in a debug build; 96 MiB still spans
+    // ~1500 chunks and exercises every boundary case.
+    let big = 96usize << 20;
+    write_big(&src.join("big.bin"), big, 9);
+    for i in 0..40 {
+        write(
+            &src.join(format!("small/s{i}")),
+            &noise(1000 + i * 4099, i as u64),
+            false,
+        );
+    }
+    import_named(&store, &src, "b");
+    let m = Mount::start(&store.url(), &["--cache-size", "64M"]);
+    let mnt = m.path().join("b");
+    let want = std::fs::File::open(src.join("big.bin")).unwrap();
+    let got = std::fs::File::open(mnt.join("big.bin")).unwrap();
+    let mut rng = 0x9e3779b97f4a7c15u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    for _ in 0..1000 {
+        let off = next() % big as u64;
+        let len = (next() % (600 << 10)) as usize + 1;
+        let (mut a, mut b) = (vec![0u8; len], vec![0u8; len]);
+        let na = want.read_at(&mut a, off).unwrap();
+        let nb = got.read_at(&mut b, off).unwrap();
+        assert_eq!(na, nb, "length at {off}+{len}");
+        assert!(a[..na] == b[..nb], "bytes differ at {off}+{len}");
+    }
+    // Reads at and past the end.
+    let mut buf = [0u8; 16];
+    assert_eq!(got.read_at(&mut buf, big as u64).unwrap(), 0);
+    assert_eq!(got.read_at(&mut buf, big as u64 - 3).unwrap(), 3);
+
+    // 16 threads reading different and the same files for a bounded time.
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let handles: Vec<_> = (0..16)
+        .map(|t| {
+            let (src, mnt) = (src.clone(), mnt.clone());
+            std::thread::spawn(move || {
+                let mut rounds = 0;
+                while Instant::now() < deadline {
+                    let name = if t % 2 == 0 {
+                        "small/s0".to_string()
+                    } else {
+                        format!("small/s{}", (t * 7 + rounds) % 40)
+                    };
+                    assert_eq!(
+                        std::fs::read(mnt.join(&name)).unwrap(),
+                        std::fs::read(src.join(&name)).unwrap(),
+                        "{name}"
+                    );
+                    let off = ((t as u64 * 7919 + rounds as u64 * 104_729) << 10) % big as u64;
+                    let (a, b) = (
+                        std::fs::File::open(src.join("big.bin")).unwrap(),
+                        std::fs::File::open(mnt.join("big.bin")).unwrap(),
+                    );
+                    let (mut x, mut y) = (vec![0u8; 256 << 10], vec![0u8; 256 << 10]);
+                    let nx = a.read_at(&mut x, off).unwrap();
+                    let ny = b.read_at(&mut y, off).unwrap();
+                    assert!(nx == ny && x[..nx] == y[..ny], "big.bin at {off}");
+                    rounds += 1;
+                }
+                rounds
+            })
+        })
+        .collect();
+    for h in handles {
+        let rounds = h.join().expect("reader thread failed");
+        assert!(rounds > 0);
+    }
+    assert!(
+        Instant::now() < deadline + Duration::from_secs(30),
+        "readers hung"
+    );
+}
+
+fn errno_of<T>(r: std::io::Result<T>) -> Option<i32> {
+    r.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn writes_fail_with_erofs() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    gen_tree(&src, 0);
+    import_named(&store, &src, "t");
+    let m = Mount::start(&store.url(), &[]);
+    let t = m.path().join("t");
+    let erofs = Some(libc::EROFS);
+    let f = t.join("hello.txt");
+    assert_eq!(
+        errno_of(std::fs::OpenOptions::new().write(true).open(&f)),
+        erofs,
+        "open for write"
+    );
+    assert_eq!(
+        errno_of(std::fs::OpenOptions::new().append(true).open(&f)),
+        erofs,
+        "append"
+    );
+    assert_eq!(
+        errno_of(std::fs::write(t.join("new"), b"x")),
+        erofs,
+        "create"
+    );
+    assert_eq!(errno_of(std::fs::remove_file(&f)), erofs, "unlink");
+    assert_eq!(
+        errno_of(std::fs::rename(&f, t.join("renamed"))),
+        erofs,
+        "rename"
+    );
+    assert_eq!(
+        errno_of(std::fs::set_permissions(
+            &f,
+            std::fs::Permissions::from_mode(0o777)
+        )),
+        erofs,
+        "chmod"
+    );
+    assert_eq!(errno_of(std::fs::create_dir(t.join("d"))), erofs, "mkdir");
+    assert_eq!(
+        errno_of(std::fs::remove_dir(t.join("empty-dir"))),
+        erofs,
+        "rmdir"
+    );
+    assert_eq!(
+        errno_of(std::os::unix::fs::symlink("x", t.join("l"))),
+        erofs,
+        "symlink"
+    );
+    assert_eq!(errno_of(std::fs::hard_link(&f, t.join("h"))), erofs, "link");
+    let c = std::ffi::CString::new(f.as_os_str().as_bytes()).unwrap();
+    let name = c"user.test";
+    // SAFETY: valid NUL-terminated strings and buffer.
+    let r = unsafe { libc::setxattr(c.as_ptr(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!(r, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        erofs,
+        "setxattr"
+    );
+    // SAFETY: valid NUL-terminated string.
+    assert_eq!(unsafe { libc::truncate(c.as_ptr(), 0) }, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        erofs,
+        "truncate"
+    );
+    // And nothing changed.
+    assert_same_tree(&src, &t);
+}
+
+#[test]
+fn corrupt_chunk_fails_only_its_range() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    let size = 16usize << 20;
+    write_big(&src.join("victim.bin"), size, 77);
+    write(&src.join("fine.txt"), b"still fine\n", false);
+    write_big(&src.join("other.bin"), 2 << 20, 78);
+    import_named(&store, &src, "c");
+    // Find a chunk in the middle of victim.bin from its blob index and damage it on disk.
+    let blob = blake3::hash(&std::fs::read(src.join("victim.bin")).unwrap());
+    let hex = blob.to_hex().to_string();
+    let idx_bytes = std::fs::read(store.path().join("blobs").join(&hex[..2]).join(&hex)).unwrap();
+    let idx = granary::castore::BlobIndex::decode_valid(&idx_bytes).unwrap();
+    let k = idx.chunks.len() / 2;
+    let start: u64 = idx.chunks[..k].iter().map(|c| c.size).sum();
+    let len = idx.chunks[k].size;
+    let chex = data_encoding::HEXLOWER.encode(&idx.chunks[k].digest);
+    let cpath = store.path().join("chunks").join(&chex[..2]).join(&chex);
+    let mut raw = std::fs::read(&cpath).unwrap();
+    let mid = raw.len() / 2;
+    for b in &mut raw[mid..mid + 16] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&cpath, &raw).unwrap();
+
+    let m = Mount::start(&store.url(), &[]);
+    let mnt = m.path().join("c");
+    let f = std::fs::File::open(mnt.join("victim.bin")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let e = f.read_at(&mut buf, start + len / 2).unwrap_err();
+    assert_eq!(
+        e.raw_os_error(),
+        Some(libc::EIO),
+        "read of the corrupt chunk"
+    );
+    // Far from the damage, the same file still reads right.
+    let want = std::fs::read(src.join("victim.bin")).unwrap();
+    for off in [0u64, size as u64 - 4096] {
+        let n = f.read_at(&mut buf, off).unwrap();
+        assert_eq!(&buf[..n], &want[off as usize..off as usize + n], "at {off}");
+    }
+    assert_eq!(
+        std::fs::read(mnt.join("fine.txt")).unwrap(),
+        b"still fine\n"
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("other.bin")).unwrap(),
+        std::fs::read(src.join("other.bin")).unwrap()
+    );
+    assert!(
+        m.stderr().contains(&chex),
+        "the log names the chunk: {}",
+        m.stderr()
+    );
+}
+
+#[test]
+fn no_list_root_hides_listing_but_not_names() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    write(&src.join("a"), b"a", false);
+    import_named(&store, &src, "visible");
+    let m = Mount::start(&store.url(), &["--no-list-root"]);
+    assert!(
+        std::fs::read_dir(m.path()).is_err(),
+        "top level must not list"
+    );
+    let st = std::fs::metadata(m.path().join("visible")).unwrap();
+    assert!(st.is_dir());
+    assert_eq!(std::fs::read(m.path().join("visible/a")).unwrap(), b"a");
+    assert!(std::fs::metadata(m.path().join("absent")).is_err());
+    // A root added while mounted is found by name.
+    import_named(&store, &src, "later");
+    assert!(std::fs::metadata(m.path().join("later/a")).is_ok());
+}
+
+fn live_inodes(mnt: &Path) -> u64 {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-n", "user.granary.inodes"])
+        .arg(mnt)
+        .output()
+        .expect("run getfattr");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn inode_table_shrinks_after_kernel_forgets() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    gen_tree(&src, 0);
+    for d in 0..20 {
+        for i in 0..100 {
+            write(
+                &src.join(format!("d{d}/f{i}")),
+                format!("{d}/{i}").as_bytes(),
+                false,
+            );
+        }
+    }
+    import_named(&store, &src, "w");
+    let m = Mount::start(&store.url(), &[]);
+    let start = live_inodes(m.path());
+    let st = Command::new("find")
+        .arg(m.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let walked = live_inodes(m.path());
+    assert!(
+        walked > start + 2000,
+        "after find: {walked} (start {start})"
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut now = walked;
+    while Instant::now() < end {
+        std::fs::write("/proc/sys/vm/drop_caches", "2").expect("write drop_caches (needs root)");
+        now = live_inodes(m.path());
+        if now <= start + 5 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        now <= start + 5,
+        "inode table did not shrink: start {start}, walked {walked}, now {now}"
+    );
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    write(&src.join("a"), b"a", false);
+    import_named(&store, &src, "r");
+    let mut m = Mount::start(&store.url(), &[]);
+    // An open file does not keep the mount alive past SIGTERM.
+    let _open = std::fs::File::open(m.path().join("r/a")).unwrap();
+    let st = m
+        .signal_and_wait(libc::SIGTERM, Duration::from_secs(20))
+        .expect("granary did not exit after SIGTERM");
+    assert!(st.success(), "exit status {st}: {}", m.stderr());
+    assert!(!mounted(m.path()), "mount left behind");
+}
+
+#[test]
+fn sigint_unmounts_too_and_import_mounts_something() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("project");
+    gen_tree(&src, 0);
+    let mut m = Mount::start(&store.url(), &["--import", src.to_str().unwrap()]);
+    assert_same_tree(&src, &m.path().join("project"));
+    let names: Vec<_> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, vec![std::ffi::OsString::from("project")]);
+    let st = m
+        .signal_and_wait(libc::SIGINT, Duration::from_secs(20))
+        .expect("no exit after SIGINT");
+    assert!(st.success());
+    assert!(!mounted(m.path()));
+}
+
+#[test]
+fn bad_mount_points_are_refused_clearly() {
+    require_fuse!();
+    let store = TestStore::new();
+    let dir = store.dir.path();
+    let missing = dir.join("missing");
+    let err = store.fails(&["mount", missing.to_str().unwrap()]);
+    assert!(
+        err.contains("does not exist") && err.lines().count() == 1,
+        "{err}"
+    );
+    let file = dir.join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = store.fails(&["mount", file.to_str().unwrap()]);
+    assert!(err.contains("not a directory"), "{err}");
+    let full = dir.join("full");
+    write(&full.join("x"), b"x", false);
+    let err = store.fails(&["mount", full.to_str().unwrap()]);
+    assert!(err.contains("not empty"), "{err}");
+    let m = Mount::start(&store.url(), &[]);
+    let err = store.fails(&["mount", m.path().to_str().unwrap()]);
+    assert!(err.contains("already a mount point"), "{err}");
+    let empty = dir.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let err = store.fails(&["mount", empty.to_str().unwrap(), "--root", "nosuchroot"]);
+    assert!(err.contains("nosuchroot"), "{err}");
+    assert!(!mounted(&empty));
+}

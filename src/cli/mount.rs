@@ -1,0 +1,166 @@
+//! `granary mount`: checks the mount point, optionally imports, mounts, and serves until
+//! SIGINT/SIGTERM, which unmount cleanly (exit 0).
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::castore::{Node, RootRecord};
+use crate::chunking::parse_size;
+use crate::fs::{self, GranaryFs, MountOptions, Top};
+use crate::import::{self, ImportOptions, Progress};
+use crate::store::Store;
+use crate::tree;
+
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Where to mount: an existing, empty directory that is not already a mount point.
+    pub mountpoint: PathBuf,
+    /// Mount one tree (a root name or a directory digest) instead of the list of roots.
+    #[arg(long, value_name = "NAME|DIGEST")]
+    pub root: Option<String>,
+    /// Make the top level unlistable (lookups by name still work), for stores with many roots.
+    #[arg(long, conflicts_with = "root")]
+    pub no_list_root: bool,
+    /// Kernel request channels, each served by its own thread.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+    /// Memory for decompressed, verified chunks (e.g. 256M, 1G).
+    #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size::<usize>)]
+    pub cache_size: usize,
+    /// Let other users use the mount (allow_other).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Deadline of each backend call in seconds; a read that misses it fails with EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    pub timeout: f64,
+    /// Import these paths first (each named after its basename), then mount.
+    #[arg(long, value_name = "PATH", num_args = 1..)]
+    pub import: Vec<PathBuf>,
+}
+
+/// Refuses mount points that are missing, not directories, not empty, or already mounts.
+fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+    let shown = path.display();
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!("mount point {shown}: does not exist")
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => bail!(
+            "mount point {shown}: a dead FUSE mount is still there; remove it with `fusermount3 -uz {shown}` or `umount -l {shown}`"
+        ),
+        Err(e) => bail!("mount point {shown}: {e}"),
+    };
+    if !meta.is_dir() {
+        bail!("mount point {shown}: not a directory");
+    }
+    let canon = std::fs::canonicalize(path).with_context(|| format!("mount point {shown}"))?;
+    if fs::is_mount_point(&canon) {
+        bail!("mount point {shown}: already a mount point");
+    }
+    let mut entries = std::fs::read_dir(&canon).with_context(|| format!("mount point {shown}"))?;
+    if entries.next().is_some() {
+        bail!("mount point {shown}: not empty");
+    }
+    Ok(canon)
+}
+
+async fn import_first(store: &Store, paths: &[PathBuf]) -> Result<()> {
+    let mut named = Vec::new();
+    for p in paths {
+        let name = import::default_root_name(p)
+            .with_context(|| format!("{}: basename is not a valid root name", p.display()))?;
+        named.push((p, name));
+    }
+    let opts = ImportOptions::default();
+    for (p, name) in named {
+        let node = import::import_path(store, p, &opts, Arc::new(Progress::default()))
+            .await
+            .with_context(|| format!("importing {}", p.display()))?;
+        store
+            .roots
+            .put(&RootRecord {
+                name: name.clone(),
+                node,
+                nix: None,
+            })
+            .await
+            .with_context(|| format!("recording root {name:?}"))?;
+        eprintln!("granary: imported {} as {name}", p.display());
+    }
+    Ok(())
+}
+
+pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
+    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    if !(args.timeout > 0.0 && args.timeout.is_finite()) {
+        bail!("--timeout must be a positive number of seconds");
+    }
+    import_first(store, &args.import).await?;
+    let top = match &args.root {
+        Some(r) => match tree::resolve_root(store, r).await? {
+            node @ Node::Directory { .. } => Top::Tree(node),
+            _ => bail!("--root {r}: not a directory; a mount needs a directory"),
+        },
+        None => Top::Roots {
+            listable: !args.no_list_root,
+        },
+    };
+    let opts = MountOptions {
+        top,
+        threads: args.threads.max(1),
+        cache_size: args.cache_size,
+        allow_other: args.allow_other,
+        deadline: Duration::from_secs_f64(args.timeout),
+        ..MountOptions::default()
+    };
+    let filesystem = GranaryFs::new(store.clone(), &opts, tokio::runtime::Handle::current())
+        .await
+        .context("preparing the mount")?;
+    let mp = mountpoint.clone();
+    let mounted = tokio::task::spawn_blocking(move || fs::mount(filesystem, &mp, &opts))
+        .await
+        .context("mount task")??;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut serving = tokio::task::spawn_blocking(move || {
+        mounted.serve(|u| {
+            let _ = tx.send(u);
+        })
+    });
+    let mut unmounter = rx.await.context("mount ended before serving")?;
+    eprintln!(
+        "granary: {} mounted at {}; stop with Ctrl-C or SIGTERM",
+        store.url,
+        mountpoint.display()
+    );
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        res = &mut serving => {
+            // Unmounted from outside (umount, fusermount3 -u): a normal end.
+            res.context("mount task")?.context("serving the mount")?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    let mp = mountpoint.clone();
+    tokio::task::spawn_blocking(move || match unmounter.unmount() {
+        // Files still open keep the mount busy: detach it now; it ends when we exit.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => fs::detach(&mp),
+        other => other,
+    })
+    .await
+    .context("unmount task")?
+    .with_context(|| format!("unmounting {}", mountpoint.display()))?;
+    // Open files can keep a lazily detached mount's session alive; exiting closes the FUSE
+    // device, which ends it.
+    if let Ok(res) = tokio::time::timeout(Duration::from_secs(5), serving).await {
+        res.context("mount task")?.context("serving the mount")?;
+    }
+    Ok(ExitCode::SUCCESS)
+}

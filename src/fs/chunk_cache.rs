@@ -1,0 +1,425 @@
+//! Reading file content for the mount: a byte-bounded LRU of verified chunks in front of a
+//! [`BlobService`], with concurrent requests for one chunk merged into one fetch, a deadline
+//! on every backend call, and prefetch of the chunks that follow a sequential read.
+//!
+//! Only bytes the backend has verified (see the `BlobService` contract) enter the cache, so a
+//! cached chunk is served without hashing it again. Errors carry the digest and are logged once
+//! per failed fetch; the caller turns them into `EIO` for that read only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::future::{BoxFuture, FutureExt, Shared};
+use futures::stream::{self, StreamExt, TryStreamExt};
+use lru::LruCache;
+
+use crate::castore::B3Digest;
+use crate::store::{BlobMeta, BlobService, ChunkRef, StoreError};
+
+/// Chunks of one read fetched at once.
+const READ_CONCURRENCY: usize = 16;
+/// How far past a sequential read to prefetch, in bytes.
+const PREFETCH_BYTES: u64 = 4 << 20;
+/// Blob layouts remembered (a layout is the chunk list of one multi-chunk blob).
+const LAYOUTS: usize = 4096;
+
+/// A failed fetch, shared by every reader that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct FetchError(Arc<str>);
+
+impl FetchError {
+    fn new(msg: String) -> Self {
+        tracing::error!("{msg}");
+        FetchError(msg.into())
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
+
+/// Where each chunk of a blob starts.
+#[derive(Debug)]
+pub struct Layout {
+    pub chunks: Vec<ChunkRef>,
+    /// `starts[i]` is the offset of chunk `i`; one extra entry holds the blob size.
+    starts: Vec<u64>,
+}
+
+impl Layout {
+    fn new(meta: BlobMeta) -> Self {
+        let mut starts = Vec::with_capacity(meta.chunks.len() + 1);
+        let mut off = 0u64;
+        for c in &meta.chunks {
+            starts.push(off);
+            off += c.size;
+        }
+        starts.push(off);
+        Self {
+            chunks: meta.chunks,
+            starts,
+        }
+    }
+
+    pub fn size(&self) -> u64 {
+        self.starts.last().copied().unwrap_or(0)
+    }
+
+    /// Index of the chunk holding byte `offset` (offset < size).
+    fn chunk_at(&self, offset: u64) -> usize {
+        match self.starts.binary_search(&offset) {
+            Ok(i) => i,
+            Err(i) => i.saturating_sub(1),
+        }
+    }
+}
+
+struct State {
+    chunks: LruCache<B3Digest, Bytes>,
+    bytes: usize,
+    inflight: HashMap<B3Digest, Fetch>,
+    layouts: LruCache<B3Digest, Arc<Layout>>,
+}
+
+/// The chunk cache and the read path built on it.
+pub struct ChunkCache {
+    blobs: Arc<dyn BlobService>,
+    capacity: usize,
+    deadline: Duration,
+    /// Blobs up to this size are one chunk whose digest is the blob's (the chunker never
+    /// cuts below its minimum), so they need no `stat`.
+    single_chunk_max: u64,
+    state: Mutex<State>,
+    prefetching: Arc<tokio::sync::Semaphore>,
+}
+
+impl ChunkCache {
+    pub fn new(
+        blobs: Arc<dyn BlobService>,
+        capacity: usize,
+        deadline: Duration,
+        single_chunk_max: u64,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            blobs,
+            capacity,
+            deadline,
+            single_chunk_max,
+            state: Mutex::new(State {
+                chunks: LruCache::unbounded(),
+                bytes: 0,
+                inflight: HashMap::new(),
+                layouts: LruCache::new(std::num::NonZeroUsize::MIN.saturating_add(LAYOUTS - 1)),
+            }),
+            prefetching: Arc::new(tokio::sync::Semaphore::new(8)),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock leaves consistent data (every update is one step).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes of chunk data held.
+    pub fn cached_bytes(&self) -> usize {
+        self.state().bytes
+    }
+
+    /// The verified bytes of one chunk, from the cache or fetched (once, however many ask).
+    pub async fn chunk(self: &Arc<Self>, c: ChunkRef) -> Result<Bytes, FetchError> {
+        let fetch = {
+            let mut st = self.state();
+            if let Some(b) = st.chunks.get(&c.digest) {
+                return Ok(b.clone());
+            }
+            match st.inflight.get(&c.digest) {
+                Some(f) => f.clone(),
+                None => {
+                    let this = self.clone();
+                    let f = async move { this.fetch(c).await }.boxed().shared();
+                    st.inflight.insert(c.digest, f.clone());
+                    f
+                }
+            }
+        };
+        fetch.await
+    }
+
+    async fn fetch(self: Arc<Self>, c: ChunkRef) -> Result<Bytes, FetchError> {
+        let res = match tokio::time::timeout(self.deadline, self.blobs.read_chunk(&c.digest)).await
+        {
+            Err(_) => Err(FetchError::new(format!(
+                "chunk {}: fetch timed out after {:.1}s",
+                c.digest,
+                self.deadline.as_secs_f64()
+            ))),
+            Ok(Err(e)) => Err(FetchError::new(format!("chunk {}: {e}", c.digest))),
+            Ok(Ok(None)) => Err(FetchError::new(format!("chunk {} is missing", c.digest))),
+            Ok(Ok(Some(b))) if b.len() as u64 != c.size => Err(FetchError::new(format!(
+                "chunk {} is {} bytes, its blob index says {}",
+                c.digest,
+                b.len(),
+                c.size
+            ))),
+            Ok(Ok(Some(b))) => Ok(b),
+        };
+        let mut st = self.state();
+        st.inflight.remove(&c.digest);
+        if let Ok(b) = &res {
+            if b.len() <= self.capacity && st.chunks.put(c.digest, b.clone()).is_none() {
+                st.bytes += b.len();
+            }
+            while st.bytes > self.capacity {
+                match st.chunks.pop_lru() {
+                    Some((_, old)) => st.bytes -= old.len(),
+                    None => break,
+                }
+            }
+        }
+        res
+    }
+
+    /// The chunk list of a blob of known size.
+    pub async fn layout(&self, blob: &B3Digest, size: u64) -> Result<Arc<Layout>, FetchError> {
+        if size == 0 {
+            return Ok(Arc::new(Layout::new(BlobMeta {
+                size: 0,
+                chunks: vec![],
+            })));
+        }
+        if size <= self.single_chunk_max {
+            return Ok(Arc::new(Layout::new(BlobMeta {
+                size,
+                chunks: vec![ChunkRef {
+                    digest: *blob,
+                    size,
+                }],
+            })));
+        }
+        if let Some(l) = self.state().layouts.get(blob) {
+            return Ok(l.clone());
+        }
+        let meta = match tokio::time::timeout(self.deadline, self.blobs.stat(blob)).await {
+            Err(_) => Err(StoreError::Timeout {
+                what: format!("stat of blob {blob}"),
+                secs: self.deadline.as_secs_f64(),
+            }),
+            Ok(Ok(None)) => Err(StoreError::not_found("blob", blob)),
+            Ok(r) => r.map(|m| {
+                m.unwrap_or(BlobMeta {
+                    size: 0,
+                    chunks: vec![],
+                })
+            }),
+        }
+        .map_err(|e| FetchError::new(format!("blob {blob}: {e}")))?;
+        if meta.size != size {
+            return Err(FetchError::new(format!(
+                "blob {blob} is {} bytes, its directory entry says {size}",
+                meta.size
+            )));
+        }
+        let layout = Arc::new(Layout::new(meta));
+        self.state().layouts.put(*blob, layout.clone());
+        Ok(layout)
+    }
+
+    /// Up to `len` bytes at `offset` of a blob (fewer at its end).
+    pub async fn read(
+        self: &Arc<Self>,
+        layout: &Layout,
+        offset: u64,
+        len: usize,
+    ) -> Result<Bytes, FetchError> {
+        let size = layout.size();
+        if offset >= size || len == 0 {
+            return Ok(Bytes::new());
+        }
+        let end = size.min(offset.saturating_add(len as u64));
+        let first = layout.chunk_at(offset);
+        let last = layout.chunk_at(end - 1);
+        if first == last {
+            let part = self.chunk(layout.chunks[first]).await?;
+            let s = (offset - layout.starts[first]) as usize;
+            return Ok(part.slice(s..s + (end - offset) as usize));
+        }
+        let parts: Vec<Bytes> = stream::iter(first..=last)
+            .map(|i| self.chunk(layout.chunks[i]))
+            .buffered(READ_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut out = BytesMut::with_capacity((end - offset) as usize);
+        for (k, part) in parts.iter().enumerate() {
+            let cs = layout.starts[first + k];
+            let from = offset.saturating_sub(cs) as usize;
+            let to = ((end - cs) as usize).min(part.len());
+            out.extend_from_slice(&part[from..to]);
+        }
+        Ok(out.freeze())
+    }
+
+    /// Starts fetching the chunks that follow byte `from`, in the background, without waiting
+    /// and without piling up: when enough prefetches are running, this does nothing.
+    pub fn prefetch(self: &Arc<Self>, layout: Arc<Layout>, from: u64) {
+        if from >= layout.size() {
+            return;
+        }
+        let Ok(permit) = self.prefetching.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let first = layout.chunk_at(from);
+            let end = from.saturating_add(PREFETCH_BYTES);
+            let wanted: Vec<ChunkRef> = (first..layout.chunks.len())
+                .take_while(|&i| layout.starts[i] < end)
+                .map(|i| layout.chunks[i])
+                .filter(|c| {
+                    let st = this.state();
+                    !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest)
+                })
+                .collect();
+            // Errors are logged by the fetch and reported to the read that needs the chunk.
+            stream::iter(wanted)
+                .for_each_concurrent(READ_CONCURRENCY, |c| {
+                    let this = this.clone();
+                    async move {
+                        let _ = this.chunk(c).await;
+                    }
+                })
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::StoreConfig;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A blob service that counts chunk reads and can be slowed down.
+    struct Counting {
+        inner: Arc<dyn BlobService>,
+        reads: AtomicUsize,
+        delay: Duration,
+    }
+
+    #[async_trait::async_trait]
+    impl BlobService for Counting {
+        async fn stat(&self, b: &B3Digest) -> crate::store::Result<Option<BlobMeta>> {
+            self.inner.stat(b).await
+        }
+        async fn read_chunk(&self, c: &B3Digest) -> crate::store::Result<Option<Bytes>> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(self.delay).await;
+            self.inner.read_chunk(c).await
+        }
+        async fn has_chunk(&self, c: &B3Digest) -> crate::store::Result<bool> {
+            self.inner.has_chunk(c).await
+        }
+        async fn put_chunk(&self, d: B3Digest, data: Bytes) -> crate::store::Result<()> {
+            self.inner.put_chunk(d, data).await
+        }
+        async fn put_blob_index(
+            &self,
+            b: B3Digest,
+            i: &crate::castore::BlobIndex,
+        ) -> crate::store::Result<()> {
+            self.inner.put_blob_index(b, i).await
+        }
+    }
+
+    async fn setup(delay: Duration, n: usize) -> (Arc<Counting>, Vec<ChunkRef>) {
+        let store = MemoryStore::new_store("memory://", StoreConfig::default());
+        let mut refs = Vec::new();
+        for i in 0..n {
+            let data = Bytes::from(vec![i as u8; 1000 + i]);
+            let d = B3Digest::of(&data);
+            store.blobs.put_chunk(d, data.clone()).await.unwrap();
+            refs.push(ChunkRef {
+                digest: d,
+                size: data.len() as u64,
+            });
+        }
+        let c = Arc::new(Counting {
+            inner: store.blobs.clone(),
+            reads: AtomicUsize::new(0),
+            delay,
+        });
+        (c, refs)
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_share_one_fetch() {
+        let (svc, refs) = setup(Duration::from_millis(50), 1).await;
+        let cache = ChunkCache::new(svc.clone(), 1 << 20, Duration::from_secs(5), 0);
+        let all = futures::future::join_all((0..10).map(|_| cache.chunk(refs[0]))).await;
+        assert!(all.iter().all(|r| r.as_ref().unwrap().len() == 1000));
+        assert_eq!(svc.reads.load(Ordering::SeqCst), 1);
+        cache.chunk(refs[0]).await.unwrap();
+        assert_eq!(
+            svc.reads.load(Ordering::SeqCst),
+            1,
+            "second read from cache"
+        );
+    }
+
+    #[tokio::test]
+    async fn cache_is_bounded_in_bytes() {
+        let (svc, refs) = setup(Duration::ZERO, 10).await;
+        let cache = ChunkCache::new(svc.clone(), 3000, Duration::from_secs(5), 0);
+        for r in &refs {
+            cache.chunk(*r).await.unwrap();
+        }
+        assert!(cache.cached_bytes() <= 3000, "{}", cache.cached_bytes());
+        assert!(cache.cached_bytes() > 0);
+    }
+
+    #[tokio::test]
+    async fn slow_backend_times_out_then_recovers() {
+        let (svc, refs) = setup(Duration::from_millis(300), 1).await;
+        let cache = ChunkCache::new(svc.clone(), 1 << 20, Duration::from_millis(50), 0);
+        let e = cache.chunk(refs[0]).await.unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        let cache = ChunkCache::new(svc, 1 << 20, Duration::from_secs(5), 0);
+        assert!(cache.chunk(refs[0]).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn wrong_length_is_an_error() {
+        let (svc, refs) = setup(Duration::ZERO, 1).await;
+        let cache = ChunkCache::new(svc, 1 << 20, Duration::from_secs(5), 0);
+        let mut bad = refs[0];
+        bad.size += 1;
+        assert!(cache.chunk(bad).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn reads_across_chunk_boundaries() {
+        let (svc, refs) = setup(Duration::ZERO, 5).await;
+        let cache = ChunkCache::new(svc, 1 << 20, Duration::from_secs(5), 0);
+        let meta = BlobMeta {
+            size: refs.iter().map(|r| r.size).sum(),
+            chunks: refs.clone(),
+        };
+        let mut whole = Vec::new();
+        for (i, r) in refs.iter().enumerate() {
+            whole.extend(std::iter::repeat_n(i as u8, r.size as usize));
+        }
+        let layout = Layout::new(meta);
+        for (off, len) in [(0, 10), (995, 20), (0, 100_000), (1500, 2500), (5005, 10)] {
+            let got = cache.read(&layout, off, len).await.unwrap();
+            let end = (off as usize + len).min(whole.len());
+            let want = if off as usize >= whole.len() {
+                &[][..]
+            } else {
+                &whole[off as usize..end]
+            };
+            assert_eq!(&got[..], want, "offset {off} len {len}");
+        }
+    }
+}

@@ -1,0 +1,1099 @@
+//! The read-only FUSE filesystem over a store (DESIGN.md §4).
+//!
+//! The glue is thin: each `Filesystem` method builds one future over plain code — the
+//! [`inode`] table for metadata, the [`chunk_cache`] for content — and replies once. The future
+//! is polled once on the FUSE thread (answers from memory cost no hand-off); if it has to wait
+//! for the store it moves to the tokio runtime and replies from there, so no FUSE thread ever
+//! blocks on I/O. Every backend call has a deadline, and every failure is `EIO` for that request
+//! only. Nothing here writes: every modifying operation is `EROFS`.
+
+pub mod chunk_cache;
+pub mod inode;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::future::Future;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::Context;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
+};
+use futures::stream::{self, StreamExt};
+use lru::LruCache;
+
+use crate::castore::{validate_root_name, B3Digest, Node};
+use crate::store::{Store, StoreError};
+use chunk_cache::{ChunkCache, Layout};
+use inode::{DirView, Inode, InodeTable, Kind, ROOT_INO};
+
+/// The xattr holding a file's blob digest or a directory's digest (hex).
+pub const XATTR_DIGEST: &str = "user.granary.digest";
+/// The xattr on the mount root holding the number of live inodes (for tests and debugging).
+pub const XATTR_INODES: &str = "user.granary.inodes";
+
+/// How long the kernel may cache entries and attributes of stored trees: they never change.
+const TREE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Named roots can be added or replaced while mounted, so the top level is cached briefly.
+const TOP_TTL: Duration = Duration::from_secs(1);
+/// Child directories loaded at once for readdirplus.
+const DIR_CONCURRENCY: usize = 32;
+/// Bytes of decoded directories kept beyond the live inodes that hold them.
+const DIR_CACHE_BYTES: usize = 64 << 20;
+
+/// What the mount's top level shows.
+#[derive(Debug, Clone)]
+pub enum Top {
+    /// The store's named roots; `listable: false` refuses to list them (lookups still work).
+    Roots { listable: bool },
+    /// One stored directory.
+    Tree(Node),
+}
+
+/// Settings of one mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    pub top: Top,
+    /// Kernel channels served by their own thread each.
+    pub threads: usize,
+    /// Bytes of verified chunks kept in memory.
+    pub cache_size: usize,
+    pub allow_other: bool,
+    /// Deadline of every backend call.
+    pub deadline: Duration,
+    /// Reads answered at once; the kernel's background queue is raised to match.
+    pub max_reads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        Self {
+            top: Top::Roots { listable: true },
+            threads: 4,
+            cache_size: 256 << 20,
+            allow_other: false,
+            deadline: Duration::from_secs(60),
+            max_reads: 64,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("{0}")]
+    Store(#[from] StoreError),
+    #[error("mount root must be a directory, {0} is not")]
+    NotDirectory(String),
+    #[error("mounting at {path}: {source}")]
+    Mount {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A snapshot of the top level: root names and what they point at.
+type RootListing = Arc<Vec<(Bytes, Node)>>;
+
+/// A file opened for reading.
+struct OpenFile {
+    digest: B3Digest,
+    size: u64,
+    layout: tokio::sync::OnceCell<Arc<Layout>>,
+    /// Where the previous read ended, to detect sequential access.
+    next: AtomicU64,
+}
+
+struct Inner {
+    store: Store,
+    rt: tokio::runtime::Handle,
+    table: Mutex<InodeTable>,
+    chunks: Arc<ChunkCache>,
+    dirs: Mutex<(LruCache<B3Digest, Arc<DirView>>, usize)>,
+    reads: Arc<tokio::sync::Semaphore>,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// Snapshots of the top-level listing, one per open handle.
+    listings: Mutex<HashMap<u64, RootListing>>,
+    next_fh: AtomicU64,
+    deadline: Duration,
+    listable: bool,
+    /// The top level lists named roots (rather than showing one tree).
+    roots_top: bool,
+    uid: u32,
+    gid: u32,
+}
+
+/// The filesystem handed to fuser.
+pub struct GranaryFs {
+    inner: Arc<Inner>,
+    max_reads: usize,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every update under these locks is a single step, so a poisoned lock holds sound data.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Logs a backend failure and gives the errno the kernel sees.
+fn eio(what: &str, e: impl std::fmt::Display) -> Errno {
+    tracing::error!("{what}: {e}");
+    Errno::EIO
+}
+
+/// Runs a request's future: polled once here, and if it must wait, finished on the runtime.
+fn dispatch(rt: &tokio::runtime::Handle, fut: impl Future<Output = ()> + Send + 'static) {
+    let _guard = rt.enter();
+    let mut fut = Box::pin(fut);
+    let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+    if fut.as_mut().poll(&mut cx).is_pending() {
+        rt.spawn(fut);
+    }
+}
+
+impl Inner {
+    async fn deadline<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        fut: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, Errno> {
+        match tokio::time::timeout(self.deadline, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(eio(&what(), e)),
+            Err(_) => Err(eio(
+                &what(),
+                format!("timed out after {:.1}s", self.deadline.as_secs_f64()),
+            )),
+        }
+    }
+
+    /// The listing of a stored directory, from the cache or the store.
+    async fn dir_view(&self, digest: B3Digest) -> Result<Arc<DirView>, Errno> {
+        if let Some(v) = lock(&self.dirs).0.get(&digest) {
+            return Ok(v.clone());
+        }
+        let what = || format!("directory {digest}");
+        let dir = self
+            .deadline(what, self.store.dirs.get(&digest))
+            .await?
+            .ok_or_else(|| eio(&what(), "missing from the store"))?;
+        let view = Arc::new(DirView::new(digest, &dir).map_err(|e| eio(&what(), e))?);
+        let mut guard = lock(&self.dirs);
+        let (cache, bytes) = &mut *guard;
+        if cache.put(digest, view.clone()).is_none() {
+            *bytes += view.weight();
+        }
+        while *bytes > DIR_CACHE_BYTES {
+            match cache.pop_lru() {
+                Some((_, old)) => *bytes -= old.weight(),
+                None => break,
+            }
+        }
+        Ok(view)
+    }
+
+    async fn view_of(&self, node: &Node) -> Result<Option<Arc<DirView>>, Errno> {
+        match node {
+            Node::Directory { digest, .. } => Ok(Some(self.dir_view(*digest).await?)),
+            _ => Ok(None),
+        }
+    }
+
+    fn attr(&self, ino: u64, inode: &Inode) -> FileAttr {
+        let (kind, perm, size, nlink) = match &inode.kind {
+            Kind::Roots => (
+                FileType::Directory,
+                if self.listable { 0o555 } else { 0o111 },
+                0,
+                2,
+            ),
+            Kind::Node(Node::Directory { .. }) => {
+                let (entries, subdirs) = inode
+                    .dir
+                    .as_ref()
+                    .map_or((0, 0), |(v, _)| (v.entries.len() as u64, v.subdirs));
+                (
+                    FileType::Directory,
+                    0o555,
+                    entries,
+                    2u32.saturating_add(subdirs),
+                )
+            }
+            Kind::Node(Node::File {
+                size, executable, ..
+            }) => (
+                FileType::RegularFile,
+                if *executable { 0o555 } else { 0o444 },
+                *size,
+                1,
+            ),
+            Kind::Node(Node::Symlink { target }) => {
+                (FileType::Symlink, 0o777, target.len() as u64, 1)
+            }
+        };
+        let time = UNIX_EPOCH + Duration::from_secs(1);
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm,
+            nlink,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn ttl(&self, inode: &Inode) -> Duration {
+        let top_level = inode.parent == ROOT_INO && self.roots_top;
+        if top_level || matches!(inode.kind, Kind::Roots) {
+            TOP_TTL
+        } else {
+            TREE_TTL
+        }
+    }
+
+    /// Attributes of a live inode.
+    fn attr_of(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
+        let table = lock(&self.table);
+        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+        Ok((self.attr(ino, inode), self.ttl(inode)))
+    }
+
+    async fn lookup(&self, parent: u64, name: Bytes) -> Result<(FileAttr, Duration), Errno> {
+        enum Parent {
+            Roots,
+            Dir(Arc<DirView>),
+        }
+        let p = {
+            let table = lock(&self.table);
+            let inode = table.get(parent).ok_or(Errno::ENOENT)?;
+            match (&inode.kind, &inode.dir) {
+                (Kind::Roots, _) => Parent::Roots,
+                (_, Some((view, _))) => Parent::Dir(view.clone()),
+                _ => return Err(Errno::ENOTDIR),
+            }
+        };
+        match p {
+            Parent::Roots => {
+                let Ok(text) = std::str::from_utf8(&name) else {
+                    return Err(Errno::ENOENT);
+                };
+                if validate_root_name(text).is_err() {
+                    return Err(Errno::ENOENT);
+                }
+                let what = || format!("root {text:?}");
+                let rec = self
+                    .deadline(what, self.store.roots.get(text))
+                    .await?
+                    .ok_or(Errno::ENOENT)?;
+                let view = self.view_of(&rec.node).await?;
+                let mut table = lock(&self.table);
+                let ino = table.lookup_top(&name, rec.node, view);
+                let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+                Ok((self.attr(ino, inode), TOP_TTL))
+            }
+            Parent::Dir(pview) => {
+                let index = pview.find(&name).ok_or(Errno::ENOENT)?;
+                let view = self.view_of(&pview.entries[index].1).await?;
+                let mut table = lock(&self.table);
+                let ino = table
+                    .lookup_child(parent, index, view)
+                    .ok_or(Errno::ENOENT)?;
+                let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+                Ok((self.attr(ino, inode), self.ttl(inode)))
+            }
+        }
+    }
+
+    /// The top-level listing: every named root and what it points at.
+    async fn list_roots(&self) -> Result<Vec<(Bytes, Node)>, Errno> {
+        let names = self
+            .deadline(|| "listing roots".into(), self.store.roots.list())
+            .await?;
+        let recs: Vec<_> = stream::iter(names)
+            .map(|n| async move {
+                let what = || format!("root {n:?}");
+                let r = self.deadline(what, self.store.roots.get(&n)).await?;
+                Ok::<_, Errno>(r.map(|r| (Bytes::from(n.into_bytes()), r.node)))
+            })
+            .buffered(DIR_CONCURRENCY)
+            .collect()
+            .await;
+        // A root deleted between list and get is simply not shown.
+        recs.into_iter()
+            .filter_map(|r| r.transpose())
+            .collect::<Result<Vec<_>, Errno>>()
+    }
+
+    /// Entries of directory `ino` from position `offset` on: (offset of the next entry, name,
+    /// node, inode number if known, index in the parent's listing).
+    fn entries(&self, ino: u64, fh: u64) -> Result<Listing, Errno> {
+        let table = lock(&self.table);
+        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+        match (&inode.kind, &inode.dir) {
+            (Kind::Roots, _) => {
+                let l = lock(&self.listings).get(&fh).cloned().ok_or(Errno::EBADF)?;
+                Ok(Listing::Roots(l, inode.parent))
+            }
+            (_, Some((view, first))) => Ok(Listing::Dir(view.clone(), *first, inode.parent)),
+            _ => Err(Errno::ENOTDIR),
+        }
+    }
+
+    async fn open_file(&self, ino: u64) -> Result<u64, Errno> {
+        let (digest, size) = {
+            let table = lock(&self.table);
+            match &table.get(ino).ok_or(Errno::ENOENT)?.kind {
+                Kind::Node(Node::File { digest, size, .. }) => (*digest, *size),
+                Kind::Node(Node::Directory { .. }) | Kind::Roots => return Err(Errno::EISDIR),
+                Kind::Node(Node::Symlink { .. }) => return Err(Errno::ELOOP),
+            }
+        };
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        lock(&self.files).insert(
+            fh,
+            Arc::new(OpenFile {
+                digest,
+                size,
+                layout: tokio::sync::OnceCell::new(),
+                next: AtomicU64::new(u64::MAX),
+            }),
+        );
+        Ok(fh)
+    }
+
+    async fn read(&self, file: Arc<OpenFile>, offset: u64, size: u32) -> Result<Bytes, Errno> {
+        let _permit = self.reads.acquire().await.map_err(|_| Errno::EIO)?;
+        let layout = file
+            .layout
+            .get_or_try_init(|| self.chunks.layout(&file.digest, file.size))
+            .await
+            .map_err(|_| Errno::EIO)?
+            .clone();
+        let data = self
+            .chunks
+            .read(&layout, offset, size as usize)
+            .await
+            .map_err(|_| Errno::EIO)?;
+        let end = offset + data.len() as u64;
+        let prev = file.next.swap(end, Ordering::Relaxed);
+        if prev == offset && end < file.size {
+            self.chunks.prefetch(layout, end);
+        }
+        Ok(data)
+    }
+
+    fn xattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        let table = lock(&self.table);
+        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+        if name.as_bytes() == XATTR_DIGEST.as_bytes() {
+            if let Kind::Node(n) = &inode.kind {
+                if let Some(d) = n.digest() {
+                    return Ok(d.to_hex().into_bytes());
+                }
+            }
+        } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
+            return Ok(table.len().to_string().into_bytes());
+        }
+        Err(Errno::NO_XATTR)
+    }
+
+    fn xattr_names(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let table = lock(&self.table);
+        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+        let mut out = Vec::new();
+        if let Kind::Node(Node::Directory { .. } | Node::File { .. }) = &inode.kind {
+            out.extend_from_slice(XATTR_DIGEST.as_bytes());
+            out.push(0);
+        }
+        if ino == ROOT_INO {
+            out.extend_from_slice(XATTR_INODES.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+}
+
+enum Listing {
+    /// Top-level snapshot and the parent's inode.
+    Roots(RootListing, u64),
+    /// A directory's view, its children's first number, the parent's inode.
+    Dir(Arc<DirView>, u64, u64),
+}
+
+fn file_type(node: &Node) -> FileType {
+    match node {
+        Node::Directory { .. } => FileType::Directory,
+        Node::File { .. } => FileType::RegularFile,
+        Node::Symlink { .. } => FileType::Symlink,
+    }
+}
+
+/// Replies to an xattr request honouring the size protocol (0 asks for the length).
+fn reply_xattr(reply: ReplyXattr, size: u32, data: Result<Vec<u8>, Errno>) {
+    match data {
+        Err(e) => reply.error(e),
+        Ok(d) if size == 0 => reply.size(d.len() as u32),
+        Ok(d) if d.len() > size as usize => reply.error(Errno::ERANGE),
+        Ok(d) => reply.data(&d),
+    }
+}
+
+impl GranaryFs {
+    /// A filesystem over `store`; the top-level directory view (for `Top::Tree`) is loaded
+    /// here so that mount errors are reported before mounting.
+    pub async fn new(
+        store: Store,
+        opts: &MountOptions,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Self, MountError> {
+        let (kind, view, listable) = match &opts.top {
+            Top::Roots { listable } => (Kind::Roots, None, *listable),
+            Top::Tree(node @ Node::Directory { digest, .. }) => {
+                let dir = crate::tree::get_dir(&store, digest).await?;
+                let view = DirView::new(*digest, &dir).map_err(StoreError::from)?;
+                (Kind::Node(node.clone()), Some(Arc::new(view)), true)
+            }
+            Top::Tree(other) => {
+                return Err(MountError::NotDirectory(match other.digest() {
+                    Some(d) => format!("blob {d}"),
+                    None => "a symlink".into(),
+                }))
+            }
+        };
+        let chunks = ChunkCache::new(
+            store.blobs.clone(),
+            opts.cache_size,
+            opts.deadline,
+            u64::from(store.params().min),
+        );
+        // SAFETY: getuid/getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        let inner = Inner {
+            table: Mutex::new(InodeTable::new(kind, view)),
+            chunks,
+            dirs: Mutex::new((LruCache::unbounded(), 0)),
+            reads: Arc::new(tokio::sync::Semaphore::new(opts.max_reads.max(1))),
+            files: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            deadline: opts.deadline,
+            listable,
+            roots_top: matches!(opts.top, Top::Roots { .. }),
+            uid,
+            gid,
+            store,
+            rt,
+        };
+        Ok(Self {
+            inner: Arc::new(inner),
+            max_reads: opts.max_reads,
+        })
+    }
+
+    fn run(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        dispatch(&self.inner.rt, fut)
+    }
+}
+
+impl Filesystem for GranaryFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
+        for flag in [
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_ASYNC_READ,
+            InitFlags::FUSE_MAX_PAGES,
+            InitFlags::FUSE_SPLICE_WRITE,
+        ] {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!("kernel lacks {flag:?}");
+            }
+        }
+        let bg = u16::try_from(self.max_reads.clamp(16, 1024)).unwrap_or(1024);
+        let _ = config.set_max_background(bg);
+        let _ = config.set_congestion_threshold(bg * 3 / 4);
+        if let Err(max) = config.set_max_readahead(u32::MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.set_max_write(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let inner = self.inner.clone();
+        let name = Bytes::copy_from_slice(name.as_bytes());
+        self.run(async move {
+            match inner.lookup(parent.0, name).await {
+                Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        lock(&self.inner.table).forget(ino.0, nlookup);
+    }
+
+    // batch_forget: fuser's default calls `forget` for each inode (its `ForgetOne` type is
+    // not nameable outside the crate).
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inner.attr_of(ino.0) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let table = lock(&self.inner.table);
+        match table.get(ino.0).map(|i| &i.kind) {
+            Some(Kind::Node(Node::Symlink { target })) => reply.data(target),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        let inner = self.inner.clone();
+        self.run(async move {
+            match inner.open_file(ino.0).await {
+                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(file) = lock(&self.inner.files).get(&fh.0).cloned() else {
+            return reply.error(Errno::EBADF);
+        };
+        let inner = self.inner.clone();
+        self.run(async move {
+            match inner.read(file, offset, size).await {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.inner.files).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let is_roots = match lock(&self.inner.table).get(ino.0) {
+            None => return reply.error(Errno::ENOENT),
+            Some(i) if !i.is_dir() => return reply.error(Errno::ENOTDIR),
+            Some(i) => matches!(i.kind, Kind::Roots),
+        };
+        if !is_roots {
+            return reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            );
+        }
+        if !self.inner.listable {
+            return reply.error(Errno::EACCES);
+        }
+        let inner = self.inner.clone();
+        self.run(async move {
+            match inner.list_roots().await {
+                Ok(list) => {
+                    let fh = inner.next_fh.fetch_add(1, Ordering::Relaxed);
+                    lock(&inner.listings).insert(fh, Arc::new(list));
+                    reply.opened(FileHandle(fh), FopenFlags::empty());
+                }
+                Err(e) => reply.error(e),
+            }
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let listing = match self.inner.entries(ino.0, fh.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        // Offsets: 1 and 2 are "." and "..", entry i is at i + 3.
+        let (parent, n) = match &listing {
+            Listing::Roots(l, p) => (*p, l.len()),
+            Listing::Dir(v, _, p) => (*p, v.entries.len()),
+        };
+        if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
+            return reply.ok();
+        }
+        if offset < 2 && reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
+            return reply.ok();
+        }
+        let table = lock(&self.inner.table);
+        for i in (offset.saturating_sub(2) as usize)..n {
+            let (name, node, child) = match &listing {
+                Listing::Roots(l, _) => {
+                    let (name, node) = &l[i];
+                    // Roots not looked up yet have no number; any unused one will do.
+                    let child = table.top_ino(name).unwrap_or(u64::MAX - i as u64);
+                    (name, node, child)
+                }
+                Listing::Dir(v, first, _) => (&v.entries[i].0, &v.entries[i].1, first + i as u64),
+            };
+            if reply.add(
+                INodeNo(child),
+                i as u64 + 3,
+                file_type(node),
+                OsStr::from_bytes(name),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let listing = match self.inner.entries(ino.0, fh.0) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let inner = self.inner.clone();
+        self.run(async move {
+            let (parent, entries): (u64, &[(Bytes, Node)]) = match &listing {
+                Listing::Roots(l, p) => (*p, &l[..]),
+                Listing::Dir(v, _, p) => (*p, &v.entries[..]),
+            };
+            let start = offset.saturating_sub(2) as usize;
+            // A reply holds at most a few hundred entries; load the child directories those
+            // need (for their link counts) all at once.
+            let window: Vec<usize> = (start..entries.len().min(start + 512)).collect();
+            let views: Vec<Result<Option<Arc<DirView>>, Errno>> = stream::iter(window.clone())
+                .map(|i| {
+                    let inner = &inner;
+                    async move { inner.view_of(&entries[i].1).await }
+                })
+                .buffered(DIR_CONCURRENCY)
+                .collect()
+                .await;
+            let mut table = lock(&inner.table);
+            let self_attr = match table.get(ino.0) {
+                Some(i) => inner.attr(ino.0, i),
+                None => return reply.error(Errno::ENOENT),
+            };
+            if offset < 1 && reply.add(ino, 1, ".", &TREE_TTL, &self_attr, Generation(0)) {
+                return reply.ok();
+            }
+            if offset < 2 {
+                let pattr = table
+                    .get(parent)
+                    .map_or(self_attr, |i| inner.attr(parent, i));
+                if reply.add(INodeNo(parent), 2, "..", &TREE_TTL, &pattr, Generation(0)) {
+                    return reply.ok();
+                }
+            }
+            for (i, view) in window.into_iter().zip(views) {
+                let view = match view {
+                    Ok(v) => v,
+                    // Entries before a broken child are still served; the error comes with
+                    // the next call, which starts at that child.
+                    Err(e) if i == start => return reply.error(e),
+                    Err(_) => break,
+                };
+                let (name, node) = &entries[i];
+                let (child, ttl) = match &listing {
+                    Listing::Roots(..) => (table.lookup_top(name, node.clone(), view), TOP_TTL),
+                    Listing::Dir(..) => match table.lookup_child(ino.0, i, view) {
+                        Some(c) => (c, TREE_TTL),
+                        None => break,
+                    },
+                };
+                let Some(cinode) = table.get(child) else {
+                    break;
+                };
+                let attr = inner.attr(child, cinode);
+                if reply.add(
+                    INodeNo(child),
+                    i as u64 + 3,
+                    OsStr::from_bytes(name),
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                ) {
+                    // Not sent: the kernel holds no reference for it.
+                    table.forget(child, 1);
+                    break;
+                }
+            }
+            drop(table);
+            reply.ok();
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        lock(&self.inner.listings).remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let files = lock(&self.inner.table).len() as u64;
+        reply.statfs(0, 0, 0, files, 0, 4096, 255, 4096);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.inner.xattr(ino.0, name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.inner.xattr_names(ino.0));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        if lock(&self.inner.table).get(ino.0).is_none() {
+            reply.error(Errno::ENOENT)
+        } else if mask.contains(AccessFlags::W_OK) {
+            reply.error(Errno::EROFS)
+        } else {
+            reply.ok()
+        }
+    }
+
+    // Everything below would modify the tree: the mount is read-only.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<fuser::TimeOrNow>,
+        _mtime: Option<fuser::TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: fuser::RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: fuser::WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: fuser::ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: fuser::ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}
+
+/// A mounted filesystem, not yet serving.
+pub struct Mounted {
+    session: fuser::Session<GranaryFs>,
+    unmounter: fuser::SessionUnmounter,
+    pub mountpoint: PathBuf,
+}
+
+/// A handle that unmounts from another thread (e.g. a signal handler task).
+pub struct Unmounter(fuser::SessionUnmounter);
+
+impl Unmounter {
+    pub fn unmount(&mut self) -> io::Result<()> {
+        self.0.unmount()
+    }
+}
+
+/// Mounts `fs` at `mountpoint` (read-only, nosuid, nodev). Blocks for the kernel handshake.
+pub fn mount(fs: GranaryFs, mountpoint: &Path, opts: &MountOptions) -> Result<Mounted, MountError> {
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("granary".into()),
+        MountOption::Subtype("granary".into()),
+        MountOption::RO,
+        MountOption::NoSuid,
+        MountOption::NoDev,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    if opts.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let mut session =
+        fuser::Session::new(fs, mountpoint, &config).map_err(|source| MountError::Mount {
+            path: mountpoint.display().to_string(),
+            source,
+        })?;
+    let unmounter = session.unmount_callable();
+    Ok(Mounted {
+        session,
+        unmounter,
+        mountpoint: mountpoint.to_path_buf(),
+    })
+}
+
+impl Mounted {
+    /// Serves requests on the calling thread until unmounted. Returns the unmounter first
+    /// through `on_ready`, so the caller can stop the mount from elsewhere.
+    pub fn serve(self, on_ready: impl FnOnce(Unmounter)) -> io::Result<()> {
+        on_ready(Unmounter(self.unmounter));
+        let mp = self.mountpoint.clone();
+        // Large kernel read-ahead makes buffered reads arrive as large requests. The bdi is
+        // only known once mounted; writing it needs root and is best effort.
+        std::thread::spawn(move || {
+            if let Some(dev) = mount_device(&mp) {
+                let p = format!("/sys/class/bdi/{dev}/read_ahead_kb");
+                if let Err(e) = std::fs::write(&p, "1024") {
+                    tracing::debug!("cannot raise read-ahead at {p}: {e}");
+                }
+            }
+        });
+        self.session.run()
+    }
+}
+
+/// Decodes the octal escapes `/proc/self/mountinfo` uses in paths.
+fn unescape_mountinfo(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') as u32 * 64
+                + (b[i + 2] - b'0') as u32 * 8
+                + (b[i + 3] - b'0') as u32;
+            out.push(v as u8);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(OsStr::from_bytes(&out))
+}
+
+/// The `major:minor` of the mount at `path`, if `path` is a mount point.
+pub fn mount_device(path: &Path) -> Option<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    info.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() > 4 && unescape_mountinfo(f[4]) == path).then(|| f[2].to_string())
+    })
+}
+
+/// Whether `path` (absolute, canonical) is a mount point.
+pub fn is_mount_point(path: &Path) -> bool {
+    mount_device(path).is_some()
+}
+
+/// Lazily detaches the mount at `path` (`umount -l`); unprivileged, through `fusermount3 -uz`.
+pub fn detach(path: &Path) -> io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads nothing else.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let st = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(path)
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("fusermount3 -uz failed: {st}")))
+    }
+}
