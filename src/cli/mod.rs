@@ -16,6 +16,8 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod nar;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "granary",
@@ -74,6 +76,53 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// Import a NAR (FILE, or - for stdin) as the root named by a store path basename, with
+    /// its NAR size and sha256. Prints NAME, NAR size, sha256:<nix32> and the SRI hash.
+    ImportNar {
+        /// The NAR file, or - to read stdin.
+        file: String,
+        /// Store path basename to record the root as: <32 nix-base32 chars>-<name>.
+        #[arg(long, value_name = "STOREPATH_BASENAME")]
+        name: String,
+        /// Store paths this one refers to (basenames or /nix/store/... paths).
+        #[arg(long, num_args = 1.., value_name = "STOREPATH")]
+        references: Vec<String>,
+        /// The derivation that built it (basename or full path).
+        #[arg(long, value_name = "STOREPATH")]
+        deriver: Option<String>,
+        /// A signature (`keyname:base64`), repeatable.
+        #[arg(long = "sig", value_name = "SIG")]
+        signatures: Vec<String>,
+        /// Content address, as Nix writes it (e.g. fixed:r:sha256:...).
+        #[arg(long)]
+        ca: Option<String>,
+        /// Refuse the NAR unless its sha256 is this (nix32, hex, base64 or SRI).
+        #[arg(long, value_name = "HASH")]
+        nar_hash: Option<String>,
+    },
+    /// Write ROOT as a NAR (byte-identical to `nix-store --dump`) to stdout or FILE. If the
+    /// root records a NAR hash, the output is checked against it.
+    ExportNar {
+        root: String,
+        /// Write to FILE (atomically, only if complete and checked) instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Import every <hash>-<name> entry of a Nix-store-like directory as a root with its NAR
+    /// hash and references (to other entries); other entries are reported and skipped.
+    ImportStore {
+        dir: PathBuf,
+        /// Store paths imported at once (default: number of cores).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Print the .narinfo of a root that carries Nix metadata.
+    Narinfo {
+        root: String,
+        /// Store directory for the StorePath line.
+        #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+        store_dir: String,
     },
 }
 
@@ -157,7 +206,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!("{}: already exists; export needs a new path", dest.display());
+                bail!(
+                    "{}: already exists; export needs a new path",
+                    dest.display()
+                );
             }
             tree::export(&store, &node, &dest)
                 .await
@@ -165,6 +217,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => cmd_info(&store, json).await,
+        Command::ImportNar {
+            file,
+            name,
+            references,
+            deriver,
+            signatures,
+            ca,
+            nar_hash,
+        } => {
+            let args = nar::NixArgs {
+                references,
+                deriver,
+                signatures,
+                ca,
+                nar_hash,
+            };
+            nar::cmd_import_nar(&store, &file, &name, args).await
+        }
+        Command::ExportNar { root, output } => {
+            nar::cmd_export_nar(&store, &root, output.as_deref()).await
+        }
+        Command::ImportStore { dir, jobs } => nar::cmd_import_store(&store, &dir, jobs).await,
+        Command::Narinfo { root, store_dir } => nar::cmd_narinfo(&store, &root, &store_dir).await,
     }
 }
 
@@ -216,9 +291,11 @@ async fn cmd_import(
     for p in paths {
         names.push(match (&name, named) {
             (Some(n), _) => Some(n.clone()),
-            (None, true) => Some(import::default_root_name(p).with_context(|| {
-                format!("{}: basename is not a valid root name", p.display())
-            })?),
+            (None, true) => {
+                Some(import::default_root_name(p).with_context(|| {
+                    format!("{}: basename is not a valid root name", p.display())
+                })?)
+            }
             _ => None,
         });
     }
@@ -266,7 +343,11 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
+            if *executable {
+                "r-xr-xr-x"
+            } else {
+                "r--r--r--"
+            },
             *size,
             digest.to_hex(),
         ),

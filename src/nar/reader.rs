@@ -1,0 +1,463 @@
+//! Streaming NAR reader: parses a NAR from any `AsyncRead` straight into the store.
+//!
+//! File contents go through the [`Chunker`] and into `put_chunk` as they arrive, so memory is
+//! bounded by the chunker and the puts in flight, not by the NAR. Directories are put when
+//! their closing `)` is read, so children are always stored before their parent. Every
+//! length field is checked against its bound before anything is allocated for it, and a
+//! problem is reported with the byte offset of the item that is wrong. This module records
+//! no roots: the caller does that once the whole NAR has been accepted.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::task::JoinHandle;
+
+use super::{padding, NarError, NarHash, MAGIC, MAX_KEYWORD_LEN};
+use crate::castore::{
+    proto::blob_index, validate_name, B3Digest, BlobIndex, Directory, DirectoryEntry, FileEntry,
+    Node, SymlinkEntry, MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
+};
+use crate::chunking::Chunker;
+use crate::store::{Store, StoreError};
+
+/// What a NAR import produced: the top node and the NAR's size and SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NarImport {
+    pub node: Node,
+    pub nar_size: u64,
+    pub nar_sha256: NarHash,
+}
+
+/// Chunk puts kept in flight while a file streams in.
+const PUTS_IN_FLIGHT: usize = 8;
+
+/// The input side: counts and hashes every byte consumed.
+struct Input<R> {
+    r: R,
+    offset: u64,
+    sha: Sha256,
+}
+
+impl<R: AsyncBufRead + Unpin> Input<R> {
+    fn truncated(&self, what: &str) -> NarError {
+        NarError::invalid(self.offset, format!("truncated: ends inside {what}"))
+    }
+
+    /// Calls `f` on the next `n` bytes as they arrive, in pieces.
+    async fn take(
+        &mut self,
+        mut n: u64,
+        what: &str,
+        mut f: impl FnMut(&[u8]),
+    ) -> Result<(), NarError> {
+        while n > 0 {
+            let buf = self.r.fill_buf().await.map_err(|e| NarError::Read {
+                offset: self.offset,
+                source: e,
+            })?;
+            if buf.is_empty() {
+                return Err(self.truncated(what));
+            }
+            let k = buf.len().min(usize::try_from(n).unwrap_or(usize::MAX));
+            self.sha.update(&buf[..k]);
+            f(&buf[..k]);
+            self.r.consume(k);
+            self.offset += k as u64;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    async fn read_u64(&mut self, what: &str) -> Result<u64, NarError> {
+        let mut b = [0u8; 8];
+        let mut at = 0;
+        self.take(8, what, |p| {
+            b[at..at + p.len()].copy_from_slice(p);
+            at += p.len();
+        })
+        .await?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    async fn read_padding(&mut self, len: u64, what: &str) -> Result<(), NarError> {
+        let start = self.offset;
+        let mut nonzero = false;
+        self.take(padding(len) as u64, what, |p| {
+            nonzero |= p.iter().any(|&b| b != 0);
+        })
+        .await?;
+        if nonzero {
+            return Err(NarError::invalid(
+                start,
+                format!("non-zero padding after {what}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Reads a string of at most `max` bytes; the bound is checked before allocating.
+    async fn read_str(&mut self, max: u64, what: &str) -> Result<Vec<u8>, NarError> {
+        let start = self.offset;
+        let len = self.read_u64(what).await?;
+        if len > max {
+            return Err(NarError::invalid(
+                start,
+                format!("{what} is {len} bytes long, over the limit of {max}"),
+            ));
+        }
+        // len <= max, and every max is small.
+        let mut v = Vec::with_capacity(len as usize);
+        self.take(len, what, |p| v.extend_from_slice(p)).await?;
+        self.read_padding(len, what).await?;
+        Ok(v)
+    }
+
+    /// Reads a keyword and checks it is `want`.
+    async fn expect(&mut self, want: &[u8]) -> Result<(), NarError> {
+        let start = self.offset;
+        let what = format!("{:?}", String::from_utf8_lossy(want));
+        let got = self.read_str(MAX_KEYWORD_LEN, &what).await?;
+        if got != want {
+            return Err(NarError::invalid(
+                start,
+                format!("expected {what}, found {:?}", String::from_utf8_lossy(&got)),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn keyword(&mut self, what: &str) -> Result<(u64, Vec<u8>), NarError> {
+        let start = self.offset;
+        Ok((start, self.read_str(MAX_KEYWORD_LEN, what).await?))
+    }
+
+    /// Checks that the input ends here.
+    async fn expect_eof(&mut self) -> Result<(), NarError> {
+        let buf = self.r.fill_buf().await.map_err(|e| NarError::Read {
+            offset: self.offset,
+            source: e,
+        })?;
+        if !buf.is_empty() {
+            return Err(NarError::invalid(
+                self.offset,
+                "trailing bytes after the NAR",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// A directory being read: its entries so far and the entry whose node is being read.
+struct Frame {
+    dir: Directory,
+    /// Name of the previous entry, for the sort check.
+    last: Option<Bytes>,
+    /// Name of the entry whose node is being read.
+    current: Option<Bytes>,
+    /// Rough encoded size, to refuse a directory the store would refuse, before holding it.
+    encoded: usize,
+}
+
+/// Reads a NAR from `input` into `store` and returns the top node with the NAR's size and hash.
+/// On error, chunks and directories already written stay (unreferenced); no root is touched.
+pub async fn import_nar<R: AsyncRead + Unpin>(
+    store: &Store,
+    input: R,
+) -> Result<NarImport, NarError> {
+    let mut inp = Input {
+        r: BufReader::with_capacity(1 << 20, input),
+        offset: 0,
+        sha: Sha256::new(),
+    };
+    let start = inp.offset;
+    let magic = inp.read_str(MAX_KEYWORD_LEN, "magic").await.map_err(|e| {
+        // A wrong magic is the likely mistake: say so plainly rather than "too long".
+        match e {
+            NarError::Invalid { reason, .. } if reason.contains("over the limit") => {
+                NarError::invalid(start, "not a NAR (bad magic)")
+            }
+            other => other,
+        }
+    })?;
+    if magic != MAGIC {
+        return Err(NarError::invalid(
+            start,
+            format!(
+                "not a NAR: magic is {:?}, want \"nix-archive-1\"",
+                String::from_utf8_lossy(&magic)
+            ),
+        ));
+    }
+
+    let mut stack: Vec<Frame> = Vec::new();
+    let top = 'outer: loop {
+        // A node starts here.
+        inp.expect(b"(").await?;
+        inp.expect(b"type").await?;
+        let (at, kind) = inp.keyword("node type").await?;
+        let mut done: Option<Node> = match &kind[..] {
+            b"regular" => Some(read_regular(store, &mut inp).await?),
+            b"symlink" => {
+                inp.expect(b"target").await?;
+                let t_at = inp.offset;
+                let target = inp
+                    .read_str(MAX_TARGET_LEN as u64, "symlink target")
+                    .await?;
+                if target.is_empty() {
+                    return Err(NarError::invalid(t_at, "empty symlink target"));
+                }
+                if target.contains(&0) {
+                    return Err(NarError::invalid(t_at, "symlink target contains NUL"));
+                }
+                inp.expect(b")").await?;
+                Some(Node::Symlink {
+                    target: Bytes::from(target),
+                })
+            }
+            b"directory" => {
+                stack.push(Frame {
+                    dir: Directory::default(),
+                    last: None,
+                    current: None,
+                    encoded: 0,
+                });
+                None
+            }
+            other => {
+                return Err(NarError::invalid(
+                    at,
+                    format!("unknown node type {:?}", String::from_utf8_lossy(other)),
+                ))
+            }
+        };
+        // Attach finished nodes to their parents and close directories until the next node.
+        loop {
+            if let Some(node) = done.take() {
+                let Some(parent) = stack.last_mut() else {
+                    break 'outer node;
+                };
+                let name = parent.current.take().ok_or_else(|| {
+                    NarError::Task("internal: a finished node has no entry name".into())
+                })?;
+                parent.encoded += name.len() + 64;
+                if parent.encoded > MAX_DIRECTORY_BYTES {
+                    return Err(NarError::invalid(
+                        inp.offset,
+                        "directory has too many entries for the store",
+                    ));
+                }
+                add_entry(&mut parent.dir, name, node);
+                // Closes the "entry (".
+                inp.expect(b")").await?;
+            }
+            let (at, tok) = inp.keyword("directory entry").await?;
+            match &tok[..] {
+                b")" => {
+                    let Some(frame) = stack.pop() else {
+                        return Err(NarError::Task("internal: directory stack empty".into()));
+                    };
+                    let size = frame
+                        .dir
+                        .size()
+                        .map_err(|e| NarError::invalid(at, e.to_string()))?;
+                    let digest = store
+                        .dirs
+                        .put(&frame.dir)
+                        .await
+                        .map_err(|e| NarError::Store {
+                            offset: at,
+                            source: e,
+                        })?;
+                    done = Some(Node::Directory { digest, size });
+                }
+                b"entry" => {
+                    inp.expect(b"(").await?;
+                    inp.expect(b"name").await?;
+                    let name_at = inp.offset;
+                    let name = inp.read_str(MAX_NAME_LEN as u64, "entry name").await?;
+                    validate_name(&name).map_err(|e| NarError::invalid(name_at, e.to_string()))?;
+                    let Some(frame) = stack.last_mut() else {
+                        return Err(NarError::Task("internal: entry outside a directory".into()));
+                    };
+                    if let Some(prev) = &frame.last {
+                        if prev[..] >= name[..] {
+                            let why = if prev[..] == name[..] {
+                                "duplicate entry"
+                            } else {
+                                "entries not sorted"
+                            };
+                            return Err(NarError::invalid(
+                                name_at,
+                                format!(
+                                    "{why}: {:?} after {:?}",
+                                    String::from_utf8_lossy(&name),
+                                    String::from_utf8_lossy(prev)
+                                ),
+                            ));
+                        }
+                    }
+                    let name = Bytes::from(name);
+                    frame.last = Some(name.clone());
+                    frame.current = Some(name);
+                    inp.expect(b"node").await?;
+                    continue 'outer;
+                }
+                other => {
+                    return Err(NarError::invalid(
+                        at,
+                        format!(
+                            "expected \"entry\" or \")\", found {:?}",
+                            String::from_utf8_lossy(other)
+                        ),
+                    ))
+                }
+            }
+        }
+    };
+    inp.expect_eof().await?;
+    let nar_size = inp.offset;
+    let nar_sha256 = NarHash(inp.sha.finalize().into());
+    Ok(NarImport {
+        node: top,
+        nar_size,
+        nar_sha256,
+    })
+}
+
+fn add_entry(dir: &mut Directory, name: Bytes, node: Node) {
+    match node {
+        Node::Directory { digest, size } => dir.directories.push(DirectoryEntry {
+            name,
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size,
+        }),
+        Node::File {
+            digest,
+            size,
+            executable,
+        } => dir.files.push(FileEntry {
+            name,
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size,
+            executable,
+        }),
+        Node::Symlink { target } => dir.symlinks.push(SymlinkEntry { name, target }),
+    }
+}
+
+/// Reads the rest of a regular file node (after `"type" "regular"`) through its `)`.
+async fn read_regular<R: AsyncBufRead + Unpin>(
+    store: &Store,
+    inp: &mut Input<R>,
+) -> Result<Node, NarError> {
+    let (at, mut tok) = inp.keyword("regular file").await?;
+    let mut executable = false;
+    if tok == b"executable" {
+        executable = true;
+        let e_at = inp.offset;
+        let v = inp.read_str(0, "executable marker").await?;
+        if !v.is_empty() {
+            return Err(NarError::invalid(e_at, "executable marker is not empty"));
+        }
+        tok = inp.keyword("regular file").await?.1;
+    }
+    if tok != b"contents" {
+        return Err(NarError::invalid(
+            at,
+            format!(
+                "expected \"contents\", found {:?}",
+                String::from_utf8_lossy(&tok)
+            ),
+        ));
+    }
+    let len_at = inp.offset;
+    let len = inp.read_u64("file length").await?;
+    let (digest, size) = stream_contents(store, inp, len, len_at).await?;
+    inp.read_padding(len, "file contents").await?;
+    inp.expect(b")").await?;
+    Ok(Node::File {
+        digest,
+        size,
+        executable,
+    })
+}
+
+/// Streams `len` bytes of file contents through the chunker into the store.
+async fn stream_contents<R: AsyncBufRead + Unpin>(
+    store: &Store,
+    inp: &mut Input<R>,
+    len: u64,
+    at: u64,
+) -> Result<(B3Digest, u64), NarError> {
+    let mut chunker = Chunker::new(store.params());
+    let mut whole = blake3::Hasher::new();
+    let mut index: Vec<blob_index::Chunk> = Vec::new();
+    let mut in_flight: VecDeque<JoinHandle<Result<(), StoreError>>> = VecDeque::new();
+    let store_err = |e: StoreError| NarError::Store {
+        offset: at,
+        source: e,
+    };
+    let mut left = len;
+    while left > 0 {
+        // Feed the chunker at most one max-chunk at a time so its buffer stays bounded.
+        let step = left.min(store.params().max as u64);
+        inp.take(step, "file contents", |p| {
+            whole.update(p);
+            chunker.push(p);
+        })
+        .await?;
+        left -= step;
+        while let Some(chunk) = chunker.next_chunk() {
+            submit(store, chunk, &mut in_flight, &mut index);
+        }
+        while in_flight.len() > PUTS_IN_FLIGHT {
+            wait_one(&mut in_flight).await.map_err(store_err)?;
+        }
+    }
+    while let Some(chunk) = chunker.finish_chunk() {
+        submit(store, chunk, &mut in_flight, &mut index);
+    }
+    while !in_flight.is_empty() {
+        wait_one(&mut in_flight).await.map_err(store_err)?;
+    }
+    let digest = B3Digest::from(whole.finalize());
+    if index.len() > 1 {
+        let idx = BlobIndex {
+            chunks: index,
+            size: len,
+        };
+        store
+            .blobs
+            .put_blob_index(digest, &idx)
+            .await
+            .map_err(store_err)?;
+    }
+    Ok((digest, len))
+}
+
+fn submit(
+    store: &Store,
+    chunk: Bytes,
+    q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>,
+    index: &mut Vec<blob_index::Chunk>,
+) {
+    let digest = B3Digest::of(&chunk);
+    index.push(blob_index::Chunk {
+        digest: Bytes::copy_from_slice(digest.as_bytes()),
+        size: chunk.len() as u64,
+    });
+    let blobs = store.blobs.clone();
+    q.push_back(tokio::spawn(
+        async move { blobs.put_chunk(digest, chunk).await },
+    ));
+}
+
+async fn wait_one(q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>) -> Result<(), StoreError> {
+    if let Some(h) = q.pop_front() {
+        h.await
+            .map_err(|e| StoreError::Backend(format!("chunk put task failed: {e}")))??;
+    }
+    Ok(())
+}
