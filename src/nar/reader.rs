@@ -461,3 +461,237 @@ async fn wait_one(q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>) -> Resul
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nar::write_nar;
+
+    /// A NAR string, built independently of the writer.
+    fn s(b: &[u8]) -> Vec<u8> {
+        let mut v = (b.len() as u64).to_le_bytes().to_vec();
+        v.extend_from_slice(b);
+        v.resize(v.len() + (8 - b.len() % 8) % 8, 0);
+        v
+    }
+    fn cat(parts: &[&[u8]]) -> Vec<u8> {
+        parts.iter().flat_map(|p| s(p)).collect()
+    }
+    fn file(contents: &[u8], exec: bool) -> Vec<u8> {
+        let mut v = cat(&[b"(", b"type", b"regular"]);
+        if exec {
+            v.extend(cat(&[b"executable", b""]));
+        }
+        v.extend(cat(&[b"contents", contents, b")"]));
+        v
+    }
+    fn entry(name: &[u8], node: Vec<u8>) -> Vec<u8> {
+        let mut v = cat(&[b"entry", b"(", b"name", name, b"node"]);
+        v.extend(node);
+        v.extend(s(b")"));
+        v
+    }
+    fn dir(entries: Vec<Vec<u8>>) -> Vec<u8> {
+        let mut v = cat(&[b"(", b"type", b"directory"]);
+        for e in entries {
+            v.extend(e);
+        }
+        v.extend(s(b")"));
+        v
+    }
+    fn nar(node: Vec<u8>) -> Vec<u8> {
+        let mut v = s(MAGIC);
+        v.extend(node);
+        v
+    }
+    /// A small NAR with every kind of node, nesting and an executable.
+    fn sample() -> Vec<u8> {
+        nar(dir(vec![
+            entry(b"a", file(b"hello", false)),
+            entry(
+                b"bin",
+                dir(vec![entry(b"tool", file(b"#!/bin/sh\n", true))]),
+            ),
+            entry(b"empty", dir(vec![])),
+            entry(
+                b"link",
+                cat(&[b"(", b"type", b"symlink", b"target", b"../a", b")"]),
+            ),
+        ]))
+    }
+
+    async fn store() -> Store {
+        crate::store::open("memory://").await.unwrap()
+    }
+
+    async fn import(bytes: &[u8]) -> Result<NarImport, NarError> {
+        import_nar(&store().await, bytes).await
+    }
+
+    async fn bad(bytes: &[u8]) -> (u64, String) {
+        match import(bytes).await {
+            Err(NarError::Invalid { offset, reason }) => (offset, reason),
+            other => panic!("expected an invalid-NAR error, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn round_trips_byte_for_byte() {
+        let st = store().await;
+        let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        for input in [
+            sample(),
+            nar(file(b"", false)),
+            nar(file(b"x", true)),
+            nar(file(&big, false)),
+            nar(cat(&[b"(", b"type", b"symlink", b"target", b"/abs", b")"])),
+            nar(dir(vec![])),
+        ] {
+            let imp = import_nar(&st, &input[..]).await.unwrap();
+            assert_eq!(imp.nar_size, input.len() as u64);
+            let want: [u8; 32] = Sha256::digest(&input).into();
+            assert_eq!(imp.nar_sha256.0, want);
+            let mut out = Vec::new();
+            let sum = write_nar(&st, &imp.node, &mut out).await.unwrap();
+            assert!(out == input, "re-rendered NAR differs");
+            assert_eq!(
+                (sum.nar_size, sum.nar_sha256),
+                (imp.nar_size, imp.nar_sha256)
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn every_truncation_is_an_error() {
+        let input = sample();
+        for n in 0..input.len() {
+            let (offset, reason) = bad(&input[..n]).await;
+            assert!(reason.starts_with("truncated"), "cut at {n}: {reason}");
+            assert_eq!(offset, n as u64, "cut at {n}");
+        }
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_nars_with_offsets() {
+        // Wrong magic, same length and too long.
+        let mut m = sample();
+        m[8] = b'N';
+        assert_eq!(bad(&m).await.0, 0);
+        assert!(bad(&nar(file(b"", false))[8..]).await.1.contains("magic"));
+        // Non-zero padding after the 13-byte magic.
+        let mut p = sample();
+        p[8 + 13] = 1;
+        let (off, why) = bad(&p).await;
+        assert_eq!((off, why.as_str()), (21, "non-zero padding after magic"));
+        // Unsorted and duplicate entries.
+        let unsorted = nar(dir(vec![
+            entry(b"b", file(b"", false)),
+            entry(b"a", file(b"", false)),
+        ]));
+        assert!(bad(&unsorted).await.1.contains("not sorted"));
+        let dup = nar(dir(vec![
+            entry(b"a", file(b"", false)),
+            entry(b"a", dir(vec![])),
+        ]));
+        assert!(bad(&dup).await.1.contains("duplicate"));
+        // Names the model refuses.
+        for name in [&b".."[..], b".", b"a/b", b"a\0b", b"", &[b'x'; 256]] {
+            let n = nar(dir(vec![entry(name, file(b"", false))]));
+            bad(&n).await;
+        }
+        // Length fields of 2^62 for every kind of string: refused or truncated, never allocated.
+        let huge = (1u64 << 62).to_le_bytes();
+        let prefix_name = [
+            &s(MAGIC)[..],
+            &cat(&[b"(", b"type", b"directory", b"entry", b"(", b"name"]),
+        ]
+        .concat();
+        for prefix in [
+            Vec::new(),
+            s(MAGIC),
+            prefix_name,
+            [
+                &s(MAGIC)[..],
+                &cat(&[b"(", b"type", b"regular", b"contents"]),
+            ]
+            .concat(),
+            [&s(MAGIC)[..], &cat(&[b"(", b"type", b"symlink", b"target"])].concat(),
+        ] {
+            let mut v = prefix.clone();
+            v.extend_from_slice(&huge);
+            v.extend_from_slice(&[0u8; 64]);
+            let (off, _) = bad(&v).await;
+            assert!(off >= prefix.len() as u64);
+        }
+        // Other malformations.
+        for (input, want) in [
+            (
+                nar(cat(&[b"(", b"type", b"fifo", b")"])),
+                "unknown node type",
+            ),
+            (
+                nar(cat(&[
+                    b"(",
+                    b"type",
+                    b"regular",
+                    b"executable",
+                    b"x",
+                    b"contents",
+                    b"",
+                    b")",
+                ])),
+                "over the limit of 0",
+            ),
+            (
+                nar(cat(&[b"(", b"type", b"symlink", b"target", b"", b")"])),
+                "empty symlink",
+            ),
+            (
+                nar(cat(&[b"(", b"type", b"symlink", b"target", b"a\0", b")"])),
+                "NUL",
+            ),
+            ([sample(), vec![0]].concat(), "trailing bytes"),
+            (
+                nar(cat(&[b"(", b"type", b"regular", b")"])),
+                "expected \"contents\"",
+            ),
+            (
+                nar(cat(&[b"(", b"type", b"directory", b"entri"])),
+                "expected \"entry\"",
+            ),
+        ] {
+            let (_, why) = bad(&input).await;
+            assert!(why.contains(want), "{why:?} should contain {want:?}");
+        }
+        // Non-zero padding after file contents: offset is where the padding starts.
+        let mut f = nar(file(b"abc", false));
+        let at = f.len() - 16 - 5; // before the 16-byte ")" and within the 5 padding bytes
+        f[at] = 9;
+        assert_eq!(
+            bad(&f).await,
+            (at as u64, "non-zero padding after file contents".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn mutations_never_panic_and_accepted_ones_round_trip() {
+        let st = store().await;
+        let input = sample();
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        for _ in 0..3000 {
+            let mut m = input.clone();
+            for _ in 0..1 + (state % 3) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let i = (state % m.len() as u64) as usize;
+                m[i] = (state >> 40) as u8;
+            }
+            if let Ok(imp) = import_nar(&st, &m[..]).await {
+                let mut out = Vec::new();
+                write_nar(&st, &imp.node, &mut out).await.unwrap();
+                assert!(out == m, "an accepted NAR must render back identically");
+            }
+        }
+    }
+}
