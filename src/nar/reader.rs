@@ -30,8 +30,52 @@ pub struct NarImport {
     pub nar_sha256: NarHash,
 }
 
-/// Chunk puts kept in flight while a file streams in.
-const PUTS_IN_FLIGHT: usize = 8;
+/// Chunk puts kept in flight across the whole NAR (bounds memory to this many chunks). Puts
+/// are not awaited file by file: a store that syncs every object would otherwise make a NAR
+/// of many small files run at one fsync per file.
+const PUTS_IN_FLIGHT: usize = 64;
+
+type Put = JoinHandle<Result<(), StoreError>>;
+
+/// Store writes under way: chunk puts in order, each with the NAR offset it belongs to.
+struct Uploads {
+    chunks: VecDeque<(u64, Put)>,
+}
+
+impl Uploads {
+    fn submit(&mut self, store: &Store, at: u64, chunk: Bytes) -> B3Digest {
+        let digest = B3Digest::of(&chunk);
+        let blobs = store.blobs.clone();
+        self.chunks.push_back((
+            at,
+            tokio::spawn(async move { blobs.put_chunk(digest, chunk).await }),
+        ));
+        digest
+    }
+
+    async fn wait_one(&mut self) -> Result<(), NarError> {
+        if let Some((at, h)) = self.chunks.pop_front() {
+            join(at, h).await?;
+        }
+        Ok(())
+    }
+
+    async fn wait_all(&mut self) -> Result<(), NarError> {
+        while !self.chunks.is_empty() {
+            self.wait_one().await?;
+        }
+        Ok(())
+    }
+}
+
+async fn join<T>(at: u64, h: JoinHandle<Result<T, StoreError>>) -> Result<T, NarError> {
+    h.await
+        .map_err(|e| NarError::Task(format!("store write task failed: {e}")))?
+        .map_err(|e| NarError::Store {
+            offset: at,
+            source: e,
+        })
+}
 
 /// The input side: counts and hashes every byte consumed.
 struct Input<R> {
@@ -158,6 +202,8 @@ struct Frame {
     current: Option<Bytes>,
     /// Rough encoded size, to refuse a directory the store would refuse, before holding it.
     encoded: usize,
+    /// Puts of child directories under way; all must finish before this one is put.
+    child_puts: Vec<(u64, JoinHandle<Result<B3Digest, StoreError>>)>,
 }
 
 /// Reads a NAR from `input` into `store` and returns the top node with the NAR's size and hash.
@@ -191,6 +237,9 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
         ));
     }
 
+    let mut uploads = Uploads {
+        chunks: VecDeque::new(),
+    };
     let mut stack: Vec<Frame> = Vec::new();
     let top = 'outer: loop {
         // A node starts here.
@@ -198,7 +247,7 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
         inp.expect(b"type").await?;
         let (at, kind) = inp.keyword("node type").await?;
         let mut done: Option<Node> = match &kind[..] {
-            b"regular" => Some(read_regular(store, &mut inp).await?),
+            b"regular" => Some(read_regular(store, &mut inp, &mut uploads).await?),
             b"symlink" => {
                 inp.expect(b"target").await?;
                 let t_at = inp.offset;
@@ -222,6 +271,7 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
                     last: None,
                     current: None,
                     encoded: 0,
+                    child_puts: Vec::new(),
                 });
                 None
             }
@@ -262,14 +312,24 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
                         .dir
                         .size()
                         .map_err(|e| NarError::invalid(at, e.to_string()))?;
-                    let digest = store
-                        .dirs
-                        .put(&frame.dir)
-                        .await
-                        .map_err(|e| NarError::Store {
-                            offset: at,
-                            source: e,
-                        })?;
+                    // Children first: the store checks a directory's children exist.
+                    for (child_at, h) in frame.child_puts {
+                        join(child_at, h).await?;
+                    }
+                    let digest = frame.dir.digest();
+                    let dirs = store.dirs.clone();
+                    let put = tokio::spawn(async move { dirs.put(&frame.dir).await });
+                    match stack.last_mut() {
+                        Some(parent) => parent.child_puts.push((at, put)),
+                        None => {
+                            let stored = join(at, put).await?;
+                            if stored != digest {
+                                return Err(NarError::Task(format!(
+                                    "store returned digest {stored} for directory {digest}"
+                                )));
+                            }
+                        }
+                    }
                     done = Some(Node::Directory { digest, size });
                 }
                 b"entry" => {
@@ -317,6 +377,8 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
         }
     };
     inp.expect_eof().await?;
+    // Every chunk is stored before the caller may record a root pointing at them.
+    uploads.wait_all().await?;
     let nar_size = inp.offset;
     let nar_sha256 = NarHash(inp.sha.finalize().into());
     Ok(NarImport {
@@ -351,6 +413,7 @@ fn add_entry(dir: &mut Directory, name: Bytes, node: Node) {
 async fn read_regular<R: AsyncBufRead + Unpin>(
     store: &Store,
     inp: &mut Input<R>,
+    uploads: &mut Uploads,
 ) -> Result<Node, NarError> {
     let (at, mut tok) = inp.keyword("regular file").await?;
     let mut executable = false;
@@ -374,7 +437,7 @@ async fn read_regular<R: AsyncBufRead + Unpin>(
     }
     let len_at = inp.offset;
     let len = inp.read_u64("file length").await?;
-    let (digest, size) = stream_contents(store, inp, len, len_at).await?;
+    let (digest, size) = stream_contents(store, inp, uploads, len, len_at).await?;
     inp.read_padding(len, "file contents").await?;
     inp.expect(b")").await?;
     Ok(Node::File {
@@ -388,16 +451,20 @@ async fn read_regular<R: AsyncBufRead + Unpin>(
 async fn stream_contents<R: AsyncBufRead + Unpin>(
     store: &Store,
     inp: &mut Input<R>,
+    uploads: &mut Uploads,
     len: u64,
     at: u64,
 ) -> Result<(B3Digest, u64), NarError> {
     let mut chunker = Chunker::new(store.params());
     let mut whole = blake3::Hasher::new();
     let mut index: Vec<blob_index::Chunk> = Vec::new();
-    let mut in_flight: VecDeque<JoinHandle<Result<(), StoreError>>> = VecDeque::new();
-    let store_err = |e: StoreError| NarError::Store {
-        offset: at,
-        source: e,
+    let mut add = |uploads: &mut Uploads, chunk: Bytes| {
+        let size = chunk.len() as u64;
+        let digest = uploads.submit(store, at, chunk);
+        index.push(blob_index::Chunk {
+            digest: Bytes::copy_from_slice(digest.as_bytes()),
+            size,
+        });
     };
     let mut left = len;
     while left > 0 {
@@ -410,20 +477,19 @@ async fn stream_contents<R: AsyncBufRead + Unpin>(
         .await?;
         left -= step;
         while let Some(chunk) = chunker.next_chunk() {
-            submit(store, chunk, &mut in_flight, &mut index);
+            add(uploads, chunk);
         }
-        while in_flight.len() > PUTS_IN_FLIGHT {
-            wait_one(&mut in_flight).await.map_err(store_err)?;
+        while uploads.chunks.len() > PUTS_IN_FLIGHT {
+            uploads.wait_one().await?;
         }
     }
     while let Some(chunk) = chunker.finish_chunk() {
-        submit(store, chunk, &mut in_flight, &mut index);
-    }
-    while !in_flight.is_empty() {
-        wait_one(&mut in_flight).await.map_err(store_err)?;
+        add(uploads, chunk);
     }
     let digest = B3Digest::from(whole.finalize());
     if index.len() > 1 {
+        // A blob index may only name chunks that are stored.
+        uploads.wait_all().await?;
         let idx = BlobIndex {
             chunks: index,
             size: len,
@@ -432,34 +498,12 @@ async fn stream_contents<R: AsyncBufRead + Unpin>(
             .blobs
             .put_blob_index(digest, &idx)
             .await
-            .map_err(store_err)?;
+            .map_err(|e| NarError::Store {
+                offset: at,
+                source: e,
+            })?;
     }
     Ok((digest, len))
-}
-
-fn submit(
-    store: &Store,
-    chunk: Bytes,
-    q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>,
-    index: &mut Vec<blob_index::Chunk>,
-) {
-    let digest = B3Digest::of(&chunk);
-    index.push(blob_index::Chunk {
-        digest: Bytes::copy_from_slice(digest.as_bytes()),
-        size: chunk.len() as u64,
-    });
-    let blobs = store.blobs.clone();
-    q.push_back(tokio::spawn(
-        async move { blobs.put_chunk(digest, chunk).await },
-    ));
-}
-
-async fn wait_one(q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>) -> Result<(), StoreError> {
-    if let Some(h) = q.pop_front() {
-        h.await
-            .map_err(|e| StoreError::Backend(format!("chunk put task failed: {e}")))??;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
