@@ -245,6 +245,24 @@ fn generated_tree_matches_nix() {
     assert!(!String::from_utf8(ts.ok(&["roots"]).stdout)
         .unwrap()
         .contains(&wrong));
+    // An entry that cannot be a NAR (it holds a fifo) fails alone: the others are recorded.
+    let sd2 = ts.dir.path().join("nixstore2");
+    let good2 = format!("{}-good2", hash_part("good2"));
+    let fifo = format!("{}-has-fifo", hash_part("fifo"));
+    write(&sd2.join(&good2).join("f"), b"ok", false);
+    std::fs::create_dir_all(sd2.join(&fifo)).unwrap();
+    let st = Command::new("mkfifo")
+        .arg(sd2.join(&fifo).join("pipe"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let err = ts.fails(&["import-store", sd2.to_str().unwrap()]);
+    assert!(
+        err.contains(&fifo) && err.contains("fifo") && err.contains("failed 1"),
+        "{err}"
+    );
+    let roots = String::from_utf8(ts.ok(&["roots"]).stdout).unwrap();
+    assert!(roots.contains(&good2) && !roots.contains(&fifo), "{roots}");
     // Bad store path names are refused up front.
     let err = ts.fails(&["import-nar", nar.to_str().unwrap(), "--name", "hello"]);
     assert!(err.contains("not a store path basename"), "{err}");
