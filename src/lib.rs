@@ -6,6 +6,7 @@
 //! - [`store`]: the blob, directory and root services and their backends
 //! - [`import`] / [`tree`]: trees in and out
 //! - [`fs`]: the read-only FUSE mount
+//! - [`nar`]: Nix compatibility: NAR in and out, NAR hashes, store paths, narinfo
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
 pub mod castore;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod gc;
 pub mod fs;
 pub mod import;
+pub mod nar;
 pub mod store;
 pub mod tree;
 pub mod verify;

@@ -18,6 +18,7 @@ use crate::tree;
 
 mod maintain;
 mod mount;
+mod nar;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -103,6 +104,53 @@ enum Command {
     /// Mount the store read-only at MOUNTPOINT (its named roots, or one tree with --root);
     /// serves until SIGINT/SIGTERM, which unmount cleanly.
     Mount(mount::MountArgs),
+    /// Import a NAR (FILE, or - for stdin) as the root named by a store path basename, with
+    /// its NAR size and sha256. Prints NAME, NAR size, sha256:<nix32> and the SRI hash.
+    ImportNar {
+        /// The NAR file, or - to read stdin.
+        file: String,
+        /// Store path basename to record the root as: <32 nix-base32 chars>-<name>.
+        #[arg(long, value_name = "STOREPATH_BASENAME")]
+        name: String,
+        /// Store paths this one refers to (basenames or /nix/store/... paths).
+        #[arg(long, num_args = 1.., value_name = "STOREPATH")]
+        references: Vec<String>,
+        /// The derivation that built it (basename or full path).
+        #[arg(long, value_name = "STOREPATH")]
+        deriver: Option<String>,
+        /// A signature (`keyname:base64`), repeatable.
+        #[arg(long = "sig", value_name = "SIG")]
+        signatures: Vec<String>,
+        /// Content address, as Nix writes it (e.g. fixed:r:sha256:...).
+        #[arg(long)]
+        ca: Option<String>,
+        /// Refuse the NAR unless its sha256 is this (nix32, hex, base64 or SRI).
+        #[arg(long, value_name = "HASH")]
+        nar_hash: Option<String>,
+    },
+    /// Write ROOT as a NAR (byte-identical to `nix-store --dump`) to stdout or FILE. If the
+    /// root records a NAR hash, the output is checked against it.
+    ExportNar {
+        root: String,
+        /// Write to FILE (atomically, only if complete and checked) instead of stdout.
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+    /// Import every <hash>-<name> entry of a Nix-store-like directory as a root with its NAR
+    /// hash and references (to other entries); other entries are reported and skipped.
+    ImportStore {
+        dir: PathBuf,
+        /// Store paths imported at once (default: number of cores).
+        #[arg(long, value_name = "N")]
+        jobs: Option<usize>,
+    },
+    /// Print the .narinfo of a root that carries Nix metadata.
+    Narinfo {
+        root: String,
+        /// Store directory for the StorePath line.
+        #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+        store_dir: String,
+    },
 }
 
 /// Entry point of the binary.
@@ -202,6 +250,29 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             maintain::verify(&store, &roots, repair_from.as_deref()).await
         }
         Command::Mount(args) => mount::run(&store, args).await,
+        Command::ImportNar {
+            file,
+            name,
+            references,
+            deriver,
+            signatures,
+            ca,
+            nar_hash,
+        } => {
+            let args = nar::NixArgs {
+                references,
+                deriver,
+                signatures,
+                ca,
+                nar_hash,
+            };
+            nar::cmd_import_nar(&store, &file, &name, args).await
+        }
+        Command::ExportNar { root, output } => {
+            nar::cmd_export_nar(&store, &root, output.as_deref()).await
+        }
+        Command::ImportStore { dir, jobs } => nar::cmd_import_store(&store, &dir, jobs).await,
+        Command::Narinfo { root, store_dir } => nar::cmd_narinfo(&store, &root, &store_dir).await,
     }
 }
 

@@ -1,0 +1,204 @@
+//! `granary import-store`: every `<hash>-<name>` entry of a Nix-store-like directory becomes a
+//! named root carrying its NAR size, NAR hash and references.
+//!
+//! Each entry is dumped as a NAR on a blocking thread and piped into the NAR reader, so every
+//! file is read once and the stored tree, the NAR hash and the reference scan all come from the
+//! same bytes. Entries run in parallel; a failed entry is reported and the others go on.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures::stream::StreamExt;
+use tokio_util::io::SyncIoBridge;
+
+use super::dump::dump_path;
+use super::refs::RefScanner;
+use super::store_path::{parse_basename, HASH_PART_LEN};
+use super::{import_nar, NarError, NarImport};
+use crate::castore::{NixInfo, RootRecord};
+use crate::store::Store;
+
+/// Counters for progress display.
+#[derive(Debug, Default)]
+pub struct StoreDirProgress {
+    pub entries_total: AtomicU64,
+    pub entries_done: AtomicU64,
+    pub nar_bytes: AtomicU64,
+}
+
+/// What happened to each entry of the directory.
+#[derive(Debug, Default)]
+pub struct StoreDirReport {
+    /// Imported and recorded as roots, sorted by name.
+    pub imported: Vec<(String, NarImport, Vec<String>)>,
+    /// Entries that are not store paths: name and why.
+    pub skipped: Vec<(String, String)>,
+    /// Store paths whose import failed: name and error.
+    pub failed: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {reason}")]
+pub struct StoreDirError {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// A `Write` that scans for references and counts bytes on the way to the pipe.
+struct Tap<W> {
+    inner: W,
+    scanner: RefScanner,
+    progress: Arc<StoreDirProgress>,
+}
+
+impl<W: Write> Write for Tap<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.scanner.update(&buf[..n]);
+        self.progress
+            .nar_bytes
+            .fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Imports every store path in `dir`, `jobs` at a time, recording each as a root.
+pub async fn import_store_dir(
+    store: &Store,
+    dir: &Path,
+    jobs: usize,
+    progress: Arc<StoreDirProgress>,
+) -> Result<StoreDirReport, StoreDirError> {
+    let derr = |reason: String| StoreDirError {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    let mut report = StoreDirReport::default();
+    let mut paths: Vec<String> = Vec::new();
+    let rd = std::fs::read_dir(dir).map_err(|e| derr(format!("cannot read directory: {e}")))?;
+    for e in rd {
+        let e = e.map_err(|e| derr(format!("cannot read directory: {e}")))?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else {
+            report.skipped.push((
+                name.to_string_lossy().into_owned(),
+                "name is not UTF-8".into(),
+            ));
+            continue;
+        };
+        match parse_basename(name) {
+            Ok(_) => paths.push(name.to_string()),
+            Err(e) => report.skipped.push((name.to_string(), e.reason)),
+        }
+    }
+    paths.sort();
+    report.skipped.sort();
+    progress
+        .entries_total
+        .store(paths.len() as u64, Ordering::Relaxed);
+
+    // Hash part -> basename, for turning scanned hashes back into references.
+    let by_hash: Arc<HashMap<[u8; HASH_PART_LEN], String>> = Arc::new(
+        paths
+            .iter()
+            .filter_map(|p| {
+                let mut h = [0u8; HASH_PART_LEN];
+                h.copy_from_slice(p.as_bytes().get(..HASH_PART_LEN)?);
+                Some((h, p.clone()))
+            })
+            .collect(),
+    );
+
+    let results: Vec<(String, EntryResult)> = futures::stream::iter(paths)
+        .map(|name| {
+            let (store, by_hash, progress) = (store.clone(), by_hash.clone(), progress.clone());
+            let path = dir.join(&name);
+            async move {
+                let res = tokio::spawn(import_one(
+                    store,
+                    path,
+                    name.clone(),
+                    by_hash,
+                    progress.clone(),
+                ))
+                .await
+                .unwrap_or_else(|e| Err(format!("import task failed: {e}")));
+                progress.entries_done.fetch_add(1, Ordering::Relaxed);
+                (name, res)
+            }
+        })
+        .buffer_unordered(jobs.max(1))
+        .collect()
+        .await;
+    for (name, res) in results {
+        match res {
+            Ok((imp, refs)) => report.imported.push((name, imp, refs)),
+            Err(e) => report.failed.push((name, e)),
+        }
+    }
+    report.imported.sort_by(|a, b| a.0.cmp(&b.0));
+    report.failed.sort();
+    Ok(report)
+}
+
+/// One entry's import and its references, or why it failed.
+type EntryResult = Result<(NarImport, Vec<String>), String>;
+
+async fn import_one(
+    store: Store,
+    path: PathBuf,
+    name: String,
+    by_hash: Arc<HashMap<[u8; HASH_PART_LEN], String>>,
+    progress: Arc<StoreDirProgress>,
+) -> EntryResult {
+    let (tx, rx) = tokio::io::duplex(1 << 20);
+    let scanner = RefScanner::new(by_hash.keys().copied());
+    let dump_path_buf = path.clone();
+    let dumper = tokio::task::spawn_blocking(move || {
+        let mut tap = Tap {
+            inner: SyncIoBridge::new(tx),
+            scanner,
+            progress,
+        };
+        dump_path(&dump_path_buf, &mut tap).map(|()| tap.scanner)
+        // Dropping the bridge closes the pipe: the reader sees the end of the NAR.
+    });
+    let imported = import_nar(&store, rx).await;
+    let dumped = dumper.await.map_err(|e| format!("dump task failed: {e}"))?;
+    let (imp, scanner) = match (imported, dumped) {
+        (Ok(imp), Ok(scanner)) => (imp, scanner),
+        // A dump that failed midway shows up in the reader as a truncated NAR: the dump's
+        // error is the real reason.
+        (Err(NarError::Invalid { reason, .. }), Err(d)) if reason.starts_with("truncated") => {
+            return Err(d.to_string())
+        }
+        (Err(e), _) => return Err(e.to_string()),
+        (Ok(_), Err(d)) => return Err(d.to_string()),
+    };
+    let references: Vec<String> = scanner
+        .found()
+        .filter_map(|h| by_hash.get(h).cloned())
+        .collect();
+    let root = RootRecord {
+        name: name.clone(),
+        node: imp.node.clone(),
+        nix: Some(NixInfo {
+            nar_size: imp.nar_size,
+            nar_sha256: bytes::Bytes::copy_from_slice(&imp.nar_sha256.0),
+            references: references.clone(),
+            ..Default::default()
+        }),
+    };
+    store
+        .roots
+        .put(&root)
+        .await
+        .map_err(|e| format!("recording root: {e}"))?;
+    Ok((imp, references))
+}
