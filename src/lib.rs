@@ -11,5 +11,6 @@ pub mod castore;
 pub mod chunking;
 pub mod cli;
 pub mod import;
+pub mod rpc;
 pub mod store;
 pub mod tree;

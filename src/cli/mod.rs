@@ -16,6 +16,8 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod daemon;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "granary",
@@ -27,7 +29,8 @@ use crate::tree;
         blake3-<base64>). Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 pub struct Cli {
-    /// Store URL: file:///path or memory://. Default: $GRANARY_STORE, else
+    /// Store URL: file:///path, memory://, grpc+tcp://HOST:PORT or grpc+unix:///SOCKET
+    /// (daemon URLs take ?timeout=5s&pool=4&token_file=PATH). Default: $GRANARY_STORE, else
     /// $XDG_DATA_HOME/granary, else ~/.local/share/granary.
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
@@ -55,7 +58,15 @@ enum Command {
         /// Files imported at once (default: twice the number of cores).
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// With a daemon store: print each upload's ingest session token and exit without
+        /// waiting for the import to finish (see `granary ingest-status`).
+        #[arg(long)]
+        no_wait: bool,
     },
+    /// Serve the store over gRPC to other granary clients (grpc+tcp:// and grpc+unix:// URLs).
+    Daemon(daemon::DaemonArgs),
+    /// Show an ingest session of a daemon store: running, done (with the root) or failed.
+    IngestStatus { token: String },
     /// List the named roots.
     Roots,
     /// List a directory: ROOT[/PATH].
@@ -127,7 +138,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             named,
             skip_special,
             jobs,
+            no_wait,
         } => {
+            if daemon::is_remote(&store.url) {
+                let names = root_names(&paths, name, named)?;
+                return daemon::cmd_import_remote(&store, &paths, names, skip_special, no_wait)
+                    .await;
+            }
+            if no_wait {
+                bail!("--no-wait needs a daemon store (grpc+tcp:// or grpc+unix://)");
+            }
             let opts = ImportOptions {
                 skip_special,
                 parallelism: jobs,
@@ -157,7 +177,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!("{}: already exists; export needs a new path", dest.display());
+                bail!(
+                    "{}: already exists; export needs a new path",
+                    dest.display()
+                );
             }
             tree::export(&store, &node, &dest)
                 .await
@@ -165,6 +188,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Info { json } => cmd_info(&store, json).await,
+        Command::Daemon(args) => daemon::cmd_daemon(store, args).await,
+        Command::IngestStatus { token } => daemon::cmd_ingest_status(&store, &token).await,
     }
 }
 
@@ -198,6 +223,29 @@ fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>
     }))
 }
 
+/// The root name of each path, decided before anything is imported so a bad one fails early.
+fn root_names(paths: &[PathBuf], name: Option<String>, named: bool) -> Result<Vec<Option<String>>> {
+    if name.is_some() && paths.len() != 1 {
+        bail!("--name takes exactly one PATH (use --named to name several by basename)");
+    }
+    if let Some(n) = &name {
+        validate_root_name(n).with_context(|| format!("root name {n:?}"))?;
+    }
+    let mut names = Vec::new();
+    for p in paths {
+        names.push(match (&name, named) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true) => {
+                Some(import::default_root_name(p).with_context(|| {
+                    format!("{}: basename is not a valid root name", p.display())
+                })?)
+            }
+            _ => None,
+        });
+    }
+    Ok(names)
+}
+
 async fn cmd_import(
     store: &Store,
     paths: &[PathBuf],
@@ -205,23 +253,7 @@ async fn cmd_import(
     named: bool,
     opts: &ImportOptions,
 ) -> Result<ExitCode> {
-    if name.is_some() && paths.len() != 1 {
-        bail!("--name takes exactly one PATH (use --named to name several by basename)");
-    }
-    if let Some(n) = &name {
-        validate_root_name(n).with_context(|| format!("root name {n:?}"))?;
-    }
-    // Every name is decided before anything is imported, so a bad one fails early.
-    let mut names = Vec::new();
-    for p in paths {
-        names.push(match (&name, named) {
-            (Some(n), _) => Some(n.clone()),
-            (None, true) => Some(import::default_root_name(p).with_context(|| {
-                format!("{}: basename is not a valid root name", p.display())
-            })?),
-            _ => None,
-        });
-    }
+    let names = root_names(paths, name, named)?;
     let progress = Arc::new(Progress::default());
     let bar = spawn_progress(progress.clone());
     let mut results = Vec::new();
@@ -266,7 +298,11 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
+            if *executable {
+                "r-xr-xr-x"
+            } else {
+                "r--r--r--"
+            },
             *size,
             digest.to_hex(),
         ),
@@ -347,6 +383,11 @@ async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
                 logical as f64 / u.stored_bytes as f64
             };
             writeln!(out, "logical / stored   {comp:.3}")?;
+        }
+        if let Some(m) = &store.maintenance {
+            for (k, v) in m.counters().await? {
+                writeln!(out, "{k:<18} {v}")?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

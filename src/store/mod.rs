@@ -19,6 +19,7 @@ pub mod config;
 pub mod local;
 pub mod memory;
 pub mod reader;
+pub mod remote;
 
 pub use config::StoreConfig;
 pub use reader::BlobReader;
@@ -205,6 +206,11 @@ pub struct Usage {
 #[async_trait]
 pub trait Maintenance: Send + Sync {
     async fn usage(&self) -> Result<Usage>;
+
+    /// Service counters worth showing in `granary info` (a daemon's requests, bytes, ...).
+    async fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A whole store: the three services and the parameters it was created with.
@@ -258,8 +264,12 @@ pub async fn open(url: &str) -> Result<Store> {
         local::LocalStore::open(url, std::path::Path::new(path)).await
     } else if url == "memory://" || url.starts_with("memory://") {
         Ok(memory::MemoryStore::new_store(url, StoreConfig::default()))
+    } else if url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://") {
+        remote::RemoteStore::open(url).await
     } else if url.contains("://") {
-        Err(bad("unsupported scheme (want file:// or memory://)"))
+        Err(bad(
+            "unsupported scheme (want file://, memory://, grpc+tcp:// or grpc+unix://)",
+        ))
     } else {
         // A bare path is a local store.
         local::LocalStore::open(&format!("file://{url}"), std::path::Path::new(url)).await
