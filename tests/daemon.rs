@@ -597,6 +597,8 @@ enum Fault {
     /// Forwards this many bytes from the client, then silently stops forwarding (the
     /// connection stays open).
     TruncateUpload(usize),
+    /// Forwards this many bytes from the daemon, then silently stops forwarding.
+    StallAfter(usize),
     /// Accepts and never forwards anything.
     Blackhole,
 }
@@ -663,6 +665,13 @@ async fn fault_proxy(upstream: SocketAddr, fault: Fault) -> SocketAddr {
                             break;
                         }
                     }
+                    if let Fault::StallAfter(limit) = fault {
+                        if got + n > limit {
+                            let _ = cw.write_all(&buf[..limit - got]).await;
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            break;
+                        }
+                    }
                     if cw.write_all(&buf[..n]).await.is_err() {
                         break;
                     }
@@ -694,6 +703,7 @@ fn fault_injecting_proxy() {
             Fault::Delay(Duration::from_millis(30)),
             Fault::DropAfter(300_000),
             Fault::DropAfter(5_000),
+            Fault::StallAfter(400_000),
             Fault::Blackhole,
         ] {
             let proxy = fault_proxy(d.addr, fault).await;
@@ -705,7 +715,13 @@ fn fault_injecting_proxy() {
                 "{fault:?}: open took {:?}",
                 t.elapsed()
             );
-            let Ok(s) = opened else { continue };
+            let s = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{fault:?}: open failed in {:?}: {e}", t.elapsed());
+                    continue;
+                }
+            };
             for _ in 0..3 {
                 let t = Instant::now();
                 let mut out = Vec::new();
@@ -715,6 +731,11 @@ fn fault_injecting_proxy() {
                     t.elapsed() < (timeout + slack) * 8,
                     "{fault:?}: whole read took {:?}",
                     t.elapsed()
+                );
+                eprintln!(
+                    "{fault:?}: read in {:?}: {:?}",
+                    t.elapsed(),
+                    r.as_ref().map_err(|e| e.to_string())
                 );
                 match r {
                     Ok(n) => {
@@ -809,6 +830,8 @@ fn ingest_session_outlives_client() {
         std::thread::sleep(Duration::from_millis(50));
     };
     eprintln!("states seen: {seen:?}");
+    // The first poll came after the client exited, and the import was still going.
+    assert_eq!(seen[0], "running", "{seen:?}");
     let digest = done.trim().strip_prefix("done ").unwrap().to_string();
     let dest = tmp.path().join("out");
     ok(&d.unix_url(), &["export", "later", dest.to_str().unwrap()]);

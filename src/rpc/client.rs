@@ -429,8 +429,12 @@ impl Client {
         let mut attempt = 0u32;
         loop {
             attempt += 1;
+            let used = std::sync::Mutex::new(None);
             let res = tokio::time::timeout_at(deadline, async {
                 let (api, i, g) = self.acquire().await?;
+                if let Ok(mut u) = used.lock() {
+                    *u = Some((i, g));
+                }
                 f(api).await.map_err(|status| Failure {
                     status,
                     slot: Some((i, g)),
@@ -441,10 +445,16 @@ impl Client {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(f)) => f,
                 Err(_) => {
+                    // A connection that let a call run out its deadline may be stalled:
+                    // the next call gets a fresh one.
+                    let slot = used.lock().ok().and_then(|u| *u);
+                    if let Some((i, g)) = slot {
+                        self.drop_conn(i, g).await;
+                    }
                     return Err(StoreError::Timeout {
                         what: format!("{what} ({})", self.describe()),
                         secs: timeout.as_secs_f64(),
-                    })
+                    });
                 }
             };
             if breaks_connection(&failure.status) {
