@@ -16,6 +16,7 @@ pub mod gc;
 pub mod fs;
 pub mod import;
 pub mod nar;
+pub mod rpc;
 pub mod store;
 pub mod tree;
 pub mod verify;

@@ -19,6 +19,7 @@ use crate::tree;
 mod maintain;
 mod mount;
 mod nar;
+mod daemon;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -31,7 +32,8 @@ mod nar;
         blake3-<base64>). Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 pub struct Cli {
-    /// Store URL: file:///path or memory://. Default: $GRANARY_STORE, else
+    /// Store URL: file:///path, memory://, grpc+tcp://HOST:PORT or grpc+unix:///SOCKET
+    /// (daemon URLs take ?timeout=5s&pool=4&token_file=PATH). Default: $GRANARY_STORE, else
     /// $XDG_DATA_HOME/granary, else ~/.local/share/granary.
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
@@ -59,7 +61,15 @@ enum Command {
         /// Files imported at once (default: twice the number of cores).
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// With a daemon store: print each upload's ingest session token and exit without
+        /// waiting for the import to finish (see `granary ingest-status`).
+        #[arg(long)]
+        no_wait: bool,
     },
+    /// Serve the store over gRPC to other granary clients (grpc+tcp:// and grpc+unix:// URLs).
+    Daemon(daemon::DaemonArgs),
+    /// Show an ingest session of a daemon store: running, done (with the root) or failed.
+    IngestStatus { token: String },
     /// List the named roots.
     Roots,
     /// List a directory: ROOT[/PATH].
@@ -203,7 +213,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             named,
             skip_special,
             jobs,
+            no_wait,
         } => {
+            if daemon::is_remote(&store.url) {
+                let names = root_names(&paths, name, named)?;
+                return daemon::cmd_import_remote(&store, &paths, names, skip_special, no_wait)
+                    .await;
+            }
+            if no_wait {
+                bail!("--no-wait needs a daemon store (grpc+tcp:// or grpc+unix://)");
+            }
             let opts = ImportOptions {
                 skip_special,
                 parallelism: jobs,
@@ -273,6 +292,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::ImportStore { dir, jobs } => nar::cmd_import_store(&store, &dir, jobs).await,
         Command::Narinfo { root, store_dir } => nar::cmd_narinfo(&store, &root, &store_dir).await,
+        Command::Daemon(args) => daemon::cmd_daemon(store, args).await,
+        Command::IngestStatus { token } => daemon::cmd_ingest_status(&store, &token).await,
     }
 }
 
@@ -306,6 +327,29 @@ fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>
     }))
 }
 
+/// The root name of each path, decided before anything is imported so a bad one fails early.
+fn root_names(paths: &[PathBuf], name: Option<String>, named: bool) -> Result<Vec<Option<String>>> {
+    if name.is_some() && paths.len() != 1 {
+        bail!("--name takes exactly one PATH (use --named to name several by basename)");
+    }
+    if let Some(n) = &name {
+        validate_root_name(n).with_context(|| format!("root name {n:?}"))?;
+    }
+    let mut names = Vec::new();
+    for p in paths {
+        names.push(match (&name, named) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true) => {
+                Some(import::default_root_name(p).with_context(|| {
+                    format!("{}: basename is not a valid root name", p.display())
+                })?)
+            }
+            _ => None,
+        });
+    }
+    Ok(names)
+}
+
 async fn cmd_import(
     store: &Store,
     paths: &[PathBuf],
@@ -332,6 +376,7 @@ async fn cmd_import(
             _ => None,
         });
     }
+    let names = root_names(paths, name, named)?;
     let progress = Arc::new(Progress::default());
     let bar = spawn_progress(progress.clone());
     let mut results = Vec::new();
@@ -462,6 +507,11 @@ async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
                 logical as f64 / u.stored_bytes as f64
             };
             writeln!(out, "logical / stored   {comp:.3}")?;
+        }
+        if let Some(m) = &store.maintenance {
+            for (k, v) in m.counters().await? {
+                writeln!(out, "{k:<18} {v}")?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -19,6 +19,7 @@ pub mod config;
 pub mod local;
 pub mod memory;
 pub mod reader;
+pub mod remote;
 
 pub use config::StoreConfig;
 pub use reader::BlobReader;
@@ -278,6 +279,10 @@ pub trait Maintenance: Send + Sync {
 
     /// Removes leftovers of interrupted writes older than `cutoff`; returns how many.
     async fn sweep_temp(&self, cutoff: std::time::SystemTime) -> Result<u64>;
+    /// Service counters worth showing in `granary info` (a daemon's requests, bytes, ...).
+    async fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(Vec::new())
+    }
 }
 
 /// A whole store: the three services and the parameters it was created with.
@@ -337,8 +342,12 @@ pub async fn open(url: &str) -> Result<Store> {
         local::LocalStore::open(url, std::path::Path::new(path)).await
     } else if url == "memory://" || url.starts_with("memory://") {
         Ok(memory::MemoryStore::new_store(url, StoreConfig::default()))
+    } else if url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://") {
+        remote::RemoteStore::open(url).await
     } else if url.contains("://") {
-        Err(bad("unsupported scheme (want file:// or memory://)"))
+        Err(bad(
+            "unsupported scheme (want file://, memory://, grpc+tcp:// or grpc+unix://)",
+        ))
     } else {
         // A bare path is a local store.
         local::LocalStore::open(&format!("file://{url}"), std::path::Path::new(url)).await

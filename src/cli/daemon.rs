@@ -1,0 +1,320 @@
+//! `granary daemon` (serve a store over gRPC) and the client commands that only make sense
+//! against a daemon: importing through an ingest session, and asking for a session's status.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
+use tonic::transport::Server;
+
+use crate::castore::Node;
+use crate::rpc::client::parse_duration;
+use crate::rpc::ingest::{upload, Limits, Sessions};
+use crate::rpc::proto::granary_server::GranaryServer;
+use crate::rpc::server::{Auth, Daemon};
+use crate::store::remote::RemoteStore;
+use crate::store::Store;
+
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// Address to serve on: HOST:PORT for TCP, or unix:/PATH (or an absolute path) for a Unix
+    /// socket. Repeatable. Default: a Unix socket in $XDG_RUNTIME_DIR/granary (else the store
+    /// directory) plus 127.0.0.1:7411.
+    #[arg(long, value_name = "ADDR")]
+    listen: Vec<String>,
+    /// File holding the bearer token every call must carry (required for a non-loopback
+    /// TCP address). Clients read it from GRANARY_TOKEN_FILE or `?token_file=` in the URL.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// How long SIGTERM waits for calls in flight before exiting anyway.
+    #[arg(long, value_name = "DURATION", default_value = "10s")]
+    drain_timeout: String,
+    /// How long a finished ingest session's outcome stays queryable.
+    #[arg(long, value_name = "DURATION", default_value = "1h")]
+    session_retention: String,
+    /// Directory where ingest uploads are spooled while they are imported (default: temp dir).
+    #[arg(long, value_name = "DIR")]
+    spool_dir: Option<PathBuf>,
+    /// Largest ingest upload, in bytes (suffixes K, M, G, T).
+    #[arg(long, value_name = "SIZE", default_value = "64G")]
+    max_ingest: String,
+    /// Do not offer a protocol feature (for testing clients against older daemons).
+    #[arg(long, value_name = "FEATURE", hide = true)]
+    disable_feature: Vec<String>,
+}
+
+enum Listen {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+fn default_socket(store_url: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
+        return Path::new(&dir).join("granary").join("daemon.sock");
+    }
+    if let Some(p) = store_url.strip_prefix("file://") {
+        return Path::new(p).join("daemon.sock");
+    }
+    std::env::temp_dir()
+        .join(format!("granary-{}", unsafe_uid()))
+        .join("daemon.sock")
+}
+
+fn unsafe_uid() -> u32 {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    unsafe { libc::getuid() }
+}
+
+async fn parse_listen(spec: &str) -> Result<Vec<Listen>> {
+    if let Some(p) = spec.strip_prefix("unix:") {
+        return Ok(vec![Listen::Unix(PathBuf::from(p))]);
+    }
+    if spec.starts_with('/') {
+        return Ok(vec![Listen::Unix(PathBuf::from(spec))]);
+    }
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(spec)
+        .await
+        .with_context(|| format!("--listen {spec}: not HOST:PORT or unix:/PATH"))?
+        .collect();
+    match addrs.first() {
+        Some(a) => Ok(vec![Listen::Tcp(*a)]),
+        None => bail!("--listen {spec}: resolves to no address"),
+    }
+}
+
+/// Binds a Unix socket, replacing a stale socket file but never a live daemon's.
+async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            bail!("{}: another daemon is listening there", path.display());
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("removing stale socket {}", path.display()))?;
+    }
+    tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
+    let drain = parse_duration(&args.drain_timeout).map_err(anyhow::Error::msg)?;
+    let retention = parse_duration(&args.session_retention).map_err(anyhow::Error::msg)?;
+    let max_bytes: u64 = crate::chunking::parse_size(&args.max_ingest)
+        .map_err(|e| anyhow::anyhow!("--max-ingest: {e}"))?;
+    let token = match &args.token_file {
+        Some(f) => {
+            let t = std::fs::read_to_string(f)
+                .with_context(|| format!("token file {}", f.display()))?;
+            let t = t.trim().to_string();
+            if t.is_empty() {
+                bail!("token file {} is empty", f.display());
+            }
+            Some(Arc::new(t))
+        }
+        None => None,
+    };
+    let specs = if args.listen.is_empty() {
+        vec![
+            format!("unix:{}", default_socket(&store.url).display()),
+            "127.0.0.1:7411".to_string(),
+        ]
+    } else {
+        args.listen.clone()
+    };
+    let mut listens = Vec::new();
+    for s in &specs {
+        listens.extend(parse_listen(s).await?);
+    }
+    // Refuse before binding anything: an open non-loopback port without a token is the
+    // whole store readable and writable by the network.
+    for l in &listens {
+        if let Listen::Tcp(a) = l {
+            if !a.ip().is_loopback() && token.is_none() {
+                bail!("--listen {a}: a non-loopback address needs --token-file");
+            }
+        }
+    }
+    let spool_dir = args.spool_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let sessions = Sessions::new(
+        retention,
+        spool_dir,
+        Limits {
+            max_bytes,
+            ..Limits::default()
+        },
+    );
+    sessions.spawn_gc();
+    let daemon = Daemon::new(store, &args.disable_feature, sessions);
+    let counters = daemon.counters();
+    let auth = Auth { token };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    let mut sockets = Vec::new();
+    let mut stderr = std::io::stderr();
+    for l in listens {
+        let svc = GranaryServer::with_interceptor(daemon.clone(), auth.clone());
+        let mut rx = stop_rx.clone();
+        let stop = async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let builder = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        let counters = counters.clone();
+        match l {
+            Listen::Tcp(addr) => {
+                let lis = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr}"))?;
+                let bound = lis.local_addr()?;
+                writeln!(stderr, "granary daemon: listening on {bound}")?;
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(lis).map(move |s| {
+                    s.inspect(|s| {
+                        let _ = s.set_nodelay(true);
+                        counters.connections.fetch_add(1, Ordering::Relaxed);
+                    })
+                });
+                let mut b = builder;
+                servers.spawn(async move {
+                    b.add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                });
+            }
+            Listen::Unix(path) => {
+                let lis = bind_unix(&path).await?;
+                writeln!(
+                    stderr,
+                    "granary daemon: listening on unix:{}",
+                    path.display()
+                )?;
+                sockets.push(path);
+                let incoming = tokio_stream::wrappers::UnixListenerStream::new(lis).map(move |s| {
+                    s.inspect(|_| {
+                        counters.connections.fetch_add(1, Ordering::Relaxed);
+                    })
+                });
+                let mut b = builder;
+                servers.spawn(async move {
+                    b.add_service(svc)
+                        .serve_with_incoming_shutdown(incoming, stop)
+                        .await
+                });
+            }
+        }
+    }
+    stderr.flush()?;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    let failed = tokio::select! {
+        _ = term.recv() => None,
+        _ = int.recv() => None,
+        r = servers.join_next() => Some(r),
+    };
+    if let Some(r) = failed {
+        for p in &sockets {
+            let _ = std::fs::remove_file(p);
+        }
+        match r {
+            Some(Ok(Err(e))) => bail!("server stopped: {e}"),
+            Some(Err(e)) => bail!("server task failed: {e}"),
+            _ => bail!("server stopped"),
+        }
+    }
+    // Stop accepting, let calls in flight finish, but not for longer than the drain time.
+    let _ = stop_tx.send(true);
+    let drained = tokio::time::timeout(drain, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    for p in &sockets {
+        let _ = std::fs::remove_file(p);
+    }
+    if drained.is_err() {
+        eprintln!(
+            "granary daemon: {} calls still in flight after {:?}; exiting",
+            counters.in_flight.load(Ordering::Relaxed),
+            drain
+        );
+        servers.abort_all();
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `granary import --store grpc+...`: each tree goes up in one ingest session.
+pub async fn cmd_import_remote(
+    store: &Store,
+    paths: &[PathBuf],
+    names: Vec<Option<String>>,
+    skip_special: bool,
+    no_wait: bool,
+) -> Result<ExitCode> {
+    let remote = RemoteStore::connect(&store.url).await?;
+    let client = remote.client();
+    let tty = std::io::stderr().is_terminal();
+    let mut out = std::io::stdout().lock();
+    for (p, name) in paths.iter().zip(names) {
+        let token = upload::start(client, p, name.as_deref(), skip_special)
+            .await
+            .with_context(|| format!("uploading {}", p.display()))?;
+        if no_wait {
+            writeln!(out, "{token}\t{}", p.display())?;
+            out.flush()?;
+            continue;
+        }
+        let node = upload::wait(client, &token, |done, total| {
+            if tty {
+                eprint!("\rimporting {}: {done}/{total} bytes", p.display());
+            }
+        })
+        .await
+        .with_context(|| format!("importing {}", p.display()))?;
+        if tty {
+            eprintln!();
+        }
+        writeln!(out, "{}\t{}", show_node(&node), p.display())?;
+        out.flush()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show_node(node: &Node) -> String {
+    match node {
+        Node::Directory { digest, .. } | Node::File { digest, .. } => digest.to_hex(),
+        Node::Symlink { target } => format!("symlink -> {}", String::from_utf8_lossy(target)),
+    }
+}
+
+/// `granary ingest-status TOKEN`.
+pub async fn cmd_ingest_status(store: &Store, token: &str) -> Result<ExitCode> {
+    if !is_remote(&store.url) {
+        bail!("ingest sessions need a daemon store (grpc+tcp:// or grpc+unix://)");
+    }
+    let remote = RemoteStore::connect(&store.url).await?;
+    let st = upload::status(remote.client(), token).await?;
+    let mut out = std::io::stdout().lock();
+    match st {
+        upload::Status::Running {
+            bytes_done,
+            bytes_total,
+        } => writeln!(out, "running {bytes_done}/{bytes_total}")?,
+        upload::Status::Done(node) => writeln!(out, "done {}", show_node(&node))?,
+        upload::Status::Failed(reason) => {
+            writeln!(out, "failed {reason}")?;
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn is_remote(url: &str) -> bool {
+    url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://")
+}

@@ -1,0 +1,71 @@
+//! The remote protocol (DESIGN.md §5): generated gRPC code, the daemon's server side, the
+//! client, and the pieces both share (features, frame sizes, conversions).
+
+use bytes::Bytes;
+use prost::Message;
+
+use crate::castore::{self, B3Digest, Node, RootRecord};
+
+pub mod client;
+pub mod ingest;
+pub mod server;
+
+/// The generated messages and service (`proto/granary/v1/granary.proto`).
+#[allow(clippy::all, clippy::pedantic)]
+pub mod proto {
+    include!(concat!(env!("OUT_DIR"), "/granary.v1.rs"));
+}
+
+/// Protocol features. A feature is a name, never a version: both sides use the intersection.
+pub mod feature {
+    pub const CHUNKED_READ: &str = "chunked-read";
+    pub const BATCH_READ: &str = "batch-read";
+    pub const BLOB_PUT: &str = "blob-put";
+    pub const CLOSURE_GET: &str = "closure-get";
+    pub const CLOSURE_PUT: &str = "closure-put";
+    pub const INGEST_SESSIONS: &str = "ingest-sessions";
+    pub const STATS: &str = "stats";
+
+    /// Everything this build implements, on both sides.
+    pub const ALL: &[&str] = &[
+        CHUNKED_READ,
+        BATCH_READ,
+        BLOB_PUT,
+        CLOSURE_GET,
+        CLOSURE_PUT,
+        INGEST_SESSIONS,
+        STATS,
+    ];
+
+    /// What a client cannot work without: reading chunks and putting blobs.
+    pub const REQUIRED: &[&str] = &[CHUNKED_READ, BLOB_PUT];
+}
+
+/// Largest payload of one data frame. Far below tonic's 4 MiB default message limit, so a
+/// frame with its envelope always fits.
+pub const FRAME_BYTES: usize = 1 << 20;
+
+/// Most chunks one batched read may ask for.
+pub const MAX_BATCH: usize = 1024;
+
+/// Converts a root record to its wire message (the same message the local store writes).
+pub fn root_to_proto(r: &RootRecord) -> castore::proto::Root {
+    // Decoding what we just encoded cannot fail; an empty message is the fallback anyway.
+    castore::proto::Root::decode(&r.encode()[..]).unwrap_or_default()
+}
+
+/// Converts and validates a root from the wire.
+pub fn root_from_proto(r: &castore::proto::Root) -> Result<RootRecord, castore::ModelError> {
+    RootRecord::decode(&r.encode_to_vec())
+}
+
+/// The node of a wire root, without requiring a valid name (an unnamed ingest result).
+pub fn node_from_proto(r: &castore::proto::Root) -> Result<Node, castore::ModelError> {
+    let mut named = r.clone();
+    named.name = Bytes::from_static(b"x");
+    Ok(root_from_proto(&named)?.node)
+}
+
+pub fn digest_bytes(d: &B3Digest) -> Bytes {
+    Bytes::copy_from_slice(d.as_bytes())
+}

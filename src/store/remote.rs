@@ -1,0 +1,437 @@
+//! `grpc+tcp://host:port` and `grpc+unix:///path`: a store served by `granary daemon`.
+//!
+//! Same contracts as the other backends, enforced here on what the daemon sends: chunks are
+//! hashed (in the client), directories decoded, validated and hashed to the digest asked for,
+//! roots validated. Puts send bytes and compare the digest the daemon computed.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+
+use super::{
+    BlobMeta, BlobService, DirectoryService, Maintenance, Result, RootService, Store, StoreConfig,
+    StoreError, Usage,
+};
+use crate::castore::{self, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::rpc::client::{Client, ClientConfig};
+use crate::rpc::{digest_bytes, feature, proto, root_from_proto, root_to_proto};
+
+/// The remote store; one client (and its connection pool) behind all three services.
+#[derive(Clone)]
+pub struct RemoteStore {
+    client: Client,
+}
+
+fn verify_dir(digest: &B3Digest, dir: Directory) -> Result<Directory> {
+    let bytes = dir.encode_canonical();
+    let dir = Directory::decode_valid(&bytes)
+        .map_err(|e| StoreError::corrupt("directory", digest, e.to_string()))?;
+    let actual = B3Digest::of(&bytes);
+    if actual != *digest {
+        return Err(StoreError::corrupt(
+            "directory",
+            digest,
+            format!("daemon sent a directory hashing to {actual}"),
+        ));
+    }
+    Ok(dir)
+}
+
+impl RemoteStore {
+    /// Connects (handshake included) and returns the store; fails naming a missing feature.
+    pub async fn open(url: &str) -> Result<Store> {
+        let remote = Arc::new(Self::connect(url).await?);
+        let info = remote.client.info().await?;
+        Ok(Store {
+            url: url.to_string(),
+            config: StoreConfig {
+                chunking: info.chunking,
+                ..StoreConfig::default()
+            },
+            blobs: remote.clone(),
+            dirs: remote.clone(),
+            roots: remote.clone(),
+            maintenance: Some(remote),
+        })
+    }
+
+    /// Connects to the daemon a URL names (handshake included).
+    pub async fn connect(url: &str) -> Result<Self> {
+        let cfg = ClientConfig::from_url(url).map_err(|reason| StoreError::Config {
+            url: url.to_string(),
+            reason,
+        })?;
+        let client = Client::new(cfg).map_err(|reason| StoreError::Config {
+            url: url.to_string(),
+            reason,
+        })?;
+        client.info().await?;
+        Ok(RemoteStore { client })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Reads several chunks in one call (verified); falls back to one call per chunk when
+    /// the daemon does not offer batched reads.
+    pub async fn read_chunks(&self, digests: &[B3Digest]) -> Result<Vec<Option<Bytes>>> {
+        if digests.len() <= 1 || self.client.has_feature(feature::BATCH_READ) {
+            let mut out = Vec::with_capacity(digests.len());
+            for part in digests.chunks(crate::rpc::MAX_BATCH) {
+                out.extend(self.client.read_chunks(part).await?);
+            }
+            return Ok(out);
+        }
+        let mut out = Vec::with_capacity(digests.len());
+        for d in digests {
+            out.extend(self.client.read_chunks(std::slice::from_ref(d)).await?);
+        }
+        Ok(out)
+    }
+
+    /// A directory and everything below it, root first, each verified.
+    pub async fn get_closure(&self, root: &B3Digest) -> Result<Vec<Directory>> {
+        let want = digest_bytes(root);
+        let dirs = self
+            .client
+            .call("get closure", true, |mut api| {
+                let want = want.clone();
+                async move {
+                    let mut s = api
+                        .get_closure(proto::DigestRequest { digest: want })
+                        .await?
+                        .into_inner();
+                    let mut out = Vec::new();
+                    while let Some(d) = s.next().await {
+                        out.push(d?);
+                    }
+                    Ok(out)
+                }
+            })
+            .await?;
+        // The first is the root; every later one must be named by one received before it.
+        let mut expected = std::collections::HashSet::from([*root]);
+        let mut out = Vec::with_capacity(dirs.len());
+        for dir in dirs {
+            let digest = B3Digest::of(&dir.encode_canonical());
+            if !expected.contains(&digest) {
+                return Err(StoreError::corrupt(
+                    "directory closure",
+                    root,
+                    format!("daemon sent directory {digest}, which nothing before it names"),
+                ));
+            }
+            let dir = verify_dir(&digest, dir)?;
+            for e in &dir.directories {
+                expected.insert(B3Digest::try_from(&e.digest[..])?);
+            }
+            out.push(dir);
+        }
+        Ok(out)
+    }
+
+    /// Puts directories (leaves first) in one all-or-nothing call; returns the root digest.
+    pub async fn put_closure(&self, dirs: Vec<Directory>) -> Result<B3Digest> {
+        for d in &dirs {
+            d.validate()?;
+        }
+        let expected = dirs
+            .last()
+            .map(Directory::digest)
+            .ok_or_else(|| StoreError::Backend("put closure: no directories".into()))?;
+        let resp = self
+            .client
+            .call("put closure", true, |mut api| {
+                let dirs = dirs.clone();
+                async move {
+                    Ok(api
+                        .put_closure(futures::stream::iter(dirs))
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await?;
+        let got = B3Digest::try_from(&resp.root[..])?;
+        if got != expected {
+            return Err(StoreError::corrupt(
+                "directory",
+                &expected,
+                format!("daemon stored it as {got}"),
+            ));
+        }
+        Ok(got)
+    }
+
+    pub async fn stats(&self) -> Result<proto::StatsResponse> {
+        self.client
+            .call("stats", true, |mut api| async move {
+                Ok(api.stats(proto::StatsRequest {}).await?.into_inner())
+            })
+            .await
+    }
+}
+
+#[async_trait]
+impl BlobService for RemoteStore {
+    async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
+        let want = digest_bytes(blob);
+        let resp = self
+            .client
+            .call("stat blob", true, |mut api| {
+                let want = want.clone();
+                async move {
+                    Ok(api
+                        .stat_blob(proto::StatBlobRequest { digest: want })
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await?;
+        if !resp.found {
+            return Ok(None);
+        }
+        let idx = BlobIndex {
+            chunks: resp.chunks,
+            size: resp.size,
+        };
+        let meta = BlobMeta::from_index(&idx)
+            .map_err(|e| StoreError::corrupt("blob index", blob, e.to_string()))?;
+        // A one-chunk blob is its own chunk; an empty blob has none.
+        let consistent = match meta.chunks.as_slice() {
+            [] => meta.size == 0 && *blob == super::empty_blob(),
+            [one] => one.digest == *blob,
+            _ => true,
+        };
+        if !consistent {
+            return Err(StoreError::corrupt(
+                "blob index",
+                blob,
+                "daemon's chunk list does not fit the blob digest",
+            ));
+        }
+        Ok(Some(meta))
+    }
+
+    async fn read_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
+        Ok(self
+            .client
+            .read_chunks(std::slice::from_ref(chunk))
+            .await?
+            .into_iter()
+            .next()
+            .flatten())
+    }
+
+    async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
+        // A stat of a chunk digest answers for the chunk (it is a one-chunk blob) or for a
+        // blob index; only the former counts, so ask for the bytes when unsure.
+        match self.stat(chunk).await {
+            Ok(Some(m)) if m.chunks.len() == 1 => Ok(true),
+            Ok(_) => Ok(self.read_chunk(chunk).await?.is_some()),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
+        let got = self.client.put_blob(data, true).await?;
+        if got != digest {
+            return Err(StoreError::corrupt(
+                "chunk",
+                &digest,
+                format!("daemon computed {got} for the bytes sent"),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
+        index.validate()?;
+        let req = proto::PutBlobIndexRequest {
+            blob: digest_bytes(&blob),
+            index: Some(index.clone()),
+        };
+        self.client
+            .call("put blob index", true, |mut api| {
+                let req = req.clone();
+                async move { Ok(api.put_blob_index(req).await?.into_inner()) }
+            })
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl DirectoryService for RemoteStore {
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
+        let want = digest_bytes(digest);
+        let resp = self
+            .client
+            .call("get directory", true, |mut api| {
+                let want = want.clone();
+                async move {
+                    Ok(api
+                        .get_directory(proto::DigestRequest { digest: want })
+                        .await?
+                        .into_inner())
+                }
+            })
+            .await?;
+        match (resp.found, resp.directory) {
+            (false, _) => Ok(None),
+            (true, Some(d)) => verify_dir(digest, d).map(Some),
+            (true, None) => Ok(Some(verify_dir(digest, Directory::default())?)),
+        }
+    }
+
+    async fn put(&self, dir: &Directory) -> Result<B3Digest> {
+        self.put_closure(vec![dir.clone()]).await
+    }
+
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        Ok(DirectoryService::get(self, digest).await?.is_some())
+    }
+}
+
+#[async_trait]
+impl RootService for RemoteStore {
+    async fn get(&self, name: &str) -> Result<Option<RootRecord>> {
+        let req = proto::RootName {
+            name: name.to_string(),
+        };
+        let resp = self
+            .client
+            .call("get root", true, |mut api| {
+                let req = req.clone();
+                async move { Ok(api.get_root(req).await?.into_inner()) }
+            })
+            .await?;
+        let Some(r) = resp.root.filter(|_| resp.found) else {
+            return Ok(None);
+        };
+        let rec = root_from_proto(&r).map_err(|e| StoreError::Corrupt {
+            what: "root",
+            digest: name.to_string(),
+            reason: e.to_string(),
+        })?;
+        if rec.name != name {
+            return Err(StoreError::Corrupt {
+                what: "root",
+                digest: name.to_string(),
+                reason: format!("daemon answered with root {:?}", rec.name),
+            });
+        }
+        Ok(Some(rec))
+    }
+
+    async fn put(&self, root: &RootRecord) -> Result<()> {
+        castore::validate_root_name(&root.name)?;
+        let msg = root_to_proto(root);
+        self.client
+            .call("put root", true, |mut api| {
+                let msg = msg.clone();
+                async move { Ok(api.put_root(msg).await?.into_inner()) }
+            })
+            .await?;
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<String>> {
+        let mut names = self
+            .client
+            .call("list roots", true, |mut api| async move {
+                Ok(api
+                    .list_roots(proto::ListRootsRequest {})
+                    .await?
+                    .into_inner()
+                    .names)
+            })
+            .await?;
+        names.sort();
+        Ok(names)
+    }
+
+    async fn delete(&self, name: &str) -> Result<bool> {
+        let req = proto::RootName {
+            name: name.to_string(),
+        };
+        // Not retried: a second attempt would report `false` for a root the first removed.
+        self.client
+            .call("delete root", false, |mut api| {
+                let req = req.clone();
+                async move { Ok(api.delete_root(req).await?.into_inner().existed) }
+            })
+            .await
+    }
+}
+
+/// Listing and deleting objects is not part of the protocol yet: gc and full-store verify
+/// run on the daemon's own store. Say so rather than pretend.
+fn not_remote(what: &str) -> StoreError {
+    StoreError::Backend(format!(
+        "{what} is not available through a daemon; run it against the daemon's store directly"
+    ))
+}
+
+#[async_trait]
+impl Maintenance for RemoteStore {
+    async fn list(&self, _kind: crate::store::ObjectKind) -> Result<Vec<crate::store::ObjectInfo>> {
+        Err(not_remote("listing objects"))
+    }
+
+    async fn delete_if_older(
+        &self,
+        _kind: crate::store::ObjectKind,
+        _digest: &crate::castore::B3Digest,
+        _cutoff: std::time::SystemTime,
+    ) -> Result<bool> {
+        Err(not_remote("deleting objects"))
+    }
+
+    async fn remove(
+        &self,
+        _kind: crate::store::ObjectKind,
+        _digest: &crate::castore::B3Digest,
+    ) -> Result<()> {
+        Err(not_remote("deleting objects"))
+    }
+
+    async fn sweep_temp(&self, _cutoff: std::time::SystemTime) -> Result<u64> {
+        Err(not_remote("sweeping temp files"))
+    }
+
+    async fn usage(&self) -> Result<Usage> {
+        let s = self.stats().await?;
+        if !s.has_usage {
+            return Err(StoreError::Backend(
+                "the daemon's store cannot count its objects".into(),
+            ));
+        }
+        Ok(Usage {
+            chunks: s.chunks,
+            blob_indexes: s.blob_indexes,
+            directories: s.directories,
+            roots: s.roots,
+            chunk_bytes: s.chunk_bytes,
+            stored_bytes: s.stored_bytes,
+        })
+    }
+
+    async fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        let s = self.stats().await?;
+        Ok(vec![
+            ("daemon requests", s.requests),
+            ("daemon errors", s.errors),
+            ("daemon bytes in", s.bytes_in),
+            ("daemon bytes out", s.bytes_out),
+            ("daemon in flight", s.in_flight),
+            ("daemon connections", s.connections),
+            ("sessions started", s.sessions_started),
+            ("sessions running", s.sessions_running),
+            ("sessions done", s.sessions_done),
+            ("sessions failed", s.sessions_failed),
+        ])
+    }
+}

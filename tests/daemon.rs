@@ -1,0 +1,874 @@
+//! `granary daemon` end to end: the real binary serves a store on loopback TCP and a Unix
+//! socket in a temp dir; clients are the real binary or the library's remote store.
+//! Every daemon runs under a guard that kills it on drop, even when a test fails.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{assert_same_tree, gen_tree, granary_bin, noise, write_big};
+use granary::castore::{B3Digest, Node, RootRecord};
+use granary::store::{self, BlobService, RootService, Store};
+
+/// A free loopback port (bound, then released for the daemon to take).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running daemon; killed (and reaped) on drop.
+struct Daemon {
+    child: Option<Child>,
+    sock: PathBuf,
+    addr: SocketAddr,
+    store_url: String,
+    extra: Vec<String>,
+}
+
+impl Daemon {
+    fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        let sock = dir.join("d.sock");
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut d = Daemon {
+            child: None,
+            sock,
+            addr,
+            store_url: format!("file://{}", dir.join("store").display()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(granary_bin())
+            .arg("--store")
+            .arg(&self.store_url)
+            .arg("daemon")
+            .arg("--listen")
+            .arg(format!("unix:{}", self.sock.display()))
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .args(&self.extra)
+            .env("XDG_RUNTIME_DIR", "")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start daemon");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            let up = std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
+                && std::net::TcpStream::connect(self.addr).is_ok();
+            if up {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited at start: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    fn unix_url(&self) -> String {
+        format!("grpc+unix://{}", self.sock.display())
+    }
+
+    fn tcp_url(&self) -> String {
+        format!("grpc+tcp://{}", self.addr)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Threads and open file descriptors of the daemon process.
+    fn threads_and_fds(&self) -> (usize, usize) {
+        let count = |sub: &str| {
+            std::fs::read_dir(format!("/proc/{}/{sub}", self.pid()))
+                .map(|r| r.count())
+                .unwrap_or(0)
+        };
+        (count("task"), count("fd"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn granary(url: &str, args: &[&str]) -> Output {
+    Command::new(granary_bin())
+        .arg("--store")
+        .arg(url)
+        .args(args)
+        .env_remove("GRANARY_TOKEN_FILE")
+        .output()
+        .expect("run granary")
+}
+
+fn ok(url: &str, args: &[&str]) -> Output {
+    let out = granary(url, args);
+    assert!(
+        out.status.success(),
+        "granary {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn fails(url: &str, args: &[&str]) -> String {
+    let out = granary(url, args);
+    assert!(
+        !out.status.success(),
+        "granary {args:?} should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+#[test]
+fn round_trip_through_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 3 << 20);
+    let d = Daemon::start(tmp.path(), &[]);
+
+    let out = ok(
+        &d.unix_url(),
+        &["import", "--name", "tree", src.to_str().unwrap()],
+    );
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    let digest = printed.split('\t').next().unwrap().to_string();
+    assert_eq!(digest.len(), 64, "{printed}");
+
+    // The daemon's store holds it: read it through the daemon and directly.
+    let roots = ok(&d.tcp_url(), &["roots"]);
+    assert_eq!(String::from_utf8_lossy(&roots.stdout), "tree\n");
+    let direct = ok(&d.store_url, &["ls", "tree"]);
+    let remote = ok(&d.tcp_url(), &["ls", "tree"]);
+    assert_eq!(direct.stdout, remote.stdout);
+    assert!(String::from_utf8_lossy(&remote.stdout).contains("hello.txt"));
+    let long = ok(&d.unix_url(), &["ls", "-l", &digest]);
+    assert!(String::from_utf8_lossy(&long.stdout).contains("sizes"));
+
+    let cat = ok(&d.tcp_url(), &["cat", "tree/sizes/f65536+0"]);
+    assert_eq!(
+        cat.stdout,
+        std::fs::read(src.join("sizes/f65536+0")).unwrap()
+    );
+
+    for (i, url) in [d.unix_url(), d.tcp_url()].iter().enumerate() {
+        let dest = tmp.path().join(format!("out{i}"));
+        ok(url, &["export", "tree", dest.to_str().unwrap()]);
+        assert_same_tree(&src, &dest);
+        let diff = Command::new("diff")
+            .args(["-r", "--no-dereference"])
+            .arg(&src)
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(
+            diff.status.success(),
+            "{}",
+            String::from_utf8_lossy(&diff.stdout)
+        );
+    }
+
+    // The same tree again dedups to the same digest; info reports the daemon's counters.
+    let again = ok(&d.tcp_url(), &["import", src.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&again.stdout).starts_with(&digest));
+    let info = ok(&d.unix_url(), &["info"]);
+    let info = String::from_utf8_lossy(&info.stdout);
+    assert!(info.contains("daemon requests"), "{info}");
+    assert!(info.contains("sessions done      2"), "{info}");
+
+    // Errors are one line naming the thing.
+    let e = fails(&d.unix_url(), &["cat", "tree/nope"]);
+    assert!(e.contains("nope"), "{e}");
+}
+
+#[test]
+fn library_store_over_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &[]);
+    rt().block_on(async {
+        let s = store::open(&d.tcp_url()).await.unwrap();
+        // A chunk put sends bytes; the daemon's digest must match.
+        let data = bytes::Bytes::from(noise(100_000, 7));
+        let dg = B3Digest::of(&data);
+        s.blobs.put_chunk(dg, data.clone()).await.unwrap();
+        assert_eq!(s.blobs.read_chunk(&dg).await.unwrap().unwrap(), data);
+        // A wrong digest is refused, and nothing is stored under it.
+        let wrong = B3Digest::of(b"something else");
+        let e = s.blobs.put_chunk(wrong, data.clone()).await.unwrap_err();
+        assert!(e.to_string().contains("daemon computed"), "{e}");
+        assert!(s.blobs.read_chunk(&wrong).await.unwrap().is_none());
+        // A blob index whose chunks do not hash to the claimed blob digest is refused.
+        let meta = s.blobs.stat(&dg).await.unwrap().unwrap();
+        let mut idx = meta.to_index();
+        idx.chunks.push(idx.chunks[0].clone());
+        idx.size *= 2;
+        let e = s.blobs.put_blob_index(wrong, &idx).await.unwrap_err();
+        assert!(e.to_string().contains("hash"), "{e}");
+        assert!(s.blobs.stat(&wrong).await.unwrap().is_none());
+        // A root pointing at nothing stored is refused.
+        let e = s
+            .roots
+            .put(&RootRecord {
+                name: "ghost".into(),
+                node: Node::Directory {
+                    digest: wrong,
+                    size: 0,
+                },
+                nix: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not stored"), "{e}");
+        assert!(s.roots.list().await.unwrap().is_empty());
+        // Absent things are absent, not errors.
+        assert!(s.dirs.get(&wrong).await.unwrap().is_none());
+        assert!(s.roots.get("nothing").await.unwrap().is_none());
+    });
+}
+
+/// Imports a tree through the local store and returns its blobs' chunk digests.
+async fn seed_store(url: &str, src: &Path) -> (Node, Vec<B3Digest>, Vec<B3Digest>) {
+    let s = store::open(url).await.unwrap();
+    let node = granary::import::import_path(&s, src, &Default::default(), Default::default())
+        .await
+        .unwrap();
+    let mut blobs = Vec::new();
+    let mut chunks = Vec::new();
+    let Node::Directory { digest, .. } = node.clone() else {
+        panic!("not a dir")
+    };
+    let mut stack = vec![digest];
+    while let Some(d) = stack.pop() {
+        let dir = s.dirs.get(&d).await.unwrap().unwrap();
+        for e in &dir.directories {
+            stack.push(B3Digest::try_from(&e.digest[..]).unwrap());
+        }
+        for f in &dir.files {
+            let b = B3Digest::try_from(&f.digest[..]).unwrap();
+            blobs.push(b);
+            for c in s.blobs.stat(&b).await.unwrap().unwrap().chunks {
+                chunks.push(c.digest);
+            }
+        }
+    }
+    (node, blobs, chunks)
+}
+
+#[test]
+fn many_concurrent_clients() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 2 << 20);
+    let store_url = format!("file://{}", tmp.path().join("store").display());
+    let rt = rt();
+    let (node, blobs, chunks) = rt.block_on(seed_store(&store_url, &src));
+    let Node::Directory { digest: top, .. } = node.clone() else {
+        panic!()
+    };
+    let d = Daemon::start(tmp.path(), &[]);
+    let (threads0, fds0) = d.threads_and_fds();
+    // Overlapping data every client puts: 16 shared pieces.
+    let shared: Arc<Vec<bytes::Bytes>> = Arc::new(
+        (0..16)
+            .map(|i| bytes::Bytes::from(noise(20_000 + i * 1000, 1000 + i as u64)))
+            .collect(),
+    );
+    let (blobs, chunks) = (Arc::new(blobs), Arc::new(chunks));
+    let urls = [d.unix_url(), d.tcp_url()];
+    let t0 = Instant::now();
+    rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for client in 0..32usize {
+            let url = urls[client % 2].clone();
+            let (blobs, chunks, shared) = (blobs.clone(), chunks.clone(), shared.clone());
+            let node = node.clone();
+            tasks.spawn(async move {
+                let s = granary::store::remote::RemoteStore::connect(&url)
+                    .await
+                    .unwrap();
+                for i in 0..200usize {
+                    let k = client * 7 + i;
+                    match i % 5 {
+                        0 => {
+                            let b = blobs[k % blobs.len()];
+                            assert!(s.stat(&b).await.unwrap().is_some());
+                        }
+                        1 => {
+                            let c = chunks[k % chunks.len()];
+                            let data = s.read_chunk(&c).await.unwrap().unwrap();
+                            assert_eq!(B3Digest::of(&data), c);
+                        }
+                        2 => {
+                            let want: Vec<B3Digest> =
+                                (0..8).map(|j| chunks[(k + j) % chunks.len()]).collect();
+                            let got = s.read_chunks(&want).await.unwrap();
+                            for (w, g) in want.iter().zip(got) {
+                                assert_eq!(B3Digest::of(&g.unwrap()), *w);
+                            }
+                        }
+                        3 => {
+                            let closure = s.get_closure(&top).await.unwrap();
+                            assert!(closure.len() > 5);
+                            assert_eq!(closure[0].digest(), top);
+                        }
+                        _ => {
+                            let data = shared[k % shared.len()].clone();
+                            s.put_chunk(B3Digest::of(&data), data).await.unwrap();
+                            RootService::put(
+                                &s,
+                                &RootRecord {
+                                    name: "shared".into(),
+                                    node: node.clone(),
+                                    nix: None,
+                                },
+                            )
+                            .await
+                            .unwrap();
+                        }
+                    }
+                }
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            r.expect("client task");
+        }
+    });
+    eprintln!("32 x 200 requests in {:?}", t0.elapsed());
+
+    // One copy of each shared piece; the root is there once.
+    let chunk_files = common::walk_files(&tmp.path().join("store/chunks"));
+    for piece in shared.iter() {
+        let hex = B3Digest::of(piece).to_hex();
+        let n = chunk_files
+            .iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy() == hex)
+            .count();
+        assert_eq!(n, 1, "chunk {hex}");
+    }
+    assert!(!chunk_files.iter().any(|p| p
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with(".tmp")));
+    assert_eq!(
+        String::from_utf8_lossy(&ok(&d.unix_url(), &["roots"]).stdout),
+        "shared\n"
+    );
+
+    // Still prompt, and nothing leaked: connections closed, threads back near the start.
+    let t = Instant::now();
+    ok(&d.tcp_url(), &["ls", "shared"]);
+    assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (threads, fds) = d.threads_and_fds();
+        // Blocking-pool threads linger for a while after a burst; bound them, not zero them.
+        if fds <= fds0 + 4 && threads <= threads0 + 512 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "daemon holds {fds} fds (started with {fds0}), {threads} threads (started with {threads0})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stats = rt.block_on(async {
+        let s = granary::store::remote::RemoteStore::connect(&d.unix_url())
+            .await
+            .unwrap();
+        s.stats().await.unwrap()
+    });
+    assert!(stats.requests >= 32 * 200, "{stats:?}");
+    assert_eq!(stats.errors, 0, "{stats:?}");
+    assert_eq!(stats.in_flight, 0, "{stats:?}");
+}
+
+#[test]
+fn feature_negotiation() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &["--disable-feature", "closure-get"]);
+    // A client requiring what the daemon lacks is told which feature.
+    let url = format!("{}?require=closure-get", d.unix_url());
+    let e = fails(&url, &["roots"]);
+    assert!(e.contains("closure-get"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    let url = format!("{}?require=teleport", d.tcp_url());
+    let e = fails(&url, &["roots"]);
+    assert!(e.contains("\"teleport\""), "{e}");
+    // Without that requirement the same daemon serves normally.
+    ok(&d.unix_url(), &["roots"]);
+    // Unknown features from a client are ignored, and the intersection is returned.
+    rt().block_on(async {
+        let mut api = granary::rpc::proto::granary_client::GranaryClient::connect(format!(
+            "http://{}",
+            d.addr
+        ))
+        .await
+        .unwrap();
+        let resp = api
+            .handshake(granary::rpc::proto::HandshakeRequest {
+                features: vec![
+                    "chunked-read".into(),
+                    "x-from-the-future".into(),
+                    "closure-get".into(),
+                ],
+                required: vec![],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(resp.features, vec!["chunked-read".to_string()]);
+        assert!(!resp.offered.contains(&"closure-get".to_string()));
+        // And the missing feature is refused on the call itself.
+        let e = api
+            .get_closure(granary::rpc::proto::DigestRequest {
+                digest: vec![0u8; 32].into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unimplemented);
+    });
+}
+
+#[test]
+fn token_auth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("token");
+    std::fs::write(&token, "s3cret-token\n").unwrap();
+    let wrong = tmp.path().join("wrong");
+    std::fs::write(&wrong, "guess").unwrap();
+    let d = Daemon::start(tmp.path(), &["--token-file", token.to_str().unwrap()]);
+    let e = fails(&d.tcp_url(), &["roots"]);
+    assert!(e.to_lowercase().contains("unauthenticated"), "{e}");
+    let e = fails(
+        &format!("{}?token_file={}", d.tcp_url(), wrong.display()),
+        &["roots"],
+    );
+    assert!(e.contains("wrong bearer token"), "{e}");
+    ok(
+        &format!("{}?token_file={}", d.unix_url(), token.display()),
+        &["roots"],
+    );
+    let out = Command::new(granary_bin())
+        .arg("--store")
+        .arg(d.tcp_url())
+        .arg("roots")
+        .env("GRANARY_TOKEN_FILE", &token)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A non-loopback listen address without a token refuses to start, binding nothing.
+    let port = free_port();
+    let t = Instant::now();
+    let out = Command::new(granary_bin())
+        .arg("--store")
+        .arg(format!("file://{}", tmp.path().join("store2").display()))
+        .args(["daemon", "--listen", &format!("0.0.0.0:{port}")])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("--token-file"), "{e}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+}
+
+#[test]
+fn daemon_killed_then_restarted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_big(&src.join("big"), 8 << 20, 3);
+    let mut d = Daemon::start(tmp.path(), &[]);
+    ok(
+        &d.unix_url(),
+        &["import", "--name", "big", src.to_str().unwrap()],
+    );
+    let timeout = Duration::from_secs(2);
+    rt().block_on(async {
+        let s = store::open(&format!("{}?timeout=2s", d.tcp_url()))
+            .await
+            .unwrap();
+        let node = s.roots.get("big").await.unwrap().unwrap().node;
+        let Node::Directory { digest, .. } = node else {
+            panic!()
+        };
+        let dir = s.dirs.get(&digest).await.unwrap().unwrap();
+        let blob = B3Digest::try_from(&dir.files[0].digest[..]).unwrap();
+        let chunks = s.blobs.stat(&blob).await.unwrap().unwrap().chunks;
+        // A read loop runs while the daemon is killed.
+        let reader = {
+            let s: Store = s.clone();
+            let chunks = chunks.clone();
+            tokio::spawn(async move {
+                let mut worst = Duration::ZERO;
+                let mut errors = 0;
+                let mut i = 0;
+                let end = Instant::now() + Duration::from_secs(4);
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let r = s.blobs.read_chunk(&chunks[i % chunks.len()].digest).await;
+                    worst = worst.max(t.elapsed());
+                    match r {
+                        Ok(Some(b)) => {
+                            assert_eq!(B3Digest::of(&b), chunks[i % chunks.len()].digest)
+                        }
+                        Ok(None) => panic!("chunk vanished"),
+                        Err(_) => errors += 1,
+                    }
+                    i += 1;
+                }
+                (worst, errors)
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        d.kill9();
+        let (worst, errors) = reader.await.unwrap();
+        assert!(errors > 0, "reads kept succeeding with the daemon dead");
+        // Every call ends within its deadline (plus scheduling slack), never hangs.
+        assert!(
+            worst < timeout + Duration::from_secs(1),
+            "a read took {worst:?}"
+        );
+        let t = Instant::now();
+        let e = s.roots.list().await.unwrap_err();
+        assert!(t.elapsed() < timeout + Duration::from_secs(1));
+        assert!(!e.to_string().is_empty());
+        // Restarted: the same client reconnects by itself.
+        d.spawn();
+        let t = Instant::now();
+        let data = s
+            .blobs
+            .read_chunk(&chunks[0].digest)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(B3Digest::of(&data), chunks[0].digest);
+        assert!(t.elapsed() < timeout, "{:?}", t.elapsed());
+        assert_eq!(s.roots.list().await.unwrap(), vec!["big".to_string()]);
+    });
+}
+
+/// Faults the proxy injects on each connection.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    /// Every forwarded read waits this long.
+    Delay(Duration),
+    /// Closes both sides after this many bytes from the daemon.
+    DropAfter(usize),
+    /// Forwards this many bytes from the client, then silently stops forwarding (the
+    /// connection stays open).
+    TruncateUpload(usize),
+    /// Forwards this many bytes from the daemon, then silently stops forwarding.
+    StallAfter(usize),
+    /// Accepts and never forwards anything.
+    Blackhole,
+}
+
+/// A TCP proxy in front of the daemon that injects `fault` on every connection.
+async fn fault_proxy(upstream: SocketAddr, fault: Fault) -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lis = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = lis.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = lis.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                if let Fault::Blackhole = fault {
+                    let _hold = client;
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                    return;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let up = tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 << 10];
+                    let mut sent = 0usize;
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if let Fault::Delay(t) = fault {
+                            tokio::time::sleep(t).await;
+                        }
+                        if let Fault::TruncateUpload(limit) = fault {
+                            if sent + n > limit {
+                                let _ = sw.write_all(&buf[..limit.saturating_sub(sent)]).await;
+                                // Stall: keep the connection open, forward nothing more.
+                                tokio::time::sleep(Duration::from_secs(3600)).await;
+                                return;
+                            }
+                        }
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                        sent += n;
+                    }
+                });
+                let mut buf = vec![0u8; 16 << 10];
+                let mut got = 0usize;
+                loop {
+                    let n = match sr.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    if let Fault::Delay(t) = fault {
+                        tokio::time::sleep(t).await;
+                    }
+                    if let Fault::DropAfter(limit) = fault {
+                        if got + n > limit {
+                            let _ = cw.write_all(&buf[..limit - got]).await;
+                            break;
+                        }
+                    }
+                    if let Fault::StallAfter(limit) = fault {
+                        if got + n > limit {
+                            let _ = cw.write_all(&buf[..limit - got]).await;
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                            break;
+                        }
+                    }
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                    got += n;
+                }
+                up.abort();
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn fault_injecting_proxy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_big(&src.join("big"), 6 << 20, 9);
+    let d = Daemon::start(tmp.path(), &[]);
+    ok(
+        &d.unix_url(),
+        &["import", "--name", "big", src.to_str().unwrap()],
+    );
+    let want = std::fs::read(src.join("big")).unwrap();
+    let blob = B3Digest::of(&want);
+    let timeout = Duration::from_millis(1500);
+    let slack = Duration::from_millis(1000);
+    rt().block_on(async {
+        for fault in [
+            Fault::Delay(Duration::from_millis(30)),
+            Fault::DropAfter(300_000),
+            Fault::DropAfter(5_000),
+            Fault::StallAfter(400_000),
+            Fault::Blackhole,
+        ] {
+            let proxy = fault_proxy(d.addr, fault).await;
+            let url = format!("grpc+tcp://{proxy}?timeout=1500ms&connect_timeout=500ms");
+            let t = Instant::now();
+            let opened = store::open(&url).await;
+            assert!(
+                t.elapsed() < timeout + slack,
+                "{fault:?}: open took {:?}",
+                t.elapsed()
+            );
+            let s = match opened {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("{fault:?}: open failed in {:?}: {e}", t.elapsed());
+                    continue;
+                }
+            };
+            for _ in 0..3 {
+                let t = Instant::now();
+                let mut out = Vec::new();
+                let r = granary::tree::write_blob(&s, &blob, &mut out).await;
+                // Each chunk read has its own deadline; a whole-blob read is several.
+                assert!(
+                    t.elapsed() < (timeout + slack) * 8,
+                    "{fault:?}: whole read took {:?}",
+                    t.elapsed()
+                );
+                eprintln!(
+                    "{fault:?}: read in {:?}: {:?}",
+                    t.elapsed(),
+                    r.as_ref().map_err(|e| e.to_string())
+                );
+                match r {
+                    Ok(n) => {
+                        assert_eq!(n as usize, want.len());
+                        assert!(out == want, "{fault:?}: wrong bytes");
+                    }
+                    Err(e) => {
+                        // What was written before the error is a correct prefix.
+                        assert!(want.starts_with(&out), "{fault:?}: wrong bytes before {e}");
+                    }
+                }
+                let t = Instant::now();
+                let _ = s.roots.list().await;
+                assert!(
+                    t.elapsed() < timeout + slack,
+                    "{fault:?}: list took {:?}",
+                    t.elapsed()
+                );
+            }
+        }
+
+        // A truncated upload: the daemon never sees the end, so nothing is committed.
+        let up = tmp.path().join("up");
+        write_big(&up.join("payload"), 3 << 20, 77);
+        let payload_digest = B3Digest::of(&std::fs::read(up.join("payload")).unwrap());
+        let proxy = fault_proxy(d.addr, Fault::TruncateUpload(1 << 20)).await;
+        let url = format!("grpc+tcp://{proxy}?timeout=1500ms");
+        let t = Instant::now();
+        let out = tokio::process::Command::new(granary_bin())
+            .args(["--store", &url, "import", "--name", "truncated"])
+            .arg(&up)
+            .output()
+            .await
+            .unwrap();
+        assert!(!out.status.success(), "truncated import succeeded");
+        assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+        // And a truncated blob put through the library.
+        if let Ok(s) = store::open(&url).await {
+            let data = bytes::Bytes::from(noise(2 << 20, 4242));
+            assert!(s.blobs.put_chunk(B3Digest::of(&data), data).await.is_err());
+        }
+        let direct = store::open(&d.unix_url()).await.unwrap();
+        assert_eq!(direct.roots.list().await.unwrap(), vec!["big".to_string()]);
+        assert!(direct.blobs.stat(&payload_digest).await.unwrap().is_none());
+        let tmp_files: Vec<_> = common::walk_files(&tmp.path().join("store"))
+            .into_iter()
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
+            .collect();
+        assert!(tmp_files.is_empty(), "{tmp_files:?}");
+    });
+}
+
+#[test]
+fn ingest_session_outlives_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 0);
+    for i in 0..6 {
+        write_big(&src.join(format!("big{i}")), 6 << 20, 50 + i);
+    }
+    let d = Daemon::start(tmp.path(), &["--session-retention", "3s"]);
+    let out = ok(
+        &d.unix_url(),
+        &[
+            "import",
+            "--no-wait",
+            "--name",
+            "later",
+            src.to_str().unwrap(),
+        ],
+    );
+    // The client has exited; the session goes on without it.
+    let line = String::from_utf8_lossy(&out.stdout).into_owned();
+    let token = line.split('\t').next().unwrap().trim().to_string();
+    assert_eq!(token.len(), 32, "{line}");
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    let done = loop {
+        let out = granary(&d.tcp_url(), &["ingest-status", &token]);
+        let s = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{s} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        seen.push(s.split(' ').next().unwrap_or("").to_string());
+        if s.starts_with("done ") {
+            break s;
+        }
+        assert!(s.starts_with("running "), "{s}");
+        assert!(t0.elapsed() < Duration::from_secs(60));
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!("states seen: {seen:?}");
+    // The first poll came after the client exited, and the import was still going.
+    assert_eq!(seen[0], "running", "{seen:?}");
+    let digest = done.trim().strip_prefix("done ").unwrap().to_string();
+    let dest = tmp.path().join("out");
+    ok(&d.unix_url(), &["export", "later", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+    let ls = ok(&d.unix_url(), &["ls", "-l", &digest]);
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("big5"));
+
+    // Unknown tokens are a clear error; finished sessions are forgotten after retention.
+    let e = fails(
+        &d.unix_url(),
+        &["ingest-status", "0123456789abcdef0123456789abcdef"],
+    );
+    assert!(e.contains("no ingest session"), "{e}");
+    std::thread::sleep(Duration::from_secs(5));
+    let e = fails(&d.unix_url(), &["ingest-status", &token]);
+    assert!(e.contains("no ingest session"), "{e}");
+}
+
+#[test]
+fn sigterm_drains_and_exits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(tmp.path(), &["--drain-timeout", "3s"]);
+    ok(&d.unix_url(), &["roots"]);
+    let mut child = d.child.take().unwrap();
+    let t = Instant::now();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(8),
+            "daemon ignored SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(!d.sock.exists(), "socket left behind");
+}
