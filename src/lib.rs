@@ -5,11 +5,13 @@
 //! - [`chunking`]: FastCDC with per-store parameters
 //! - [`store`]: the blob, directory and root services and their backends
 //! - [`import`] / [`tree`]: trees in and out
+//! - [`dedup`]: what each chunking strategy would save on some data
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
 pub mod castore;
 pub mod chunking;
 pub mod cli;
+pub mod dedup;
 pub mod import;
 pub mod store;
 pub mod tree;

@@ -16,6 +16,8 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod dedup;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "granary",
@@ -74,7 +76,13 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also report unique chunks, chunk sizes and metadata bytes as `granary dedup`
+        /// does for the `store` strategy (walks every root's metadata).
+        #[arg(long)]
+        dedup: bool,
     },
+    /// Measure how much each chunking strategy would save on some trees (writes nothing).
+    Dedup(dedup::DedupArgs),
 }
 
 /// Entry point of the binary.
@@ -119,6 +127,10 @@ async fn open_store(url: Option<&str>) -> Result<Store> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    // dedup reads a store only if asked to, and must not create one.
+    if let Command::Dedup(args) = &cli.command {
+        return dedup::cmd_dedup(cli.store.as_deref(), args).await;
+    }
     let store = open_store(cli.store.as_deref()).await?;
     match cli.command {
         Command::Import {
@@ -157,19 +169,23 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!("{}: already exists; export needs a new path", dest.display());
+                bail!(
+                    "{}: already exists; export needs a new path",
+                    dest.display()
+                );
             }
             tree::export(&store, &node, &dest)
                 .await
                 .with_context(|| format!("exporting {path} to {}", dest.display()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Info { json } => cmd_info(&store, json).await,
+        Command::Info { json, dedup } => cmd_info(&store, json, dedup).await,
+        Command::Dedup(_) => unreachable!("handled above"),
     }
 }
 
 /// A progress bar on stderr when it is a terminal, fed from the import's counters.
-fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
+pub(crate) fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -216,9 +232,11 @@ async fn cmd_import(
     for p in paths {
         names.push(match (&name, named) {
             (Some(n), _) => Some(n.clone()),
-            (None, true) => Some(import::default_root_name(p).with_context(|| {
-                format!("{}: basename is not a valid root name", p.display())
-            })?),
+            (None, true) => {
+                Some(import::default_root_name(p).with_context(|| {
+                    format!("{}: basename is not a valid root name", p.display())
+                })?)
+            }
             _ => None,
         });
     }
@@ -266,7 +284,11 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
+            if *executable {
+                "r-xr-xr-x"
+            } else {
+                "r--r--r--"
+            },
             *size,
             digest.to_hex(),
         ),
@@ -298,7 +320,7 @@ async fn cmd_ls(store: &Store, path: &str, long: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
+async fn cmd_info(store: &Store, json: bool, dedup: bool) -> Result<ExitCode> {
     let mut memo = std::collections::HashMap::new();
     let mut logical = 0u64;
     let names = store.roots.list().await?;
@@ -320,12 +342,21 @@ async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
         }
     };
     let p = store.params();
+    let figures = if dedup {
+        Some(dedup::info_figures(store).await?)
+    } else {
+        None
+    };
     let mut out = std::io::stdout().lock();
     if json {
         let u = usage.clone().unwrap_or_default();
+        let extra = match &figures {
+            Some(f) => format!(",\"dedup\":{}", serde_json::to_string(f)?),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "{{\"store\":{:?},\"chunking\":{{\"min\":{},\"avg\":{},\"max\":{}}},\"roots\":{},\"chunks\":{},\"blob_indexes\":{},\"directories\":{},\"logical_bytes\":{},\"unique_chunk_bytes\":{},\"stored_bytes\":{},\"dedup_ratio\":{:.4}}}",
+            "{{\"store\":{:?},\"chunking\":{{\"min\":{},\"avg\":{},\"max\":{}}},\"roots\":{},\"chunks\":{},\"blob_indexes\":{},\"directories\":{},\"logical_bytes\":{},\"unique_chunk_bytes\":{},\"stored_bytes\":{},\"dedup_ratio\":{:.4}{extra}}}",
             store.url, p.min, p.avg, p.max, names.len(), u.chunks, u.blob_indexes, u.directories,
             logical, u.chunk_bytes, u.stored_bytes, ratio(&u)
         )?;
@@ -347,6 +378,35 @@ async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
                 logical as f64 / u.stored_bytes as f64
             };
             writeln!(out, "logical / stored   {comp:.3}")?;
+        }
+        if let Some(f) = &figures {
+            writeln!(
+                out,
+                "reachable from the roots (as `granary dedup` counts the store strategy):"
+            )?;
+            writeln!(out, "  unique chunks      {}", f.unique_chunks)?;
+            writeln!(out, "  unique chunk bytes {}", f.unique_bytes)?;
+            writeln!(out, "  dedup ratio        {:.3}", f.dedup_ratio)?;
+            writeln!(out, "  chunk size mean    {}", f.mean_chunk)?;
+            writeln!(out, "  chunk size median  {}", f.median_chunk)?;
+            writeln!(out, "  chunk size p99     {}", f.p99_chunk)?;
+            writeln!(
+                out,
+                "  blob indexes       {} ({} bytes)",
+                f.blob_indexes, f.blob_index_bytes
+            )?;
+            writeln!(
+                out,
+                "  directories        {} ({} bytes)",
+                f.directories, f.directory_bytes
+            )?;
+            for m in &f.marginal {
+                writeln!(
+                    out,
+                    "  root {} adds {} unique chunk bytes of {} logical",
+                    m.input, m.unique_bytes, m.logical_bytes
+                )?;
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
