@@ -37,6 +37,9 @@ pub struct DedupArgs {
     /// Also write an SVG chart of unique and stored bytes per strategy.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Also write the JSON report to this file (whatever --format says).
+    #[arg(long, value_name = "FILE.json")]
+    json: Option<PathBuf>,
     /// Estimate zstd size from one unique chunk in N (chosen by digest, so the same chunks
     /// every run); 1 compresses every unique chunk and gives exact figures.
     #[arg(long, value_name = "N", default_value_t = 1)]
@@ -144,6 +147,12 @@ pub async fn cmd_dedup(store_url: Option<&str>, args: &DedupArgs) -> Result<Exit
             writeln!(out)?;
         }
         Format::Csv => write_csv(&mut out, &report)?,
+    }
+    if let Some(path) = &args.json {
+        let f =
+            std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        serde_json::to_writer_pretty(std::io::BufWriter::new(f), &report)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.plot {
         plot(path, &report).with_context(|| format!("writing plot {}", path.display()))?;
@@ -320,7 +329,7 @@ fn plot(path: &Path, r: &Report) -> Result<()> {
         .iter()
         .map(|s| mb(s.unique_bytes.max(s.stored_bytes)))
         .fold(mb(r.logical_bytes), f64::max)
-        * 1.1
+        * 1.3
         + 1e-6;
     let labels: Vec<String> = r.strategies.iter().map(|s| s.strategy.clone()).collect();
     let root = SVGBackend::new(path, (140 * n as u32 + 220, 520)).into_drawing_area();
