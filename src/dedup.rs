@@ -224,6 +224,8 @@ pub struct StrategyReport {
     pub stored_bytes: u64,
     /// logical / stored.
     pub stored_ratio: f64,
+    /// What the objects of a local store (one file each) occupy in whole 4 KiB blocks.
+    pub disk_bytes: u64,
     pub marginal: Vec<Marginal>,
 }
 
@@ -304,10 +306,21 @@ struct Seen {
 struct StrategyAcc {
     seen: Mutex<Seen>,
     zstd_exact: AtomicU64,
+    disk_exact: AtomicU64,
     sampled_raw: AtomicU64,
     sampled_zstd: AtomicU64,
+    sampled_disk: AtomicU64,
     blob_indexes: AtomicU64,
     blob_index_bytes: AtomicU64,
+    blob_index_disk: AtomicU64,
+}
+
+/// Filesystem block size assumed for `disk_bytes` (ext4's default).
+pub const BLOCK: u64 = 4096;
+
+/// Bytes a file of `len` bytes occupies in whole blocks.
+fn blocks(len: u64) -> u64 {
+    len.div_ceil(BLOCK) * BLOCK
 }
 
 /// A snapshot of the cumulative figures of one strategy (for marginal gains).
@@ -317,6 +330,7 @@ struct Totals {
     unique_chunks: u64,
     metadata: u64,
     zstd: u64,
+    disk: u64,
 }
 
 /// State shared by every worker for a whole analysis.
@@ -352,38 +366,56 @@ impl Shared {
         }
     }
 
-    fn dir_totals(&self) -> (u64, u64) {
+    /// Distinct directories: count, encoded bytes, and bytes in whole blocks.
+    fn dir_totals(&self) -> (u64, u64, u64) {
         let d = lock(&self.dirs);
-        (d.len() as u64, d.values().sum())
+        (
+            d.len() as u64,
+            d.values().sum(),
+            d.values().map(|&l| blocks(l)).sum(),
+        )
     }
 
-    fn zstd_estimate(&self, i: usize, unique_bytes: u64) -> u64 {
+    /// Compressed bytes of the unique chunks, and the same in whole blocks: exact, or
+    /// scaled from the sample.
+    fn zstd_estimate(&self, i: usize, unique_bytes: u64) -> (u64, u64) {
         let a = &self.accs[i];
         if self.sample <= 1 || self.strategies[i] == Strategy::WholeFile {
-            return a.zstd_exact.load(Ordering::Relaxed);
+            return (
+                a.zstd_exact.load(Ordering::Relaxed),
+                a.disk_exact.load(Ordering::Relaxed),
+            );
         }
         let raw = a.sampled_raw.load(Ordering::Relaxed);
-        let z = a.sampled_zstd.load(Ordering::Relaxed);
-        if raw == 0 {
-            unique_bytes
-        } else {
-            (unique_bytes as f64 * z as f64 / raw as f64).round() as u64
-        }
+        let scale = |v: u64| {
+            if raw == 0 {
+                unique_bytes
+            } else {
+                (unique_bytes as f64 * v as f64 / raw as f64).round() as u64
+            }
+        };
+        (
+            scale(a.sampled_zstd.load(Ordering::Relaxed)),
+            scale(a.sampled_disk.load(Ordering::Relaxed)),
+        )
     }
 
     fn totals(&self) -> Vec<Totals> {
-        let (_, dir_bytes) = self.dir_totals();
+        let (_, dir_bytes, dir_disk) = self.dir_totals();
         (0..self.accs.len())
             .map(|i| {
                 let (unique_bytes, unique_chunks) = {
                     let s = lock(&self.accs[i].seen);
                     (s.bytes, s.chunks.len() as u64)
                 };
+                let a = &self.accs[i];
+                let (zstd, zstd_disk) = self.zstd_estimate(i, unique_bytes);
                 Totals {
                     unique_bytes,
                     unique_chunks,
-                    metadata: self.accs[i].blob_index_bytes.load(Ordering::Relaxed) + dir_bytes,
-                    zstd: self.zstd_estimate(i, unique_bytes),
+                    metadata: a.blob_index_bytes.load(Ordering::Relaxed) + dir_bytes,
+                    zstd,
+                    disk: zstd_disk + a.blob_index_disk.load(Ordering::Relaxed) + dir_disk,
                 }
             })
             .collect()
@@ -505,8 +537,10 @@ impl<'a> Worker<'a> {
                 .map_err(|e| DedupError::Task(format!("zstd: {e}")))?
                 .len() as u64;
             acc.zstd_exact.fetch_add(z, Ordering::Relaxed);
+            acc.disk_exact.fetch_add(blocks(z), Ordering::Relaxed);
             acc.sampled_raw.fetch_add(len, Ordering::Relaxed);
             acc.sampled_zstd.fetch_add(z, Ordering::Relaxed);
+            acc.sampled_disk.fetch_add(blocks(z), Ordering::Relaxed);
             self.shared.sampled_chunks.fetch_add(1, Ordering::Relaxed);
             self.shared.sampled_bytes.fetch_add(len, Ordering::Relaxed);
         }
@@ -640,6 +674,7 @@ impl FileScan<'_, '_> {
                         .len() as u64,
                 };
                 acc.zstd_exact.fetch_add(z, Ordering::Relaxed);
+                acc.disk_exact.fetch_add(blocks(z), Ordering::Relaxed);
             }
         }
         if digest != empty_blob() && lock(&shared.blobs).insert(digest) {
@@ -647,8 +682,10 @@ impl FileScan<'_, '_> {
                 if *chunks > 1 {
                     let acc = &shared.accs[i];
                     acc.blob_indexes.fetch_add(1, Ordering::Relaxed);
-                    acc.blob_index_bytes
-                        .fetch_add(index_len(*entries, self.size), Ordering::Relaxed);
+                    let len = index_len(*entries, self.size);
+                    acc.blob_index_bytes.fetch_add(len, Ordering::Relaxed);
+                    acc.blob_index_disk
+                        .fetch_add(blocks(len), Ordering::Relaxed);
                 }
             }
         }
@@ -890,7 +927,7 @@ fn build_report(
     let (files, directories, symlinks, skipped_special) = counts;
     let logical = shared.logical.load(Ordering::Relaxed);
     let final_totals = shared.totals();
-    let (dir_count, dir_bytes) = shared.dir_totals();
+    let (dir_count, dir_bytes, _) = shared.dir_totals();
     let mut strategies = Vec::new();
     for (i, s) in shared.strategies.iter().enumerate() {
         let acc = &shared.accs[i];
@@ -944,6 +981,7 @@ fn build_report(
             zstd_bytes: t.zstd,
             stored_bytes: stored,
             stored_ratio: ratio(logical, stored),
+            disk_bytes: t.disk,
             marginal,
         });
     }
@@ -1304,6 +1342,7 @@ pub async fn store_figures(store: &Store) -> Result<StrategyReport, DedupError> 
     s.zstd_bytes = 0;
     s.stored_bytes = 0;
     s.stored_ratio = 0.0;
+    s.disk_bytes = 0;
     for m in &mut s.marginal {
         m.zstd_bytes = 0;
         m.stored_bytes = 0;

@@ -222,6 +222,12 @@ fn store_strategy_equals_what_import_stores() {
     assert_eq!(u(&info, "logical_bytes"), u(s, "logical_bytes"));
     // Same compression, same encodings: the estimate is the store's real size.
     assert_eq!(u(&info, "stored_bytes"), u(s, "stored_bytes"));
+    let in_blocks: u64 = ["chunks", "blobs", "dirs"]
+        .iter()
+        .flat_map(|d| common::walk_files(&ts.path().join(d)))
+        .map(|f| std::fs::metadata(f).unwrap().len().div_ceil(4096) * 4096)
+        .sum();
+    assert_eq!(in_blocks, u(s, "disk_bytes"));
     let d = &info["dedup"];
     for key in [
         "unique_chunks",

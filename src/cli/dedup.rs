@@ -193,7 +193,7 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<22} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>7}",
+        "{:<22} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>7} {:>11}",
         "strategy",
         "unique",
         "dedup",
@@ -204,7 +204,8 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
         "metadata",
         "zstd",
         "stored",
-        "log/st"
+        "log/st",
+        "on disk"
     )?;
     for s in &r.strategies {
         let name = if s.strategy == s.chunker {
@@ -218,7 +219,7 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<22} {:>11} {:>6.2}x {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>6.2}x",
+            "{:<22} {:>11} {:>6.2}x {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>6.2}x {:>11}",
             name,
             DecimalBytes(s.unique_bytes).to_string(),
             s.dedup_ratio,
@@ -229,9 +230,15 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
             DecimalBytes(s.metadata_bytes).to_string(),
             DecimalBytes(s.zstd_bytes).to_string(),
             DecimalBytes(s.stored_bytes).to_string(),
-            s.stored_ratio
+            s.stored_ratio,
+            DecimalBytes(s.disk_bytes).to_string()
         )?;
     }
+    writeln!(
+        out,
+        "(stored = zstd chunks + blob indexes + directories; on disk = the same as one file each in {} KiB blocks)",
+        dedup::BLOCK >> 10
+    )?;
     if r.inputs.len() > 1 {
         writeln!(out)?;
         writeln!(
@@ -277,11 +284,11 @@ fn csv_field(s: &str) -> String {
 /// One row per strategy (scope `all`), then one per strategy and input with that input's
 /// marginal figures (ratios and chunk sizes left empty there).
 fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
-    writeln!(out, "strategy,chunker,scope,logical_bytes,unique_bytes,dedup_ratio,unique_chunks,mean_chunk,median_chunk,p99_chunk,metadata_bytes,zstd_bytes,stored_bytes,stored_ratio")?;
+    writeln!(out, "strategy,chunker,scope,logical_bytes,unique_bytes,dedup_ratio,unique_chunks,mean_chunk,median_chunk,p99_chunk,metadata_bytes,zstd_bytes,stored_bytes,stored_ratio,disk_bytes")?;
     for s in &r.strategies {
         writeln!(
             out,
-            "{},{},all,{},{},{:.4},{},{},{},{},{},{},{},{:.4}",
+            "{},{},all,{},{},{:.4},{},{},{},{},{},{},{},{:.4},{}",
             csv_field(&s.strategy),
             csv_field(&s.chunker),
             s.logical_bytes,
@@ -294,14 +301,15 @@ fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
             s.metadata_bytes,
             s.zstd_bytes,
             s.stored_bytes,
-            s.stored_ratio
+            s.stored_ratio,
+            s.disk_bytes
         )?;
     }
     for s in &r.strategies {
         for m in &s.marginal {
             writeln!(
                 out,
-                "{},{},{},{},{},,{},,,,{},{},{},",
+                "{},{},{},{},{},,{},,,,{},{},{},,",
                 csv_field(&s.strategy),
                 csv_field(&s.chunker),
                 csv_field(&m.input),
