@@ -1052,11 +1052,21 @@ pub fn analyse_paths(
 /// What a walk of a store's roots found, metadata only.
 #[derive(Default)]
 struct StoreWalk {
-    /// Directories seen, with their logical size (memoised: shared subtrees walk once).
-    dir_logical: HashMap<B3Digest, u64>,
+    /// Directories seen, with what their subtree holds (memoised: shared subtrees are
+    /// fetched once but counted at every occurrence).
+    dir_logical: HashMap<B3Digest, SubtreeCounts>,
     /// Distinct non-empty blobs, in the order first met, with their size.
     blobs: Vec<(B3Digest, u64)>,
     blob_set: HashSet<B3Digest>,
+    files: u64,
+    dirs: u64,
+    symlinks: u64,
+}
+
+/// Totals over a subtree, the directory itself included.
+#[derive(Debug, Clone, Copy, Default)]
+struct SubtreeCounts {
+    logical: u64,
     files: u64,
     dirs: u64,
     symlinks: u64,
@@ -1106,21 +1116,31 @@ impl StoreWalk {
                 continue;
             }
             shared.add_dir(&dir);
-            self.dirs += 1;
-            let mut total = 0u64;
+            let mut total = SubtreeCounts {
+                dirs: 1,
+                files: dir.files.len() as u64,
+                symlinks: dir.symlinks.len() as u64,
+                logical: 0,
+            };
             for f in &dir.files {
                 let digest = B3Digest::try_from(&f.digest[..]).map_err(StoreError::from)?;
-                self.files += 1;
                 self.blob(&digest, f.size);
-                total = total.saturating_add(f.size);
+                total.logical = total.logical.saturating_add(f.size);
             }
-            self.symlinks += dir.symlinks.len() as u64;
             for c in &children {
-                total = total.saturating_add(self.dir_logical.get(c).copied().unwrap_or(0));
+                let sub = self.dir_logical.get(c).copied().unwrap_or_default();
+                total.logical = total.logical.saturating_add(sub.logical);
+                total.files += sub.files;
+                total.dirs += sub.dirs;
+                total.symlinks += sub.symlinks;
             }
             self.dir_logical.insert(d, total);
         }
-        Ok(self.dir_logical.get(&top).copied().unwrap_or(0))
+        let t = self.dir_logical.get(&top).copied().unwrap_or_default();
+        self.files += t.files;
+        self.dirs += t.dirs;
+        self.symlinks += t.symlinks;
+        Ok(t.logical)
     }
 
     fn blob(&mut self, digest: &B3Digest, size: u64) {

@@ -248,6 +248,9 @@ fn store_strategy_equals_what_import_stores() {
     // Analysing the store itself gives the same figures for every strategy.
     let from_store = dedup_json(&ts, &["--strategy", "store", "--strategy", "fixed:64K"]);
     assert_eq!(from_store["inputs"], serde_json::json!(["t"]));
+    for key in ["files", "directories", "symlinks", "logical_bytes"] {
+        assert_eq!(from_store[key], r[key], "{key}: tree vs store");
+    }
     for name in ["store", "fixed:64K"] {
         let (x, y) = (strategy(&r, name), strategy(&from_store, name));
         for key in [
