@@ -44,6 +44,9 @@ pub struct DedupArgs {
     /// every run); 1 compresses every unique chunk and gives exact figures.
     #[arg(long, value_name = "N", default_value_t = 1)]
     zstd_sample: u64,
+    /// zstd level for the stored-size estimate (default: the store's level, else 3).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=22))]
+    zstd_level: Option<i32>,
     /// Files analysed at once (default: the number of cores).
     #[arg(long, value_name = "N")]
     jobs: Option<usize>,
@@ -119,7 +122,7 @@ pub async fn cmd_dedup(store_url: Option<&str>, args: &DedupArgs) -> Result<Exit
     }
     let opts = DedupOptions {
         strategies,
-        zstd_level: config.zstd_level,
+        zstd_level: args.zstd_level.unwrap_or(config.zstd_level),
         sample: args.zstd_sample,
         jobs: args.jobs,
     };
