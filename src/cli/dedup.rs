@@ -328,8 +328,8 @@ fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
     Ok(())
 }
 
-/// A grouped bar chart: unique and stored (zstd + metadata) bytes per strategy, with the
-/// logical size as a line.
+/// A grouped bar chart: unique, stored (zstd + metadata) and on-disk bytes per strategy,
+/// with the logical size as a line.
 fn plot(path: &Path, r: &Report) -> Result<()> {
     use plotters::prelude::*;
     use plotters::style::text_anchor::{HPos, Pos, VPos};
@@ -338,7 +338,7 @@ fn plot(path: &Path, r: &Report) -> Result<()> {
     let ymax = r
         .strategies
         .iter()
-        .map(|s| mb(s.unique_bytes.max(s.stored_bytes)))
+        .map(|s| mb(s.unique_bytes.max(s.stored_bytes).max(s.disk_bytes)))
         .fold(mb(r.logical_bytes), f64::max)
         * 1.3
         + 1e-6;
@@ -383,7 +383,7 @@ fn plot(path: &Path, r: &Report) -> Result<()> {
         .draw_series(r.strategies.iter().enumerate().map(|(i, s)| {
             let x = i as f64;
             Rectangle::new(
-                [(x + 0.12, 0.0), (x + 0.48, mb(s.unique_bytes))],
+                [(x + 0.08, 0.0), (x + 0.35, mb(s.unique_bytes))],
                 unique_color.filled(),
             )
         }))?
@@ -393,12 +393,23 @@ fn plot(path: &Path, r: &Report) -> Result<()> {
         .draw_series(r.strategies.iter().enumerate().map(|(i, s)| {
             let x = i as f64;
             Rectangle::new(
-                [(x + 0.52, 0.0), (x + 0.88, mb(s.stored_bytes))],
+                [(x + 0.37, 0.0), (x + 0.64, mb(s.stored_bytes))],
                 stored_color.filled(),
             )
         }))?
         .label(format!("stored (zstd {} + metadata)", r.zstd_level))
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], stored_color.filled()));
+    let disk_color = RGBColor(150, 150, 150);
+    chart
+        .draw_series(r.strategies.iter().enumerate().map(|(i, s)| {
+            let x = i as f64;
+            Rectangle::new(
+                [(x + 0.66, 0.0), (x + 0.93, mb(s.disk_bytes))],
+                disk_color.filled(),
+            )
+        }))?
+        .label(format!("on disk ({} KiB blocks)", dedup::BLOCK >> 10))
+        .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], disk_color.filled()));
     chart
         .draw_series(LineSeries::new(
             [(0.0, mb(r.logical_bytes)), (n as f64, mb(r.logical_bytes))],
