@@ -7,13 +7,15 @@
 //! - [`import`] / [`tree`]: trees in and out
 //! - [`fs`]: the read-only FUSE mount
 //! - [`nar`]: Nix compatibility: NAR in and out, NAR hashes, store paths, narinfo
+//! - [`dedup`]: what each chunking strategy would save on some data
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
 pub mod castore;
 pub mod chunking;
 pub mod cli;
-pub mod gc;
+pub mod dedup;
 pub mod fs;
+pub mod gc;
 pub mod import;
 pub mod nar;
 pub mod rpc;

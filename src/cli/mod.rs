@@ -16,10 +16,11 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod daemon;
+mod dedup;
 mod maintain;
 mod mount;
 mod nar;
-mod daemon;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -88,6 +89,10 @@ enum Command {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Also report unique chunks, chunk sizes and metadata bytes as `granary dedup`
+        /// does for the `store` strategy (walks every root's metadata).
+        #[arg(long)]
+        dedup: bool,
     },
     /// Remove named roots (their objects stay until `granary gc`).
     Rm {
@@ -161,6 +166,8 @@ enum Command {
         #[arg(long, default_value = "/nix/store", value_name = "DIR")]
         store_dir: String,
     },
+    /// Measure how much each chunking strategy would save on some trees (writes nothing).
+    Dedup(dedup::DedupArgs),
 }
 
 /// Entry point of the binary.
@@ -205,6 +212,10 @@ async fn open_store(url: Option<&str>) -> Result<Store> {
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
+    // dedup reads a store only if asked to, and must not create one.
+    if let Command::Dedup(args) = &cli.command {
+        return dedup::cmd_dedup(cli.store.as_deref(), args).await;
+    }
     let store = open_store(cli.store.as_deref()).await?;
     match cli.command {
         Command::Import {
@@ -262,7 +273,6 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .with_context(|| format!("exporting {path} to {}", dest.display()))?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Info { json } => cmd_info(&store, json).await,
         Command::Rm { roots } => maintain::rm(&store, &roots).await,
         Command::Gc { dry_run, grace } => maintain::gc(&store, grace, dry_run).await,
         Command::Verify { roots, repair_from } => {
@@ -294,11 +304,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Narinfo { root, store_dir } => nar::cmd_narinfo(&store, &root, &store_dir).await,
         Command::Daemon(args) => daemon::cmd_daemon(store, args).await,
         Command::IngestStatus { token } => daemon::cmd_ingest_status(&store, &token).await,
+        Command::Info { json, dedup } => cmd_info(&store, json, dedup).await,
+        Command::Dedup(_) => unreachable!("handled above"),
     }
 }
 
 /// A progress bar on stderr when it is a terminal, fed from the import's counters.
-fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
+pub(crate) fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -458,7 +470,7 @@ async fn cmd_ls(store: &Store, path: &str, long: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
+async fn cmd_info(store: &Store, json: bool, dedup: bool) -> Result<ExitCode> {
     let mut memo = std::collections::HashMap::new();
     let mut logical = 0u64;
     let names = store.roots.list().await?;
@@ -480,12 +492,21 @@ async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
         }
     };
     let p = store.params();
+    let figures = if dedup {
+        Some(dedup::info_figures(store).await?)
+    } else {
+        None
+    };
     let mut out = std::io::stdout().lock();
     if json {
         let u = usage.clone().unwrap_or_default();
+        let extra = match &figures {
+            Some(f) => format!(",\"dedup\":{}", serde_json::to_string(f)?),
+            None => String::new(),
+        };
         writeln!(
             out,
-            "{{\"store\":{:?},\"chunking\":{{\"min\":{},\"avg\":{},\"max\":{}}},\"roots\":{},\"chunks\":{},\"blob_indexes\":{},\"directories\":{},\"logical_bytes\":{},\"unique_chunk_bytes\":{},\"stored_bytes\":{},\"dedup_ratio\":{:.4}}}",
+            "{{\"store\":{:?},\"chunking\":{{\"min\":{},\"avg\":{},\"max\":{}}},\"roots\":{},\"chunks\":{},\"blob_indexes\":{},\"directories\":{},\"logical_bytes\":{},\"unique_chunk_bytes\":{},\"stored_bytes\":{},\"dedup_ratio\":{:.4}{extra}}}",
             store.url, p.min, p.avg, p.max, names.len(), u.chunks, u.blob_indexes, u.directories,
             logical, u.chunk_bytes, u.stored_bytes, ratio(&u)
         )?;
@@ -511,6 +532,35 @@ async fn cmd_info(store: &Store, json: bool) -> Result<ExitCode> {
         if let Some(m) = &store.maintenance {
             for (k, v) in m.counters().await? {
                 writeln!(out, "{k:<18} {v}")?;
+            }
+        }
+        if let Some(f) = &figures {
+            writeln!(
+                out,
+                "reachable from the roots (as `granary dedup` counts the store strategy):"
+            )?;
+            writeln!(out, "  unique chunks      {}", f.unique_chunks)?;
+            writeln!(out, "  unique chunk bytes {}", f.unique_bytes)?;
+            writeln!(out, "  dedup ratio        {:.3}", f.dedup_ratio)?;
+            writeln!(out, "  chunk size mean    {}", f.mean_chunk)?;
+            writeln!(out, "  chunk size median  {}", f.median_chunk)?;
+            writeln!(out, "  chunk size p99     {}", f.p99_chunk)?;
+            writeln!(
+                out,
+                "  blob indexes       {} ({} bytes)",
+                f.blob_indexes, f.blob_index_bytes
+            )?;
+            writeln!(
+                out,
+                "  directories        {} ({} bytes)",
+                f.directories, f.directory_bytes
+            )?;
+            for m in &f.marginal {
+                writeln!(
+                    out,
+                    "  root {} adds {} unique chunk bytes of {} logical",
+                    m.input, m.unique_bytes, m.logical_bytes
+                )?;
             }
         }
     }

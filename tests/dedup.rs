@@ -1,0 +1,330 @@
+//! `granary dedup` on generated data with known answers, and against what `granary import`
+//! then really stores. Runs the real binary.
+
+mod common;
+
+use std::path::Path;
+
+use common::{gen_tree, noise, write, write_big, TestStore};
+use serde_json::Value;
+
+/// Runs `granary dedup ARGS --format json` against `ts` and parses the report.
+fn dedup_json(ts: &TestStore, args: &[&str]) -> Value {
+    let mut all = vec!["dedup", "--format", "json"];
+    all.extend_from_slice(args);
+    let out = ts.ok(&all);
+    serde_json::from_slice(&out.stdout).expect("dedup --format json prints JSON")
+}
+
+fn strategy<'a>(report: &'a Value, name: &str) -> &'a Value {
+    report["strategies"]
+        .as_array()
+        .expect("strategies")
+        .iter()
+        .find(|s| s["strategy"] == name)
+        .unwrap_or_else(|| panic!("no strategy {name} in {report}"))
+}
+
+fn u(v: &Value, key: &str) -> u64 {
+    v[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
+}
+
+/// A tree of distinct pseudo-random files (so no chunk repeats inside it), with an empty
+/// file and an empty directory.
+fn distinct_tree(root: &Path, seed: u64) {
+    for (i, size) in [0usize, 1, 100, 5000, 70_000, 300_000, 1 << 20, 3 << 20]
+        .into_iter()
+        .enumerate()
+    {
+        write(
+            &root.join(format!("d{}/f{i}", i % 3)),
+            &noise(size, seed * 100 + 2 * i as u64),
+            i % 2 == 0,
+        );
+    }
+    std::fs::create_dir_all(root.join("empty-dir")).unwrap();
+    std::os::unix::fs::symlink("d0/f0", root.join("link")).unwrap();
+}
+
+#[test]
+fn two_identical_trees_dedup_to_exactly_half() {
+    let ts = TestStore::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    distinct_tree(&a, 1);
+    distinct_tree(&b, 1);
+    let (a_s, b_s) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let one = dedup_json(&ts, &[a_s]);
+    let two = dedup_json(&ts, &[a_s, b_s]);
+    // Nothing was written: not even an empty store.
+    assert!(!ts.path().exists(), "dedup created a store");
+    let logical_one = u(&one, "logical_bytes");
+    assert_eq!(u(&two, "logical_bytes"), 2 * logical_one);
+    let names: Vec<String> = two["strategies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["strategy"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "whole-file",
+            "fixed:64K",
+            "fastcdc:4K/16K/64K",
+            "fastcdc:16K/64K/256K",
+            "fastcdc:64K/256K/1M",
+            "fastcdc:256K/1M/4M"
+        ]
+    );
+    for name in &names {
+        let (s1, s2) = (strategy(&one, name), strategy(&two, name));
+        // Every chunk of one tree is distinct, so unique == logical of one tree == half of two.
+        assert_eq!(u(s1, "unique_bytes"), logical_one, "{name}");
+        assert_eq!(
+            u(s2, "unique_bytes") * 2,
+            u(&two, "logical_bytes"),
+            "{name}"
+        );
+        assert_eq!(s2["dedup_ratio"].as_f64(), Some(2.0), "{name}");
+        for key in [
+            "unique_chunks",
+            "zstd_bytes",
+            "metadata_bytes",
+            "stored_bytes",
+        ] {
+            assert_eq!(u(s1, key), u(s2, key), "{name} {key}");
+        }
+        let m = s2["marginal"].as_array().unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(u(&m[0], "unique_bytes"), logical_one, "{name}");
+        for key in ["unique_bytes", "unique_chunks", "stored_bytes"] {
+            assert_eq!(u(&m[1], key), 0, "{name}: second tree adds {key}");
+        }
+    }
+    // Whole-file: 7 non-empty distinct files; the empty one is never a chunk.
+    assert_eq!(u(strategy(&two, "whole-file"), "unique_chunks"), 7);
+    assert_eq!(u(&two, "files"), 16);
+    assert_eq!(u(&two, "symlinks"), 2);
+}
+
+#[test]
+fn one_byte_inserted_cdc_recovers_fixed_does_not() {
+    let ts = TestStore::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let big = 8usize << 20;
+    distinct_tree(&a, 2);
+    // One noise stream (write_big repeats its 4 MiB blocks, which would hide the shift).
+    let data = noise(big, 11);
+    write(&a.join("big.bin"), &data, false);
+    distinct_tree(&b, 2);
+    let mut shifted = vec![0x5a];
+    shifted.extend_from_slice(&data);
+    write(&b.join("big.bin"), &shifted, false);
+    let r = dedup_json(
+        &ts,
+        &[
+            "--strategy",
+            "whole-file",
+            "--strategy",
+            "fixed:64K",
+            "--strategy",
+            "fastcdc:16K/64K/256K",
+            "--strategy",
+            "store",
+            a.to_str().unwrap(),
+            b.to_str().unwrap(),
+        ],
+    );
+    let added = |name: &str| u(&strategy(&r, name)["marginal"][1], "unique_bytes");
+    let big = big as u64;
+    // Whole-file: exactly the changed file is new.
+    assert_eq!(added("whole-file"), big + 1);
+    // Fixed-size: every block after the insertion shifts, so almost all of it is new.
+    assert!(
+        added("fixed:64K") > big * 95 / 100,
+        "fixed added {}",
+        added("fixed:64K")
+    );
+    // Content-defined: the cut points resynchronise after the first chunk or two.
+    for cdc in ["fastcdc:16K/64K/256K", "store"] {
+        assert!(added(cdc) < big * 5 / 100, "{cdc} added {}", added(cdc));
+        assert!(
+            added(cdc) > 0,
+            "{cdc}: the inserted byte must cost something"
+        );
+    }
+    assert!(added("fixed:64K") > 20 * added("store"));
+}
+
+#[test]
+fn whole_file_counts_duplicates_exactly() {
+    let ts = TestStore::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("t");
+    let (a, b, c) = (noise(1000, 1), noise(70_000, 4), noise(300_001, 6));
+    for i in 0..5 {
+        write(&t.join(format!("x/a{i}")), &a, false);
+    }
+    for i in 0..3 {
+        write(&t.join(format!("y{i}/b")), &b, i == 0);
+    }
+    write(&t.join("c"), &c, false);
+    write(&t.join("e1"), b"", false);
+    write(&t.join("x/e2"), b"", false);
+    let r = dedup_json(&ts, &["--strategy", "whole-file", t.to_str().unwrap()]);
+    let s = strategy(&r, "whole-file");
+    assert_eq!(u(&r, "files"), 11);
+    assert_eq!(u(s, "logical_bytes"), 5 * 1000 + 3 * 70_000 + 300_001);
+    assert_eq!(u(s, "unique_chunks"), 3);
+    assert_eq!(u(s, "unique_bytes"), 1000 + 70_000 + 300_001);
+    assert_eq!(u(s, "median_chunk"), 70_000);
+    assert_eq!(u(s, "p99_chunk"), 300_001);
+    assert_eq!(u(s, "blob_indexes"), 0);
+    // The same data as fixed:1000 blocks: a (1 block), b (70 blocks), c (300 full + 1 byte).
+    let r = dedup_json(&ts, &["--strategy", "fixed:1000", t.to_str().unwrap()]);
+    let s = strategy(&r, "fixed:1000");
+    assert_eq!(u(s, "unique_chunks"), 1 + 70 + 301);
+    assert_eq!(u(s, "blob_indexes"), 2);
+}
+
+#[test]
+fn store_strategy_equals_what_import_stores() {
+    let ts = TestStore::new();
+    // Create the store first so dedup reads its parameters.
+    ts.ok(&["info"]);
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("t");
+    gen_tree(&t, 3 << 20);
+    // Duplicates inside the tree: a whole copy of a subtree and a repeated big file.
+    write_big(&t.join("copy/big.bin"), 3 << 20, 42);
+    write(&t.join("copy/hello.txt"), b"hello\n", false);
+    let t_s = t.to_str().unwrap();
+    let r = dedup_json(
+        &ts,
+        &["--strategy", "store", "--strategy", "fixed:64K", t_s],
+    );
+    let s = strategy(&r, "store");
+    assert_eq!(s["chunker"], "fastcdc:16K/64K/256K");
+    assert_eq!(r["sample"]["one_in"], 1);
+
+    ts.ok(&["import", "--name", "t", t_s]);
+    assert_eq!(ts.count("chunks") as u64, u(s, "unique_chunks"));
+    assert_eq!(ts.count("blobs") as u64, u(s, "blob_indexes"));
+    assert_eq!(ts.count("dirs") as u64, u(s, "directories"));
+    let out = ts.ok(&["info", "--json", "--dedup"]);
+    let info: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(u(&info, "chunks"), u(s, "unique_chunks"));
+    assert_eq!(u(&info, "unique_chunk_bytes"), u(s, "unique_bytes"));
+    assert_eq!(u(&info, "logical_bytes"), u(s, "logical_bytes"));
+    // Same compression, same encodings: the estimate is the store's real size.
+    assert_eq!(u(&info, "stored_bytes"), u(s, "stored_bytes"));
+    let in_blocks: u64 = ["chunks", "blobs", "dirs"]
+        .iter()
+        .flat_map(|d| common::walk_files(&ts.path().join(d)))
+        .map(|f| std::fs::metadata(f).unwrap().len().div_ceil(4096) * 4096)
+        .sum();
+    assert_eq!(in_blocks, u(s, "disk_bytes"));
+    let d = &info["dedup"];
+    for key in [
+        "unique_chunks",
+        "unique_bytes",
+        "mean_chunk",
+        "median_chunk",
+        "p99_chunk",
+        "blob_indexes",
+        "blob_index_bytes",
+        "directories",
+        "directory_bytes",
+        "metadata_bytes",
+        "logical_bytes",
+    ] {
+        assert_eq!(u(d, key), u(s, key), "info --dedup {key}");
+    }
+
+    // Analysing the store itself gives the same figures for every strategy.
+    let from_store = dedup_json(&ts, &["--strategy", "store", "--strategy", "fixed:64K"]);
+    assert_eq!(from_store["inputs"], serde_json::json!(["t"]));
+    for key in ["files", "directories", "symlinks", "logical_bytes"] {
+        assert_eq!(from_store[key], r[key], "{key}: tree vs store");
+    }
+    for name in ["store", "fixed:64K"] {
+        let (x, y) = (strategy(&r, name), strategy(&from_store, name));
+        for key in [
+            "logical_bytes",
+            "unique_bytes",
+            "unique_chunks",
+            "median_chunk",
+            "metadata_bytes",
+            "zstd_bytes",
+            "stored_bytes",
+        ] {
+            assert_eq!(u(x, key), u(y, key), "{name} {key}: tree vs store");
+        }
+    }
+}
+
+#[test]
+fn csv_plot_sampling_and_bad_input() {
+    let ts = TestStore::new();
+    let tmp = tempfile::tempdir().unwrap();
+    let t = tmp.path().join("t");
+    distinct_tree(&t, 3);
+    let t_s = t.to_str().unwrap();
+    let svg = tmp.path().join("plot.svg");
+    let out = ts.ok(&[
+        "dedup",
+        "--format",
+        "csv",
+        "--plot",
+        svg.to_str().unwrap(),
+        "--zstd-sample",
+        "4",
+        t_s,
+        t_s,
+    ]);
+    let csv = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert!(lines[0].starts_with("strategy,chunker,scope,logical_bytes,unique_bytes"));
+    // 6 totals + 6 strategies × 2 inputs.
+    assert_eq!(lines.len(), 1 + 6 + 12, "{csv}");
+    assert!(lines[1].starts_with("whole-file,whole-file,all,"));
+    let svg = std::fs::read_to_string(&svg).unwrap();
+    assert!(svg.starts_with("<svg"), "not an SVG");
+    for name in [
+        "whole-file",
+        "fixed:64K",
+        "fastcdc:256K/1M/4M",
+        "unique bytes",
+    ] {
+        assert!(svg.contains(name), "plot lacks {name}");
+    }
+    // A sample is deterministic: the same figures twice.
+    let a = dedup_json(&ts, &["--zstd-sample", "3", t_s]);
+    let b = dedup_json(&ts, &["--zstd-sample", "3", t_s]);
+    assert_eq!(a, b);
+    assert_eq!(a["sample"]["one_in"], 3);
+
+    let e = ts.fails(&["dedup", "/does/not/exist"]);
+    assert!(
+        e.contains("/does/not/exist") && e.lines().count() == 1,
+        "{e}"
+    );
+    let e = ts.fails(&["dedup", "--strategy", "rabin:64K", t_s]);
+    assert!(e.contains("rabin:64K"), "{e}");
+    let e = ts.fails(&["dedup", "--strategy", "fastcdc:64K/16K/256K", t_s]);
+    assert!(e.contains("min <= avg <= max"), "{e}");
+    let nar = tmp.path().join("x.nar");
+    let mut bytes = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
+    bytes.extend_from_slice(&[0; 16]);
+    std::fs::write(&nar, bytes).unwrap();
+    let e = ts.fails(&["dedup", nar.to_str().unwrap()]);
+    assert!(e.contains("NAR"), "{e}");
+    // No PATH and no store there: an error, and no store is created.
+    let e = ts.fails(&["dedup"]);
+    assert!(e.contains("no granary store"), "{e}");
+    assert!(!ts.path().exists());
+}
