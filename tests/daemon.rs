@@ -266,6 +266,8 @@ async fn seed_store(url: &str, src: &Path) -> (Node, Vec<B3Digest>, Vec<B3Digest
     let node = granary::import::import_path(&s, src, &Default::default(), Default::default())
         .await
         .unwrap();
+    // Staged objects become visible to other processes (the daemon) once flushed.
+    s.flush().await.unwrap();
     let mut blobs = Vec::new();
     let mut chunks = Vec::new();
     let Node::Directory { digest, .. } = node.clone() else {

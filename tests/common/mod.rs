@@ -80,7 +80,11 @@ pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
 
 /// Deterministic pseudo-random bytes (xorshift), so tests are reproducible.
 pub fn noise(n: usize, seed: u64) -> Vec<u8> {
-    let mut s = seed | 1;
+    // splitmix64 of the seed: distinct seeds give distinct streams (`seed | 1` did not).
+    let mut z = seed.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    let mut s = (z ^ (z >> 31)) | 1;
     let mut v = Vec::with_capacity(n);
     while v.len() < n {
         s ^= s << 13;
