@@ -245,6 +245,14 @@ fn generated_tree_matches_nix() {
     assert!(!String::from_utf8(ts.ok(&["roots"]).stdout)
         .unwrap()
         .contains(&wrong));
+    // A tree imported with plain `granary import` renders the same NAR; it has no narinfo.
+    ts.ok(&["import", sd.join(&gen).to_str().unwrap(), "--name", "plain"]);
+    assert!(
+        export_nar(&ts, "plain") == nix_dump(&sd.join(&gen)),
+        "plain import: NAR differs"
+    );
+    let err = ts.fails(&["narinfo", "plain"]);
+    assert!(err.contains("no Nix metadata"), "{err}");
     // An entry that cannot be a NAR (it holds a fifo) fails alone: the others are recorded.
     let sd2 = ts.dir.path().join("nixstore2");
     let good2 = format!("{}-good2", hash_part("good2"));
