@@ -5,6 +5,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("cargo:rerun-if-changed={p}");
     }
     let fds = protox::compile(protos, ["proto"])?;
-    prost_build::Config::new().bytes(["."]).compile_fds(fds)?;
+    prost_build::Config::new()
+        .bytes(["."])
+        .compile_fds(fds)?;
     Ok(())
 }
