@@ -19,7 +19,9 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 fuzz_target!(|data: &[u8]| {
     runtime().block_on(async {
         // A fresh in-memory store per input keeps memory flat across runs.
-        let store = granary::store::open("memory://").await.expect("memory store");
+        let store = granary::store::open("memory://")
+            .await
+            .expect("memory store");
         if let Ok(imp) = granary::nar::import_nar(&store, data).await {
             let mut out = Vec::new();
             let sum = granary::nar::write_nar(&store, &imp.node, &mut out)

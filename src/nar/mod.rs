@@ -59,6 +59,9 @@ pub enum NarError {
         #[source]
         source: StoreError,
     },
+    /// The store could not give the writer what a node names.
+    #[error("reading the tree from the store: {0}")]
+    Tree(#[source] StoreError),
     #[error("{0}")]
     Task(String),
 }

@@ -111,10 +111,7 @@ enum Step {
 }
 
 fn store_err(e: StoreError) -> NarError {
-    NarError::Store {
-        offset: 0,
-        source: e,
-    }
+    NarError::Tree(e)
 }
 
 /// What the tree walk yields, in NAR order: runs of framing tokens, and files to fetch.
@@ -297,4 +294,44 @@ pub async fn write_nar<W: AsyncWrite + Unpin>(
 /// The NAR size and hash of a node, without keeping the NAR.
 pub async fn nar_summary(store: &Store, node: &Node) -> Result<NarSummary, NarError> {
     write_nar(store, node, &mut tokio::io::sink()).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_or_lying_content_is_an_error_not_a_nar() {
+        let store = crate::store::open("memory://").await.unwrap();
+        let missing = Node::File {
+            digest: B3Digest::of(b"never stored"),
+            size: 12,
+            executable: false,
+        };
+        let mut out = Vec::new();
+        let e = write_nar(&store, &missing, &mut out).await.unwrap_err();
+        assert!(matches!(e, NarError::Tree(_)), "{e}");
+
+        let data = Bytes::from_static(b"abc");
+        store
+            .blobs
+            .put_chunk(B3Digest::of(&data), data.clone())
+            .await
+            .unwrap();
+        let lying = Node::File {
+            digest: B3Digest::of(&data),
+            size: 4,
+            executable: false,
+        };
+        let e = write_nar(&store, &lying, &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("the directory says 4"), "{e}");
+
+        let dir = Node::Directory {
+            digest: B3Digest::of(b"no such directory"),
+            size: 0,
+        };
+        assert!(write_nar(&store, &dir, &mut Vec::new()).await.is_err());
+    }
 }
