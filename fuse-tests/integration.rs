@@ -1,0 +1,236 @@
+//! Mount checks that span features: Nix's own hash of store paths read through the mount,
+//! and the mount served by a remote daemon (round trip, daemon killed mid-read, restarted).
+
+mod common;
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn have_nix() -> bool {
+    let ok = Command::new("nix-hash").arg("--version").output().is_ok();
+    if !ok {
+        assert!(
+            std::env::var("GRANARY_REQUIRE_NIX").as_deref() != Ok("1"),
+            "nix-hash missing and GRANARY_REQUIRE_NIX=1"
+        );
+        eprintln!("SKIPPING: nix-hash is not installed (apt-get install nix-bin)");
+    }
+    ok
+}
+
+/// A name in Nix's store-path alphabet, stable per seed.
+fn store_name(seed: &str, name: &str) -> String {
+    let h = blake3::hash(seed.as_bytes());
+    let alphabet = b"0123456789abcdfghijklmnpqrsvwxyz";
+    let part: String = h.as_bytes()[..32]
+        .iter()
+        .map(|b| alphabet[(*b as usize) % 32] as char)
+        .collect();
+    format!("{part}-{name}")
+}
+
+#[test]
+fn nix_hash_of_mounted_store_paths_equals_recorded_nar_hash() {
+    require_fuse!();
+    if !have_nix() {
+        return;
+    }
+    let ts = TestStore::new();
+    let sd = ts.dir.path().join("nixstore");
+    gen_tree(&sd.join(store_name("gen", "gen")), 3 << 20);
+    write(
+        &sd.join(store_name("file", "script.sh")),
+        b"#!/bin/sh\necho hi\n",
+        true,
+    );
+    std::os::unix::fs::symlink("/nix/store/elsewhere", sd.join(store_name("l", "link"))).unwrap();
+    // A real tree from this machine.
+    let real = sd.join(store_name("docs", "docs"));
+    std::fs::create_dir_all(&real).unwrap();
+    let mut copied = 0;
+    for e in std::fs::read_dir("/usr/share/doc")
+        .unwrap()
+        .flatten()
+        .take(40)
+    {
+        let st = Command::new("cp")
+            .arg("-a")
+            .arg(e.path())
+            .arg(&real)
+            .status()
+            .unwrap();
+        copied += st.success() as usize;
+    }
+    assert!(copied > 0);
+    ts.ok(&["import-store", sd.to_str().unwrap()]);
+    let roots: Vec<String> = String::from_utf8(ts.ok(&["roots"]).stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(roots.len(), 4);
+
+    let m = Mount::start(&ts.url(), &[]);
+    for name in &roots {
+        let info = String::from_utf8(ts.ok(&["narinfo", name]).stdout).unwrap();
+        let recorded = info
+            .lines()
+            .find_map(|l| l.strip_prefix("NarHash: sha256:"))
+            .unwrap_or_else(|| panic!("no NarHash in {info}"))
+            .to_string();
+        let out = Command::new("nix-hash")
+            .args(["--type", "sha256", "--base32"])
+            .arg(m.path().join(name))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let through_mount = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        assert_eq!(through_mount, recorded, "{name}");
+        // And Nix agrees with the source too.
+        let src = Command::new("nix-hash")
+            .args(["--type", "sha256", "--base32"])
+            .arg(sd.join(name))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8(src.stdout).unwrap().trim(), recorded);
+    }
+}
+
+/// A daemon serving a store over a Unix socket; killed on drop.
+struct Daemon {
+    child: Option<Child>,
+    sock: PathBuf,
+    store: String,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let mut d = Daemon {
+            child: None,
+            sock: dir.join("d.sock"),
+            store: format!("file://{}", dir.join("store").display()),
+        };
+        d.spawn();
+        d
+    }
+
+    fn spawn(&mut self) {
+        let _ = std::fs::remove_file(&self.sock);
+        let child = Command::new(granary_bin())
+            .args(["--store", &self.store, "daemon", "--listen"])
+            .arg(format!("unix:{}", self.sock.display()))
+            .env("XDG_RUNTIME_DIR", "")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let t0 = Instant::now();
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("grpc+unix://{}", self.sock.display())
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+#[test]
+fn mount_over_daemon_round_trip_kill_and_restart() {
+    require_fuse!();
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 0);
+    for i in 0..12u64 {
+        write(
+            &src.join(format!("flat/f{i}")),
+            &noise(700_000, 500 + i),
+            false,
+        );
+    }
+    let mut d = Daemon::start(tmp.path());
+    let imp = Command::new(granary_bin())
+        .args(["--store", &d.url(), "import", "--name", "t"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        imp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imp.stderr)
+    );
+
+    let m = Mount::start(&d.url(), &["--root", "t"]);
+    assert_same_tree(&src, m.path());
+    drop(m);
+
+    // A fresh mount (empty chunk cache) for the failure part.
+    let m = Mount::start(&d.url(), &["--root", "t", "--timeout", "3"]);
+
+    // Kill the daemon while reads go on: reads of content not yet cached fail with EIO
+    // within the deadline; the mount stays up.
+    let flat = m.path().join("flat");
+    let names: Vec<_> = std::fs::read_dir(&flat)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(names.len(), 12);
+    d.kill9();
+    let t0 = Instant::now();
+    let f = std::fs::File::open(flat.join("f3")).unwrap();
+    let mut buf = vec![0u8; 4096];
+    let r = f.read_at(&mut buf, 300_000);
+    let took = t0.elapsed();
+    let err = r.expect_err("read with the daemon dead succeeded");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(took < Duration::from_secs(15), "EIO took {took:?}");
+    assert!(mounted(m.path()), "mount went away");
+
+    // After a restart the same mount serves again, without remounting.
+    d.spawn();
+    let want = noise(700_000, 503);
+    let t0 = Instant::now();
+    loop {
+        match f.read_at(&mut buf, 300_000) {
+            Ok(n) => {
+                assert_eq!(&buf[..n], &want[300_000..300_000 + n]);
+                break;
+            }
+            Err(e) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(20),
+                    "never recovered: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    assert_eq!(std::fs::read(flat.join("f7")).unwrap(), noise(700_000, 507));
+}
