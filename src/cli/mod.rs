@@ -369,25 +369,6 @@ async fn cmd_import(
     named: bool,
     opts: &ImportOptions,
 ) -> Result<ExitCode> {
-    if name.is_some() && paths.len() != 1 {
-        bail!("--name takes exactly one PATH (use --named to name several by basename)");
-    }
-    if let Some(n) = &name {
-        validate_root_name(n).with_context(|| format!("root name {n:?}"))?;
-    }
-    // Every name is decided before anything is imported, so a bad one fails early.
-    let mut names = Vec::new();
-    for p in paths {
-        names.push(match (&name, named) {
-            (Some(n), _) => Some(n.clone()),
-            (None, true) => {
-                Some(import::default_root_name(p).with_context(|| {
-                    format!("{}: basename is not a valid root name", p.display())
-                })?)
-            }
-            _ => None,
-        });
-    }
     let names = root_names(paths, name, named)?;
     let progress = Arc::new(Progress::default());
     let bar = spawn_progress(progress.clone());
