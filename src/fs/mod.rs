@@ -45,6 +45,8 @@ pub const XATTR_INODES: &str = "user.granary.inodes";
 const TREE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Named roots can be added or replaced while mounted, so the top level is cached briefly.
 const TOP_TTL: Duration = Duration::from_secs(1);
+/// Small files after the one being read whose chunks are fetched ahead.
+const SIBLING_PREFETCH: usize = 16;
 /// Child directories loaded at once for readdirplus.
 const DIR_CONCURRENCY: usize = 32;
 /// Bytes of decoded directories kept beyond the live inodes that hold them.
@@ -409,7 +411,43 @@ impl Inner {
         Ok(lock(&self.files).entry(ino).or_insert(file).clone())
     }
 
-    async fn read(&self, file: Arc<OpenFile>, offset: u64, size: u32) -> Result<Bytes, Errno> {
+    /// Whole-tree readers (tar, cp -r, rsync) read a directory's files one after another:
+    /// when a file is first read, fetch the next few small siblings' chunks in the background.
+    fn prefetch_siblings(&self, ino: u64) {
+        let chunks: Vec<_> = {
+            let table = lock(&self.table);
+            let Some(parent) = table.get(ino).map(|i| i.parent) else {
+                return;
+            };
+            let Some((view, first)) = table.get(parent).and_then(|p| p.dir.as_ref()) else {
+                return;
+            };
+            let Some(index) = ino.checked_sub(*first).map(|i| i as usize) else {
+                return;
+            };
+            view.entries
+                .iter()
+                .skip(index + 1)
+                .take(SIBLING_PREFETCH)
+                .filter_map(|(_, node)| match node {
+                    Node::File { digest, size, .. } => self.chunks.single_chunk(digest, *size),
+                    _ => None,
+                })
+                .collect()
+        };
+        self.chunks.prefetch_chunks(chunks);
+    }
+
+    async fn read(
+        &self,
+        ino: u64,
+        file: Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, Errno> {
+        if offset == 0 && self.chunks.single_chunk(&file.digest, file.size).is_some() {
+            self.prefetch_siblings(ino);
+        }
         let _permit = self.reads.acquire().await.map_err(|_| Errno::EIO)?;
         let layout = file
             .layout
@@ -652,7 +690,7 @@ impl Filesystem for GranaryFs {
         };
         let inner = self.inner.clone();
         self.run(async move {
-            match inner.read(file, offset, size).await {
+            match inner.read(ino.0, file, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
