@@ -282,6 +282,37 @@ impl ChunkCache {
         self.prefetch_chunks(wanted);
     }
 
+    /// Starts fetching the first chunks (up to 1 MiB) of each of `blobs` (digest, size) in
+    /// the background, unless enough prefetches are already running.
+    pub fn prefetch_blobs(self: &Arc<Self>, blobs: Vec<(B3Digest, u64)>) {
+        let Ok(permit) = self.prefetching.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            stream::iter(blobs)
+                .for_each_concurrent(READ_CONCURRENCY, |(digest, size)| {
+                    let this = this.clone();
+                    async move {
+                        // Errors are logged by the fetch and met again by the real read.
+                        let Ok(layout) = this.layout(&digest, size).await else {
+                            return;
+                        };
+                        let mut bytes = 0u64;
+                        for c in &layout.chunks {
+                            if bytes >= 1 << 20 {
+                                break;
+                            }
+                            bytes += c.size;
+                            let _ = this.chunk(*c).await;
+                        }
+                    }
+                })
+                .await;
+        });
+    }
+
     /// Starts fetching `chunks` in the background (those not cached or on their way), unless
     /// enough prefetches are already running.
     pub fn prefetch_chunks(self: &Arc<Self>, chunks: Vec<ChunkRef>) {

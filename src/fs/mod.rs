@@ -412,9 +412,9 @@ impl Inner {
     }
 
     /// Whole-tree readers (tar, cp -r, rsync) read a directory's files one after another:
-    /// when a file is first read, fetch the next few small siblings' chunks in the background.
+    /// when a file is first read, fetch the next few siblings' first chunks in the background.
     fn prefetch_siblings(&self, ino: u64) {
-        let chunks: Vec<_> = {
+        let blobs: Vec<_> = {
             let table = lock(&self.table);
             let Some(parent) = table.get(ino).map(|i| i.parent) else {
                 return;
@@ -430,12 +430,14 @@ impl Inner {
                 .skip(index + 1)
                 .take(SIBLING_PREFETCH)
                 .filter_map(|(_, node)| match node {
-                    Node::File { digest, size, .. } => self.chunks.single_chunk(digest, *size),
+                    Node::File { digest, size, .. } if *size > 0 => Some((*digest, *size)),
                     _ => None,
                 })
                 .collect()
         };
-        self.chunks.prefetch_chunks(chunks);
+        if !blobs.is_empty() {
+            self.chunks.prefetch_blobs(blobs);
+        }
     }
 
     async fn read(
@@ -445,7 +447,7 @@ impl Inner {
         offset: u64,
         size: u32,
     ) -> Result<Bytes, Errno> {
-        if offset == 0 && self.chunks.single_chunk(&file.digest, file.size).is_some() {
+        if offset == 0 {
             self.prefetch_siblings(ino);
         }
         let _permit = self.reads.acquire().await.map_err(|_| Errno::EIO)?;
