@@ -162,10 +162,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!(
-                    "{}: already exists; export needs a new path",
-                    dest.display()
-                );
+                bail!("{}: already exists; export needs a new path", dest.display());
             }
             tree::export(&store, &node, &dest)
                 .await
@@ -225,11 +222,9 @@ async fn cmd_import(
     for p in paths {
         names.push(match (&name, named) {
             (Some(n), _) => Some(n.clone()),
-            (None, true) => {
-                Some(import::default_root_name(p).with_context(|| {
-                    format!("{}: basename is not a valid root name", p.display())
-                })?)
-            }
+            (None, true) => Some(import::default_root_name(p).with_context(|| {
+                format!("{}: basename is not a valid root name", p.display())
+            })?),
             _ => None,
         });
     }
@@ -277,11 +272,7 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable {
-                "r-xr-xr-x"
-            } else {
-                "r--r--r--"
-            },
+            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
             *size,
             digest.to_hex(),
         ),
