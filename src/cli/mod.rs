@@ -263,10 +263,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!(
-                    "{}: already exists; export needs a new path",
-                    dest.display()
-                );
+                bail!("{}: already exists; export needs a new path", dest.display());
             }
             tree::export(&store, &node, &dest)
                 .await
@@ -351,11 +348,9 @@ fn root_names(paths: &[PathBuf], name: Option<String>, named: bool) -> Result<Ve
     for p in paths {
         names.push(match (&name, named) {
             (Some(n), _) => Some(n.clone()),
-            (None, true) => {
-                Some(import::default_root_name(p).with_context(|| {
-                    format!("{}: basename is not a valid root name", p.display())
-                })?)
-            }
+            (None, true) => Some(import::default_root_name(p).with_context(|| {
+                format!("{}: basename is not a valid root name", p.display())
+            })?),
             _ => None,
         });
     }
@@ -415,11 +410,7 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable {
-                "r-xr-xr-x"
-            } else {
-                "r--r--r--"
-            },
+            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
             *size,
             digest.to_hex(),
         ),

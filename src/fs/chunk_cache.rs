@@ -259,10 +259,71 @@ impl ChunkCache {
         Ok(out.freeze())
     }
 
+    /// The one chunk of a blob known (by its size) to be a single chunk.
+    pub fn single_chunk(&self, blob: &B3Digest, size: u64) -> Option<ChunkRef> {
+        (size > 0 && size <= self.single_chunk_max).then_some(ChunkRef {
+            digest: *blob,
+            size,
+        })
+    }
+
     /// Starts fetching the chunks that follow byte `from`, in the background, without waiting
     /// and without piling up: when enough prefetches are running, this does nothing.
     pub fn prefetch(self: &Arc<Self>, layout: Arc<Layout>, from: u64) {
         if from >= layout.size() {
+            return;
+        }
+        let first = layout.chunk_at(from);
+        let end = from.saturating_add(PREFETCH_BYTES);
+        let wanted: Vec<ChunkRef> = (first..layout.chunks.len())
+            .take_while(|&i| layout.starts[i] < end)
+            .map(|i| layout.chunks[i])
+            .collect();
+        self.prefetch_chunks(wanted);
+    }
+
+    /// Starts fetching the first chunks (up to 1 MiB) of each of `blobs` (digest, size) in
+    /// the background, unless enough prefetches are already running.
+    pub fn prefetch_blobs(self: &Arc<Self>, blobs: Vec<(B3Digest, u64)>) {
+        let Ok(permit) = self.prefetching.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            stream::iter(blobs)
+                .for_each_concurrent(READ_CONCURRENCY, |(digest, size)| {
+                    let this = this.clone();
+                    async move {
+                        // Errors are logged by the fetch and met again by the real read.
+                        let Ok(layout) = this.layout(&digest, size).await else {
+                            return;
+                        };
+                        let mut bytes = 0u64;
+                        for c in &layout.chunks {
+                            if bytes >= 1 << 20 {
+                                break;
+                            }
+                            bytes += c.size;
+                            let _ = this.chunk(*c).await;
+                        }
+                    }
+                })
+                .await;
+        });
+    }
+
+    /// Starts fetching `chunks` in the background (those not cached or on their way), unless
+    /// enough prefetches are already running.
+    pub fn prefetch_chunks(self: &Arc<Self>, chunks: Vec<ChunkRef>) {
+        let wanted: Vec<ChunkRef> = {
+            let st = self.state();
+            chunks
+                .into_iter()
+                .filter(|c| !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest))
+                .collect()
+        };
+        if wanted.is_empty() {
             return;
         }
         let Ok(permit) = self.prefetching.clone().try_acquire_owned() else {
@@ -271,16 +332,6 @@ impl ChunkCache {
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let first = layout.chunk_at(from);
-            let end = from.saturating_add(PREFETCH_BYTES);
-            let wanted: Vec<ChunkRef> = (first..layout.chunks.len())
-                .take_while(|&i| layout.starts[i] < end)
-                .map(|i| layout.chunks[i])
-                .filter(|c| {
-                    let st = this.state();
-                    !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest)
-                })
-                .collect();
             // Errors are logged by the fetch and reported to the read that needs the chunk.
             stream::iter(wanted)
                 .for_each_concurrent(READ_CONCURRENCY, |c| {

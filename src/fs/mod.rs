@@ -45,6 +45,8 @@ pub const XATTR_INODES: &str = "user.granary.inodes";
 const TREE_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Named roots can be added or replaced while mounted, so the top level is cached briefly.
 const TOP_TTL: Duration = Duration::from_secs(1);
+/// Small files after the one being read whose chunks are fetched ahead.
+const SIBLING_PREFETCH: usize = 16;
 /// Child directories loaded at once for readdirplus.
 const DIR_CONCURRENCY: usize = 32;
 /// Bytes of decoded directories kept beyond the live inodes that hold them.
@@ -120,7 +122,15 @@ struct Inner {
     chunks: Arc<ChunkCache>,
     dirs: Mutex<(LruCache<B3Digest, Arc<DirView>>, usize)>,
     reads: Arc<tokio::sync::Semaphore>,
+    /// Read state of file inodes that were read, by inode number.
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    /// The kernel accepted `FUSE_NO_OPEN_SUPPORT` / `FUSE_NO_OPENDIR_SUPPORT`: answering
+    /// `open`/`opendir` with ENOSYS makes it stop sending them (and release/releasedir),
+    /// saving two round trips per file or directory while keeping its caches.
+    no_open: std::sync::atomic::AtomicBool,
+    no_opendir: std::sync::atomic::AtomicBool,
+    /// The top-level listing for readers without a handle (no-opendir), refreshed at offset 0.
+    top_listing: Mutex<Option<RootListing>>,
     /// Snapshots of the top-level listing, one per open handle.
     listings: Mutex<HashMap<u64, RootListing>>,
     next_fh: AtomicU64,
@@ -341,22 +351,49 @@ impl Inner {
             .collect::<Result<Vec<_>, Errno>>()
     }
 
-    /// Entries of directory `ino` from position `offset` on: (offset of the next entry, name,
-    /// node, inode number if known, index in the parent's listing).
-    fn entries(&self, ino: u64, fh: u64) -> Result<Listing, Errno> {
-        let table = lock(&self.table);
-        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
-        match (&inode.kind, &inode.dir) {
-            (Kind::Roots, _) => {
-                let l = lock(&self.listings).get(&fh).cloned().ok_or(Errno::EBADF)?;
-                Ok(Listing::Roots(l, inode.parent))
+    /// The listing a readdir of `ino` at `offset` works from. The top level is a snapshot:
+    /// per open handle, or (without opendir) taken afresh whenever a reader starts at 0.
+    async fn entries(&self, ino: u64, fh: u64, offset: u64) -> Result<Listing, Errno> {
+        let parent = {
+            let table = lock(&self.table);
+            let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+            match (&inode.kind, &inode.dir) {
+                (Kind::Roots, _) => inode.parent,
+                (_, Some((view, first))) => {
+                    return Ok(Listing::Dir(view.clone(), *first, inode.parent))
+                }
+                _ => return Err(Errno::ENOTDIR),
             }
-            (_, Some((view, first))) => Ok(Listing::Dir(view.clone(), *first, inode.parent)),
-            _ => Err(Errno::ENOTDIR),
+        };
+        if let Some(l) = lock(&self.listings).get(&fh) {
+            return Ok(Listing::Roots(l.clone(), parent));
         }
+        if !self.listable {
+            return Err(Errno::EACCES);
+        }
+        let cached = if offset == 0 {
+            None
+        } else {
+            lock(&self.top_listing).clone()
+        };
+        let l = match cached {
+            Some(l) => l,
+            None => {
+                let l = Arc::new(self.list_roots().await?);
+                *lock(&self.top_listing) = Some(l.clone());
+                l
+            }
+        };
+        Ok(Listing::Roots(l, parent))
     }
 
-    async fn open_file(&self, ino: u64) -> Result<u64, Errno> {
+    /// The read state of a file inode. It is kept per inode rather than per open handle, so
+    /// it also serves kernels that skip `open` (`FUSE_NO_OPEN_SUPPORT`); it goes with the
+    /// inode on `forget`.
+    fn open_file(&self, ino: u64) -> Result<Arc<OpenFile>, Errno> {
+        if let Some(f) = lock(&self.files).get(&ino) {
+            return Ok(f.clone());
+        }
         let (digest, size) = {
             let table = lock(&self.table);
             match &table.get(ino).ok_or(Errno::ENOENT)?.kind {
@@ -365,20 +402,54 @@ impl Inner {
                 Kind::Node(Node::Symlink { .. }) => return Err(Errno::ELOOP),
             }
         };
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        lock(&self.files).insert(
-            fh,
-            Arc::new(OpenFile {
-                digest,
-                size,
-                layout: tokio::sync::OnceCell::new(),
-                next: AtomicU64::new(u64::MAX),
-            }),
-        );
-        Ok(fh)
+        let file = Arc::new(OpenFile {
+            digest,
+            size,
+            layout: tokio::sync::OnceCell::new(),
+            next: AtomicU64::new(u64::MAX),
+        });
+        Ok(lock(&self.files).entry(ino).or_insert(file).clone())
     }
 
-    async fn read(&self, file: Arc<OpenFile>, offset: u64, size: u32) -> Result<Bytes, Errno> {
+    /// Whole-tree readers (tar, cp -r, rsync) read a directory's files one after another:
+    /// when a file is first read, fetch the next few siblings' first chunks in the background.
+    fn prefetch_siblings(&self, ino: u64) {
+        let blobs: Vec<_> = {
+            let table = lock(&self.table);
+            let Some(parent) = table.get(ino).map(|i| i.parent) else {
+                return;
+            };
+            let Some((view, first)) = table.get(parent).and_then(|p| p.dir.as_ref()) else {
+                return;
+            };
+            let Some(index) = ino.checked_sub(*first).map(|i| i as usize) else {
+                return;
+            };
+            view.entries
+                .iter()
+                .skip(index + 1)
+                .take(SIBLING_PREFETCH)
+                .filter_map(|(_, node)| match node {
+                    Node::File { digest, size, .. } if *size > 0 => Some((*digest, *size)),
+                    _ => None,
+                })
+                .collect()
+        };
+        if !blobs.is_empty() {
+            self.chunks.prefetch_blobs(blobs);
+        }
+    }
+
+    async fn read(
+        &self,
+        ino: u64,
+        file: Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, Errno> {
+        if offset == 0 {
+            self.prefetch_siblings(ino);
+        }
         let _permit = self.reads.acquire().await.map_err(|_| Errno::EIO)?;
         let layout = file
             .layout
@@ -491,6 +562,9 @@ impl GranaryFs {
             dirs: Mutex::new((LruCache::unbounded(), 0)),
             reads: Arc::new(tokio::sync::Semaphore::new(opts.max_reads.max(1))),
             files: Mutex::new(HashMap::new()),
+            no_open: Default::default(),
+            no_opendir: Default::default(),
+            top_listing: Mutex::new(None),
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             deadline: opts.deadline,
@@ -527,6 +601,18 @@ impl Filesystem for GranaryFs {
                 tracing::debug!("kernel lacks {flag:?}");
             }
         }
+        self.inner.no_open.store(
+            config
+                .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                .is_ok(),
+            Ordering::Relaxed,
+        );
+        self.inner.no_opendir.store(
+            config
+                .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+                .is_ok(),
+            Ordering::Relaxed,
+        );
         let bg = u16::try_from(self.max_reads.clamp(16, 1024)).unwrap_or(1024);
         let _ = config.set_max_background(bg);
         let _ = config.set_congestion_threshold(bg * 3 / 4);
@@ -549,7 +635,14 @@ impl Filesystem for GranaryFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        lock(&self.inner.table).forget(ino.0, nlookup);
+        let gone = {
+            let mut table = lock(&self.inner.table);
+            table.forget(ino.0, nlookup);
+            table.get(ino.0).is_none()
+        };
+        if gone {
+            lock(&self.inner.files).remove(&ino.0);
+        }
     }
 
     // batch_forget: fuser's default calls `forget` for each inode (its `ForgetOne` type is
@@ -575,32 +668,31 @@ impl Filesystem for GranaryFs {
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
-        let inner = self.inner.clone();
-        self.run(async move {
-            match inner.open_file(ino.0).await {
-                Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-                Err(e) => reply.error(e),
-            }
-        });
+        match self.inner.open_file(ino.0) {
+            Err(e) => reply.error(e),
+            Ok(_) if self.inner.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+        }
     }
 
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = lock(&self.inner.files).get(&fh.0).cloned() else {
-            return reply.error(Errno::EBADF);
+        let file = match self.inner.open_file(ino.0) {
+            Ok(f) => f,
+            Err(e) => return reply.error(e),
         };
         let inner = self.inner.clone();
         self.run(async move {
-            match inner.read(file, offset, size).await {
+            match inner.read(ino.0, file, offset, size).await {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
@@ -615,20 +707,20 @@ impl Filesystem for GranaryFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to flush; ENOSYS tells the kernel not to ask again (close needs no round trip).
+        reply.error(Errno::ENOSYS);
     }
 
     fn release(
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        lock(&self.inner.files).remove(&fh.0);
         reply.ok();
     }
 
@@ -638,6 +730,9 @@ impl Filesystem for GranaryFs {
             Some(i) if !i.is_dir() => return reply.error(Errno::ENOTDIR),
             Some(i) => matches!(i.kind, Kind::Roots),
         };
+        if self.inner.no_opendir.load(Ordering::Relaxed) && (!is_roots || self.inner.listable) {
+            return reply.error(Errno::ENOSYS);
+        }
         if !is_roots {
             return reply.opened(
                 FileHandle(0),
@@ -668,42 +763,48 @@ impl Filesystem for GranaryFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let listing = match self.inner.entries(ino.0, fh.0) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
-        // Offsets: 1 and 2 are "." and "..", entry i is at i + 3.
-        let (parent, n) = match &listing {
-            Listing::Roots(l, p) => (*p, l.len()),
-            Listing::Dir(v, _, p) => (*p, v.entries.len()),
-        };
-        if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
-            return reply.ok();
-        }
-        if offset < 2 && reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
-            return reply.ok();
-        }
-        let table = lock(&self.inner.table);
-        for i in (offset.saturating_sub(2) as usize)..n {
-            let (name, node, child) = match &listing {
-                Listing::Roots(l, _) => {
-                    let (name, node) = &l[i];
-                    // Roots not looked up yet have no number; any unused one will do.
-                    let child = table.top_ino(name).unwrap_or(u64::MAX - i as u64);
-                    (name, node, child)
-                }
-                Listing::Dir(v, first, _) => (&v.entries[i].0, &v.entries[i].1, first + i as u64),
+        let inner = self.inner.clone();
+        self.run(async move {
+            let listing = match inner.entries(ino.0, fh.0, offset).await {
+                Ok(l) => l,
+                Err(e) => return reply.error(e),
             };
-            if reply.add(
-                INodeNo(child),
-                i as u64 + 3,
-                file_type(node),
-                OsStr::from_bytes(name),
-            ) {
-                break;
+            // Offsets: 1 and 2 are "." and "..", entry i is at i + 3.
+            let (parent, n) = match &listing {
+                Listing::Roots(l, p) => (*p, l.len()),
+                Listing::Dir(v, _, p) => (*p, v.entries.len()),
+            };
+            if offset < 1 && reply.add(ino, 1, FileType::Directory, ".") {
+                return reply.ok();
             }
-        }
-        reply.ok();
+            if offset < 2 && reply.add(INodeNo(parent), 2, FileType::Directory, "..") {
+                return reply.ok();
+            }
+            let table = lock(&inner.table);
+            for i in (offset.saturating_sub(2) as usize)..n {
+                let (name, node, child) = match &listing {
+                    Listing::Roots(l, _) => {
+                        let (name, node) = &l[i];
+                        // Roots not looked up yet have no number; any unused one will do.
+                        let child = table.top_ino(name).unwrap_or(u64::MAX - i as u64);
+                        (name, node, child)
+                    }
+                    Listing::Dir(v, first, _) => {
+                        (&v.entries[i].0, &v.entries[i].1, first + i as u64)
+                    }
+                };
+                if reply.add(
+                    INodeNo(child),
+                    i as u64 + 3,
+                    file_type(node),
+                    OsStr::from_bytes(name),
+                ) {
+                    break;
+                }
+            }
+            drop(table);
+            reply.ok();
+        });
     }
 
     fn readdirplus(
@@ -714,12 +815,12 @@ impl Filesystem for GranaryFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let listing = match self.inner.entries(ino.0, fh.0) {
-            Ok(l) => l,
-            Err(e) => return reply.error(e),
-        };
         let inner = self.inner.clone();
         self.run(async move {
+            let listing = match inner.entries(ino.0, fh.0, offset).await {
+                Ok(l) => l,
+                Err(e) => return reply.error(e),
+            };
             let (parent, entries): (u64, &[(Bytes, Node)]) = match &listing {
                 Listing::Roots(l, p) => (*p, &l[..]),
                 Listing::Dir(v, _, p) => (*p, &v.entries[..]),
