@@ -151,7 +151,7 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         },
     );
     sessions.spawn_gc();
-    let daemon = Daemon::new(store, &args.disable_feature, sessions);
+    let daemon = Daemon::new(store, &args.disable_feature, sessions.clone());
     let counters = daemon.counters();
     let auth = Auth { token };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -231,8 +231,12 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     }
     // Stop accepting, let calls in flight finish, but not for longer than the drain time.
     let _ = stop_tx.send(true);
+    // Ingest sessions already accepted are finished too, within the same bound.
     let drained = tokio::time::timeout(drain, async {
         while servers.join_next().await.is_some() {}
+        while sessions.counts().running > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
     for p in &sockets {
