@@ -103,6 +103,17 @@ async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
     tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
 }
 
+/// Socket files this daemon created, removed however it exits.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     let drain = parse_duration(&args.drain_timeout).map_err(anyhow::Error::msg)?;
     let retention = parse_duration(&args.session_retention).map_err(anyhow::Error::msg)?;
@@ -156,7 +167,7 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     let auth = Auth { token };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    let mut sockets = Vec::new();
+    let mut sockets = SocketFiles(Vec::new());
     let mut stderr = std::io::stderr();
     for l in listens {
         let svc = GranaryServer::with_interceptor(daemon.clone(), auth.clone());
@@ -195,7 +206,7 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
                     "granary daemon: listening on unix:{}",
                     path.display()
                 )?;
-                sockets.push(path);
+                sockets.0.push(path);
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(lis).map(move |s| {
                     s.inspect(|_| {
                         counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -220,9 +231,6 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         r = servers.join_next() => Some(r),
     };
     if let Some(r) = failed {
-        for p in &sockets {
-            let _ = std::fs::remove_file(p);
-        }
         match r {
             Some(Ok(Err(e))) => bail!("server stopped: {e}"),
             Some(Err(e)) => bail!("server task failed: {e}"),
@@ -239,9 +247,7 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         }
     })
     .await;
-    for p in &sockets {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(sockets);
     if drained.is_err() {
         eprintln!(
             "granary daemon: {} calls still in flight after {:?}; exiting",
