@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_tree, gen_tree, granary_bin, noise, write_big};
-use granary::castore::{B3Digest, Node, RootRecord};
+use granary::castore::{
+    B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord, SymlinkEntry,
+};
 use granary::store::{self, BlobService, RootService, Store};
 
 /// A free loopback port (bound, then released for the daemon to take).
@@ -254,6 +256,65 @@ fn library_store_over_daemon() {
             .unwrap_err();
         assert!(e.to_string().contains("not stored"), "{e}");
         assert!(s.roots.list().await.unwrap().is_empty());
+        // A closure is checked as a graph before anything of it is stored.
+        let remote = granary::store::remote::RemoteStore::connect(&d.unix_url())
+            .await
+            .unwrap();
+        let child = Directory {
+            files: vec![FileEntry {
+                name: "f".into(),
+                digest: dg.as_bytes().to_vec().into(),
+                size: 100_000,
+                executable: false,
+            }],
+            ..Default::default()
+        };
+        let parent = Directory {
+            directories: vec![DirectoryEntry {
+                name: "c".into(),
+                digest: child.digest().as_bytes().to_vec().into(),
+                size: 1,
+            }],
+            ..Default::default()
+        };
+        let stray = Directory {
+            symlinks: vec![SymlinkEntry {
+                name: "s".into(),
+                target: "t".into(),
+            }],
+            ..Default::default()
+        };
+        let e = remote
+            .put_closure(vec![parent.clone(), child.clone()])
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("neither sent before it nor stored"),
+            "{e}"
+        );
+        let e = remote
+            .put_closure(vec![child.clone(), stray.clone(), parent.clone()])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not reachable"), "{e}");
+        let mut bad_size = parent.clone();
+        bad_size.directories[0].size = 5;
+        assert!(remote
+            .put_closure(vec![child.clone(), bad_size])
+            .await
+            .is_err());
+        for dir in [&child, &parent, &stray] {
+            assert!(s.dirs.get(&dir.digest()).await.unwrap().is_none());
+        }
+        assert_eq!(
+            remote
+                .put_closure(vec![child.clone(), parent.clone()])
+                .await
+                .unwrap(),
+            parent.digest()
+        );
+        assert_eq!(s.dirs.get(&child.digest()).await.unwrap().unwrap(), child);
+
         // Absent things are absent, not errors.
         assert!(s.dirs.get(&wrong).await.unwrap().is_none());
         assert!(s.roots.get("nothing").await.unwrap().is_none());
@@ -344,6 +405,11 @@ fn many_concurrent_clients() {
                             let closure = s.get_closure(&top).await.unwrap();
                             assert!(closure.len() > 5);
                             assert_eq!(closure[0].digest(), top);
+                            if i % 2 == 1 {
+                                // Everyone puts the same directories back, leaves first.
+                                let leaves_first: Vec<_> = closure.into_iter().rev().collect();
+                                assert_eq!(s.put_closure(leaves_first).await.unwrap(), top);
+                            }
                         }
                         _ => {
                             let data = shared[k % shared.len()].clone();
