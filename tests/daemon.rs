@@ -315,6 +315,16 @@ fn library_store_over_daemon() {
         );
         assert_eq!(s.dirs.get(&child.digest()).await.unwrap().unwrap(), child);
 
+        // A small blob comes inline with its stat: the read that follows costs no call.
+        let small = bytes::Bytes::from(noise(1000, 8));
+        let sd = B3Digest::of(&small);
+        remote.put_chunk(sd, small.clone()).await.unwrap();
+        let before = remote.stats().await.unwrap().requests;
+        assert_eq!(remote.stat(&sd).await.unwrap().unwrap().size, 1000);
+        assert_eq!(remote.read_chunk(&sd).await.unwrap().unwrap(), small);
+        let after = remote.stats().await.unwrap().requests;
+        assert_eq!(after - before, 2, "stat and this stats call only");
+
         // Absent things are absent, not errors.
         assert!(s.dirs.get(&wrong).await.unwrap().is_none());
         assert!(s.roots.get("nothing").await.unwrap().is_none());

@@ -4,7 +4,10 @@
 //! hashed (in the client), directories decoded, validated and hashed to the digest asked for,
 //! roots validated. Puts send bytes and compare the digest the daemon computed.
 
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,10 +21,14 @@ use crate::castore::{self, B3Digest, BlobIndex, Directory, RootRecord};
 use crate::rpc::client::{Client, ClientConfig};
 use crate::rpc::{digest_bytes, feature, proto, root_from_proto, root_to_proto};
 
+/// Small blobs received inline with a stat, kept (verified) for the read that follows.
+const INLINE_CACHE_ENTRIES: usize = 256;
+
 /// The remote store; one client (and its connection pool) behind all three services.
 #[derive(Clone)]
 pub struct RemoteStore {
     client: Client,
+    inline: Arc<Mutex<LruCache<B3Digest, Bytes>>>,
 }
 
 fn verify_dir(digest: &B3Digest, dir: Directory) -> Result<Directory> {
@@ -68,7 +75,11 @@ impl RemoteStore {
             reason,
         })?;
         client.info().await?;
-        Ok(RemoteStore { client })
+        let cap = NonZeroUsize::new(INLINE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
+        Ok(RemoteStore {
+            client,
+            inline: Arc::new(Mutex::new(LruCache::new(cap))),
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -178,13 +189,17 @@ impl RemoteStore {
 impl BlobService for RemoteStore {
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         let want = digest_bytes(blob);
+        let want_inline = self.client.has_feature(feature::STAT_INLINE);
         let resp = self
             .client
             .call("stat blob", true, |mut api| {
                 let want = want.clone();
                 async move {
                     Ok(api
-                        .stat_blob(proto::StatBlobRequest { digest: want })
+                        .stat_blob(proto::StatBlobRequest {
+                            digest: want,
+                            want_inline,
+                        })
                         .await?
                         .into_inner())
                 }
@@ -212,10 +227,28 @@ impl BlobService for RemoteStore {
                 "daemon's chunk list does not fit the blob digest",
             ));
         }
+        // Inline bytes are kept only if they are exactly the blob.
+        if !resp.inline.is_empty() && meta.chunks.len() == 1 {
+            if B3Digest::of(&resp.inline) == *blob {
+                if let Ok(mut c) = self.inline.lock() {
+                    c.put(*blob, resp.inline);
+                }
+            } else {
+                tracing::error!("inline bytes of blob {blob} from the daemon do not hash to it");
+            }
+        }
         Ok(Some(meta))
     }
 
     async fn read_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
+        if let Some(b) = self
+            .inline
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(chunk).cloned())
+        {
+            return Ok(Some(b));
+        }
         Ok(self
             .client
             .read_chunks(std::slice::from_ref(chunk))
