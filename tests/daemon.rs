@@ -948,3 +948,112 @@ fn sigterm_drains_and_exits() {
     assert!(status.success(), "{status}");
     assert!(!d.sock.exists(), "socket left behind");
 }
+
+#[test]
+fn ingest_rejects_bad_framing() {
+    use granary::rpc::proto::{
+        granary_client::GranaryClient, ingest_entry::Kind, ingest_frame::Frame, IngestEnd,
+        IngestEntry, IngestFrame, IngestHeader,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &[]);
+    let entry = |path: &str, kind: Kind, size: u64| {
+        Frame::Entry(IngestEntry {
+            path: path.as_bytes().to_vec().into(),
+            kind: kind as i32,
+            executable: false,
+            size,
+            target: if kind == Kind::Symlink {
+                "t".into()
+            } else {
+                Default::default()
+            },
+        })
+    };
+    let header = || {
+        Frame::Header(IngestHeader {
+            root_name: "bad".into(),
+        })
+    };
+    let end = |entries, bytes| Frame::End(IngestEnd { entries, bytes });
+    let cases: Vec<(&str, Vec<Frame>)> = vec![
+        (
+            "first frame must be a header",
+            vec![entry("", Kind::Directory, 0)],
+        ),
+        (
+            "parent was not sent",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("a/b", Kind::File, 0),
+            ],
+        ),
+        (
+            "beyond the size",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("f", Kind::File, 2),
+                Frame::Data(vec![1, 2, 3].into()),
+            ],
+        ),
+        (
+            "truncated",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("f", Kind::File, 3),
+                Frame::Data(vec![1, 2, 3].into()),
+            ],
+        ),
+        (
+            "end frame counts",
+            vec![header(), entry("", Kind::Directory, 0), end(5, 0)],
+        ),
+        (
+            "invalid name",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("..", Kind::File, 0),
+            ],
+        ),
+        (
+            "sent twice",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("x", Kind::Symlink, 0),
+                entry("x", Kind::Symlink, 0),
+            ],
+        ),
+    ];
+    rt().block_on(async {
+        let mut api = GranaryClient::connect(format!("http://{}", d.addr))
+            .await
+            .unwrap();
+        for (want, frames) in cases {
+            let frames: Vec<IngestFrame> = frames
+                .into_iter()
+                .map(|f| IngestFrame { frame: Some(f) })
+                .collect();
+            let e = api
+                .ingest_start(futures::stream::iter(frames))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{want}: {e}");
+            assert!(e.message().contains(want), "{want}: {}", e.message());
+        }
+        let stats = api
+            .stats(granary::rpc::proto::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.sessions_started, 0);
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&ok(&d.unix_url(), &["roots"]).stdout),
+        ""
+    );
+}

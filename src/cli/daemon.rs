@@ -62,11 +62,11 @@ fn default_socket(store_url: &str) -> PathBuf {
         return Path::new(p).join("daemon.sock");
     }
     std::env::temp_dir()
-        .join(format!("granary-{}", unsafe_uid()))
+        .join(format!("granary-{}", current_uid()))
         .join("daemon.sock")
 }
 
-fn unsafe_uid() -> u32 {
+fn current_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }
 }
