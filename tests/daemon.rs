@@ -496,7 +496,15 @@ fn many_concurrent_clients() {
 #[test]
 fn feature_negotiation() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = Daemon::start(tmp.path(), &["--disable-feature", "closure-get"]);
+    let d = Daemon::start(
+        tmp.path(),
+        &[
+            "--disable-feature",
+            "closure-get",
+            "--disable-feature",
+            "ingest-sessions",
+        ],
+    );
     // A client requiring what the daemon lacks is told which feature.
     let url = format!("{}?require=closure-get", d.unix_url());
     let e = fails(&url, &["roots"]);
@@ -505,8 +513,23 @@ fn feature_negotiation() {
     let url = format!("{}?require=teleport", d.tcp_url());
     let e = fails(&url, &["roots"]);
     assert!(e.contains("\"teleport\""), "{e}");
-    // Without that requirement the same daemon serves normally.
-    ok(&d.unix_url(), &["roots"]);
+    // Without that requirement the same daemon serves normally: import goes object by
+    // object (chunks, blob indexes checked by the daemon, directories, root) instead of
+    // through an ingest session, and reads walk directory by directory.
+    let src = tmp.path().join("src");
+    gen_tree(&src, 1 << 20);
+    ok(
+        &d.unix_url(),
+        &["import", "--name", "t", src.to_str().unwrap()],
+    );
+    let dest = tmp.path().join("out");
+    ok(&d.tcp_url(), &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+    let e = fails(
+        &d.unix_url(),
+        &["import", "--no-wait", src.to_str().unwrap()],
+    );
+    assert!(e.contains("ingest sessions"), "{e}");
     // Unknown features from a client are ignored, and the intersection is returned.
     rt().block_on(async {
         let mut api = granary::rpc::proto::granary_client::GranaryClient::connect(format!(

@@ -328,3 +328,11 @@ pub async fn cmd_ingest_status(store: &Store, token: &str) -> Result<ExitCode> {
 pub fn is_remote(url: &str) -> bool {
     url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://")
 }
+
+/// Whether the daemon behind a URL takes ingest sessions (else import goes object by object).
+pub async fn offers_ingest(url: &str) -> Result<bool> {
+    let remote = RemoteStore::connect(url).await?;
+    Ok(remote
+        .client()
+        .has_feature(crate::rpc::feature::INGEST_SESSIONS))
+}
