@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_tree, gen_tree, granary_bin, noise, write_big};
-use granary::castore::{B3Digest, Node, RootRecord};
+use granary::castore::{
+    B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord, SymlinkEntry,
+};
 use granary::store::{self, BlobService, RootService, Store};
 
 /// A free loopback port (bound, then released for the daemon to take).
@@ -254,6 +256,75 @@ fn library_store_over_daemon() {
             .unwrap_err();
         assert!(e.to_string().contains("not stored"), "{e}");
         assert!(s.roots.list().await.unwrap().is_empty());
+        // A closure is checked as a graph before anything of it is stored.
+        let remote = granary::store::remote::RemoteStore::connect(&d.unix_url())
+            .await
+            .unwrap();
+        let child = Directory {
+            files: vec![FileEntry {
+                name: "f".into(),
+                digest: dg.as_bytes().to_vec().into(),
+                size: 100_000,
+                executable: false,
+            }],
+            ..Default::default()
+        };
+        let parent = Directory {
+            directories: vec![DirectoryEntry {
+                name: "c".into(),
+                digest: child.digest().as_bytes().to_vec().into(),
+                size: 1,
+            }],
+            ..Default::default()
+        };
+        let stray = Directory {
+            symlinks: vec![SymlinkEntry {
+                name: "s".into(),
+                target: "t".into(),
+            }],
+            ..Default::default()
+        };
+        let e = remote
+            .put_closure(vec![parent.clone(), child.clone()])
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("neither sent before it nor stored"),
+            "{e}"
+        );
+        let e = remote
+            .put_closure(vec![child.clone(), stray.clone(), parent.clone()])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("not reachable"), "{e}");
+        let mut bad_size = parent.clone();
+        bad_size.directories[0].size = 5;
+        assert!(remote
+            .put_closure(vec![child.clone(), bad_size])
+            .await
+            .is_err());
+        for dir in [&child, &parent, &stray] {
+            assert!(s.dirs.get(&dir.digest()).await.unwrap().is_none());
+        }
+        assert_eq!(
+            remote
+                .put_closure(vec![child.clone(), parent.clone()])
+                .await
+                .unwrap(),
+            parent.digest()
+        );
+        assert_eq!(s.dirs.get(&child.digest()).await.unwrap().unwrap(), child);
+
+        // A small blob comes inline with its stat: the read that follows costs no call.
+        let small = bytes::Bytes::from(noise(1000, 8));
+        let sd = B3Digest::of(&small);
+        remote.put_chunk(sd, small.clone()).await.unwrap();
+        let before = remote.stats().await.unwrap().requests;
+        assert_eq!(remote.stat(&sd).await.unwrap().unwrap().size, 1000);
+        assert_eq!(remote.read_chunk(&sd).await.unwrap().unwrap(), small);
+        let after = remote.stats().await.unwrap().requests;
+        assert_eq!(after - before, 2, "stat and this stats call only");
+
         // Absent things are absent, not errors.
         assert!(s.dirs.get(&wrong).await.unwrap().is_none());
         assert!(s.roots.get("nothing").await.unwrap().is_none());
@@ -346,6 +417,11 @@ fn many_concurrent_clients() {
                             let closure = s.get_closure(&top).await.unwrap();
                             assert!(closure.len() > 5);
                             assert_eq!(closure[0].digest(), top);
+                            if i % 2 == 1 {
+                                // Everyone puts the same directories back, leaves first.
+                                let leaves_first: Vec<_> = closure.into_iter().rev().collect();
+                                assert_eq!(s.put_closure(leaves_first).await.unwrap(), top);
+                            }
                         }
                         _ => {
                             let data = shared[k % shared.len()].clone();
@@ -422,7 +498,15 @@ fn many_concurrent_clients() {
 #[test]
 fn feature_negotiation() {
     let tmp = tempfile::tempdir().unwrap();
-    let d = Daemon::start(tmp.path(), &["--disable-feature", "closure-get"]);
+    let d = Daemon::start(
+        tmp.path(),
+        &[
+            "--disable-feature",
+            "closure-get",
+            "--disable-feature",
+            "ingest-sessions",
+        ],
+    );
     // A client requiring what the daemon lacks is told which feature.
     let url = format!("{}?require=closure-get", d.unix_url());
     let e = fails(&url, &["roots"]);
@@ -431,8 +515,23 @@ fn feature_negotiation() {
     let url = format!("{}?require=teleport", d.tcp_url());
     let e = fails(&url, &["roots"]);
     assert!(e.contains("\"teleport\""), "{e}");
-    // Without that requirement the same daemon serves normally.
-    ok(&d.unix_url(), &["roots"]);
+    // Without that requirement the same daemon serves normally: import goes object by
+    // object (chunks, blob indexes checked by the daemon, directories, root) instead of
+    // through an ingest session, and reads walk directory by directory.
+    let src = tmp.path().join("src");
+    gen_tree(&src, 1 << 20);
+    ok(
+        &d.unix_url(),
+        &["import", "--name", "t", src.to_str().unwrap()],
+    );
+    let dest = tmp.path().join("out");
+    ok(&d.tcp_url(), &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+    let e = fails(
+        &d.unix_url(),
+        &["import", "--no-wait", src.to_str().unwrap()],
+    );
+    assert!(e.contains("ingest sessions"), "{e}");
     // Unknown features from a client are ignored, and the intersection is returned.
     rt().block_on(async {
         let mut api = granary::rpc::proto::granary_client::GranaryClient::connect(format!(
@@ -873,4 +972,113 @@ fn sigterm_drains_and_exits() {
     };
     assert!(status.success(), "{status}");
     assert!(!d.sock.exists(), "socket left behind");
+}
+
+#[test]
+fn ingest_rejects_bad_framing() {
+    use granary::rpc::proto::{
+        granary_client::GranaryClient, ingest_entry::Kind, ingest_frame::Frame, IngestEnd,
+        IngestEntry, IngestFrame, IngestHeader,
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &[]);
+    let entry = |path: &str, kind: Kind, size: u64| {
+        Frame::Entry(IngestEntry {
+            path: path.as_bytes().to_vec().into(),
+            kind: kind as i32,
+            executable: false,
+            size,
+            target: if kind == Kind::Symlink {
+                "t".into()
+            } else {
+                Default::default()
+            },
+        })
+    };
+    let header = || {
+        Frame::Header(IngestHeader {
+            root_name: "bad".into(),
+        })
+    };
+    let end = |entries, bytes| Frame::End(IngestEnd { entries, bytes });
+    let cases: Vec<(&str, Vec<Frame>)> = vec![
+        (
+            "first frame must be a header",
+            vec![entry("", Kind::Directory, 0)],
+        ),
+        (
+            "parent was not sent",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("a/b", Kind::File, 0),
+            ],
+        ),
+        (
+            "beyond the size",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("f", Kind::File, 2),
+                Frame::Data(vec![1, 2, 3].into()),
+            ],
+        ),
+        (
+            "truncated",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("f", Kind::File, 3),
+                Frame::Data(vec![1, 2, 3].into()),
+            ],
+        ),
+        (
+            "end frame counts",
+            vec![header(), entry("", Kind::Directory, 0), end(5, 0)],
+        ),
+        (
+            "invalid name",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("..", Kind::File, 0),
+            ],
+        ),
+        (
+            "sent twice",
+            vec![
+                header(),
+                entry("", Kind::Directory, 0),
+                entry("x", Kind::Symlink, 0),
+                entry("x", Kind::Symlink, 0),
+            ],
+        ),
+    ];
+    rt().block_on(async {
+        let mut api = GranaryClient::connect(format!("http://{}", d.addr))
+            .await
+            .unwrap();
+        for (want, frames) in cases {
+            let frames: Vec<IngestFrame> = frames
+                .into_iter()
+                .map(|f| IngestFrame { frame: Some(f) })
+                .collect();
+            let e = api
+                .ingest_start(futures::stream::iter(frames))
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{want}: {e}");
+            assert!(e.message().contains(want), "{want}: {}", e.message());
+        }
+        let stats = api
+            .stats(granary::rpc::proto::StatsRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(stats.sessions_started, 0);
+    });
+    assert_eq!(
+        String::from_utf8_lossy(&ok(&d.unix_url(), &["roots"]).stdout),
+        ""
+    );
 }

@@ -62,11 +62,11 @@ fn default_socket(store_url: &str) -> PathBuf {
         return Path::new(p).join("daemon.sock");
     }
     std::env::temp_dir()
-        .join(format!("granary-{}", unsafe_uid()))
+        .join(format!("granary-{}", current_uid()))
         .join("daemon.sock")
 }
 
-fn unsafe_uid() -> u32 {
+fn current_uid() -> u32 {
     // SAFETY: getuid has no preconditions and cannot fail.
     unsafe { libc::getuid() }
 }
@@ -101,6 +101,17 @@ async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
     tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// Socket files this daemon created, removed however it exits.
+struct SocketFiles(Vec<PathBuf>);
+
+impl Drop for SocketFiles {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }
 
 pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
@@ -151,12 +162,12 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         },
     );
     sessions.spawn_gc();
-    let daemon = Daemon::new(store, &args.disable_feature, sessions);
+    let daemon = Daemon::new(store, &args.disable_feature, sessions.clone());
     let counters = daemon.counters();
     let auth = Auth { token };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
-    let mut sockets = Vec::new();
+    let mut sockets = SocketFiles(Vec::new());
     let mut stderr = std::io::stderr();
     for l in listens {
         let svc = GranaryServer::with_interceptor(daemon.clone(), auth.clone());
@@ -195,7 +206,7 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
                     "granary daemon: listening on unix:{}",
                     path.display()
                 )?;
-                sockets.push(path);
+                sockets.0.push(path);
                 let incoming = tokio_stream::wrappers::UnixListenerStream::new(lis).map(move |s| {
                     s.inspect(|_| {
                         counters.connections.fetch_add(1, Ordering::Relaxed);
@@ -220,9 +231,6 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         r = servers.join_next() => Some(r),
     };
     if let Some(r) = failed {
-        for p in &sockets {
-            let _ = std::fs::remove_file(p);
-        }
         match r {
             Some(Ok(Err(e))) => bail!("server stopped: {e}"),
             Some(Err(e)) => bail!("server task failed: {e}"),
@@ -231,13 +239,15 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     }
     // Stop accepting, let calls in flight finish, but not for longer than the drain time.
     let _ = stop_tx.send(true);
+    // Ingest sessions already accepted are finished too, within the same bound.
     let drained = tokio::time::timeout(drain, async {
         while servers.join_next().await.is_some() {}
+        while sessions.counts().running > 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     })
     .await;
-    for p in &sockets {
-        let _ = std::fs::remove_file(p);
-    }
+    drop(sockets);
     if drained.is_err() {
         eprintln!(
             "granary daemon: {} calls still in flight after {:?}; exiting",
@@ -317,4 +327,12 @@ pub async fn cmd_ingest_status(store: &Store, token: &str) -> Result<ExitCode> {
 
 pub fn is_remote(url: &str) -> bool {
     url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://")
+}
+
+/// Whether the daemon behind a URL takes ingest sessions (else import goes object by object).
+pub async fn offers_ingest(url: &str) -> Result<bool> {
+    let remote = RemoteStore::connect(url).await?;
+    Ok(remote
+        .client()
+        .has_feature(crate::rpc::feature::INGEST_SESSIONS))
 }

@@ -226,13 +226,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             jobs,
             no_wait,
         } => {
-            if daemon::is_remote(&store.url) {
+            if daemon::is_remote(&store.url) && daemon::offers_ingest(&store.url).await? {
                 let names = root_names(&paths, name, named)?;
                 return daemon::cmd_import_remote(&store, &paths, names, skip_special, no_wait)
                     .await;
             }
             if no_wait {
-                bail!("--no-wait needs a daemon store (grpc+tcp:// or grpc+unix://)");
+                bail!("--no-wait needs a daemon store offering ingest sessions");
             }
             let opts = ImportOptions {
                 skip_special,

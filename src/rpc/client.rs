@@ -303,8 +303,19 @@ impl Client {
 
     async fn connect(&self) -> Result<Api, Status> {
         let cfg = &self.inner.cfg;
-        let unavailable =
-            |e: tonic::transport::Error| Status::unavailable(format!("cannot connect: {e}"));
+        let unavailable = |e: tonic::transport::Error| {
+            // tonic's own message is just "transport error": name the cause too.
+            let mut msg = format!("cannot connect: {e}");
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                let part = s.to_string();
+                if !msg.contains(&part) {
+                    msg.push_str(&format!(": {part}"));
+                }
+                src = s.source();
+            }
+            Status::unavailable(msg)
+        };
         let channel = match &cfg.target {
             Target::Tcp(hp) => Endpoint::from_shared(format!("http://{hp}"))
                 .map_err(|e| Status::invalid_argument(format!("bad address {hp:?}: {e}")))?
@@ -629,4 +640,36 @@ fn spawn_reaper(inner: Weak<Inner>) {
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_and_durations() {
+        let c =
+            ClientConfig::from_url("grpc+tcp://127.0.0.1:7411?timeout=250ms&pool=2&require=x,y")
+                .unwrap();
+        assert_eq!(c.target, Target::Tcp("127.0.0.1:7411".into()));
+        assert_eq!(c.timeout, Duration::from_millis(250));
+        assert_eq!(c.pool, 2);
+        assert!(c.required.contains(&"x".to_string()) && c.required.contains(&"y".to_string()));
+        let c = ClientConfig::from_url("grpc+unix:///run/g.sock").unwrap();
+        assert_eq!(c.target, Target::Unix("/run/g.sock".into()));
+        for bad in [
+            "grpc+tcp://",
+            "grpc+tcp://hostonly",
+            "grpc+unix://relative",
+            "grpc+tcp://h:1?pool=0",
+            "grpc+tcp://h:1?what=1",
+            "grpc+tcp://h:1?timeout=-3s",
+            "grpc+tcp://h:1?token_file=/nonexistent/token",
+        ] {
+            assert!(ClientConfig::from_url(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("soon").is_err());
+    }
 }

@@ -29,6 +29,8 @@ use crate::store::{Store, StoreError};
 pub struct Limits {
     pub max_bytes: u64,
     pub max_entries: u64,
+    /// Bytes of entry paths and symlink targets held in memory while a tree is imported.
+    pub max_metadata: u64,
 }
 
 impl Default for Limits {
@@ -36,9 +38,13 @@ impl Default for Limits {
         Self {
             max_bytes: 64 << 30,
             max_entries: 4 << 20,
+            max_metadata: 512 << 20,
         }
     }
 }
+
+/// Longest entry path in an upload.
+pub const MAX_PATH: usize = 64 << 10;
 
 enum State {
     Running,
@@ -211,6 +217,7 @@ impl Sessions {
         let mut paths: HashSet<Bytes> = HashSet::new();
         let mut remaining = 0u64;
         let mut written = 0u64;
+        let mut metadata = 0u64;
         let mut ended = false;
         while let Some(frame) = stream.message().await? {
             if ended {
@@ -228,6 +235,16 @@ impl Sessions {
                         return Err(bad(format!(
                             "more than {} entries",
                             self.limits.max_entries
+                        )));
+                    }
+                    if e.path.len() > MAX_PATH {
+                        return Err(bad(format!("a path of {} bytes", e.path.len())));
+                    }
+                    metadata += (e.path.len() + e.target.len()) as u64;
+                    if metadata > self.limits.max_metadata {
+                        return Err(bad(format!(
+                            "more than {} bytes of paths and link targets",
+                            self.limits.max_metadata
                         )));
                     }
                     let kind = Kind::try_from(e.kind).unwrap_or(Kind::Unspecified);

@@ -25,6 +25,7 @@ pub mod feature {
     pub const CLOSURE_PUT: &str = "closure-put";
     pub const INGEST_SESSIONS: &str = "ingest-sessions";
     pub const STATS: &str = "stats";
+    pub const STAT_INLINE: &str = "stat-inline";
 
     /// Everything this build implements, on both sides.
     pub const ALL: &[&str] = &[
@@ -35,6 +36,7 @@ pub mod feature {
         CLOSURE_PUT,
         INGEST_SESSIONS,
         STATS,
+        STAT_INLINE,
     ];
 
     /// What a client cannot work without: reading chunks and putting blobs.
@@ -44,6 +46,9 @@ pub mod feature {
 /// Largest payload of one data frame. Far below tonic's 4 MiB default message limit, so a
 /// frame with its envelope always fits.
 pub const FRAME_BYTES: usize = 1 << 20;
+
+/// Largest blob whose bytes a stat answer carries inline.
+pub const MAX_INLINE: u64 = 64 << 10;
 
 /// Most chunks one batched read may ask for.
 pub const MAX_BATCH: usize = 1024;

@@ -13,7 +13,9 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ingest::Sessions;
 use super::proto::{self, granary_server::Granary};
-use super::{digest_bytes, feature, root_from_proto, root_to_proto, FRAME_BYTES, MAX_BATCH};
+use super::{
+    digest_bytes, feature, root_from_proto, root_to_proto, FRAME_BYTES, MAX_BATCH, MAX_INLINE,
+};
 use crate::castore::{self, B3Digest, BlobIndex, Directory, Node};
 use crate::chunking::Chunker;
 use crate::store::local::MAX_CHUNK;
@@ -453,11 +455,28 @@ impl Granary for Daemon {
             let meta = self.store.blobs.stat(&d).await.map_err(status_of)?;
             Ok(Response::new(match meta {
                 None => proto::StatBlobResponse::default(),
-                Some(m) => proto::StatBlobResponse {
-                    found: true,
-                    size: m.size,
-                    chunks: m.to_index().chunks,
-                },
+                Some(m) => {
+                    let inline = if req.get_ref().want_inline
+                        && self.has_feature(feature::STAT_INLINE)
+                        && m.chunks.len() == 1
+                        && m.size <= MAX_INLINE
+                    {
+                        let data = self.store.blobs.read_chunk(&d).await.map_err(status_of)?;
+                        let data = data.unwrap_or_default();
+                        self.counters
+                            .bytes_out
+                            .fetch_add(data.len() as u64, Ordering::Relaxed);
+                        data
+                    } else {
+                        Bytes::new()
+                    };
+                    proto::StatBlobResponse {
+                        found: true,
+                        size: m.size,
+                        chunks: m.to_index().chunks,
+                        inline,
+                    }
+                }
             }))
         }
         .await;

@@ -4,7 +4,10 @@
 //! hashed (in the client), directories decoded, validated and hashed to the digest asked for,
 //! roots validated. Puts send bytes and compare the digest the daemon computed.
 
-use std::sync::Arc;
+use std::num::NonZeroUsize;
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -18,10 +21,20 @@ use crate::castore::{self, B3Digest, BlobIndex, Directory, RootRecord};
 use crate::rpc::client::{Client, ClientConfig};
 use crate::rpc::{digest_bytes, feature, proto, root_from_proto, root_to_proto};
 
+/// Small blobs received inline with a stat, kept (verified) for the read that follows.
+const INLINE_CACHE_ENTRIES: usize = 256;
+/// Directories kept after a closure prefetch (verified; immutable, so never stale).
+const DIR_CACHE_ENTRIES: usize = 16384;
+/// Most directories one prefetch takes from a closure: a walk of a tree needs them all,
+/// but a lookup in a huge tree must not pull the whole tree.
+const PREFETCH_DIRS: usize = 2048;
+
 /// The remote store; one client (and its connection pool) behind all three services.
 #[derive(Clone)]
 pub struct RemoteStore {
     client: Client,
+    inline: Arc<Mutex<LruCache<B3Digest, Bytes>>>,
+    dir_cache: Arc<Mutex<LruCache<B3Digest, Directory>>>,
 }
 
 fn verify_dir(digest: &B3Digest, dir: Directory) -> Result<Directory> {
@@ -68,7 +81,13 @@ impl RemoteStore {
             reason,
         })?;
         client.info().await?;
-        Ok(RemoteStore { client })
+        let cap = NonZeroUsize::new(INLINE_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
+        let dcap = NonZeroUsize::new(DIR_CACHE_ENTRIES).unwrap_or(NonZeroUsize::MIN);
+        Ok(RemoteStore {
+            client,
+            inline: Arc::new(Mutex::new(LruCache::new(cap))),
+            dir_cache: Arc::new(Mutex::new(LruCache::new(dcap))),
+        })
     }
 
     pub fn client(&self) -> &Client {
@@ -94,19 +113,33 @@ impl RemoteStore {
 
     /// A directory and everything below it, root first, each verified.
     pub async fn get_closure(&self, root: &B3Digest) -> Result<Vec<Directory>> {
+        self.closure_up_to(root, usize::MAX).await
+    }
+
+    /// The first `limit` directories of a closure (root first), each verified; empty if the
+    /// root is absent.
+    async fn closure_up_to(&self, root: &B3Digest, limit: usize) -> Result<Vec<Directory>> {
         let want = digest_bytes(root);
         let dirs = self
             .client
             .call("get closure", true, |mut api| {
                 let want = want.clone();
                 async move {
-                    let mut s = api
-                        .get_closure(proto::DigestRequest { digest: want })
-                        .await?
-                        .into_inner();
+                    let mut s = match api.get_closure(proto::DigestRequest { digest: want }).await {
+                        Ok(r) => r.into_inner(),
+                        Err(e) if e.code() == tonic::Code::NotFound => return Ok(Vec::new()),
+                        Err(e) => return Err(e),
+                    };
                     let mut out = Vec::new();
-                    while let Some(d) = s.next().await {
-                        out.push(d?);
+                    while out.len() < limit {
+                        match s.next().await {
+                            Some(Ok(d)) => out.push(d),
+                            Some(Err(e)) if e.code() == tonic::Code::NotFound && out.is_empty() => {
+                                return Ok(Vec::new())
+                            }
+                            Some(Err(e)) => return Err(e),
+                            None => break,
+                        }
                     }
                     Ok(out)
                 }
@@ -178,13 +211,17 @@ impl RemoteStore {
 impl BlobService for RemoteStore {
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         let want = digest_bytes(blob);
+        let want_inline = self.client.has_feature(feature::STAT_INLINE);
         let resp = self
             .client
             .call("stat blob", true, |mut api| {
                 let want = want.clone();
                 async move {
                     Ok(api
-                        .stat_blob(proto::StatBlobRequest { digest: want })
+                        .stat_blob(proto::StatBlobRequest {
+                            digest: want,
+                            want_inline,
+                        })
                         .await?
                         .into_inner())
                 }
@@ -212,10 +249,28 @@ impl BlobService for RemoteStore {
                 "daemon's chunk list does not fit the blob digest",
             ));
         }
+        // Inline bytes are kept only if they are exactly the blob.
+        if !resp.inline.is_empty() && meta.chunks.len() == 1 {
+            if B3Digest::of(&resp.inline) == *blob {
+                if let Ok(mut c) = self.inline.lock() {
+                    c.put(*blob, resp.inline);
+                }
+            } else {
+                tracing::error!("inline bytes of blob {blob} from the daemon do not hash to it");
+            }
+        }
         Ok(Some(meta))
     }
 
     async fn read_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
+        if let Some(b) = self
+            .inline
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(chunk).cloned())
+        {
+            return Ok(Some(b));
+        }
         Ok(self
             .client
             .read_chunks(std::slice::from_ref(chunk))
@@ -266,6 +321,26 @@ impl BlobService for RemoteStore {
 #[async_trait]
 impl DirectoryService for RemoteStore {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
+        if let Some(d) = self
+            .dir_cache
+            .lock()
+            .ok()
+            .and_then(|mut c| c.get(digest).cloned())
+        {
+            return Ok(Some(d));
+        }
+        if self.client.has_feature(feature::CLOSURE_GET) {
+            // Whoever reads a directory usually reads below it next: take a bounded part of
+            // its closure in the same round trip.
+            let mut dirs = self.closure_up_to(digest, PREFETCH_DIRS).await?.into_iter();
+            let first = dirs.next();
+            if let Ok(mut c) = self.dir_cache.lock() {
+                for d in dirs {
+                    c.put(d.digest(), d);
+                }
+            }
+            return Ok(first);
+        }
         let want = digest_bytes(digest);
         let resp = self
             .client
