@@ -191,8 +191,8 @@ fn import_file_blocking(
         Ok::<(), ImportError>(())
     };
     let submit = |chunk: Bytes,
-                      q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>,
-                      index: &mut Vec<blob_index::Chunk>| {
+                  q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>,
+                  index: &mut Vec<blob_index::Chunk>| {
         let digest = B3Digest::of(&chunk);
         index.push(blob_index::Chunk {
             digest: Bytes::copy_from_slice(digest.as_bytes()),

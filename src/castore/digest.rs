@@ -66,7 +66,9 @@ impl FromStr for B3Digest {
             if s.len() != DIGEST_LEN * 2 {
                 return Err(bad());
             }
-            HEXLOWER_PERMISSIVE.decode(s.as_bytes()).map_err(|_| bad())?
+            HEXLOWER_PERMISSIVE
+                .decode(s.as_bytes())
+                .map_err(|_| bad())?
         };
         B3Digest::try_from(bytes.as_slice()).map_err(|_| bad())
     }
@@ -99,7 +101,14 @@ mod tests {
 
     #[test]
     fn rejects_bad_spellings() {
-        for s in ["", "abc", &"g".repeat(64), &"a".repeat(66), "blake3-AAAA", "blake3-!!"] {
+        for s in [
+            "",
+            "abc",
+            &"g".repeat(64),
+            &"a".repeat(66),
+            "blake3-AAAA",
+            "blake3-!!",
+        ] {
             assert!(s.parse::<B3Digest>().is_err(), "{s:?} parsed");
         }
         assert!(matches!(

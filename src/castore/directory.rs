@@ -4,8 +4,8 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::{
-    decode_bounded, show, B3Digest, Directory, DirectoryEntry, FileEntry, ModelError,
-    SymlinkEntry, MAX_NAME_LEN, MAX_TARGET_LEN,
+    decode_bounded, show, B3Digest, Directory, DirectoryEntry, FileEntry, ModelError, SymlinkEntry,
+    MAX_NAME_LEN, MAX_TARGET_LEN,
 };
 
 /// Checks one entry name: 1..=255 bytes, no `/`, no NUL, not `.` or `..`.
@@ -299,7 +299,10 @@ mod tests {
                 files: vec![f(name, 0, false)],
                 ..Default::default()
             });
-            assert!(matches!(e, ModelError::Name { reason, .. } if reason == want), "{e}");
+            assert!(
+                matches!(e, ModelError::Name { reason, .. } if reason == want),
+                "{e}"
+            );
         }
         assert!(validate_name(&[b'a'; 255]).is_ok());
         assert!(validate_name(b"with space \xff").is_ok());
@@ -343,7 +346,10 @@ mod tests {
                 symlinks: vec![s(b"l", t)],
                 ..Default::default()
             });
-            assert!(matches!(e, ModelError::Target { reason, .. } if reason == want), "{e}");
+            assert!(
+                matches!(e, ModelError::Target { reason, .. } if reason == want),
+                "{e}"
+            );
         }
         assert!(Directory {
             symlinks: vec![s(b"l", &[b'a'; 4095])],
@@ -429,7 +435,10 @@ mod tests {
             symlinks: vec![s(b"bb", b"t")],
         };
         let names: Vec<_> = dir.entries().map(|e| e.name().clone()).collect();
-        assert_eq!(names, [&b"a"[..], b"b", b"bb", b"c"].map(Bytes::from_static));
+        assert_eq!(
+            names,
+            [&b"a"[..], b"b", b"bb", b"c"].map(Bytes::from_static)
+        );
         assert!(matches!(dir.lookup(b"bb"), Some(Entry::Symlink(_))));
         assert!(dir.lookup(b"zz").is_none());
     }

@@ -13,9 +13,18 @@ pub use proto::NixInfo;
 /// What a root (or any directory entry) points at.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Node {
-    Directory { digest: B3Digest, size: u64 },
-    File { digest: B3Digest, size: u64, executable: bool },
-    Symlink { target: Bytes },
+    Directory {
+        digest: B3Digest,
+        size: u64,
+    },
+    File {
+        digest: B3Digest,
+        size: u64,
+        executable: bool,
+    },
+    Symlink {
+        target: Bytes,
+    },
 }
 
 impl Node {
@@ -117,7 +126,9 @@ impl RootRecord {
         };
         if let Some(nix) = &r.nix {
             if !nix.nar_sha256.is_empty() && nix.nar_sha256.len() != 32 {
-                return Err(ModelError::Root(format!("{name}: NAR sha256 is not 32 bytes")));
+                return Err(ModelError::Root(format!(
+                    "{name}: NAR sha256 is not 32 bytes"
+                )));
             }
         }
         Ok(RootRecord {

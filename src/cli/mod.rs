@@ -263,7 +263,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Export { path, dest } => {
             let node = tree::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
-                bail!("{}: already exists; export needs a new path", dest.display());
+                bail!(
+                    "{}: already exists; export needs a new path",
+                    dest.display()
+                );
             }
             tree::export(&store, &node, &dest)
                 .await
@@ -348,9 +351,11 @@ fn root_names(paths: &[PathBuf], name: Option<String>, named: bool) -> Result<Ve
     for p in paths {
         names.push(match (&name, named) {
             (Some(n), _) => Some(n.clone()),
-            (None, true) => Some(import::default_root_name(p).with_context(|| {
-                format!("{}: basename is not a valid root name", p.display())
-            })?),
+            (None, true) => {
+                Some(import::default_root_name(p).with_context(|| {
+                    format!("{}: basename is not a valid root name", p.display())
+                })?)
+            }
             _ => None,
         });
     }
@@ -410,7 +415,11 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             executable,
         } => (
             '-',
-            if *executable { "r-xr-xr-x" } else { "r--r--r--" },
+            if *executable {
+                "r-xr-xr-x"
+            } else {
+                "r--r--r--"
+            },
             *size,
             digest.to_hex(),
         ),

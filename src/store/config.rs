@@ -61,7 +61,9 @@ mod tests {
     fn round_trip_and_newer_format_refused() {
         let c = StoreConfig::default();
         assert_eq!(StoreConfig::from_toml(&c.to_toml()).unwrap(), c);
-        let newer = c.to_toml().replace("format_version = 1", "format_version = 2");
+        let newer = c
+            .to_toml()
+            .replace("format_version = 1", "format_version = 2");
         let e = StoreConfig::from_toml(&newer).unwrap_err();
         assert!(e.contains("newer"), "{e}");
         let bad = c.to_toml().replace("min = 16384", "min = 1");

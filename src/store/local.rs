@@ -128,7 +128,11 @@ pub fn decode_chunk(digest: &B3Digest, compressed: &[u8]) -> Result<Bytes> {
     dec.read_to_end(&mut out)
         .map_err(|e| StoreError::corrupt("chunk", digest, format!("zstd: {e}")))?;
     if out.len() > MAX_CHUNK {
-        return Err(StoreError::corrupt("chunk", digest, "larger than any chunk"));
+        return Err(StoreError::corrupt(
+            "chunk",
+            digest,
+            "larger than any chunk",
+        ));
     }
     let actual = B3Digest::of(&out);
     if actual != *digest {
@@ -447,7 +451,9 @@ impl LocalStore {
                     let meta = match std::fs::metadata(&path) {
                         Ok(m) => m,
                         Err(e) if e.kind() == ErrorKind::NotFound => continue,
-                        Err(e) => return Err(StoreError::io(format!("stat {}", path.display()), e)),
+                        Err(e) => {
+                            return Err(StoreError::io(format!("stat {}", path.display()), e))
+                        }
                     };
                     u.stored_bytes += meta.len();
                     match kind {

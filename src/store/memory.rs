@@ -66,11 +66,20 @@ impl BlobService for MemoryStore {
     }
 
     async fn read_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
-        Ok(self.chunks.read().map_err(|_| poisoned())?.get(chunk).cloned())
+        Ok(self
+            .chunks
+            .read()
+            .map_err(|_| poisoned())?
+            .get(chunk)
+            .cloned())
     }
 
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
-        Ok(self.chunks.read().map_err(|_| poisoned())?.contains_key(chunk))
+        Ok(self
+            .chunks
+            .read()
+            .map_err(|_| poisoned())?
+            .contains_key(chunk))
     }
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
@@ -104,7 +113,12 @@ impl BlobService for MemoryStore {
 #[async_trait]
 impl DirectoryService for MemoryStore {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
-        Ok(self.dirs.read().map_err(|_| poisoned())?.get(digest).cloned())
+        Ok(self
+            .dirs
+            .read()
+            .map_err(|_| poisoned())?
+            .get(digest)
+            .cloned())
     }
 
     async fn put(&self, dir: &Directory) -> Result<B3Digest> {
@@ -120,14 +134,23 @@ impl DirectoryService for MemoryStore {
     }
 
     async fn has(&self, digest: &B3Digest) -> Result<bool> {
-        Ok(self.dirs.read().map_err(|_| poisoned())?.contains_key(digest))
+        Ok(self
+            .dirs
+            .read()
+            .map_err(|_| poisoned())?
+            .contains_key(digest))
     }
 }
 
 #[async_trait]
 impl RootService for MemoryStore {
     async fn get(&self, name: &str) -> Result<Option<RootRecord>> {
-        Ok(self.roots.read().map_err(|_| poisoned())?.get(name).cloned())
+        Ok(self
+            .roots
+            .read()
+            .map_err(|_| poisoned())?
+            .get(name)
+            .cloned())
     }
 
     async fn put(&self, root: &RootRecord) -> Result<()> {

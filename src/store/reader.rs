@@ -21,7 +21,12 @@ pub async fn fetch_chunk(blobs: &dyn BlobService, blob: &B3Digest, c: &ChunkRef)
         return Err(StoreError::corrupt(
             "blob index",
             blob,
-            format!("chunk {} is {} bytes, index says {}", c.digest, data.len(), c.size),
+            format!(
+                "chunk {} is {} bytes, index says {}",
+                c.digest,
+                data.len(),
+                c.size
+            ),
         ));
     }
     Ok(data)

@@ -63,7 +63,9 @@ pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
-        let Ok(rd) = std::fs::read_dir(&d) else { continue };
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
         for e in rd.flatten() {
             let p = e.path();
             if p.is_dir() {
@@ -167,7 +169,11 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         let rel = f.strip_prefix(a).unwrap();
         let ma = std::fs::symlink_metadata(&f).unwrap();
         let mb = std::fs::symlink_metadata(b.join(rel)).unwrap();
-        assert_eq!(ma.file_type().is_symlink(), mb.file_type().is_symlink(), "{rel:?}");
+        assert_eq!(
+            ma.file_type().is_symlink(),
+            mb.file_type().is_symlink(),
+            "{rel:?}"
+        );
         if ma.file_type().is_file() {
             assert_eq!(
                 ma.permissions().mode() & 0o100,
@@ -175,7 +181,10 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
                 "exec bit of {rel:?}"
             );
         } else if ma.file_type().is_symlink() {
-            assert_eq!(std::fs::read_link(&f).unwrap(), std::fs::read_link(b.join(rel)).unwrap());
+            assert_eq!(
+                std::fs::read_link(&f).unwrap(),
+                std::fs::read_link(b.join(rel)).unwrap()
+            );
         }
     }
 }
