@@ -100,6 +100,10 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     let runtime = sandbox::runtime_dir();
     let work_dir = runtime.join("work");
     std::fs::create_dir_all(&work_dir).with_context(|| format!("{}", work_dir.display()))?;
+    // Canonical, so paths compare equal to what mountinfo shows.
+    let runtime =
+        std::fs::canonicalize(&runtime).with_context(|| format!("{}", runtime.display()))?;
+    let work_dir = runtime.join("work");
     let exe = std::env::current_exe().context("locating the granary binary")?;
 
     let reuse = if args.no_reuse {
