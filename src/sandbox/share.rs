@@ -165,6 +165,10 @@ fn start_server(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
+    if std::env::var_os("RUST_LOG").is_none() {
+        // fuser logs every unimplemented ioctl the overlay tries as a warning.
+        cmd.env("RUST_LOG", "warn,fuser=error");
+    }
     let root = c"/";
     // SAFETY: only async-signal-safe syscalls between fork and exec. The server gets its own
     // session (a terminal's Ctrl-C is for the sandbox, not for it) and a private mount
