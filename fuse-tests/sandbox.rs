@@ -628,3 +628,61 @@ fn at_path_binds_tmpfs_env_keep_upper() {
     assert_servers_gone(&store);
     assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
 }
+
+#[test]
+fn terminal_ctrl_c_reaches_cmd_once() {
+    require_sandbox!();
+    if Command::new("script").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("GRANARY_REQUIRE_FUSE").as_deref(),
+            Ok("1"),
+            "`script` (util-linux) is needed for the terminal test"
+        );
+        eprintln!("skipping: no `script` to make a terminal");
+        return;
+    }
+    let store = rootfs_store();
+    // `script` runs the sandbox on a pseudo-terminal and copies our stdin to it: a 0x03 byte
+    // there is a Ctrl-C, which the kernel sends to the whole foreground process group.
+    let run = store.dir.path().join("run.sh");
+    std::fs::write(
+        &run,
+        format!(
+            "exec env GRANARY_RUNTIME_DIR='{}' '{}' --store '{}' sandbox --root rootfs --as-root -- \
+             /bin/sh -c 'n=0; trap \"n=$((n+1))\" INT; echo ready; sleep 1; sleep 1; echo n=$n; exit 3'\n",
+            runtime_dir(&store).display(),
+            granary_bin().display(),
+            store.url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &format!("sh {}", run.display()), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut w = Watched::spawn(cmd);
+    let child = w.child.as_mut().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !text(&seen).contains("ready") {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "no 'ready': {}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    std::io::Write::write_all(&mut stdin, b"\x03").unwrap();
+    std::io::Read::read_to_end(&mut stdout, &mut seen).unwrap();
+    let out = w.output();
+    let shown = text(&seen).replace('\r', "");
+    assert!(
+        shown.contains("n=1\n"),
+        "CMD saw Ctrl-C other than once: {shown:?}"
+    );
+    assert_eq!(out.status.code(), Some(3), "{shown}");
+    drop(stdin);
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}

@@ -1,12 +1,12 @@
 //! `granary sandbox`: checks arguments and privilege, finds the FUSE view (a running
 //! `granary mount`, or the shared server), starts the sandbox process and passes its exit
-//! status on; SIGINT, SIGTERM and SIGHUP are forwarded to it.
+//! status on; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 from other processes are
+//! forwarded to it (a terminal's go to CMD directly, as it is in the foreground group).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use tokio::signal::unix::{signal, SignalKind};
 
 use crate::castore::Node;
 use crate::sandbox::{self, registry, share, Bind, ExecSpec, Lower, Placement};
@@ -137,6 +137,9 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         work_dir,
     };
+    // Signals from other processes go to the sandbox (and on to CMD); a terminal's reach
+    // CMD directly.
+    sandbox::exec::install_forwarding();
     // Spawned from this (the main) thread: the sandbox's PR_SET_PDEATHSIG follows the thread
     // that forked it, and this one lives as long as the process.
     let mut child = tokio::process::Command::new(&exe)
@@ -145,19 +148,8 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         .spawn()
         .context("starting the sandbox")?;
     let pid = child.id().context("sandbox process")? as libc::pid_t;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let mut hup = signal(SignalKind::hangup())?;
-    let status = loop {
-        let sig = tokio::select! {
-            st = child.wait() => break st.context("waiting for the sandbox")?,
-            _ = int.recv() => libc::SIGINT,
-            _ = term.recv() => libc::SIGTERM,
-            _ = hup.recv() => libc::SIGHUP,
-        };
-        // SAFETY: kill with a pid we spawned and have not reaped.
-        unsafe { libc::kill(pid, sig) };
-    };
+    sandbox::exec::forward_to(pid);
+    let status = child.wait().await.context("waiting for the sandbox")?;
     use std::os::unix::process::ExitStatusExt;
     let code = match (status.code(), status.signal()) {
         (Some(c), _) => c,

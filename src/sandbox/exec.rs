@@ -42,7 +42,13 @@ const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 /// The process signals are forwarded to (0: none yet).
 static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn forward(sig: libc::c_int) {
+extern "C" fn forward(sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // A terminal's Ctrl-C (sent by the kernel to the whole foreground process group) reaches
+    // CMD by itself; passing it on as well would deliver it twice.
+    // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+    if !info.is_null() && unsafe { (*info).si_code } == libc::SI_KERNEL {
+        return;
+    }
     let pid = FORWARD_TO.load(Ordering::Relaxed);
     if pid > 0 {
         // SAFETY: kill is async-signal-safe.
@@ -50,11 +56,25 @@ extern "C" fn forward(sig: libc::c_int) {
     }
 }
 
-fn install_forwarding() {
+/// Forwards SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent by other processes to
+/// `pid` (set later with [`forward_to`]); used by `granary sandbox`, the sandbox and its init.
+pub fn install_forwarding() {
     for sig in FORWARDED {
-        // SAFETY: `forward` only reads an atomic and calls kill, both async-signal-safe.
-        unsafe { libc::signal(sig, forward as *const () as libc::sighandler_t) };
+        // SAFETY: a zeroed sigaction is valid; `forward` only reads memory and calls kill,
+        // both async-signal-safe.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = forward as *const () as libc::sighandler_t;
+            sa.sa_flags = libc::SA_SIGINFO | libc::SA_RESTART;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
+}
+
+/// Where forwarded signals go from now on.
+pub fn forward_to(pid: libc::pid_t) {
+    FORWARD_TO.store(pid, Ordering::Relaxed);
 }
 
 fn os_err(what: impl std::fmt::Display) -> io::Error {
@@ -239,7 +259,7 @@ fn run(spec: &ExecSpec) -> io::Result<i32> {
         // SAFETY: leaving the child without running the parent's destructors.
         unsafe { libc::_exit(code) };
     }
-    FORWARD_TO.store(init, Ordering::Relaxed);
+    forward_to(init);
     Ok(wait_for(init))
 }
 
@@ -537,7 +557,7 @@ fn run_cmd(spec: &ExecSpec) -> io::Result<i32> {
         // SAFETY: leaving the child.
         unsafe { libc::_exit(EXIT_NOT_FOUND) };
     }
-    FORWARD_TO.store(child, Ordering::Relaxed);
+    forward_to(child);
     drop(wr);
     let mut buf = [0u8; 4];
     let failed = matches!(rd.read(&mut buf), Ok(4));
