@@ -74,7 +74,12 @@ pub fn find(runtime: &Path, store_url: &str, digest: &B3Digest, name: &str) -> O
         let Ok(entry) = serde_json::from_slice::<Entry>(&bytes) else {
             continue;
         };
-        if entry.store != store_url || !Path::new(&format!("/proc/{}", entry.pid)).exists() {
+        if !Path::new(&format!("/proc/{}", entry.pid)).exists() {
+            // Its mount was killed before it could clean up.
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if entry.store != store_url {
             continue;
         }
         if crate::fs::mount_device(&entry.mountpoint).is_none() {
