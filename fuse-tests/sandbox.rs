@@ -30,7 +30,7 @@ fn sandbox_usable() -> bool {
     let why = if unsafe { libc::geteuid() } != 0 {
         "not running as root"
     } else if busybox().is_none() {
-        "no static busybox (apt-get install busybox-static)"
+        "no statically linked busybox at /bin/busybox (apt-get install busybox-static)"
     } else {
         return true;
     };
@@ -49,11 +49,26 @@ macro_rules! require_sandbox {
     };
 }
 
+/// A statically linked busybox (a dynamic one cannot run in a tree without its libc).
 fn busybox() -> Option<PathBuf> {
     ["/bin/busybox", "/usr/bin/busybox"]
         .into_iter()
         .map(PathBuf::from)
-        .find(|p| p.is_file())
+        .find(|p| std::fs::read(p).is_ok_and(|elf| is_static_elf64(&elf)))
+}
+
+/// Whether a 64-bit little-endian ELF has no program interpreter (PT_INTERP).
+fn is_static_elf64(elf: &[u8]) -> bool {
+    let num = |at: usize, len: usize| -> Option<usize> {
+        let b = elf.get(at..at + len)?;
+        Some(b.iter().rev().fold(0usize, |acc, x| acc << 8 | *x as usize))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (num(0x20, 8), num(0x36, 2), num(0x38, 2))
+    else {
+        return false;
+    };
+    elf.starts_with(b"\x7fELF\x02\x01")
+        && (0..phnum).all(|i| num(phoff + i * phentsize, 4).is_some_and(|t| t != 3))
 }
 
 /// A store holding `rootfs`: static busybox, its applet symlinks, /etc with two files.
