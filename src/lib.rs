@@ -7,6 +7,7 @@
 //! - [`import`] / [`tree`]: trees in and out
 //! - [`fs`]: the read-only FUSE mount
 //! - [`nar`]: Nix compatibility: NAR in and out, NAR hashes, store paths, narinfo
+//! - [`sandbox`]: run a command inside a stored tree (overlayfs, namespaces)
 //! - [`dedup`]: what each chunking strategy would save on some data
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
@@ -19,6 +20,7 @@ pub mod gc;
 pub mod import;
 pub mod nar;
 pub mod rpc;
+pub mod sandbox;
 pub mod store;
 pub mod tree;
 pub mod verify;

@@ -21,6 +21,7 @@ mod dedup;
 mod maintain;
 mod mount;
 mod nar;
+mod sandbox;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -168,10 +169,28 @@ enum Command {
     },
     /// Measure how much each chunking strategy would save on some trees (writes nothing).
     Dedup(dedup::DedupArgs),
+    /// Run CMD inside a stored tree (overlayfs over the FUSE view, a private writable layer,
+    /// private mount and PID namespaces); exits with CMD's status. Needs root.
+    Sandbox(sandbox::SandboxArgs),
+    /// (internal) The shared FUSE server of `granary sandbox`.
+    #[command(name = "__sandbox-serve", hide = true)]
+    SandboxServe {
+        #[arg(long)]
+        digest: String,
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
+    // The sandbox process must stay single-threaded: no runtime, no logging setup.
+    let mut argv = std::env::args_os();
+    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(crate::sandbox::EXEC_SUBCOMMAND)) {
+        let spec = argv.next().unwrap_or_default();
+        let code = crate::sandbox::exec::exec_main(&spec.to_string_lossy());
+        return ExitCode::from(u8::try_from(code).unwrap_or(255));
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -279,6 +298,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             maintain::verify(&store, &roots, repair_from.as_deref()).await
         }
         Command::Mount(args) => mount::run(&store, args).await,
+        Command::Sandbox(args) => sandbox::run(&store, args).await,
+        Command::SandboxServe { digest, dir } => {
+            crate::sandbox::share::serve(&store, &digest, &dir).await
+        }
         Command::ImportNar {
             file,
             name,

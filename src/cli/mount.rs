@@ -110,6 +110,7 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
             listable: !args.no_list_root,
         },
     };
+    let opts_top = top.clone();
     let opts = MountOptions {
         top,
         threads: args.threads.max(1),
@@ -132,6 +133,19 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         })
     });
     let mut unmounter = rx.await.context("mount ended before serving")?;
+    // Announce the mount so `granary sandbox` can reuse it (best effort).
+    let tree_digest = match &opts_top {
+        Top::Tree(node) => node.digest(),
+        Top::Roots { .. } => None,
+    };
+    let _registration = crate::sandbox::registry::register(
+        &crate::sandbox::runtime_dir(),
+        &store.url,
+        &mountpoint,
+        tree_digest.as_ref(),
+    )
+    .map_err(|e| tracing::warn!("not announcing the mount to sandboxes: {e}"))
+    .ok();
     eprintln!(
         "granary: {} mounted at {}; stop with Ctrl-C or SIGTERM",
         store.url,

@@ -1,0 +1,703 @@
+//! `granary sandbox` end to end, as root: a busybox root filesystem is imported into a real
+//! store and real sandboxes (FUSE + overlayfs + namespaces) run in it. Every sandbox runs
+//! under a watchdog (SIGKILL past a limit, which the design says leaves nothing behind), and
+//! every test checks the host's mount table for leftovers.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A sandbox that runs longer than this is killed and the test fails.
+const LIMIT: Duration = Duration::from_secs(90);
+
+/// The runtime directory (registry, shared servers) of a test's sandboxes: inside its
+/// store's temp dir, so tests never see each other's servers or the machine's /run/granary.
+fn runtime_dir(store: &TestStore) -> PathBuf {
+    store.dir.path().join("rt")
+}
+
+/// Whether sandboxes can run here; panics under GRANARY_REQUIRE_FUSE=1 instead of skipping.
+fn sandbox_usable() -> bool {
+    if !fuse_usable() {
+        return false;
+    }
+    // SAFETY: geteuid cannot fail.
+    let why = if unsafe { libc::geteuid() } != 0 {
+        "not running as root"
+    } else if busybox().is_none() {
+        "no statically linked busybox at /bin/busybox (apt-get install busybox-static)"
+    } else {
+        return true;
+    };
+    if std::env::var("GRANARY_REQUIRE_FUSE").as_deref() == Ok("1") {
+        panic!("{why} (and GRANARY_REQUIRE_FUSE=1)");
+    }
+    eprintln!("skipping sandbox test: {why}");
+    false
+}
+
+macro_rules! require_sandbox {
+    () => {
+        if !sandbox_usable() {
+            return;
+        }
+    };
+}
+
+/// A statically linked busybox (a dynamic one cannot run in a tree without its libc).
+fn busybox() -> Option<PathBuf> {
+    ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| std::fs::read(p).is_ok_and(|elf| is_static_elf64(&elf)))
+}
+
+/// Whether a 64-bit little-endian ELF has no program interpreter (PT_INTERP).
+fn is_static_elf64(elf: &[u8]) -> bool {
+    let num = |at: usize, len: usize| -> Option<usize> {
+        let b = elf.get(at..at + len)?;
+        Some(b.iter().rev().fold(0usize, |acc, x| acc << 8 | *x as usize))
+    };
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (num(0x20, 8), num(0x36, 2), num(0x38, 2))
+    else {
+        return false;
+    };
+    elf.starts_with(b"\x7fELF\x02\x01")
+        && (0..phnum).all(|i| num(phoff + i * phentsize, 4).is_some_and(|t| t != 3))
+}
+
+/// A store holding `rootfs`: static busybox, its applet symlinks, /etc with two files.
+fn rootfs_store() -> TestStore {
+    let store = TestStore::new();
+    let root = store.dir.path().join("rootfs");
+    for d in ["bin", "etc", "proc", "dev", "tmp", "root", "usr/bin"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let bb = busybox().unwrap();
+    std::fs::copy(&bb, root.join("bin/busybox")).unwrap();
+    let list = Command::new(&bb).arg("--list").output().unwrap();
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet != "busybox" && !applet.is_empty() {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).unwrap();
+        }
+    }
+    std::fs::write(root.join("etc/motd"), "from the store\n").unwrap();
+    std::fs::write(root.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
+    store.ok(&["import", root.to_str().unwrap(), "--name", "rootfs"]);
+    store
+}
+
+/// Host mount table lines that belong to sandboxes: their overlay, tmpfs and FUSE sources,
+/// or anything under this binary's runtime directory.
+fn sandbox_mounts(store: &TestStore) -> Vec<String> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let rt = store.dir.path().to_string_lossy().into_owned();
+    info.lines()
+        .filter(|l| {
+            l.contains("granary-overlay")
+                || l.contains("granary-sandbox")
+                || l.contains("granary-dev")
+                || l.contains(&rt)
+        })
+        .map(str::to_string)
+        .collect()
+}
+
+/// Kills a child past its deadline (the design promises SIGKILL leaves nothing behind).
+struct Watched {
+    child: Option<Child>,
+    deadline: Instant,
+}
+
+impl Watched {
+    fn spawn(mut cmd: Command) -> Watched {
+        Watched {
+            child: Some(cmd.spawn().expect("spawn granary")),
+            deadline: Instant::now() + LIMIT,
+        }
+    }
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+    fn output(mut self) -> Output {
+        let mut child = self.child.take().unwrap();
+        // Read pipes on threads so a chatty sandbox cannot block on a full pipe.
+        let out = child.stdout.take().map(|mut o| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut o, &mut v).ok();
+                v
+            })
+        });
+        let err = child.stderr.take().map(|mut o| {
+            std::thread::spawn(move || {
+                let mut v = Vec::new();
+                std::io::Read::read_to_end(&mut o, &mut v).ok();
+                v
+            })
+        });
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > self.deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("sandbox ran past {LIMIT:?}; killed");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Output {
+            status,
+            stdout: out.map(|t| t.join().unwrap()).unwrap_or_default(),
+            stderr: err.map(|t| t.join().unwrap()).unwrap_or_default(),
+        }
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn sandbox_cmd(store: &TestStore, args: &[&str]) -> Command {
+    let mut c = store.cmd();
+    c.env("GRANARY_RUNTIME_DIR", runtime_dir(store))
+        .arg("sandbox")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Runs `granary sandbox --root rootfs --as-root ARGS... -- sh -c SCRIPT`.
+fn sh(store: &TestStore, extra: &[&str], script: &str) -> Output {
+    let mut args = vec!["--root", "rootfs", "--as-root"];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&["--", "/bin/sh", "-c", script]);
+    Watched::spawn(sandbox_cmd(store, &args)).output()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Waits (bounded) until the shared FUSE servers of this store have all exited.
+fn assert_servers_gone(store: &TestStore) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let live: Vec<String> = std::fs::read_dir(runtime_dir(store).join("sandbox"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path().join("server.pid")).ok())
+            .filter(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
+            .chain(servers_of(store).iter().map(u32::to_string))
+            .collect();
+        if live.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            for pid in &live {
+                let _ = Command::new("kill").arg("-9").arg(pid.trim()).status();
+            }
+            panic!("shared FUSE servers still running: {live:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The store's files and their sizes: a sandbox must not change any of them.
+fn store_snapshot(store: &TestStore) -> Vec<(PathBuf, u64)> {
+    let mut v: Vec<_> = walk_files(&store.path())
+        .into_iter()
+        .map(|p| {
+            let len = std::fs::metadata(&p).unwrap().len();
+            (p, len)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn runs_in_the_tree_and_writes_vanish() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let before = store_snapshot(&store);
+
+    let out = sh(&store, &[], "echo hi > /tmp/x; cat /tmp/x; ls /");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let mut lines = stdout.lines();
+    assert_eq!(lines.next(), Some("hi"));
+    let listed: HashSet<&str> = lines.collect();
+    for d in ["bin", "dev", "etc", "proc", "tmp", "root", "usr"] {
+        assert!(listed.contains(d), "ls / lacks {d}: {stdout}");
+    }
+    // The minimal /dev and /proc work.
+    let out = sh(
+        &store,
+        &[],
+        "head -c 16 /dev/urandom | wc -c; echo x > /dev/null && echo null-ok; echo $$; ls /proc/1/exe >/dev/null && echo proc-ok",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    let got: Vec<&str> = o.lines().map(str::trim).collect();
+    // CMD is PID 2: PID 1 is the sandbox's init.
+    assert_eq!(got, ["16", "null-ok", "2", "proc-ok"], "{o}");
+
+    // Writes to /etc succeed inside...
+    let out = sh(
+        &store,
+        &[],
+        "echo changed > /etc/motd && echo new > /etc/newfile && rm /etc/passwd && cat /etc/motd /etc/newfile && ls /etc",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "changed\nnew\nmotd\nnewfile\n");
+    // ...and are invisible to the next sandbox and to the store.
+    let out = sh(&store, &[], "cat /etc/motd; ls /etc");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from the store\nmotd\npasswd\n");
+    assert_eq!(
+        text(&store.ok(&["cat", "rootfs/etc/motd"]).stdout),
+        "from the store\n"
+    );
+    assert_servers_gone(&store);
+    store.ok(&["verify"]);
+    assert_eq!(store_snapshot(&store), before, "the store changed");
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}
+
+#[test]
+fn exit_status_passes_through() {
+    require_sandbox!();
+    let store = rootfs_store();
+    for (script, want) in [
+        ("true", 0),
+        ("exit 1", 1),
+        ("exit 42", 42),
+        ("kill -9 $$", 137),
+        ("kill -TERM $$", 143),
+    ] {
+        let out = sh(&store, &[], script);
+        assert_eq!(
+            out.status.code(),
+            Some(want),
+            "{script}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}
+
+#[test]
+fn clear_errors() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let err = store.fails(&[
+        "sandbox",
+        "--root",
+        "nosuch",
+        "--as-root",
+        "--",
+        "/bin/true",
+    ]);
+    assert!(
+        err.contains("nosuch") && err.contains("no root named"),
+        "{err}"
+    );
+
+    let out = Watched::spawn(sandbox_cmd(
+        &store,
+        &["--root", "rootfs", "--as-root", "--", "/usr/bin/not-there"],
+    ))
+    .output();
+    assert_eq!(out.status.code(), Some(127));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("/usr/bin/not-there: not found inside the tree"),
+        "{err}"
+    );
+
+    let err = store.fails(&["sandbox", "--root", "rootfs", "--", "/bin/true"]);
+    assert!(err.contains("--as-root or --at"), "{err}");
+
+    // Without CAP_SYS_ADMIN, the error names the missing privilege.
+    if Command::new("setpriv").arg("--version").output().is_ok() {
+        let out = Command::new("setpriv")
+            .args(["--inh-caps=-all", "--bounding-set=-sys_admin", "--"])
+            .arg(granary_bin())
+            .args(["--store", &store.url()])
+            .args([
+                "sandbox",
+                "--root",
+                "rootfs",
+                "--as-root",
+                "--",
+                "/bin/true",
+            ])
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = text(&out.stderr);
+        assert!(err.contains("CAP_SYS_ADMIN"), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}
+
+/// Processes whose command line is exactly `argv`.
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_of_granary_leaves_nothing() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let before = store_snapshot(&store);
+    let marker = format!("{}", 40000 + std::process::id() % 20000);
+    let mut cmd = sandbox_cmd(
+        &store,
+        &["--root", "rootfs", "--as-root", "--", "/bin/sleep", &marker],
+    );
+    cmd.stdout(Stdio::null()).stderr(Stdio::null());
+    let sandbox = Watched::spawn(cmd);
+    wait_until("the sandboxed sleep", Duration::from_secs(30), || {
+        !processes_running(&["/bin/sleep", &marker]).is_empty()
+    });
+    // While it runs, the host sees none of its mounts.
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+    // SAFETY: kill of our own child.
+    unsafe { libc::kill(sandbox.pid(), libc::SIGKILL) };
+    let status = sandbox.output().status;
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(9)
+    );
+    wait_until(
+        "the sandbox's processes to die",
+        Duration::from_secs(10),
+        || processes_running(&["/bin/sleep", &marker]).is_empty(),
+    );
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+    store.ok(&["verify"]);
+    assert_eq!(store_snapshot(&store), before, "the store changed");
+}
+
+#[test]
+fn signals_reach_cmd() {
+    require_sandbox!();
+    let store = rootfs_store();
+    for (sig, name) in [(libc::SIGTERM, "TERM"), (libc::SIGINT, "INT")] {
+        let script = format!(
+            "trap 'echo got-{name}; exit 7' {name}; echo ready; while :; do sleep 0.05; done"
+        );
+        let cmd = sandbox_cmd(
+            &store,
+            &[
+                "--root",
+                "rootfs",
+                "--as-root",
+                "--",
+                "/bin/sh",
+                "-c",
+                &script,
+            ],
+        );
+        let mut sandbox = Watched::spawn(cmd);
+        let mut stdout = sandbox.child.as_mut().unwrap().stdout.take().unwrap();
+        let mut buf = [0u8; 6];
+        std::io::Read::read_exact(&mut stdout, &mut buf).unwrap();
+        assert_eq!(&buf, b"ready\n");
+        // SAFETY: kill of our own child.
+        unsafe { libc::kill(sandbox.pid(), sig) };
+        let out = sandbox.output();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out.stderr));
+        assert!(rest.starts_with(&format!("got-{name}\n")), "{rest:?}");
+    }
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}
+
+/// Shared FUSE servers running for `store` (their command line names its URL).
+fn servers_of(store: &TestStore) -> Vec<u32> {
+    let url = store.url();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let args: Vec<&[u8]> = c.split(|b| *b == 0).collect();
+                args.contains(&b"__sandbox-serve".as_slice()) && args.contains(&url.as_bytes())
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn eight_at_once_share_one_mount_and_see_only_their_own_writes() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let sync = tempfile::tempdir().unwrap();
+    let bind = format!("{}:/sync", sync.path().display());
+    let n = 8;
+    // Each writes its number and says it is ready, then waits for the test's "go" (so all 8
+    // run at once while the test looks at the servers), then reads back.
+    let script = "echo $ID > /etc/id; echo $ID > /etc/only-$ID; touch /sync/ready-$ID; \
+         i=0; while [ ! -e /sync/go ]; do sleep 0.05; i=$((i+1)); [ $i -gt 1200 ] && exit 9; done; \
+         cat /etc/id; ls /etc | grep only-";
+    let runs: Vec<Watched> = (0..n)
+        .map(|i| {
+            let id = format!("ID={i}");
+            Watched::spawn(sandbox_cmd(
+                &store,
+                &[
+                    "--root",
+                    "rootfs",
+                    "--as-root",
+                    "--bind",
+                    &bind,
+                    "--env",
+                    &id,
+                    "--",
+                    "/bin/sh",
+                    "-c",
+                    script,
+                ],
+            ))
+        })
+        .collect();
+    wait_until("all 8 sandboxes to start", LIMIT, || {
+        std::fs::read_dir(sync.path()).unwrap().count() == n
+    });
+    // All 8 are running on one FUSE server, so one mount and one page cache.
+    let servers = servers_of(&store);
+    std::fs::write(sync.path().join("go"), "").unwrap();
+    assert_eq!(servers.len(), 1, "servers: {servers:?}");
+    for (i, w) in runs.into_iter().enumerate() {
+        let out = w.output();
+        assert!(out.status.success(), "sandbox {i}: {}", text(&out.stderr));
+        assert_eq!(
+            text(&out.stdout),
+            format!("{i}\nonly-{i}\n"),
+            "sandbox {i} saw another's writes"
+        );
+    }
+    assert_servers_gone(&store);
+    assert!(servers_of(&store).is_empty());
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+    store.ok(&["verify"]);
+}
+
+/// The number of live inodes of a granary mount (its root's `user.granary.inodes`).
+fn live_inodes(mountpoint: &Path) -> u64 {
+    let p = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()).unwrap();
+    let mut buf = [0u8; 32];
+    // SAFETY: valid strings and a buffer of the given length.
+    let n = unsafe {
+        libc::getxattr(
+            p.as_ptr(),
+            c"user.granary.inodes".as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    assert!(n > 0, "no inode count on {}", mountpoint.display());
+    text(&buf[..n as usize]).trim().parse().unwrap()
+}
+
+#[test]
+fn reuses_a_running_granary_mount() {
+    require_sandbox!();
+    let store = rootfs_store();
+    // The mount guard's granary inherits this process's environment: point it at a shared
+    // runtime dir, and this test's sandboxes at the same one (other tests set their own).
+    let shared = std::env::temp_dir().join(format!("granary-sandbox-reuse-{}", std::process::id()));
+    std::fs::create_dir_all(&shared).unwrap();
+    std::env::set_var("GRANARY_RUNTIME_DIR", &shared);
+    std::os::unix::fs::symlink(&shared, runtime_dir(&store)).unwrap();
+    for (extra, etc) in [(&["--root", "rootfs"][..], "etc"), (&[][..], "rootfs/etc")] {
+        let m = Mount::start(&store.url(), extra);
+        let entry = shared.join(format!("mounts/{}.json", m.pid()));
+        wait_until(
+            "the mount's registry entry",
+            Duration::from_secs(30),
+            || entry.exists(),
+        );
+        // --no-reuse runs on the shared server: the mount sees no new lookups...
+        let before = live_inodes(m.path());
+        let out = sh(&store, &["--no-reuse"], "cat /etc/passwd");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "root:x:0:0:root:/root:/bin/sh\n");
+        assert_eq!(live_inodes(m.path()), before);
+        assert_servers_gone(&store);
+        // ...by default the sandbox uses the mount: /etc and /etc/passwd are looked up in it.
+        let out = sh(&store, &[], "cat /etc/passwd; echo x > /etc/motd");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "root:x:0:0:root:/root:/bin/sh\n");
+        assert!(
+            live_inodes(m.path()) >= before + 2,
+            "the sandbox did not use the mount"
+        );
+        assert!(servers_of(&store).is_empty());
+        assert_eq!(
+            std::fs::read_to_string(m.path().join(etc).join("motd")).unwrap(),
+            "from the store\n"
+        );
+        drop(m);
+        wait_until("the registry entry to go", Duration::from_secs(10), || {
+            !entry.exists()
+        });
+    }
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+    let _ = std::fs::remove_dir_all(&shared);
+}
+
+#[test]
+fn at_path_binds_tmpfs_env_keep_upper() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let tmp = tempfile::tempdir().unwrap();
+    let at = tmp.path().join("at");
+    let host = tmp.path().join("host");
+    let keep = tmp.path().join("keep");
+    std::fs::create_dir_all(&at).unwrap();
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("data"), "host data\n").unwrap();
+    let bind = format!("{}:/mnt/host:ro", host.display());
+    let script = format!(
+        "cat {at}/etc/motd; cat {at}/mnt/host/data; touch {at}/mnt/host/nope 2>/dev/null || echo ro; \
+         mount | grep -c ' {at}/scratch type tmpfs'; echo $GREETING; echo kept > {at}/etc/kept",
+        at = at.display()
+    );
+    let out = Watched::spawn(sandbox_cmd(
+        &store,
+        &[
+            "--root",
+            "rootfs",
+            "--at",
+            at.to_str().unwrap(),
+            "--bind",
+            &bind,
+            "--tmpfs",
+            "/scratch",
+            "--env",
+            "GREETING=hello there",
+            "--keep-upper",
+            keep.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    ))
+    .output();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "from the store\nhost data\nro\n1\nhello there\n"
+    );
+    // The host's view of --at is untouched; the kept upper layer holds the write.
+    assert_eq!(std::fs::read_dir(&at).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_to_string(keep.join("upper/etc/kept")).unwrap(),
+        "kept\n"
+    );
+    assert!(!host.join("nope").exists());
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}
+
+#[test]
+fn terminal_ctrl_c_reaches_cmd_once() {
+    require_sandbox!();
+    if Command::new("script").arg("--version").output().is_err() {
+        assert_ne!(
+            std::env::var("GRANARY_REQUIRE_FUSE").as_deref(),
+            Ok("1"),
+            "`script` (util-linux) is needed for the terminal test"
+        );
+        eprintln!("skipping: no `script` to make a terminal");
+        return;
+    }
+    let store = rootfs_store();
+    // `script` runs the sandbox on a pseudo-terminal and copies our stdin to it: a 0x03 byte
+    // there is a Ctrl-C, which the kernel sends to the whole foreground process group.
+    let run = store.dir.path().join("run.sh");
+    std::fs::write(
+        &run,
+        format!(
+            "exec env GRANARY_RUNTIME_DIR='{}' '{}' --store '{}' sandbox --root rootfs --as-root -- \
+             /bin/sh -c 'n=0; trap \"n=$((n+1))\" INT; echo ready; sleep 1; sleep 1; echo n=$n; exit 3'\n",
+            runtime_dir(&store).display(),
+            granary_bin().display(),
+            store.url()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &format!("sh {}", run.display()), "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut w = Watched::spawn(cmd);
+    let child = w.child.as_mut().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 256];
+    while !text(&seen).contains("ready") {
+        let n = std::io::Read::read(&mut stdout, &mut buf).unwrap();
+        assert!(n > 0, "no 'ready': {}", text(&seen));
+        seen.extend_from_slice(&buf[..n]);
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    std::io::Write::write_all(&mut stdin, b"\x03").unwrap();
+    std::io::Read::read_to_end(&mut stdout, &mut seen).unwrap();
+    let out = w.output();
+    let shown = text(&seen).replace('\r', "");
+    assert!(
+        shown.contains("n=1\n"),
+        "CMD saw Ctrl-C other than once: {shown:?}"
+    );
+    assert_eq!(out.status.code(), Some(3), "{shown}");
+    drop(stdin);
+    assert_servers_gone(&store);
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}

@@ -1,0 +1,160 @@
+//! `granary sandbox`: checks arguments and privilege, finds the FUSE view (a running
+//! `granary mount`, or the shared server), starts the sandbox process and passes its exit
+//! status on; SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 from other processes are
+//! forwarded to it (a terminal's go to CMD directly, as it is in the foreground group).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+use crate::castore::Node;
+use crate::sandbox::{self, registry, share, Bind, ExecSpec, Lower, Placement};
+use crate::store::Store;
+use crate::tree;
+
+#[derive(clap::Args, Debug)]
+pub struct SandboxArgs {
+    /// The tree to run in: a root name or a directory digest.
+    #[arg(long, value_name = "NAME|DIGEST")]
+    pub root: String,
+    /// Make the tree CMD's root filesystem (with /proc, a minimal /dev and a tmpfs /tmp).
+    #[arg(long, conflicts_with = "at")]
+    pub as_root: bool,
+    /// Show the tree at PATH (an existing directory) of the host's view instead.
+    #[arg(long, value_name = "PATH")]
+    pub at: Option<PathBuf>,
+    /// Bind-mount host path SRC at DST inside the tree (read-only with :ro); repeatable.
+    #[arg(long = "bind", value_name = "SRC:DST[:ro]")]
+    pub binds: Vec<Bind>,
+    /// Mount an empty tmpfs at DST inside the tree; repeatable.
+    #[arg(long, value_name = "DST")]
+    pub tmpfs: Vec<PathBuf>,
+    /// Keep the writable layer: DIR/upper holds every change afterwards (DIR/work is
+    /// overlayfs's scratch space). Default: a tmpfs, discarded.
+    #[arg(long, value_name = "DIR")]
+    pub keep_upper: Option<PathBuf>,
+    /// Set an environment variable for CMD (which otherwise inherits granary's); repeatable.
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Always use the sandbox's own shared FUSE server, even if a `granary mount` of the
+    /// store is running.
+    #[arg(long)]
+    pub no_reuse: bool,
+    /// The command and its arguments (after --).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?}: expected K=V")),
+    }
+}
+
+pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
+    if !args.as_root && args.at.is_none() {
+        bail!("say where the tree goes: --as-root or --at PATH");
+    }
+    sandbox::check_privilege()?;
+    if store.url.starts_with("memory:") {
+        bail!("a memory:// store lives in one process; a sandbox needs a store other processes can open (file:// or grpc+...)");
+    }
+    let digest = match tree::resolve_root(store, &args.root)
+        .await
+        .with_context(|| format!("--root {}", args.root))?
+    {
+        Node::Directory { digest, .. } => digest,
+        _ => bail!(
+            "--root {}: not a directory; a sandbox needs a directory",
+            args.root
+        ),
+    };
+    let placement = match &args.at {
+        None => Placement::AsRoot,
+        Some(p) => {
+            let c = std::fs::canonicalize(p).with_context(|| format!("--at {}", p.display()))?;
+            if !c.is_dir() {
+                bail!("--at {}: not a directory", p.display());
+            }
+            Placement::At(c)
+        }
+    };
+    let mut binds = Vec::new();
+    for b in args.binds {
+        let src =
+            std::fs::canonicalize(&b.src).with_context(|| format!("--bind {}", b.src.display()))?;
+        binds.push(Bind { src, ..b });
+    }
+    let keep_upper = match &args.keep_upper {
+        None => None,
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("--keep-upper {}", d.display()))?;
+            Some(
+                std::fs::canonicalize(d)
+                    .with_context(|| format!("--keep-upper {}", d.display()))?,
+            )
+        }
+    };
+    let runtime = sandbox::runtime_dir();
+    let work_dir = runtime.join("work");
+    std::fs::create_dir_all(&work_dir).with_context(|| format!("{}", work_dir.display()))?;
+    // Canonical, so paths compare equal to what mountinfo shows.
+    let runtime =
+        std::fs::canonicalize(&runtime).with_context(|| format!("{}", runtime.display()))?;
+    let work_dir = runtime.join("work");
+    let exe = std::env::current_exe().context("locating the granary binary")?;
+
+    let reuse = if args.no_reuse {
+        None
+    } else {
+        let (rt, url, root) = (runtime.clone(), store.url.clone(), args.root.clone());
+        tokio::task::spawn_blocking(move || registry::find(&rt, &url, &digest, &root))
+            .await
+            .context("looking for a running granary mount")?
+    };
+    let (lower, _lease) = match reuse {
+        Some(path) => (Lower::Path(path), None),
+        None => {
+            let (exe, rt, url) = (exe.clone(), runtime.clone(), store.url.clone());
+            let (pid, path, lease) =
+                tokio::task::spawn_blocking(move || share::join(&exe, &rt, &url, &digest))
+                    .await
+                    .context("joining the shared FUSE mount")??;
+            (Lower::Server { pid, path }, Some(lease))
+        }
+    };
+    let spec = ExecSpec {
+        parent: std::process::id(),
+        lower,
+        placement,
+        binds,
+        tmpfs: args.tmpfs,
+        keep_upper,
+        env: args.env,
+        cmd: args.cmd,
+        cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
+        work_dir,
+    };
+    // Signals from other processes go to the sandbox (and on to CMD); a terminal's reach
+    // CMD directly.
+    sandbox::exec::install_forwarding();
+    // Spawned from this (the main) thread: the sandbox's PR_SET_PDEATHSIG follows the thread
+    // that forked it, and this one lives as long as the process.
+    let mut child = tokio::process::Command::new(&exe)
+        .arg(sandbox::EXEC_SUBCOMMAND)
+        .arg(serde_json::to_string(&spec)?)
+        .spawn()
+        .context("starting the sandbox")?;
+    let pid = child.id().context("sandbox process")? as libc::pid_t;
+    sandbox::exec::forward_to(pid);
+    let status = child.wait().await.context("waiting for the sandbox")?;
+    use std::os::unix::process::ExitStatusExt;
+    let code = match (status.code(), status.signal()) {
+        (Some(c), _) => c,
+        (None, Some(s)) => 128 + s,
+        _ => sandbox::EXIT_SETUP,
+    };
+    Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+}

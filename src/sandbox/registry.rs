@@ -1,0 +1,117 @@
+//! Running `granary mount`s announce themselves in `RUNTIME/mounts/PID.json` so a sandbox can
+//! reuse one of the same store instead of starting its own FUSE server. An entry counts only
+//! while its process lives and its mount point is still mounted; the tree found there is
+//! checked by digest (xattr), so a root replaced since does not slip in.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::castore::B3Digest;
+use crate::fs::XATTR_DIGEST;
+
+/// How long a digest check on a registered mount may take before the mount is passed over.
+const CHECK_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Entry {
+    pid: u32,
+    store: String,
+    mountpoint: PathBuf,
+    /// The tree's digest when the mount shows one tree; none when it lists named roots.
+    tree: Option<String>,
+}
+
+/// A mount's entry; removed on drop.
+pub struct Registration {
+    path: PathBuf,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Announces this process's mount of `store_url` at `mountpoint`.
+pub fn register(
+    runtime: &Path,
+    store_url: &str,
+    mountpoint: &Path,
+    tree: Option<&B3Digest>,
+) -> std::io::Result<Registration> {
+    let dir = runtime.join("mounts");
+    std::fs::create_dir_all(&dir)?;
+    let pid = std::process::id();
+    let entry = Entry {
+        pid,
+        store: store_url.to_string(),
+        mountpoint: mountpoint.to_path_buf(),
+        tree: tree.map(B3Digest::to_hex),
+    };
+    let path = dir.join(format!("{pid}.json"));
+    let tmp = dir.join(format!(".{pid}.json.tmp"));
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&entry).map_err(std::io::Error::other)?,
+    )?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(Registration { path })
+}
+
+/// A directory of a running `granary mount` of `store_url` showing tree `digest` (reached
+/// by `name` if the mount lists named roots).
+pub fn find(runtime: &Path, store_url: &str, digest: &B3Digest, name: &str) -> Option<PathBuf> {
+    let want = digest.to_hex();
+    let entries = std::fs::read_dir(runtime.join("mounts")).ok()?;
+    for e in entries.flatten() {
+        let Ok(bytes) = std::fs::read(e.path()) else {
+            continue;
+        };
+        let Ok(entry) = serde_json::from_slice::<Entry>(&bytes) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{}", entry.pid)).exists() {
+            // Its mount was killed before it could clean up.
+            let _ = std::fs::remove_file(e.path());
+            continue;
+        }
+        if entry.store != store_url {
+            continue;
+        }
+        if crate::fs::mount_device(&entry.mountpoint).is_none() {
+            continue;
+        }
+        let candidate = match &entry.tree {
+            Some(t) if *t == want => entry.mountpoint.clone(),
+            Some(_) => continue,
+            None => entry.mountpoint.join(name),
+        };
+        if digest_of(candidate.clone()).as_deref() == Some(want.as_str()) {
+            return Some(candidate);
+        }
+    }
+    None
+}
+
+/// The digest xattr of `path`, read on a thread so a stalled mount cannot stall us.
+fn digest_of(path: PathBuf) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(read_xattr(&path));
+    });
+    rx.recv_timeout(CHECK_WAIT).ok().flatten()
+}
+
+fn read_xattr(path: &Path) -> Option<String> {
+    let p = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let n = CString::new(XATTR_DIGEST).ok()?;
+    let mut buf = [0u8; 256];
+    // SAFETY: valid strings and a buffer of the given length.
+    let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    let len = usize::try_from(len).ok()?;
+    String::from_utf8(buf.get(..len)?.to_vec()).ok()
+}
