@@ -164,7 +164,12 @@ pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn export_file(store: &Store, path: PathBuf, digest: B3Digest, executable: bool) -> Result<()> {
+async fn export_file(
+    store: &Store,
+    path: PathBuf,
+    digest: B3Digest,
+    executable: bool,
+) -> Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)

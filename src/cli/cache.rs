@@ -76,8 +76,8 @@ pub async fn run(cmd: &CacheCommand, dir: Option<&Path>, max: u64) -> Result<Exi
         }
         CacheCommand::Clear => {
             let d = dir.clone();
-            let n = tokio::task::spawn_blocking(move || DiskCache::open(&d, max)?.clear())
-                .await??;
+            let n =
+                tokio::task::spawn_blocking(move || DiskCache::open(&d, max)?.clear()).await??;
             writeln!(out, "removed {n} entries from {}", dir.display())?;
         }
     }

@@ -227,7 +227,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn open_store(url: Option<&str>, cache_dir: Option<&std::path::Path>, cache_max: u64) -> Result<Store> {
+async fn open_store(
+    url: Option<&str>,
+    cache_dir: Option<&std::path::Path>,
+    cache_max: u64,
+) -> Result<Store> {
     let url = url.map_or_else(store::default_url, str::to_string);
     match cache_dir {
         Some(dir) => store::cache::open(&url, dir, cache_max).await,
@@ -244,7 +248,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Cache(cmd) = &cli.command {
         return cache::run(cmd, cli.cache_dir.as_deref(), cli.cache_max).await;
     }
-    let store = open_store(cli.store.as_deref(), cli.cache_dir.as_deref(), cli.cache_max).await?;
+    let store = open_store(
+        cli.store.as_deref(),
+        cli.cache_dir.as_deref(),
+        cli.cache_max,
+    )
+    .await?;
     match cli.command {
         Command::Import {
             paths,

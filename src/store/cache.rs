@@ -280,10 +280,16 @@ impl DiskCache {
 
     /// Drops a corrupt entry (it will be fetched again).
     fn drop_corrupt(&self, path: &Path, reason: &str) {
-        tracing::warn!("cache entry {} is corrupt ({reason}); refetching", path.display());
+        tracing::warn!(
+            "cache entry {} is corrupt ({reason}); refetching",
+            path.display()
+        );
         bump(&self.counters.corrupt, 1);
         if let Ok(m) = std::fs::metadata(path) {
-            self.size.fetch_sub(m.len().min(self.size.load(Ordering::Relaxed)), Ordering::Relaxed);
+            self.size.fetch_sub(
+                m.len().min(self.size.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
         }
         let _ = std::fs::remove_file(path);
     }
@@ -435,7 +441,8 @@ impl DiskCache {
         let path = self.entry_path(Kind::BlobIndex, blob);
         let raw = self.read_entry(&path)?;
         match BlobIndex::decode_valid(&raw).and_then(|i| {
-            BlobMeta::from_index(&i).map_err(|e| crate::castore::ModelError::BlobIndex(e.to_string()))
+            BlobMeta::from_index(&i)
+                .map_err(|e| crate::castore::ModelError::BlobIndex(e.to_string()))
         }) {
             Ok(m) if !m.chunks.is_empty() => Some(m),
             Ok(_) => {
@@ -587,7 +594,10 @@ pub fn wrap(inner: Store, cache: Arc<DiskCache>, store_dir: PathBuf) -> Store {
         blobs: c.clone(),
         dirs: c.clone(),
         roots: c.clone(),
-        maintenance: inner.maintenance.as_ref().map(|_| c as Arc<dyn Maintenance>),
+        maintenance: inner
+            .maintenance
+            .as_ref()
+            .map(|_| c as Arc<dyn Maintenance>),
     }
 }
 
@@ -634,8 +644,7 @@ impl BlobService for Cached {
             if !m.chunks.is_empty() {
                 let (c, d) = (self.cache.clone(), *blob);
                 let bytes = prost::Message::encode_to_vec(&m.to_index());
-                blocking(move || c.write_entry(&c.entry_path(Kind::BlobIndex, &d), &bytes))
-                    .await?;
+                blocking(move || c.write_entry(&c.entry_path(Kind::BlobIndex, &d), &bytes)).await?;
             }
         }
         Ok(meta)

@@ -15,13 +15,13 @@ use bytes::Bytes;
 use crate::castore::{B3Digest, BlobIndex, Directory, ModelError, RootRecord};
 use crate::chunking::ChunkParams;
 
+pub mod cache;
 pub mod config;
 pub mod local;
 pub mod memory;
 pub mod reader;
 pub mod remote;
 pub mod s3;
-pub mod cache;
 
 pub use config::StoreConfig;
 pub use reader::BlobReader;

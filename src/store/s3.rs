@@ -121,8 +121,8 @@ impl S3Url {
                     }
                 }
                 "timeout" => {
-                    u.timeout = crate::gc::parse_duration(v)
-                        .map_err(|e| format!("timeout={v}: {e}"))?;
+                    u.timeout =
+                        crate::gc::parse_duration(v).map_err(|e| format!("timeout={v}: {e}"))?;
                     if u.timeout.is_zero() {
                         return Err("timeout must be positive".into());
                     }
@@ -380,7 +380,12 @@ impl S3Store {
         }
     }
 
-    async fn put_raw(&self, key: &Key, data: Bytes, mode: PutMode) -> Result<object_store::Result<object_store::PutResult>> {
+    async fn put_raw(
+        &self,
+        key: &Key,
+        data: Bytes,
+        mode: PutMode,
+    ) -> Result<object_store::Result<object_store::PutResult>> {
         PUTS.fetch_add(1, Ordering::Relaxed);
         let opts = PutOptions {
             mode,
@@ -813,7 +818,10 @@ mod tests {
 
     #[test]
     fn url_parsing() {
-        let u = S3Url::parse("s3://b/p/q/?endpoint=http://127.0.0.1:9000&region=eu&allow_http=true&timeout=5s").unwrap();
+        let u = S3Url::parse(
+            "s3://b/p/q/?endpoint=http://127.0.0.1:9000&region=eu&allow_http=true&timeout=5s",
+        )
+        .unwrap();
         assert_eq!(u.bucket, "b");
         assert_eq!(u.prefix, "p/q");
         assert_eq!(u.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
