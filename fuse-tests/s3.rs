@@ -600,3 +600,80 @@ fn two_processes_share_one_cache_dir() {
     let s = cache_stats(&cache);
     assert!(s.chunk_hits > 0 && s.bytes <= 6 << 20, "{s:?}");
 }
+
+/// Kills a child process on drop.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn daemon_serves_a_bucket_through_a_disk_cache() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("served");
+    let url = moto.url("served");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 0);
+    ok(&url, &["import", "--name", "t", src.to_str().unwrap()]);
+    let sock = tmp.path().join("d.sock");
+    let cache = tmp.path().join("cache");
+    let mut daemon = Reaper(
+        Command::new(granary_bin())
+            .args([
+                "--store",
+                &url,
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "daemon",
+                "--listen",
+            ])
+            .arg(format!("unix:{}", sock.display()))
+            .env("XDG_RUNTIME_DIR", "")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    );
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(daemon.0.try_wait().unwrap().is_none(), "daemon exited");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grpc = format!("grpc+unix://{}", sock.display());
+    let dest = tmp.path().join("dest");
+    ok(&grpc, &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+    // The daemon's reads went through its disk cache (its counters reach stats.json every
+    // few seconds).
+    let t0 = Instant::now();
+    loop {
+        let s = cache_stats(&cache);
+        if s.entries > 0 && s.chunk_misses > 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{s:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A root written through the daemon lands in the bucket.
+    ok(
+        &grpc,
+        &[
+            "import",
+            "--name",
+            "via-daemon",
+            src.join("bin").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(ok(&url, &["roots"]), b"t\nvia-daemon\n");
+}
