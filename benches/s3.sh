@@ -10,11 +10,12 @@
 # Prints medians of RUNS runs and the ratios to the baseline.
 #
 # Usage: benches/s3.sh [TREE]  (default: the docs corpus /tmp/granary-bench/corpus/docs).
-# Env: RUNS (default 3), GRANARY (binary; default target/release/granary, built if missing),
+# Env: RUNS (default 3), READERS (files read at once, default 1: one `cat` after another), GRANARY (binary; default target/release/granary, built if missing),
 #      WORK (scratch; default /tmp/granary-bench/s3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${RUNS:-3}
+readers=${READERS:-1}
 work=${WORK:-/tmp/granary-bench/s3}
 tree=${1:-/tmp/granary-bench/corpus/docs}
 [[ -d $tree ]] || { echo "s3.sh: $tree missing (bash /work/shared/bench/corpus.sh)" >&2; exit 1; }
@@ -55,7 +56,7 @@ read_tree() {
   for _ in $(seq 300); do mountpoint -q "$work/mnt" && break; sleep 0.05; done
   local t0 t1
   t0=$(now)
-  find "$work/mnt" -type f -print0 | xargs -0 cat >/dev/null
+  find "$work/mnt" -type f -print0 | xargs -0 -P "$readers" -n 32 cat >/dev/null
   t1=$(now)
   kill -TERM "$mpid"; wait "$mpid" || true; mpid=
   echo "$t1 - $t0" | bc
@@ -77,7 +78,7 @@ done
 tf=$(median <"$work/t_file"); tc=$(median <"$work/t_cold"); tw=$(median <"$work/t_warm")
 tn=$(median <"$work/t_noahead")
 gc=$(median <"$work/g_cold"); gn=$(median <"$work/g_noahead")
-echo "tree: $tree ($(printf %.1f "$mib") MiB, $(find "$tree" -type f | wc -l) files); runs: $runs; $(date -u +%FT%TZ)"
+echo "tree: $tree ($(printf %.1f "$mib") MiB, $(find "$tree" -type f | wc -l) files); runs: $runs; readers: $readers; $(date -u +%FT%TZ)"
 printf '%-34s %8.2f s %8.1f MiB/s  ratio %.3f\n' \
   "file:// (baseline)" "$tf" "$(echo "$mib/$tf" | bc -l)" 1 \
   "s3:// cold, readahead 4M" "$tc" "$(echo "$mib/$tc" | bc -l)" "$(echo "$tf/$tc" | bc -l)" \

@@ -595,10 +595,10 @@ fn two_processes_share_one_cache_dir() {
             assert_same_tree(&src, o);
         }
     }
-    // Each process sweeps on its own view of the size, so two together may briefly hold
-    // up to twice the limit (see store/cache.rs).
+    // Each process rescans after writing a tenth of the limit, so two together overshoot it
+    // by at most about a fifth (see store/cache.rs).
     let s = cache_stats(&cache);
-    assert!(s.chunk_hits > 0 && s.bytes <= 6 << 20, "{s:?}");
+    assert!(s.chunk_hits > 0 && s.bytes <= 4 << 20, "{s:?}");
 }
 
 /// Kills a child process on drop.

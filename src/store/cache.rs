@@ -14,8 +14,10 @@
 //! - Bounded by `max` bytes of entries, evicting least recently used first: a hit refreshes the
 //!   entry's mtime (at most once a minute), and a sweep deletes the oldest entries until the
 //!   cache is back under 80% of `max`. A process sweeps before a write would take its view of
-//!   the size past `max`, so one process never exceeds it; several processes sharing a
-//!   directory each keep their own view between sweeps (a sweep rescans the directory).
+//!   the size past `max`, so one process never exceeds it. Several processes sharing a
+//!   directory each keep their own view of the size, reconciled by a rescan after every tenth
+//!   of `max` they write: together they can overshoot `max` by about a tenth of it per
+//!   process, until the next rescan.
 //! - Safe for several processes: entries are written to a temp file and renamed into place;
 //!   sweeps are serialised by a lock file; a reader whose entry is evicted under it sees a miss.
 //! - Never serves unverified data: a chunk is re-hashed and a directory re-hashed and validated
@@ -44,6 +46,8 @@ use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRec
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
 /// A sweep brings the cache down to this fraction of its maximum.
 const LOW_WATER: f64 = 0.8;
+/// A process rescans the directory after writing `max / RESCAN_FRACTION` bytes.
+const RESCAN_FRACTION: u64 = 10;
 /// How often a process adds its counters to stats.json.
 const STATS_EVERY: Duration = Duration::from_secs(2);
 /// Temp files older than this are leftovers of a crashed writer.
@@ -112,6 +116,8 @@ pub struct DiskCache {
     max: u64,
     /// This process's view of the bytes of all entries (exact after each sweep).
     size: AtomicU64,
+    /// Bytes this process wrote since it last rescanned the directory.
+    written: AtomicU64,
     counters: Counters,
     sweeping: AtomicBool,
 }
@@ -221,6 +227,7 @@ impl DiskCache {
             dir: dir.to_path_buf(),
             max,
             size: AtomicU64::new(size),
+            written: AtomicU64::new(0),
             counters: Counters::default(),
             sweeping: AtomicBool::new(false),
         });
@@ -315,6 +322,13 @@ impl DiskCache {
             return;
         }
         bump(&self.size, n);
+        // Other processes write too: rescan after every tenth of `max` written here, so the
+        // writes this process has not seen stay bounded.
+        if self.written.fetch_add(n, Ordering::Relaxed) + n > self.max / RESCAN_FRACTION {
+            if let Err(e) = self.sweep(0) {
+                tracing::warn!("cache sweep failed: {e}");
+            }
+        }
     }
 
     fn write_file(&self, path: &Path, data: &[u8]) -> Result<()> {
@@ -370,6 +384,7 @@ impl DiskCache {
                 bump(&self.counters.evicted, evicted);
             }
             self.size.store(total, Ordering::Relaxed);
+            self.written.store(0, Ordering::Relaxed);
             Ok(())
         })();
         self.sweeping.store(false, Ordering::Release);
