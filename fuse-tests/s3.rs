@@ -268,6 +268,17 @@ fn round_trip_over_s3_and_a_copied_file_store() {
         ],
     );
     assert_eq!(ok(&url, &["roots"]), b"later\n");
+
+    // gc over s3:// deletes what `t` alone held and keeps what `later` needs.
+    let gc = String::from_utf8(ok(&url, &["gc", "--grace", "0s"])).unwrap();
+    assert!(
+        gc.starts_with("deleted ") && !gc.starts_with("deleted 0 "),
+        "{gc}"
+    );
+    ok(&url, &["verify"]);
+    let dest3 = tmp.path().join("dest3");
+    ok(&url, &["export", "later", dest3.to_str().unwrap()]);
+    assert_same_tree(&src.join("bin"), &dest3);
 }
 
 #[test]
