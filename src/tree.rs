@@ -100,48 +100,92 @@ pub async fn write_blob<W: Write>(store: &Store, digest: &B3Digest, out: &mut W)
     Ok(n)
 }
 
+/// Directories fetched, and files written, at once by [`export`]: with a remote store each
+/// is a round trip, so they overlap rather than queue.
+pub const EXPORT_CONCURRENCY: usize = 16;
+
 /// Materialises a node at `dest`, which must not exist yet. Names come from validated
 /// directories (no `/`, `.` or `..`) and files are created with `O_EXCL | O_NOFOLLOW`, so
 /// nothing is written outside `dest` even if the tree holds hostile symlinks.
+///
+/// Directories are fetched a level at a time and files written [`EXPORT_CONCURRENCY`] at a
+/// time (each file's chunks are themselves fetched ahead concurrently).
 pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
-    let mut work: Vec<(PathBuf, Node)> = vec![(dest.to_path_buf(), node.clone())];
-    while let Some((path, node)) = work.pop() {
-        match node {
-            Node::Directory { digest, .. } => {
-                std::fs::create_dir(&path)
-                    .map_err(|e| StoreError::io(format!("creating {}", path.display()), e))?;
-                let dir = get_dir(store, &digest).await?;
-                for e in dir.entries() {
-                    let name = std::ffi::OsStr::from_bytes(e.name());
-                    work.push((path.join(name), entry_node(e)?));
+    let mut files: Vec<(PathBuf, B3Digest, bool)> = Vec::new();
+    let mut level: Vec<(PathBuf, B3Digest)> = Vec::new();
+    match node {
+        Node::Directory { digest, .. } => {
+            std::fs::create_dir(dest)
+                .map_err(|e| StoreError::io(format!("creating {}", dest.display()), e))?;
+            level.push((dest.to_path_buf(), *digest));
+        }
+        Node::File {
+            digest, executable, ..
+        } => files.push((dest.to_path_buf(), *digest, *executable)),
+        Node::Symlink { target } => {
+            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), dest)
+                .map_err(|e| StoreError::io(format!("symlink {}", dest.display()), e))?;
+        }
+    }
+    while !level.is_empty() {
+        let dirs: Vec<(PathBuf, Directory)> = futures::stream::iter(level.drain(..))
+            .map(|(path, digest)| async move { Ok((path, get_dir(store, &digest).await?)) })
+            .buffered(EXPORT_CONCURRENCY)
+            .collect::<Vec<Result<_>>>()
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        for (path, dir) in dirs {
+            for e in dir.entries() {
+                let p = path.join(std::ffi::OsStr::from_bytes(e.name()));
+                match entry_node(e)? {
+                    Node::Directory { digest, .. } => {
+                        std::fs::create_dir(&p)
+                            .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
+                        level.push((p, digest));
+                    }
+                    Node::File {
+                        digest, executable, ..
+                    } => files.push((p, digest, executable)),
+                    Node::Symlink { target } => {
+                        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &p)
+                            .map_err(|e| StoreError::io(format!("symlink {}", p.display()), e))?;
+                    }
                 }
-            }
-            Node::File {
-                digest, executable, ..
-            } => {
-                let mut f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .custom_flags(libc::O_NOFOLLOW)
-                    .mode(if executable { 0o755 } else { 0o644 })
-                    .open(&path)
-                    .map_err(|e| StoreError::io(format!("creating {}", path.display()), e))?;
-                let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-                write_blob(store, &digest, &mut w).await?;
-                w.flush()
-                    .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
-                drop(w);
-                // The umask may have cleared bits: set the mode we mean.
-                let mode = if executable { 0o755 } else { 0o644 };
-                f.set_permissions(std::fs::Permissions::from_mode(mode))
-                    .map_err(|e| StoreError::io(format!("chmod {}", path.display()), e))?;
-            }
-            Node::Symlink { target } => {
-                std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &path)
-                    .map_err(|e| StoreError::io(format!("symlink {}", path.display()), e))?;
             }
         }
     }
+    let mut writes = futures::stream::iter(files)
+        .map(|(path, digest, executable)| export_file(store, path, digest, executable))
+        .buffer_unordered(EXPORT_CONCURRENCY);
+    while let Some(r) = writes.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+async fn export_file(
+    store: &Store,
+    path: PathBuf,
+    digest: B3Digest,
+    executable: bool,
+) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(if executable { 0o755 } else { 0o644 })
+        .open(&path)
+        .map_err(|e| StoreError::io(format!("creating {}", path.display()), e))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
+    write_blob(store, &digest, &mut w).await?;
+    w.flush()
+        .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
+    drop(w);
+    // The umask may have cleared bits: set the mode we mean.
+    let mode = if executable { 0o755 } else { 0o644 };
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| StoreError::io(format!("chmod {}", path.display()), e))?;
     Ok(())
 }
 

@@ -16,6 +16,7 @@ use crate::import::{self, ImportOptions, Progress};
 use crate::store::{self, Store};
 use crate::tree;
 
+mod cache;
 mod daemon;
 mod dedup;
 mod maintain;
@@ -34,11 +35,23 @@ mod sandbox;
         blake3-<base64>). Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more."
 )]
 pub struct Cli {
-    /// Store URL: file:///path, memory://, grpc+tcp://HOST:PORT or grpc+unix:///SOCKET
+    /// Store URL: file:///path, memory://, s3://BUCKET[/PREFIX]?endpoint=URL&region=R
+    /// [&allow_http=true][&timeout=30s] (credentials from AWS_* variables),
+    /// grpc+tcp://HOST:PORT or grpc+unix:///SOCKET
     /// (daemon URLs take ?timeout=5s&pool=4&token_file=PATH). Default: $GRANARY_STORE, else
     /// $XDG_DATA_HOME/granary, else ~/.local/share/granary.
     #[arg(long, global = true, value_name = "URL")]
     store: Option<String>,
+
+    /// Keep a persistent disk cache of chunks, directories and blob layouts read from the
+    /// store in DIR (for remote stores: s3://, grpc+...). Shared safely by several processes.
+    #[arg(long, global = true, value_name = "DIR", env = "GRANARY_CACHE_DIR")]
+    cache_dir: Option<PathBuf>,
+
+    /// Size limit of the disk cache (e.g. 512M, 10G); least recently used entries go first.
+    #[arg(long, global = true, value_name = "BYTES", default_value = "10G",
+          value_parser = crate::chunking::parse_size::<u64>)]
+    cache_max: u64,
 
     #[command(subcommand)]
     command: Command,
@@ -180,6 +193,9 @@ enum Command {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Inspect or empty a disk cache (--cache-dir DIR).
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
 }
 
 /// Entry point of the binary.
@@ -211,6 +227,13 @@ pub fn main() -> ExitCode {
         }
     };
     let res = rt.block_on(run(cli));
+    if std::env::var_os("GRANARY_S3_STATS").is_some() && store::s3::any_requests() {
+        let counts: Vec<String> = store::s3::request_counts()
+            .iter()
+            .map(|(k, v)| format!("{}={v}", k.trim_start_matches("s3 ").replace(' ', "_")))
+            .collect();
+        eprintln!("granary: s3 requests: {}", counts.join(" "));
+    }
     // Do not wait for blocking tasks that may still be draining (e.g. after an error).
     rt.shutdown_timeout(Duration::from_secs(1));
     match res {
@@ -223,11 +246,17 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn open_store(url: Option<&str>) -> Result<Store> {
+async fn open_store(
+    url: Option<&str>,
+    cache_dir: Option<&std::path::Path>,
+    cache_max: u64,
+) -> Result<Store> {
     let url = url.map_or_else(store::default_url, str::to_string);
-    store::open(&url)
-        .await
-        .with_context(|| format!("opening store {url}"))
+    match cache_dir {
+        Some(dir) => store::cache::open(&url, dir, cache_max).await,
+        None => store::open(&url).await,
+    }
+    .with_context(|| format!("opening store {url}"))
 }
 
 async fn run(cli: Cli) -> Result<ExitCode> {
@@ -235,7 +264,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Dedup(args) = &cli.command {
         return dedup::cmd_dedup(cli.store.as_deref(), args).await;
     }
-    let store = open_store(cli.store.as_deref()).await?;
+    if let Command::Cache(cmd) = &cli.command {
+        return cache::run(cmd, cli.cache_dir.as_deref(), cli.cache_max).await;
+    }
+    let store = open_store(
+        cli.store.as_deref(),
+        cli.cache_dir.as_deref(),
+        cli.cache_max,
+    )
+    .await?;
     match cli.command {
         Command::Import {
             paths,
@@ -328,7 +365,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Daemon(args) => daemon::cmd_daemon(store, args).await,
         Command::IngestStatus { token } => daemon::cmd_ingest_status(&store, &token).await,
         Command::Info { json, dedup } => cmd_info(&store, json, dedup).await,
-        Command::Dedup(_) => unreachable!("handled above"),
+        Command::Dedup(_) | Command::Cache(_) => unreachable!("handled above"),
     }
 }
 

@@ -37,6 +37,9 @@ pub struct MountArgs {
     /// Deadline of each backend call in seconds; a read that misses it fails with EIO.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub timeout: f64,
+    /// Bytes fetched ahead of a sequential read, concurrently (0 turns it off).
+    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size::<u64>)]
+    pub readahead: u64,
     /// Import these paths first (each named after its basename), then mount.
     #[arg(long, value_name = "PATH", num_args = 1..)]
     pub import: Vec<PathBuf>,
@@ -117,6 +120,7 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         cache_size: args.cache_size,
         allow_other: args.allow_other,
         deadline: Duration::from_secs_f64(args.timeout),
+        readahead: args.readahead,
         ..MountOptions::default()
     };
     let filesystem = GranaryFs::new(store.clone(), &opts, tokio::runtime::Handle::current())

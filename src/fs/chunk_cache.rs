@@ -20,8 +20,8 @@ use crate::store::{BlobMeta, BlobService, ChunkRef, StoreError};
 
 /// Chunks of one read fetched at once.
 const READ_CONCURRENCY: usize = 16;
-/// How far past a sequential read to prefetch, in bytes.
-const PREFETCH_BYTES: u64 = 4 << 20;
+/// How far past a sequential read to prefetch, in bytes, by default.
+pub const PREFETCH_BYTES: u64 = 4 << 20;
 /// Blob layouts remembered (a layout is the chunk list of one multi-chunk blob).
 const LAYOUTS: usize = 4096;
 
@@ -92,6 +92,8 @@ pub struct ChunkCache {
     single_chunk_max: u64,
     state: Mutex<State>,
     prefetching: Arc<tokio::sync::Semaphore>,
+    /// How far past a sequential read to prefetch (0: no prefetch).
+    prefetch_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl ChunkCache {
@@ -113,7 +115,14 @@ impl ChunkCache {
                 layouts: LruCache::new(std::num::NonZeroUsize::MIN.saturating_add(LAYOUTS - 1)),
             }),
             prefetching: Arc::new(tokio::sync::Semaphore::new(8)),
+            prefetch_bytes: std::sync::atomic::AtomicU64::new(PREFETCH_BYTES),
         })
+    }
+
+    /// Sets how far past a sequential read to prefetch (0 turns prefetch off).
+    pub fn set_prefetch(&self, bytes: u64) {
+        self.prefetch_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -270,11 +279,14 @@ impl ChunkCache {
     /// Starts fetching the chunks that follow byte `from`, in the background, without waiting
     /// and without piling up: when enough prefetches are running, this does nothing.
     pub fn prefetch(self: &Arc<Self>, layout: Arc<Layout>, from: u64) {
-        if from >= layout.size() {
+        let ahead = self
+            .prefetch_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if from >= layout.size() || ahead == 0 {
             return;
         }
         let first = layout.chunk_at(from);
-        let end = from.saturating_add(PREFETCH_BYTES);
+        let end = from.saturating_add(ahead);
         let wanted: Vec<ChunkRef> = (first..layout.chunks.len())
             .take_while(|&i| layout.starts[i] < end)
             .map(|i| layout.chunks[i])

@@ -74,6 +74,8 @@ pub struct MountOptions {
     pub deadline: Duration,
     /// Reads answered at once; the kernel's background queue is raised to match.
     pub max_reads: usize,
+    /// Bytes prefetched past a sequential read (0: none).
+    pub readahead: u64,
 }
 
 impl Default for MountOptions {
@@ -85,6 +87,7 @@ impl Default for MountOptions {
             allow_other: false,
             deadline: Duration::from_secs(60),
             max_reads: 64,
+            readahead: chunk_cache::PREFETCH_BYTES,
         }
     }
 }
@@ -554,6 +557,7 @@ impl GranaryFs {
             opts.deadline,
             u64::from(store.params().min),
         );
+        chunks.set_prefetch(opts.readahead);
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let inner = Inner {

@@ -15,11 +15,13 @@ use bytes::Bytes;
 use crate::castore::{B3Digest, BlobIndex, Directory, ModelError, RootRecord};
 use crate::chunking::ChunkParams;
 
+pub mod cache;
 pub mod config;
 pub mod local;
 pub mod memory;
 pub mod reader;
 pub mod remote;
+pub mod s3;
 
 pub use config::StoreConfig;
 pub use reader::BlobReader;
@@ -344,9 +346,11 @@ pub async fn open(url: &str) -> Result<Store> {
         Ok(memory::MemoryStore::new_store(url, StoreConfig::default()))
     } else if url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://") {
         remote::RemoteStore::open(url).await
+    } else if url.starts_with("s3://") {
+        s3::S3Store::open(url).await
     } else if url.contains("://") {
         Err(bad(
-            "unsupported scheme (want file://, memory://, grpc+tcp:// or grpc+unix://)",
+            "unsupported scheme (want file://, memory://, s3://, grpc+tcp:// or grpc+unix://)",
         ))
     } else {
         // A bare path is a local store.

@@ -1,0 +1,690 @@
+//! The `s3://` backend and the disk cache, against a real S3-compatible server (`moto_server`,
+//! from PyPI `moto[server]`) started on loopback by each test and killed on drop.
+//!
+//! Covers: import, roots, ls, cat, export, export-nar and a FUSE mount over `s3://` (clean
+//! `diff -r`); a `file://` store copied object by object into a bucket is a valid `s3://`
+//! store; a second process sees the roots the first wrote; a missing bucket, a dead endpoint
+//! and a stalled endpoint give a one-line error in bounded time. Disk cache: a cold read fills
+//! it; with the server killed, cached files are still served (CLI and mount) and uncached
+//! chunks fail cleanly (EIO in the mount); the cache stays under --cache-max while reading a
+//! corpus several times larger; a corrupt entry is dropped and refetched; two processes
+//! sharing a cache dir read concurrently and both get right bytes.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A `moto_server` on a free loopback port; killed on drop.
+struct Moto {
+    child: Option<Child>,
+    port: u16,
+}
+
+impl Moto {
+    fn start() -> Moto {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server must be installed (pip install 'moto[server]')");
+        let m = Moto {
+            child: Some(child),
+            port,
+        };
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok((200, _)) = m.http("GET", "/", &[]) {
+                return m;
+            }
+            assert!(
+                Instant::now() < end,
+                "moto_server did not come up on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// One plain HTTP/1.1 request (moto does not check signatures); returns status and body.
+    fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            self.port,
+            body.len()
+        )?;
+        s.write_all(body)?;
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp)?;
+        let text = String::from_utf8_lossy(&resp);
+        let status = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body_at = text.find("\r\n\r\n").map_or(resp.len(), |i| i + 4);
+        Ok((status, resp[body_at..].to_vec()))
+    }
+
+    fn create_bucket(&self, bucket: &str) {
+        let (status, body) = self
+            .http("PUT", &format!("/{bucket}"), &[])
+            .expect("PUT bucket");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+
+    fn url(&self, bucket_and_prefix: &str) -> String {
+        format!(
+            "s3://{bucket_and_prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true&timeout=10s",
+            self.port
+        )
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// moto accepts any credentials, but the client needs some.
+fn set_credentials() {
+    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
+    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
+    std::env::remove_var("AWS_SESSION_TOKEN");
+    std::env::remove_var("AWS_PROFILE");
+}
+
+fn granary(url: &str, args: &[&str]) -> Output {
+    let mut c = Command::new(granary_bin());
+    c.arg("--store").arg(url).args(args).stdin(Stdio::null());
+    run_bounded(c, Duration::from_secs(120))
+}
+
+/// Runs a command, killing it if it outlives `limit` (then the output says so).
+fn run_bounded(mut c: Command, limit: Duration) -> Output {
+    let dir = tempfile::tempdir().unwrap();
+    let (o, e) = (dir.path().join("out"), dir.path().join("err"));
+    c.stdout(std::fs::File::create(&o).unwrap())
+        .stderr(std::fs::File::create(&e).unwrap());
+    let mut child = c.spawn().expect("spawn granary");
+    let end = Instant::now() + limit;
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            let st = child.wait().unwrap();
+            let mut err = std::fs::read(&e).unwrap();
+            err.extend_from_slice(format!("\n[killed after {limit:?}]").as_bytes());
+            return Output {
+                status: st,
+                stdout: std::fs::read(&o).unwrap(),
+                stderr: err,
+            };
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Output {
+        status,
+        stdout: std::fs::read(&o).unwrap(),
+        stderr: std::fs::read(&e).unwrap(),
+    }
+}
+
+fn ok(url: &str, args: &[&str]) -> Vec<u8> {
+    let out = granary(url, args);
+    assert!(
+        out.status.success(),
+        "granary {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+fn fails(url: &str, args: &[&str]) -> String {
+    let out = granary(url, args);
+    assert!(
+        !out.status.success(),
+        "granary {args:?} should have failed; stdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn round_trip_over_s3_and_a_copied_file_store() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("granary");
+    let url = moto.url("granary/some/prefix");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 3 << 20);
+
+    let out = ok(&url, &["import", "--name", "t", src.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out).contains("src"));
+    // Second processes see what the first wrote.
+    assert_eq!(ok(&url, &["roots"]), b"t\n");
+    let ls = String::from_utf8(ok(&url, &["ls", "t"])).unwrap();
+    for name in ["hello.txt", "big.bin", "sizes", "rel-link"] {
+        assert!(
+            ls.lines().any(|l| l == name),
+            "{name} missing from ls: {ls}"
+        );
+    }
+    assert_eq!(ok(&url, &["cat", "t/hello.txt"]), b"hello\n");
+    assert_eq!(
+        ok(&url, &["cat", "t/big.bin"]),
+        std::fs::read(src.join("big.bin")).unwrap()
+    );
+    let dest = tmp.path().join("dest");
+    ok(&url, &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+
+    // export-nar from S3 equals export-nar from a local store of the same tree.
+    let local = TestStore::new();
+    local.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    let nar_local = local.ok(&["export-nar", "t"]).stdout;
+    let nar_s3 = ok(&url, &["export-nar", "t"]);
+    assert!(nar_s3.len() > 3 << 20);
+    assert!(
+        nar_s3 == nar_local,
+        "export-nar differs between s3:// and file://"
+    );
+
+    // The objects are where the file:// layout puts them.
+    let (status, body) = moto
+        .http("GET", "/granary?list-type=2&prefix=some/prefix/roots/", &[])
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).contains("some/prefix/roots/t"));
+
+    // A file:// store copied key by key into another bucket is a valid s3:// store.
+    moto.create_bucket("copied");
+    for f in walk_files(&local.path()) {
+        if !f.is_file() {
+            continue;
+        }
+        let rel = f
+            .strip_prefix(local.path())
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
+        let (status, _) = moto
+            .http(
+                "PUT",
+                &format!("/copied/{rel}"),
+                &std::fs::read(&f).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(status, 200, "uploading {rel}");
+    }
+    let copied = moto.url("copied");
+    let dest2 = tmp.path().join("dest2");
+    ok(&copied, &["export", "t", dest2.to_str().unwrap()]);
+    assert_same_tree(&src, &dest2);
+
+    // A FUSE mount over s3:// shows the same tree.
+    require_fuse!();
+    let m = Mount::start(&url, &["--root", "t", "--timeout", "20"]);
+    assert_same_tree(&src, m.path());
+    let ls = std::fs::read_dir(m.path()).unwrap().count();
+    assert!(ls > 5);
+    drop(m);
+
+    // rm and a later root appear to other processes (nothing negative is cached).
+    ok(&url, &["rm", "t"]);
+    assert_eq!(ok(&url, &["roots"]), b"");
+    ok(
+        &url,
+        &[
+            "import",
+            "--name",
+            "later",
+            src.join("bin").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(ok(&url, &["roots"]), b"later\n");
+
+    // gc over s3:// deletes what `t` alone held and keeps what `later` needs.
+    let gc = String::from_utf8(ok(&url, &["gc", "--grace", "0s"])).unwrap();
+    assert!(
+        gc.starts_with("deleted ") && !gc.starts_with("deleted 0 "),
+        "{gc}"
+    );
+    ok(&url, &["verify"]);
+    let dest3 = tmp.path().join("dest3");
+    ok(&url, &["export", "later", dest3.to_str().unwrap()]);
+    assert_same_tree(&src.join("bin"), &dest3);
+}
+
+#[test]
+fn missing_bucket_and_dead_or_stalled_endpoints_fail_clearly() {
+    set_credentials();
+    let moto = Moto::start();
+    let t = Instant::now();
+    let e = fails(&moto.url("no-such-bucket"), &["roots"]);
+    assert!(
+        e.contains("no-such-bucket") && e.contains("does not exist"),
+        "{e}"
+    );
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+
+    // Nothing listens on this port: refused at once, retried briefly, then a clear error.
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("s3://b?endpoint=http://127.0.0.1:{dead}&allow_http=true&timeout=5s");
+    let t = Instant::now();
+    let e = fails(&url, &["roots"]);
+    assert!(e.contains("s3://b"), "{e}");
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+
+    // A server that accepts and never answers: the deadline ends it.
+    let stall = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stall.local_addr().unwrap().port();
+    let _keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in stall.incoming().flatten() {
+            held.push(c);
+        }
+    });
+    let url = format!("s3://b?endpoint=http://127.0.0.1:{port}&allow_http=true&timeout=2s");
+    let t = Instant::now();
+    let e = fails(&url, &["roots"]);
+    assert!(e.to_lowercase().contains("time"), "{e}");
+    assert!(t.elapsed() < Duration::from_secs(20), "{:?}", t.elapsed());
+
+    // Bad URLs are refused before any request.
+    let e = fails("s3://b?endpoint=http://127.0.0.1:1", &["roots"]);
+    assert!(e.contains("allow_http"), "{e}");
+    let e = fails("s3://b?color=blue", &["roots"]);
+    assert!(e.contains("color"), "{e}");
+}
+
+/// Files of a corpus for the cache tests: `n` files of `size` random bytes.
+fn corpus(dir: &Path, n: usize, size: usize) -> Vec<PathBuf> {
+    (0..n)
+        .map(|i| {
+            let p = dir.join(format!("f{i:02}"));
+            write(&p, &noise(size, 1001 + 2 * i as u64), false);
+            p
+        })
+        .collect()
+}
+
+fn cache_stats(dir: &Path) -> serde_like::Stats {
+    let out = granary(
+        "memory://",
+        &[
+            "cache",
+            "stats",
+            "--json",
+            "--cache-dir",
+            dir.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_like::parse(&String::from_utf8_lossy(&out.stdout))
+}
+
+/// Just enough JSON reading for `cache stats --json` (flat numeric fields).
+mod serde_like {
+    #[derive(Debug, Default)]
+    pub struct Stats {
+        pub entries: u64,
+        pub bytes: u64,
+        pub chunk_hits: u64,
+        pub chunk_misses: u64,
+        pub corrupt: u64,
+        pub evicted: u64,
+    }
+    fn field(s: &str, name: &str) -> u64 {
+        let key = format!("\"{name}\":");
+        let at = s
+            .find(&key)
+            .unwrap_or_else(|| panic!("{name} missing in {s}"))
+            + key.len();
+        s[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_digit())
+            .collect::<String>()
+            .parse()
+            .unwrap()
+    }
+    pub fn parse(s: &str) -> Stats {
+        Stats {
+            entries: field(s, "entries"),
+            bytes: field(s, "bytes"),
+            chunk_hits: field(s, "chunk_hits"),
+            chunk_misses: field(s, "chunk_misses"),
+            corrupt: field(s, "corrupt"),
+            evicted: field(s, "evicted"),
+        }
+    }
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    ["chunks", "dirs", "blobs"]
+        .iter()
+        .flat_map(|s| walk_files(&dir.join(s)))
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
+}
+
+#[test]
+fn disk_cache_serves_offline_and_fails_cleanly_for_the_rest() {
+    set_credentials();
+    let mut moto = Moto::start();
+    moto.create_bucket("cache");
+    let url = moto.url("cache");
+    let tmp = tempfile::tempdir().unwrap();
+    let files = corpus(&tmp.path().join("src"), 6, 700_000);
+    ok(
+        &url,
+        &[
+            "import",
+            "--name",
+            "t",
+            tmp.path().join("src").to_str().unwrap(),
+        ],
+    );
+    let cache = tmp.path().join("cache");
+    let cd = cache.to_str().unwrap();
+
+    // Cold reads of half the files fill the cache.
+    for f in &files[..3] {
+        let name = format!("t/{}", f.file_name().unwrap().to_str().unwrap());
+        assert_eq!(
+            ok(&url, &["--cache-dir", cd, "cat", &name]),
+            std::fs::read(f).unwrap()
+        );
+    }
+    let s = cache_stats(&cache);
+    assert!(s.entries >= 3 && s.bytes >= 3 * 700_000, "{s:?}");
+    assert!(s.chunk_misses > 0, "{s:?}");
+
+    // Warm: hits only.
+    assert_eq!(
+        ok(&url, &["--cache-dir", cd, "cat", "t/f00"]),
+        std::fs::read(&files[0]).unwrap()
+    );
+    let s2 = cache_stats(&cache);
+    assert!(
+        s2.chunk_hits > 0 && s2.chunk_misses == s.chunk_misses,
+        "{s2:?}"
+    );
+
+    // The server goes away: cached files are still served, by new processes.
+    moto.kill();
+    for f in &files[..3] {
+        let name = format!("t/{}", f.file_name().unwrap().to_str().unwrap());
+        assert_eq!(
+            ok(&url, &["--cache-dir", cd, "cat", &name]),
+            std::fs::read(f).unwrap()
+        );
+    }
+    let e = fails(&url, &["--cache-dir", cd, "cat", "t/f05"]);
+    let errors: Vec<&str> = e
+        .lines()
+        .filter(|l| l.starts_with("granary: error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{e}");
+    assert!(errors[0].contains("s3://cache"), "{e}");
+
+    require_fuse!();
+    let m = Mount::start(&url, &["--root", "t", "--timeout", "20", "--cache-dir", cd]);
+    for f in &files[..3] {
+        let got = std::fs::read(m.path().join(f.file_name().unwrap())).unwrap();
+        assert!(got == std::fs::read(f).unwrap());
+    }
+    let err = std::fs::read(m.path().join("f04")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // The mount is still fine after the failure.
+    let again = std::fs::read(m.path().join("f00")).unwrap();
+    assert!(again == std::fs::read(&files[0]).unwrap());
+}
+
+#[test]
+fn disk_cache_stays_bounded_and_repairs_corrupt_entries() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("cache");
+    let url = moto.url("cache");
+    let tmp = tempfile::tempdir().unwrap();
+    // 12 MB of content through a 2 MiB cache, read twice.
+    let files = corpus(&tmp.path().join("src"), 12, 1_000_000);
+    ok(
+        &url,
+        &[
+            "import",
+            "--name",
+            "t",
+            tmp.path().join("src").to_str().unwrap(),
+        ],
+    );
+    let cache = tmp.path().join("cache");
+    let cd = cache.to_str().unwrap();
+    let max = 2u64 << 20;
+    for _ in 0..2 {
+        for f in &files {
+            let name = format!("t/{}", f.file_name().unwrap().to_str().unwrap());
+            let got = ok(
+                &url,
+                &["--cache-dir", cd, "--cache-max", "2M", "cat", &name],
+            );
+            assert!(got == std::fs::read(f).unwrap());
+            let b = dir_bytes(&cache);
+            assert!(b <= max, "cache holds {b} bytes, max {max}");
+        }
+    }
+    let s = cache_stats(&cache);
+    assert!(s.evicted > 0 && s.bytes <= max, "{s:?}");
+
+    // Corrupt every cached chunk of the last file: the next read detects, drops and refetches.
+    let last = files.last().unwrap();
+    let name = format!("t/{}", last.file_name().unwrap().to_str().unwrap());
+    let mut corrupted = Vec::new();
+    for f in walk_files(&cache.join("chunks")) {
+        if f.is_file() {
+            let mut b = std::fs::read(&f).unwrap();
+            b[0] ^= 0xff;
+            std::fs::write(&f, &b).unwrap();
+            corrupted.push(f);
+        }
+    }
+    assert!(!corrupted.is_empty());
+    let got = ok(
+        &url,
+        &["--cache-dir", cd, "--cache-max", "2M", "cat", &name],
+    );
+    assert!(got == std::fs::read(last).unwrap());
+    let s2 = cache_stats(&cache);
+    assert!(s2.corrupt > s.corrupt, "{s2:?}");
+    // Reading everything again finds every other corrupt entry still cached.
+    for f in &files {
+        let name = format!("t/{}", f.file_name().unwrap().to_str().unwrap());
+        let got = ok(
+            &url,
+            &["--cache-dir", cd, "--cache-max", "2M", "cat", &name],
+        );
+        assert!(got == std::fs::read(f).unwrap());
+    }
+    // What is in the cache now is right again.
+    for f in walk_files(&cache.join("chunks"))
+        .into_iter()
+        .filter(|f| f.is_file())
+    {
+        let b = std::fs::read(&f).unwrap();
+        let hex = f.file_name().unwrap().to_str().unwrap().to_string();
+        assert_eq!(blake3::hash(&b).to_hex().as_str(), hex, "{}", f.display());
+    }
+
+    // `cache clear` empties it.
+    let out = granary("memory://", &["cache", "clear", "--cache-dir", cd]);
+    assert!(out.status.success());
+    assert_eq!(dir_bytes(&cache), 0);
+}
+
+#[test]
+fn two_processes_share_one_cache_dir() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("cache");
+    let url = moto.url("cache");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    corpus(&src, 8, 600_000);
+    ok(&url, &["import", "--name", "t", src.to_str().unwrap()]);
+    let cache = tmp.path().join("cache");
+    let cd = cache.to_str().unwrap().to_string();
+    // A cache smaller than the corpus, so the two also race on eviction.
+    for round in 0..2 {
+        let outs: Vec<PathBuf> = (0..2)
+            .map(|i| tmp.path().join(format!("out{round}-{i}")))
+            .collect();
+        let children: Vec<_> = outs
+            .iter()
+            .map(|o| {
+                let mut c = Command::new(granary_bin());
+                c.args([
+                    "--store",
+                    &url,
+                    "--cache-dir",
+                    &cd,
+                    "--cache-max",
+                    "3M",
+                    "export",
+                    "t",
+                ])
+                .arg(o);
+                std::thread::spawn(move || run_bounded(c, Duration::from_secs(120)))
+            })
+            .collect();
+        for h in children {
+            let out = h.join().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        for o in &outs {
+            assert_same_tree(&src, o);
+        }
+    }
+    // Each process rescans after writing a tenth of the limit, so two together overshoot it
+    // by at most about a fifth (see store/cache.rs).
+    let s = cache_stats(&cache);
+    assert!(s.chunk_hits > 0 && s.bytes <= 4 << 20, "{s:?}");
+}
+
+/// Kills a child process on drop.
+struct Reaper(Child);
+
+impl Drop for Reaper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn daemon_serves_a_bucket_through_a_disk_cache() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("served");
+    let url = moto.url("served");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 0);
+    ok(&url, &["import", "--name", "t", src.to_str().unwrap()]);
+    let sock = tmp.path().join("d.sock");
+    let cache = tmp.path().join("cache");
+    let mut daemon = Reaper(
+        Command::new(granary_bin())
+            .args([
+                "--store",
+                &url,
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "daemon",
+                "--listen",
+            ])
+            .arg(format!("unix:{}", sock.display()))
+            .env("XDG_RUNTIME_DIR", "")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start daemon"),
+    );
+    let t0 = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(daemon.0.try_wait().unwrap().is_none(), "daemon exited");
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "daemon did not come up"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let grpc = format!("grpc+unix://{}", sock.display());
+    let dest = tmp.path().join("dest");
+    ok(&grpc, &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+    // The daemon's reads went through its disk cache (its counters reach stats.json every
+    // few seconds).
+    let t0 = Instant::now();
+    loop {
+        let s = cache_stats(&cache);
+        if s.entries > 0 && s.chunk_misses > 0 {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(15), "{s:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // A root written through the daemon lands in the bucket.
+    ok(
+        &grpc,
+        &[
+            "import",
+            "--name",
+            "via-daemon",
+            src.join("bin").to_str().unwrap(),
+        ],
+    );
+    assert_eq!(ok(&url, &["roots"]), b"t\nvia-daemon\n");
+}
