@@ -7,9 +7,11 @@
 //! - [`import`] / [`tree`]: trees in and out
 //! - [`fs`]: the read-only FUSE mount
 //! - [`nar`]: Nix compatibility: NAR in and out, NAR hashes, store paths, narinfo
+//! - [`binary_cache`]: the store as a Nix binary cache over HTTP
 //! - [`dedup`]: what each chunking strategy would save on some data
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
+pub mod binary_cache;
 pub mod castore;
 pub mod chunking;
 pub mod cli;
