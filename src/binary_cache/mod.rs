@@ -11,7 +11,9 @@
 //! - `PUT /nar/<filehash>.nar[.xz]` then `PUT /<hash>.narinfo` (the order Nix uses): the NAR
 //!   is streamed through the NAR reader into the store and held, unrecorded, until its narinfo
 //!   arrives; the root is recorded only if the narinfo's NarHash/NarSize (and FileHash/FileSize)
-//!   match what was received.
+//!   match what was received. The client keeps the narinfo it uploaded and later asks for
+//!   its own `nar/<filehash>.nar.xz`; while the server runs, that name is answered with a
+//!   fresh xz rendering of the same NAR (Nix checks the NarHash, not the FileHash).
 
 pub mod index;
 pub mod narinfo;
@@ -95,7 +97,13 @@ pub struct BinaryCache {
     opts: CacheOptions,
     index: RootIndex,
     pending: std::sync::Mutex<HashMap<String, Pending>>,
+    /// Compressed NAR file names of recorded uploads -> their NAR hash. A Nix client caches
+    /// the narinfo it uploaded, so it asks for that file name later, not ours.
+    uploaded: std::sync::Mutex<HashMap<String, NarHash>>,
 }
+
+/// Upload file names remembered, at most (an entry is about 100 bytes).
+const MAX_UPLOADED: usize = 100_000;
 
 impl BinaryCache {
     pub fn new(store: Store, opts: CacheOptions) -> Arc<Self> {
@@ -104,6 +112,7 @@ impl BinaryCache {
             opts,
             index: RootIndex::new(),
             pending: std::sync::Mutex::new(HashMap::new()),
+            uploaded: std::sync::Mutex::new(HashMap::new()),
         })
     }
 
@@ -116,6 +125,10 @@ impl BinaryCache {
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
         // A panic elsewhere while holding the lock leaves a map that is still consistent.
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn uploaded(&self) -> std::sync::MutexGuard<'_, HashMap<String, NarHash>> {
+        self.uploaded.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn add_pending(&self, url: String, p: Pending) {
@@ -389,11 +402,12 @@ async fn get_nar(
         }
     }
     let not_found = || HttpError::not_found(format!("nar/{file}: not in this cache"));
-    let Some(want) = file
-        .strip_suffix(".nar")
-        .and_then(nix32_decode::<32>)
-        .map(NarHash)
-    else {
+    let uploaded_xz = c.uploaded().get(&file).copied();
+    let Some(want) = uploaded_xz.or_else(|| {
+        file.strip_suffix(".nar")
+            .and_then(nix32_decode::<32>)
+            .map(NarHash)
+    }) else {
         return Err(not_found());
     };
     let Some(name) = c.index.by_nar(&c.store, &want).await? else {
@@ -411,6 +425,30 @@ async fn get_nar(
         }
     };
     let size = nix.nar_size;
+    let summary = NarSummary {
+        nar_size: size,
+        nar_sha256: want,
+    };
+    if uploaded_xz.is_some() {
+        // Nix does not check FileHash when it downloads, only the NarHash of what it
+        // decompresses, so a fresh (fast) xz rendering of the same NAR serves.
+        let body = if method == Method::HEAD {
+            Body::empty()
+        } else {
+            let nar = StreamReader::new(nar_stream(c.store.clone(), node, summary, None, name));
+            let xz = async_compression::tokio::bufread::XzEncoder::with_quality(
+                nar,
+                async_compression::Level::Fastest,
+            );
+            Body::from_stream(ReaderStream::with_capacity(xz, 256 << 10))
+        };
+        let mut r = Response::new(body);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/x-nix-nar"),
+        );
+        return Ok(r);
+    }
     let range = parse_range(&headers, size).map_err(|()| {
         HttpError(
             StatusCode::RANGE_NOT_SATISFIABLE,
@@ -424,11 +462,7 @@ async fn get_nar(
     let body = if method == Method::HEAD {
         Body::empty()
     } else {
-        let want = NarSummary {
-            nar_size: size,
-            nar_sha256: want,
-        };
-        nar_body(c.store.clone(), node, want, range, name)
+        Body::from_stream(nar_stream(c.store.clone(), node, summary, range, name))
     };
     let mut r = Response::new(body);
     *r.status_mut() = status;
@@ -450,15 +484,15 @@ async fn get_nar(
 /// Bytes of rendered NAR in flight between the writer task and the connection.
 const PIPE_BYTES: usize = 1 << 20;
 
-/// The NAR of `node` as a response body, rendered by a task as the client reads. The last
-/// piece is held until the writer has finished and its size and hash check out.
-fn nar_body(
+/// The NAR of `node` (or the `window` of it), rendered by a task as the client reads. The
+/// last piece is held until the writer has finished and its size and hash check out.
+fn nar_stream(
     store: Store,
     node: Node,
     want: NarSummary,
     window: Option<(u64, u64)>,
     name: String,
-) -> Body {
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
     let (w, r) = tokio::io::duplex(PIPE_BYTES);
     let task = tokio::spawn(async move {
         match window {
@@ -504,7 +538,7 @@ fn nar_body(
         held: None,
         task: Some(task),
     };
-    let stream = futures::stream::unfold(st, |mut st| async move {
+    futures::stream::unfold(st, |mut st| async move {
         loop {
             match st.chunks.next().await {
                 Some(Ok(b)) => {
@@ -532,8 +566,7 @@ fn nar_body(
                 }
             }
         }
-    });
-    Body::from_stream(stream)
+    })
 }
 
 /// Passes on only the bytes in `[start, end)` of what is written; fails once past `end` so
@@ -727,6 +760,12 @@ async fn put_file(
     }
     let reject = |why: String| HttpError::bad(format!("{file}: {why}; {name} not recorded"));
     let pending = c.pending().remove(&info.url);
+    let upload_file = pending.as_ref().and_then(|_| {
+        info.url
+            .strip_prefix("nar/")
+            .filter(|f| f.ends_with(".nar.xz"))
+            .map(str::to_string)
+    });
     let node = match pending {
         Some(p) => {
             let got = &p.import;
@@ -792,6 +831,13 @@ async fn put_file(
     };
     c.store.roots.put(&root).await?;
     c.index.insert(&name, info.nar_hash).await;
+    if let Some(f) = upload_file {
+        let mut up = c.uploaded();
+        if up.len() >= MAX_UPLOADED {
+            up.clear();
+        }
+        up.insert(f, info.nar_hash);
+    }
     tracing::info!("recorded {name} ({} NAR bytes)", info.nar_size);
     Ok(StatusCode::OK)
 }
