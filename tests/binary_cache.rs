@@ -63,22 +63,24 @@ impl Server {
             }
         });
         let mut seen = String::new();
-        loop {
+        let port = loop {
             match rx.recv_timeout(Duration::from_secs(30)) {
                 Ok(line) => {
                     if let Some(addr) = line.split("listening on http://").nth(1) {
-                        let port = addr.rsplit(':').next().and_then(|p| p.parse().ok());
-                        let port = port.ok_or_else(|| format!("bad address line {line:?}"))?;
-                        return Ok(Server { child, port });
+                        break addr.rsplit(':').next().and_then(|p| p.parse().ok());
                     }
                     seen.push_str(&line);
                     seen.push('\n');
                 }
-                Err(_) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(seen);
-                }
+                Err(_) => break None,
+            }
+        };
+        match port {
+            Some(port) => Ok(Server { child, port }),
+            None => {
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(seen)
             }
         }
     }
