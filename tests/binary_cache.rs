@@ -454,3 +454,70 @@ fn token_guards_the_cache() {
     );
     assert_eq!(st, 400);
 }
+
+#[test]
+fn corrupt_store_cuts_the_transfer_short() {
+    if !have_nix() {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let base = "0123456789abcdfghijklmnpqrsvwxyz-victim";
+    let victim = common::noise(10_000, 5); // one chunk
+    write(&work.path().join(base).join("victim.bin"), &victim, false);
+    let ts = TestStore::new();
+    ts.ok(&["import-store", work.path().to_str().unwrap()]);
+    let hex = blake3::hash(&victim).to_hex().to_string();
+    let cpath = ts.path().join("chunks").join(&hex[..2]).join(&hex);
+    let mut raw = std::fs::read(&cpath).unwrap();
+    let mid = raw.len() / 2;
+    for b in &mut raw[mid..mid + 16] {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&cpath, &raw).unwrap();
+
+    let server = Server::start(&ts, &[]);
+    let (st, _, info) = http(
+        server.port,
+        "GET",
+        "/0123456789abcdfghijklmnpqrsvwxyz.narinfo",
+        &[],
+        b"",
+    );
+    assert_eq!(st, 200);
+    let info = String::from_utf8(info).unwrap();
+    let url = info.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap();
+    let size: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("NarSize: "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Read what comes until the server closes (or resets) the connection.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", server.port)).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .unwrap();
+    use std::io::{Read, Write};
+    write!(
+        s,
+        "GET /{url} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = s.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let end = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("headers")
+        + 4;
+    let body = &raw[end..];
+    assert!(
+        body.len() < size,
+        "a corrupt store served the whole NAR ({size} bytes)"
+    );
+}
