@@ -439,6 +439,14 @@ fn token_guards_the_cache() {
     assert_eq!(out, "hello\n");
     drop(server);
 
+    // --read-only refuses uploads whatever the credentials.
+    let server = Server::start(&f.ts, &["--read-only"]);
+    let (st, _, _) = http(server.port, "PUT", "/nar/x.nar", &[], b"junk");
+    assert_eq!(st, 403);
+    let (st, _, _) = http(server.port, "GET", &narinfo, &[], b"");
+    assert_eq!(st, 200);
+    drop(server);
+
     // Anonymous reads, token-only writes.
     let server = Server::start(&f.ts, &["--token-file", tf, "--anonymous-read"]);
     let (st, _, _) = http(server.port, "GET", &narinfo, &[], b"");
