@@ -8,9 +8,11 @@
 //! - [`fs`]: the read-only FUSE mount
 //! - [`nar`]: Nix compatibility: NAR in and out, NAR hashes, store paths, narinfo
 //! - [`sandbox`]: run a command inside a stored tree (overlayfs, namespaces)
+//! - [`binary_cache`]: the store as a Nix binary cache over HTTP
 //! - [`dedup`]: what each chunking strategy would save on some data
 //! - [`cli`]: the `granary` command, a thin layer over the above
 
+pub mod binary_cache;
 pub mod castore;
 pub mod chunking;
 pub mod cli;

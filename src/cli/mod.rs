@@ -17,6 +17,7 @@ use crate::store::{self, Store};
 use crate::tree;
 
 mod cache;
+mod cache_http;
 mod daemon;
 mod dedup;
 mod maintain;
@@ -83,6 +84,8 @@ enum Command {
     },
     /// Serve the store over gRPC to other granary clients (grpc+tcp:// and grpc+unix:// URLs).
     Daemon(daemon::DaemonArgs),
+    /// Serve the store as a Nix binary cache over HTTP (for `nix copy`, substituters).
+    ServeCache(cache_http::ServeCacheArgs),
     /// Show an ingest session of a daemon store: running, done (with the root) or failed.
     IngestStatus { token: String },
     /// List the named roots.
@@ -363,6 +366,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::ImportStore { dir, jobs } => nar::cmd_import_store(&store, &dir, jobs).await,
         Command::Narinfo { root, store_dir } => nar::cmd_narinfo(&store, &root, &store_dir).await,
         Command::Daemon(args) => daemon::cmd_daemon(store, args).await,
+        Command::ServeCache(args) => cache_http::cmd_serve_cache(store, args).await,
         Command::IngestStatus { token } => daemon::cmd_ingest_status(&store, &token).await,
         Command::Info { json, dedup } => cmd_info(&store, json, dedup).await,
         Command::Dedup(_) | Command::Cache(_) => unreachable!("handled above"),
