@@ -159,9 +159,8 @@ fn big_file_random_reads_and_concurrent_readers() {
     require_fuse!();
     let store = TestStore::new();
     let src = store.dir.path().join("src");
-    // 300 MiB as in the issue would dominate CI time in a debug build; 96 MiB still spans
-    // ~1500 chunks and exercises every boundary case.
-    let big = 96usize << 20;
+    // 300 MiB, as the issue asks: ~4800 chunks, every boundary case many times over.
+    let big = 300usize << 20;
     write_big(&src.join("big.bin"), big, 9);
     for i in 0..40 {
         write(
