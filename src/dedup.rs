@@ -731,12 +731,7 @@ impl Walk {
                 target.as_os_str().as_bytes(),
             ))))
         } else if ft.is_file() {
-            if top && is_nar(path)? {
-                return Err(DedupError::path(
-                    path,
-                    "is a NAR file; NAR input is not supported yet (unpack it, or import it and use --store)",
-                ));
-            }
+            // NAR files are unpacked by the caller (see `cli::dedup`) before the walk.
             let job = self.files.len();
             self.files.push((path.to_path_buf(), meta.len()));
             self.bytes += meta.len();
@@ -774,7 +769,8 @@ impl Walk {
     }
 }
 
-fn is_nar(path: &Path) -> Result<bool, DedupError> {
+/// Whether a file starts with the NAR magic.
+pub fn is_nar(path: &Path) -> Result<bool, DedupError> {
     let mut f = std::fs::File::open(path)
         .map_err(|e| DedupError::path(path, format!("cannot open: {e}")))?;
     let mut head = [0u8; 21];

@@ -317,12 +317,34 @@ fn csv_plot_sampling_and_bad_input() {
     assert!(e.contains("rabin:64K"), "{e}");
     let e = ts.fails(&["dedup", "--strategy", "fastcdc:64K/16K/256K", t_s]);
     assert!(e.contains("min <= avg <= max"), "{e}");
+    // A NAR file is analysed as the tree it holds: same figures as the tree itself.
+    let other = TestStore::new();
+    other.ok(&["import", "--name", "t", t_s]);
     let nar = tmp.path().join("x.nar");
+    std::fs::write(&nar, other.ok(&["export-nar", "t"]).stdout).unwrap();
+    let from_nar = dedup_json(&ts, &[nar.to_str().unwrap()]);
+    let from_tree = dedup_json(&ts, &[t_s]);
+    for name in ["whole-file", "fixed:64K", "fastcdc:16K/64K/256K"] {
+        for key in [
+            "logical_bytes",
+            "unique_bytes",
+            "unique_chunks",
+            "stored_bytes",
+        ] {
+            assert_eq!(
+                u(strategy(&from_nar, name), key),
+                u(strategy(&from_tree, name), key),
+                "{name} {key}"
+            );
+        }
+    }
+    // A broken NAR is a one-line error naming it.
+    let bad = tmp.path().join("bad.nar");
     let mut bytes = b"\x0d\x00\x00\x00\x00\x00\x00\x00nix-archive-1\x00\x00\x00".to_vec();
     bytes.extend_from_slice(&[0; 16]);
-    std::fs::write(&nar, bytes).unwrap();
-    let e = ts.fails(&["dedup", nar.to_str().unwrap()]);
-    assert!(e.contains("NAR"), "{e}");
+    std::fs::write(&bad, bytes).unwrap();
+    let e = ts.fails(&["dedup", bad.to_str().unwrap()]);
+    assert!(e.contains("bad.nar") && e.contains("bad NAR"), "{e}");
     // No PATH and no store there: an error, and no store is created.
     let e = ts.fails(&["dedup"]);
     assert!(e.contains("no granary store"), "{e}");

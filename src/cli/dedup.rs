@@ -131,7 +131,8 @@ pub async fn cmd_dedup(store_url: Option<&str>, args: &DedupArgs) -> Result<Exit
     let report = match &store {
         Some(s) => dedup::analyse_store(s, &opts, progress.clone()).await,
         None => {
-            let (paths, opts, p) = (args.paths.clone(), opts.clone(), progress.clone());
+            let (paths, _unpacked) = unpack_nars(&args.paths).await?;
+            let (opts, p) = (opts.clone(), progress.clone());
             tokio::task::spawn_blocking(move || dedup::analyse_paths(&paths, &opts, &p))
                 .await
                 .context("dedup task")?
@@ -431,4 +432,52 @@ fn plot(path: &Path, r: &Report) -> Result<()> {
 /// the `store` strategy, from its metadata.
 pub async fn info_figures(store: &store::Store) -> Result<StrategyReport> {
     Ok(dedup::store_figures(store).await?)
+}
+
+/// NAR inputs are unpacked into a temporary directory (through a temporary local store, so
+/// memory stays bounded by the chunker) and analysed like the tree they hold. Returns the
+/// paths to analyse and the temporary directory that must outlive the analysis.
+async fn unpack_nars(
+    paths: &[std::path::PathBuf],
+) -> Result<(Vec<std::path::PathBuf>, Option<tempfile::TempDir>)> {
+    let mut out = Vec::with_capacity(paths.len());
+    let mut tmp: Option<(tempfile::TempDir, crate::store::Store)> = None;
+    for (i, p) in paths.iter().enumerate() {
+        if !(p.is_file() && dedup::is_nar(p)?) {
+            out.push(p.clone());
+            continue;
+        }
+        if tmp.is_none() {
+            let dir = tempfile::Builder::new()
+                .prefix("granary-dedup-")
+                .tempdir()
+                .context("temporary directory for NAR input")?;
+            let url = format!("file://{}", dir.path().join("store").display());
+            let store = crate::store::open(&url).await?;
+            tmp = Some((dir, store));
+        }
+        let Some((dir, store)) = &tmp else {
+            unreachable!("created above")
+        };
+        let file = tokio::fs::File::open(p)
+            .await
+            .with_context(|| format!("{}: cannot open", p.display()))?;
+        let imported = crate::nar::reader::import_nar(store, file)
+            .await
+            .with_context(|| p.display().to_string())?;
+        // Named after the NAR (its input name in the report), numbered to stay unique.
+        let stem = p
+            .file_name()
+            .map(|n| n.to_string_lossy().trim_end_matches(".nar").to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "nar".into());
+        let dest = dir.path().join(format!("{i}")).join(stem);
+        std::fs::create_dir_all(dest.parent().unwrap_or(dir.path()))
+            .with_context(|| format!("unpacking {}", p.display()))?;
+        crate::tree::export(store, &imported.node, &dest)
+            .await
+            .with_context(|| format!("unpacking {}", p.display()))?;
+        out.push(dest);
+    }
+    Ok((out, tmp.map(|(d, _)| d)))
 }
