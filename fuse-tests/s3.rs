@@ -28,12 +28,18 @@ struct Moto {
 
 impl Moto {
     fn start() -> Moto {
+        Self::start_with_env(&[])
+    }
+
+    /// With `INITIAL_NO_AUTH_ACTION_COUNT=0` moto checks credentials like S3 does.
+    fn start_with_env(env: &[(&str, &str)]) -> Moto {
         let port = TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
             .port();
         let child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -45,7 +51,8 @@ impl Moto {
         };
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok((200, _)) = m.http("GET", "/", &[]) {
+            // With authentication on, an unsigned request is refused: any answer means up.
+            if matches!(m.http("GET", "/", &[]), Ok((code, _)) if code != 0) {
                 return m;
             }
             assert!(
@@ -687,4 +694,18 @@ fn daemon_serves_a_bucket_through_a_disk_cache() {
         ],
     );
     assert_eq!(ok(&url, &["roots"]), b"t\nvia-daemon\n");
+}
+
+#[test]
+fn wrong_credentials_fail_clearly() {
+    set_credentials(); // keys this moto does not know
+    let moto = Moto::start_with_env(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let t = Instant::now();
+    let e = fails(&moto.url("some-bucket"), &["roots"]);
+    assert!(
+        e.contains("access denied") && e.contains("AWS_ACCESS_KEY_ID"),
+        "{e}"
+    );
+    assert_eq!(e.trim_end().lines().count(), 1, "{e}");
+    assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }
