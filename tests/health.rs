@@ -349,7 +349,7 @@ fn sigkilled_imports_leave_a_store_that_verifies() {
     let src = s.dir.path().join("src");
     gen_tree(&src, 0);
     for i in 0..3 {
-        write_big(&src.join(format!("big{i}.bin")), 48 << 20, 20 + i);
+        write_big(&src.join(format!("big{i}.bin")), 64 << 20, 20 + i);
     }
     for i in 0..400 {
         write(
@@ -368,7 +368,7 @@ fn sigkilled_imports_leave_a_store_that_verifies() {
         // New content in one large file each run, so every import has real work to do.
         write_big(
             &src.join(format!("big{}.bin", run % 3)),
-            48 << 20,
+            64 << 20,
             100 + run,
         );
         rng ^= rng << 13;
