@@ -26,6 +26,7 @@ pub mod feature {
     pub const INGEST_SESSIONS: &str = "ingest-sessions";
     pub const STATS: &str = "stats";
     pub const STAT_INLINE: &str = "stat-inline";
+    pub const MAINTENANCE: &str = "maintenance";
 
     /// Everything this build implements, on both sides.
     pub const ALL: &[&str] = &[
@@ -37,6 +38,7 @@ pub mod feature {
         INGEST_SESSIONS,
         STATS,
         STAT_INLINE,
+        MAINTENANCE,
     ];
 
     /// What a client cannot work without: reading chunks and putting blobs.
@@ -73,4 +75,33 @@ pub fn node_from_proto(r: &castore::proto::Root) -> Result<Node, castore::ModelE
 
 pub fn digest_bytes(d: &B3Digest) -> Bytes {
     Bytes::copy_from_slice(d.as_bytes())
+}
+
+/// Wire form of an object kind.
+pub fn kind_to_proto(k: crate::store::ObjectKind) -> proto::ObjectKind {
+    use crate::store::ObjectKind as K;
+    match k {
+        K::Chunk => proto::ObjectKind::Chunk,
+        K::BlobIndex => proto::ObjectKind::BlobIndex,
+        K::Directory => proto::ObjectKind::Directory,
+    }
+}
+
+pub fn kind_from_proto(k: proto::ObjectKind) -> crate::store::ObjectKind {
+    use crate::store::ObjectKind as K;
+    match k {
+        proto::ObjectKind::Chunk => K::Chunk,
+        proto::ObjectKind::BlobIndex => K::BlobIndex,
+        proto::ObjectKind::Directory => K::Directory,
+    }
+}
+
+/// A time as nanoseconds since the epoch (0 for times before it), and back.
+pub fn to_nanos(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+pub fn from_nanos(n: u64) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + std::time::Duration::from_nanos(n)
 }

@@ -749,6 +749,98 @@ impl Granary for Daemon {
         }
         Ok(Response::new(resp))
     }
+
+    type ListObjectsStream = BoxStream<proto::ObjectBatch>;
+
+    async fn list_objects(
+        &self,
+        req: Request<proto::ListObjectsRequest>,
+    ) -> Result<Response<Self::ListObjectsStream>, Status> {
+        let _g = InFlight::new(&self.counters);
+        self.need(feature::MAINTENANCE)?;
+        let kind = proto::ObjectKind::try_from(req.get_ref().kind)
+            .map_err(|_| Status::invalid_argument("unknown object kind"))?;
+        let m = self.maintenance()?;
+        let r = m
+            .list(super::kind_from_proto(kind))
+            .await
+            .map_err(status_of);
+        let all = self.fail(r)?;
+        // Batches keep every message far below the message size limit.
+        let batches: Vec<Result<proto::ObjectBatch, Status>> = all
+            .chunks(8192)
+            .map(|part| {
+                Ok(proto::ObjectBatch {
+                    objects: part
+                        .iter()
+                        .map(|o| proto::ObjectEntry {
+                            digest: Bytes::copy_from_slice(o.digest.as_bytes()),
+                            stored_bytes: o.stored_bytes,
+                            modified_unix_nanos: super::to_nanos(o.modified),
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(futures::stream::iter(batches))))
+    }
+
+    async fn delete_object(
+        &self,
+        req: Request<proto::DeleteObjectRequest>,
+    ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
+        let _g = InFlight::new(&self.counters);
+        self.need(feature::MAINTENANCE)?;
+        let req = req.into_inner();
+        let kind = super::kind_from_proto(
+            proto::ObjectKind::try_from(req.kind)
+                .map_err(|_| Status::invalid_argument("unknown object kind"))?,
+        );
+        let digest = B3Digest::try_from(&req.digest[..])
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let m = self.maintenance()?;
+        let r = if req.unconditional {
+            m.remove(kind, &digest).await.map(|()| true)
+        } else {
+            m.delete_if_older(kind, &digest, super::from_nanos(req.cutoff_unix_nanos))
+                .await
+        };
+        let deleted = self.fail(r.map_err(status_of))?;
+        Ok(Response::new(proto::DeleteObjectResponse { deleted }))
+    }
+
+    async fn sweep_temp(
+        &self,
+        req: Request<proto::SweepTempRequest>,
+    ) -> Result<Response<proto::SweepTempResponse>, Status> {
+        let _g = InFlight::new(&self.counters);
+        self.need(feature::MAINTENANCE)?;
+        let m = self.maintenance()?;
+        let r = m
+            .sweep_temp(super::from_nanos(req.get_ref().cutoff_unix_nanos))
+            .await
+            .map_err(status_of);
+        let removed = self.fail(r)?;
+        Ok(Response::new(proto::SweepTempResponse { removed }))
+    }
+
+    async fn flush(
+        &self,
+        _req: Request<proto::FlushRequest>,
+    ) -> Result<Response<proto::FlushResponse>, Status> {
+        let _g = InFlight::new(&self.counters);
+        let r = self.store.flush().await.map_err(status_of);
+        self.fail(r)?;
+        Ok(Response::new(proto::FlushResponse {}))
+    }
+}
+
+impl Daemon {
+    fn maintenance(&self) -> Result<&Arc<dyn crate::store::Maintenance>, Status> {
+        self.store.maintenance.as_ref().ok_or_else(|| {
+            Status::unimplemented("the daemon's store cannot list or delete its objects")
+        })
+    }
 }
 
 /// Checks `authorization: Bearer <token>` on every call when the daemon has a token.

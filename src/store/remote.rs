@@ -209,6 +209,10 @@ impl RemoteStore {
 
 #[async_trait]
 impl BlobService for RemoteStore {
+    async fn flush(&self) -> Result<()> {
+        self.flush_remote().await
+    }
+
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         let want = digest_bytes(blob);
         let want_inline = self.client.has_feature(feature::STAT_INLINE);
@@ -320,6 +324,10 @@ impl BlobService for RemoteStore {
 
 #[async_trait]
 impl DirectoryService for RemoteStore {
+    async fn flush(&self) -> Result<()> {
+        self.flush_remote().await
+    }
+
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
         if let Some(d) = self
             .dir_cache
@@ -442,39 +450,115 @@ impl RootService for RemoteStore {
     }
 }
 
-/// Listing and deleting objects is not part of the protocol yet: gc and full-store verify
-/// run on the daemon's own store. Say so rather than pretend.
-fn not_remote(what: &str) -> StoreError {
+/// gc and verify through a daemon need its "maintenance" feature; say so when it is missing.
+fn not_offered(what: &str) -> StoreError {
     StoreError::Backend(format!(
-        "{what} is not available through a daemon; run it against the daemon's store directly"
+        "{what}: the daemon does not offer the \"maintenance\" feature; run it against the daemon's store directly"
     ))
+}
+
+impl RemoteStore {
+    async fn delete_object(
+        &self,
+        kind: crate::store::ObjectKind,
+        digest: &B3Digest,
+        cutoff: Option<std::time::SystemTime>,
+    ) -> Result<bool> {
+        if !self.client.has_feature(feature::MAINTENANCE) {
+            return Err(not_offered("deleting objects"));
+        }
+        let req = proto::DeleteObjectRequest {
+            kind: crate::rpc::kind_to_proto(kind) as i32,
+            digest: digest_bytes(digest),
+            cutoff_unix_nanos: cutoff.map_or(0, crate::rpc::to_nanos),
+            unconditional: cutoff.is_none(),
+        };
+        // Retrying is safe: a second delete of a deleted object reports false.
+        self.client
+            .call("delete object", true, |mut api| {
+                let req = req.clone();
+                async move { Ok(api.delete_object(req).await?.into_inner().deleted) }
+            })
+            .await
+    }
+
+    /// Asks the daemon to make everything put so far durable (no-op for older daemons).
+    async fn flush_remote(&self) -> Result<()> {
+        if !self.client.has_feature(feature::MAINTENANCE) {
+            return Ok(());
+        }
+        self.client
+            .call("flush", true, |mut api| async move {
+                api.flush(proto::FlushRequest {}).await?;
+                Ok(())
+            })
+            .await
+    }
 }
 
 #[async_trait]
 impl Maintenance for RemoteStore {
-    async fn list(&self, _kind: crate::store::ObjectKind) -> Result<Vec<crate::store::ObjectInfo>> {
-        Err(not_remote("listing objects"))
+    async fn list(&self, kind: crate::store::ObjectKind) -> Result<Vec<crate::store::ObjectInfo>> {
+        if !self.client.has_feature(feature::MAINTENANCE) {
+            return Err(not_offered("listing objects"));
+        }
+        let k = crate::rpc::kind_to_proto(kind) as i32;
+        let entries = self
+            .client
+            .call("list objects", true, |mut api| async move {
+                let mut s = api
+                    .list_objects(proto::ListObjectsRequest { kind: k })
+                    .await?
+                    .into_inner();
+                let mut out = Vec::new();
+                while let Some(batch) = s.next().await {
+                    out.extend(batch?.objects);
+                }
+                Ok(out)
+            })
+            .await?;
+        entries
+            .into_iter()
+            .map(|e| {
+                Ok(crate::store::ObjectInfo {
+                    kind,
+                    digest: B3Digest::try_from(&e.digest[..])?,
+                    stored_bytes: e.stored_bytes,
+                    modified: crate::rpc::from_nanos(e.modified_unix_nanos),
+                })
+            })
+            .collect()
     }
 
     async fn delete_if_older(
         &self,
-        _kind: crate::store::ObjectKind,
-        _digest: &crate::castore::B3Digest,
-        _cutoff: std::time::SystemTime,
+        kind: crate::store::ObjectKind,
+        digest: &B3Digest,
+        cutoff: std::time::SystemTime,
     ) -> Result<bool> {
-        Err(not_remote("deleting objects"))
+        self.delete_object(kind, digest, Some(cutoff)).await
     }
 
-    async fn remove(
-        &self,
-        _kind: crate::store::ObjectKind,
-        _digest: &crate::castore::B3Digest,
-    ) -> Result<()> {
-        Err(not_remote("deleting objects"))
+    async fn remove(&self, kind: crate::store::ObjectKind, digest: &B3Digest) -> Result<()> {
+        self.delete_object(kind, digest, None).await.map(|_| ())
     }
 
-    async fn sweep_temp(&self, _cutoff: std::time::SystemTime) -> Result<u64> {
-        Err(not_remote("sweeping temp files"))
+    async fn sweep_temp(&self, cutoff: std::time::SystemTime) -> Result<u64> {
+        if !self.client.has_feature(feature::MAINTENANCE) {
+            return Err(not_offered("sweeping temp files"));
+        }
+        let c = crate::rpc::to_nanos(cutoff);
+        self.client
+            .call("sweep temp", true, |mut api| async move {
+                Ok(api
+                    .sweep_temp(proto::SweepTempRequest {
+                        cutoff_unix_nanos: c,
+                    })
+                    .await?
+                    .into_inner()
+                    .removed)
+            })
+            .await
     }
 
     async fn usage(&self) -> Result<Usage> {
