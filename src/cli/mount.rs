@@ -10,7 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::castore::{Node, RootRecord};
 use crate::chunking::parse_size;
-use crate::fs::{self, GranaryFs, MountOptions, Top};
+use crate::fs::{self, MountOptions, Top};
 use crate::import::{self, ImportOptions, Progress};
 use crate::store::Store;
 use crate::tree;
@@ -123,20 +123,10 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         readahead: args.readahead,
         ..MountOptions::default()
     };
-    let filesystem = GranaryFs::new(store.clone(), &opts, tokio::runtime::Handle::current())
-        .await
-        .context("preparing the mount")?;
-    let mp = mountpoint.clone();
-    let mounted = tokio::task::spawn_blocking(move || fs::mount(filesystem, &mp, &opts))
-        .await
-        .context("mount task")??;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut serving = tokio::task::spawn_blocking(move || {
-        mounted.serve(|u| {
-            let _ = tx.send(u);
-        })
-    });
-    let mut unmounter = rx.await.context("mount ended before serving")?;
+    let fs::Served {
+        mut serving,
+        mut unmounter,
+    } = fs::mount_and_serve(store, &opts, &mountpoint).await?;
     // Announce the mount so `granary sandbox` can reuse it (best effort).
     let tree_digest = match &opts_top {
         Top::Tree(node) => node.digest(),

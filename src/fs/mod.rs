@@ -1090,6 +1090,42 @@ pub struct Mounted {
 /// A handle that unmounts from another thread (e.g. a signal handler task).
 pub struct Unmounter(fuser::SessionUnmounter);
 
+/// A mount being served on a blocking thread.
+pub struct Served {
+    /// Ends when the mount ends, whether unmounted from here or from outside.
+    pub serving: tokio::task::JoinHandle<io::Result<()>>,
+    pub unmounter: Unmounter,
+}
+
+/// Prepares the filesystem for `store`, mounts it at `mountpoint` and serves it on a blocking
+/// thread; returns once the kernel is being served.
+pub async fn mount_and_serve(
+    store: &Store,
+    opts: &MountOptions,
+    mountpoint: &Path,
+) -> Result<Served, MountError> {
+    let filesystem = GranaryFs::new(store.clone(), opts, tokio::runtime::Handle::current()).await?;
+    let (mp, o) = (mountpoint.to_path_buf(), opts.clone());
+    let task_failed = |e: tokio::task::JoinError| MountError::Mount {
+        path: mountpoint.display().to_string(),
+        source: io::Error::other(e.to_string()),
+    };
+    let mounted = tokio::task::spawn_blocking(move || mount(filesystem, &mp, &o))
+        .await
+        .map_err(task_failed)??;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let serving = tokio::task::spawn_blocking(move || {
+        mounted.serve(|u| {
+            let _ = tx.send(u);
+        })
+    });
+    let unmounter = rx.await.map_err(|_| MountError::Mount {
+        path: mountpoint.display().to_string(),
+        source: io::Error::other("mount ended before serving"),
+    })?;
+    Ok(Served { serving, unmounter })
+}
+
 impl Unmounter {
     pub fn unmount(&mut self) -> io::Result<()> {
         self.0.unmount()

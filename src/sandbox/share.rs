@@ -20,7 +20,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::castore::{B3Digest, Node};
-use crate::fs::{self, GranaryFs, MountOptions, Top};
+use crate::fs::{self, MountOptions, Top};
 use crate::store::Store;
 
 /// How long to wait for another sandbox's join, or for a server to come up.
@@ -244,20 +244,10 @@ pub async fn serve(store: &Store, digest: &str, dir: &Path) -> anyhow::Result<Ex
         ..MountOptions::default()
     };
     let tree = dir.join("tree");
-    let filesystem = GranaryFs::new(store.clone(), &opts, tokio::runtime::Handle::current())
-        .await
-        .context("preparing the mount")?;
-    let mp = tree.clone();
-    let mounted = tokio::task::spawn_blocking(move || fs::mount(filesystem, &mp, &opts))
-        .await
-        .context("mount task")??;
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut serving = tokio::task::spawn_blocking(move || {
-        mounted.serve(|u| {
-            let _ = tx.send(u);
-        })
-    });
-    let mut unmounter = rx.await.context("mount ended before serving")?;
+    let fs::Served {
+        mut serving,
+        mut unmounter,
+    } = fs::mount_and_serve(store, &opts, &tree).await?;
     let pid_path = dir.join("server.pid");
     let tmp = dir.join(format!("server.pid.{}", std::process::id()));
     std::fs::write(&tmp, format!("{}\n", std::process::id()))?;
