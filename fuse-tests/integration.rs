@@ -11,15 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 
 fn have_nix() -> bool {
-    let ok = Command::new("nix-hash").arg("--version").output().is_ok();
-    if !ok {
-        assert!(
-            std::env::var("GRANARY_REQUIRE_NIX").as_deref() != Ok("1"),
-            "nix-hash missing and GRANARY_REQUIRE_NIX=1"
-        );
-        eprintln!("SKIPPING: nix-hash is not installed (apt-get install nix-bin)");
-    }
-    ok
+    have_nix_tool("nix-hash", "nix-hash through the mount")
 }
 
 /// A name in Nix's store-path alphabet, stable per seed.

@@ -9,24 +9,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use common::{gen_tree, write, TestStore};
+use common::{gen_tree, have_nix_tool, write, TestStore};
 
 /// Whether the Nix tools are here; panics if they must be.
 fn have_nix() -> bool {
-    let ok = Command::new("nix-store")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("GRANARY_REQUIRE_NIX").as_deref() != Ok("1"),
-            "nix-store is missing and GRANARY_REQUIRE_NIX=1 (apt-get install nix-bin)"
-        );
-        eprintln!(
-            "\n!!! SKIPPING Nix oracle test: nix-store not found (apt-get install nix-bin) !!!\n"
-        );
-    }
-    ok
+    have_nix_tool("nix-store", "Nix oracle test")
 }
 
 fn nix_dump(path: &Path) -> Vec<u8> {

@@ -10,23 +10,10 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use crate::common::TestStore;
+use crate::common::{have_nix_tool, TestStore};
 
 pub fn have_nix() -> bool {
-    let ok = Command::new("nix")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("GRANARY_REQUIRE_NIX").as_deref() != Ok("1"),
-            "nix is missing and GRANARY_REQUIRE_NIX=1 (apt-get install nix-bin)"
-        );
-        eprintln!(
-            "\n!!! SKIPPING binary cache test: nix not found (apt-get install nix-bin) !!!\n"
-        );
-    }
-    ok
+    have_nix_tool("nix", "binary cache test")
 }
 
 /// A running `granary serve-cache`, killed on drop.

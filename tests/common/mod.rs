@@ -188,3 +188,20 @@ pub fn assert_same_tree(a: &Path, b: &Path) {
         }
     }
 }
+
+/// Whether the Nix tool `tool` (from Debian's nix-bin) runs here. Without it: panics if
+/// `GRANARY_REQUIRE_NIX=1` (CI), else prints loudly that `what` is skipped and returns false.
+pub fn have_nix_tool(tool: &str, what: &str) -> bool {
+    let ok = Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var("GRANARY_REQUIRE_NIX").as_deref() != Ok("1"),
+            "{tool} is missing and GRANARY_REQUIRE_NIX=1 (apt-get install nix-bin)"
+        );
+        eprintln!("\n!!! SKIPPING {what}: {tool} not found (apt-get install nix-bin) !!!\n");
+    }
+    ok
+}
