@@ -4,8 +4,7 @@
 mod common;
 
 use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -96,63 +95,6 @@ fn nix_hash_of_mounted_store_paths_equals_recorded_nar_hash() {
     }
 }
 
-/// A daemon serving a store over a Unix socket; killed on drop.
-struct Daemon {
-    child: Option<Child>,
-    sock: PathBuf,
-    store: String,
-}
-
-impl Daemon {
-    fn start(dir: &Path) -> Daemon {
-        let mut d = Daemon {
-            child: None,
-            sock: dir.join("d.sock"),
-            store: format!("file://{}", dir.join("store").display()),
-        };
-        d.spawn();
-        d
-    }
-
-    fn spawn(&mut self) {
-        let _ = std::fs::remove_file(&self.sock);
-        let child = Command::new(granary_bin())
-            .args(["--store", &self.store, "daemon", "--listen"])
-            .arg(format!("unix:{}", self.sock.display()))
-            .env("XDG_RUNTIME_DIR", "")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-        let t0 = Instant::now();
-        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
-            assert!(
-                t0.elapsed() < Duration::from_secs(20),
-                "daemon did not come up"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("grpc+unix://{}", self.sock.display())
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 #[test]
 fn mount_over_daemon_round_trip_kill_and_restart() {
     require_fuse!();
@@ -166,9 +108,9 @@ fn mount_over_daemon_round_trip_kill_and_restart() {
             false,
         );
     }
-    let mut d = Daemon::start(tmp.path());
+    let mut d = Daemon::start(tmp.path(), &[]);
     let imp = Command::new(granary_bin())
-        .args(["--store", &d.url(), "import", "--name", "t"])
+        .args(["--store", &d.unix_url(), "import", "--name", "t"])
         .arg(&src)
         .output()
         .unwrap();
@@ -178,12 +120,12 @@ fn mount_over_daemon_round_trip_kill_and_restart() {
         String::from_utf8_lossy(&imp.stderr)
     );
 
-    let m = Mount::start(&d.url(), &["--root", "t"]);
+    let m = Mount::start(&d.unix_url(), &["--root", "t"]);
     assert_same_tree(&src, m.path());
     drop(m);
 
     // A fresh mount (empty chunk cache) for the failure part.
-    let m = Mount::start(&d.url(), &["--root", "t", "--timeout", "3"]);
+    let m = Mount::start(&d.unix_url(), &["--root", "t", "--timeout", "3"]);
 
     // Kill the daemon while reads go on: reads of content not yet cached fail with EIO
     // within the deadline; the mount stays up.

@@ -5,7 +5,8 @@
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 pub fn granary_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_granary"))
@@ -204,4 +205,106 @@ pub fn have_nix_tool(tool: &str, what: &str) -> bool {
         eprintln!("\n!!! SKIPPING {what}: {tool} not found (apt-get install nix-bin) !!!\n");
     }
     ok
+}
+
+/// A free loopback port (bound, then released for the daemon to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running daemon; killed (and reaped) on drop.
+pub struct Daemon {
+    pub child: Option<std::process::Child>,
+    pub sock: PathBuf,
+    pub addr: std::net::SocketAddr,
+    pub store_url: String,
+    pub extra: Vec<String>,
+}
+
+impl Daemon {
+    pub fn start(dir: &Path, extra: &[&str]) -> Daemon {
+        let sock = dir.join("d.sock");
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut d = Daemon {
+            child: None,
+            sock,
+            addr,
+            store_url: format!("file://{}", dir.join("store").display()),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    pub fn spawn(&mut self) {
+        let child = Command::new(granary_bin())
+            .arg("--store")
+            .arg(&self.store_url)
+            .arg("daemon")
+            .arg("--listen")
+            .arg(format!("unix:{}", self.sock.display()))
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .args(&self.extra)
+            .env("XDG_RUNTIME_DIR", "")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start daemon");
+        self.child = Some(child);
+        let t0 = Instant::now();
+        loop {
+            let up = std::os::unix::net::UnixStream::connect(&self.sock).is_ok()
+                && std::net::TcpStream::connect(self.addr).is_ok();
+            if up {
+                return;
+            }
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("daemon exited at start: {st}");
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    pub fn unix_url(&self) -> String {
+        format!("grpc+unix://{}", self.sock.display())
+    }
+
+    pub fn tcp_url(&self) -> String {
+        format!("grpc+tcp://{}", self.addr)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Threads and open file descriptors of the daemon process.
+    pub fn threads_and_fds(&self) -> (usize, usize) {
+        let count = |sub: &str| {
+            std::fs::read_dir(format!("/proc/{}/{sub}", self.pid()))
+                .map(|r| r.count())
+                .unwrap_or(0)
+        };
+        (count("task"), count("fd"))
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
 }
