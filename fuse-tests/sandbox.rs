@@ -659,11 +659,13 @@ fn terminal_ctrl_c_reaches_cmd_once() {
     let store = rootfs_store();
     // `script` runs the sandbox on a pseudo-terminal and copies our stdin to it: a 0x03 byte
     // there is a Ctrl-C, which the kernel sends to the whole foreground process group.
+    // `script` starts `$SHELL -c CMD`; a shell left in between (dash does not exec its last
+    // command) would itself die of the Ctrl-C, so $SHELL is this script, which execs granary.
     let run = store.dir.path().join("run.sh");
     std::fs::write(
         &run,
         format!(
-            "exec env GRANARY_RUNTIME_DIR='{}' '{}' --store '{}' sandbox --root rootfs --as-root -- \
+            "#!/bin/sh\nexec env GRANARY_RUNTIME_DIR='{}' '{}' --store '{}' sandbox --root rootfs --as-root -- \
              /bin/sh -c 'n=0; trap \"n=$((n+1))\" INT; echo ready; sleep 1; sleep 1; echo n=$n; exit 3'\n",
             runtime_dir(&store).display(),
             granary_bin().display(),
@@ -671,8 +673,10 @@ fn terminal_ctrl_c_reaches_cmd_once() {
         ),
     )
     .unwrap();
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     let mut cmd = Command::new("script");
-    cmd.args(["-qec", &format!("sh {}", run.display()), "/dev/null"])
+    cmd.args(["-qec", "granary-sandbox", "/dev/null"])
+        .env("SHELL", &run)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
