@@ -474,6 +474,63 @@ fn sigterm_unmounts_and_exits_zero() {
     assert!(!mounted(m.path()), "mount left behind");
 }
 
+/// A signal that arrives while the mount is coming up never leaves a dead mount behind.
+#[test]
+fn sigterm_while_mounting_leaves_no_mount() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    write(&src.join("a"), b"a", false);
+    import_named(&store, &src, "r");
+    let bin = granary_bin();
+    // Delays that sweep across start-up (a debug build takes longer to come up); each run
+    // has its own mount point.
+    for step in 0..100u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut child = Command::new(&bin)
+            .args(["--store", &store.url(), "mount"])
+            .arg(&mnt)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_micros(step * 500);
+        while Instant::now() < deadline {
+            std::hint::spin_loop();
+        }
+        // SAFETY: plain syscall on our own child's pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let end = Instant::now() + Duration::from_secs(20);
+        let exited = loop {
+            if child.try_wait().unwrap().is_some() {
+                break true;
+            }
+            if Instant::now() > end {
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let left = mounted(&mnt);
+        if !exited || left {
+            lazy_unmount(&mnt);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        assert!(
+            exited,
+            "granary still running 20 s after SIGTERM (delay step {step})"
+        );
+        assert!(
+            !left,
+            "SIGTERM {} µs after start left a mount behind",
+            step * 500
+        );
+    }
+}
+
 #[test]
 fn sigint_unmounts_too_and_import_mounts_something() {
     require_fuse!();

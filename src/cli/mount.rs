@@ -25,9 +25,11 @@ pub struct MountArgs {
     /// Make the top level unlistable (lookups by name still work), for stores with many roots.
     #[arg(long, conflicts_with = "root")]
     pub no_list_root: bool,
-    /// Kernel request channels, each served by its own thread.
-    #[arg(long, value_name = "N", default_value_t = 4)]
-    pub threads: usize,
+    /// Kernel request channels, each served by its own thread. These threads only answer
+    /// from memory and hand anything that waits to the async runtime, so few are needed;
+    /// default: half the CPUs, 1 to 8.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
     /// Memory for decompressed, verified chunks (e.g. 256M, 1G).
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size::<usize>)]
     pub cache_size: usize,
@@ -116,13 +118,18 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
     let opts_top = top.clone();
     let opts = MountOptions {
         top,
-        threads: args.threads.max(1),
+        threads: args.threads.unwrap_or_else(fs::default_threads).max(1),
         cache_size: args.cache_size,
         allow_other: args.allow_other,
         deadline: Duration::from_secs_f64(args.timeout),
         readahead: args.readahead,
         ..MountOptions::default()
     };
+    // Handlers before mounting: a signal that arrives while mounting is then seen once the
+    // mount is up and unmounts it, instead of killing the process and leaving a dead mount.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let fs::Served {
         mut serving,
         mut unmounter,
@@ -145,15 +152,13 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         store.url,
         mountpoint.display()
     );
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
     tokio::select! {
         res = &mut serving => {
             // Unmounted from outside (umount, fusermount3 -u): a normal end.
             res.context("mount task")?.context("serving the mount")?;
             return Ok(ExitCode::SUCCESS);
         }
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
         _ = term.recv() => {}
     }
     let mp = mountpoint.clone();

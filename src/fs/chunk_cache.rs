@@ -39,6 +39,21 @@ impl FetchError {
 
 type Fetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 
+/// A backend's answer for chunk `c`, checked against the size its blob index gives.
+fn checked(c: ChunkRef, r: crate::store::Result<Option<Bytes>>) -> Result<Bytes, FetchError> {
+    match r {
+        Err(e) => Err(FetchError::new(format!("chunk {}: {e}", c.digest))),
+        Ok(None) => Err(FetchError::new(format!("chunk {} is missing", c.digest))),
+        Ok(Some(b)) if b.len() as u64 != c.size => Err(FetchError::new(format!(
+            "chunk {} is {} bytes, its blob index says {}",
+            c.digest,
+            b.len(),
+            c.size
+        ))),
+        Ok(Some(b)) => Ok(b),
+    }
+}
+
 /// Where each chunk of a blob starts.
 #[derive(Debug)]
 pub struct Layout {
@@ -158,25 +173,26 @@ impl ChunkCache {
     async fn fetch(self: Arc<Self>, c: ChunkRef) -> Result<Bytes, FetchError> {
         let res = match tokio::time::timeout(self.deadline, self.blobs.read_chunk(&c.digest)).await
         {
-            Err(_) => Err(FetchError::new(format!(
-                "chunk {}: fetch timed out after {:.1}s",
-                c.digest,
-                self.deadline.as_secs_f64()
-            ))),
-            Ok(Err(e)) => Err(FetchError::new(format!("chunk {}: {e}", c.digest))),
-            Ok(Ok(None)) => Err(FetchError::new(format!("chunk {} is missing", c.digest))),
-            Ok(Ok(Some(b))) if b.len() as u64 != c.size => Err(FetchError::new(format!(
-                "chunk {} is {} bytes, its blob index says {}",
-                c.digest,
-                b.len(),
-                c.size
-            ))),
-            Ok(Ok(Some(b))) => Ok(b),
+            Err(_) => Err(self.timed_out(&c.digest)),
+            Ok(r) => checked(c, r),
         };
+        self.complete(&c.digest, &res);
+        res
+    }
+
+    fn timed_out(&self, digest: &B3Digest) -> FetchError {
+        FetchError::new(format!(
+            "chunk {digest}: fetch timed out after {:.1}s",
+            self.deadline.as_secs_f64()
+        ))
+    }
+
+    /// Ends the flight of one chunk, keeping its bytes if it arrived.
+    fn complete(&self, digest: &B3Digest, res: &Result<Bytes, FetchError>) {
         let mut st = self.state();
-        st.inflight.remove(&c.digest);
-        if let Ok(b) = &res {
-            if b.len() <= self.capacity && st.chunks.put(c.digest, b.clone()).is_none() {
+        st.inflight.remove(digest);
+        if let Ok(b) = res {
+            if b.len() <= self.capacity && st.chunks.put(*digest, b.clone()).is_none() {
                 st.bytes += b.len();
             }
             while st.bytes > self.capacity {
@@ -186,7 +202,80 @@ impl ChunkCache {
                 }
             }
         }
-        res
+    }
+
+    /// Fetches those of `chunks` neither cached nor in flight as one backend batch. Each is
+    /// in flight (so readers wait for it rather than fetch it again) until the backend hands
+    /// it over; chunks the batch leaves unanswered by the deadline fail like a timed-out fetch.
+    async fn fetch_batch(self: &Arc<Self>, chunks: Vec<ChunkRef>) {
+        type Waiting = HashMap<
+            B3Digest,
+            (
+                ChunkRef,
+                tokio::sync::oneshot::Sender<Result<Bytes, FetchError>>,
+            ),
+        >;
+        let mut waiting: Waiting = HashMap::new();
+        let mut batch = Vec::new();
+        {
+            let mut st = self.state();
+            for c in chunks {
+                if st.chunks.contains(&c.digest)
+                    || st.inflight.contains_key(&c.digest)
+                    || waiting.contains_key(&c.digest)
+                {
+                    continue;
+                }
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let digest = c.digest;
+                let f = async move {
+                    rx.await.unwrap_or_else(|_| {
+                        Err(FetchError::new(format!("chunk {digest}: fetch abandoned")))
+                    })
+                }
+                .boxed()
+                .shared();
+                st.inflight.insert(c.digest, f);
+                waiting.insert(c.digest, (c, tx));
+                batch.push(c);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let waiting = Arc::new(Mutex::new(waiting));
+        let sink: crate::store::ChunkSink = {
+            let (this, waiting) = (self.clone(), waiting.clone());
+            Arc::new(move |digest, r| {
+                let entry = waiting
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&digest);
+                if let Some((c, tx)) = entry {
+                    let res = checked(c, r);
+                    this.complete(&digest, &res);
+                    let _ = tx.send(res);
+                }
+            })
+        };
+        let timed_out = tokio::time::timeout(self.deadline, self.blobs.read_chunks(batch, sink))
+            .await
+            .is_err();
+        let left: Vec<_> = waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (digest, (_, tx)) in left {
+            let err = if timed_out {
+                self.timed_out(&digest)
+            } else {
+                FetchError::new(format!("chunk {digest}: the backend gave no answer"))
+            };
+            let res = Err(err);
+            self.complete(&digest, &res);
+            let _ = tx.send(res);
+        }
     }
 
     /// The chunk list of a blob of known size.
@@ -303,25 +392,28 @@ impl ChunkCache {
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            stream::iter(blobs)
-                .for_each_concurrent(READ_CONCURRENCY, |(digest, size)| {
+            // Errors are logged by the fetch and met again by the real read.
+            let layouts: Vec<_> = stream::iter(blobs)
+                .map(|(digest, size)| {
                     let this = this.clone();
-                    async move {
-                        // Errors are logged by the fetch and met again by the real read.
-                        let Ok(layout) = this.layout(&digest, size).await else {
-                            return;
-                        };
-                        let mut bytes = 0u64;
-                        for c in &layout.chunks {
-                            if bytes >= 1 << 20 {
-                                break;
-                            }
-                            bytes += c.size;
-                            let _ = this.chunk(*c).await;
-                        }
-                    }
+                    async move { this.layout(&digest, size).await }
                 })
+                .buffered(READ_CONCURRENCY)
+                .filter_map(|l| async move { l.ok() })
+                .collect()
                 .await;
+            let mut wanted = Vec::new();
+            for layout in &layouts {
+                let mut bytes = 0u64;
+                for c in &layout.chunks {
+                    if bytes >= 1 << 20 {
+                        break;
+                    }
+                    bytes += c.size;
+                    wanted.push(*c);
+                }
+            }
+            this.fetch_batch(wanted).await;
         });
     }
 
@@ -345,14 +437,7 @@ impl ChunkCache {
         tokio::spawn(async move {
             let _permit = permit;
             // Errors are logged by the fetch and reported to the read that needs the chunk.
-            stream::iter(wanted)
-                .for_each_concurrent(READ_CONCURRENCY, |c| {
-                    let this = this.clone();
-                    async move {
-                        let _ = this.chunk(c).await;
-                    }
-                })
-                .await;
+            this.fetch_batch(wanted).await;
         });
     }
 }
@@ -484,5 +569,144 @@ mod tests {
             };
             assert_eq!(&got[..], want, "offset {off} len {len}");
         }
+    }
+
+    /// Answers only the chunks of a batch whose first byte is even.
+    struct HalfDeaf(Arc<Counting>);
+
+    #[async_trait::async_trait]
+    impl BlobService for HalfDeaf {
+        async fn stat(&self, b: &B3Digest) -> crate::store::Result<Option<BlobMeta>> {
+            self.0.stat(b).await
+        }
+        async fn read_chunk(&self, c: &B3Digest) -> crate::store::Result<Option<Bytes>> {
+            self.0.read_chunk(c).await
+        }
+        async fn read_chunks(&self, chunks: Vec<ChunkRef>, sink: crate::store::ChunkSink) {
+            for c in chunks {
+                let r = self.0.read_chunk(&c.digest).await;
+                if matches!(&r, Ok(Some(b)) if b[0] % 2 == 0) {
+                    sink(c.digest, r);
+                }
+            }
+        }
+        async fn has_chunk(&self, c: &B3Digest) -> crate::store::Result<bool> {
+            self.0.has_chunk(c).await
+        }
+        async fn put_chunk(&self, d: B3Digest, data: Bytes) -> crate::store::Result<()> {
+            self.0.put_chunk(d, data).await
+        }
+        async fn put_blob_index(
+            &self,
+            b: B3Digest,
+            i: &crate::castore::BlobIndex,
+        ) -> crate::store::Result<()> {
+            self.0.put_blob_index(b, i).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_fetches_each_chunk_once_and_readers_join_it() {
+        let (svc, refs) = setup(Duration::from_millis(20), 6).await;
+        let cache = ChunkCache::new(svc.clone(), 1 << 20, Duration::from_secs(5), 0);
+        // The batch names one chunk twice; readers arrive while it is in flight.
+        let mut batch = refs.clone();
+        batch.push(refs[0]);
+        let (_, read) = tokio::join!(
+            cache.fetch_batch(batch),
+            futures::future::join_all(refs.iter().map(|r| cache.chunk(*r)))
+        );
+        for (r, got) in refs.iter().zip(read) {
+            assert_eq!(got.unwrap().len() as u64, r.size);
+        }
+        assert_eq!(svc.reads.load(Ordering::SeqCst), refs.len());
+        // A second batch of cached chunks asks the backend for nothing.
+        cache.fetch_batch(refs.clone()).await;
+        assert_eq!(svc.reads.load(Ordering::SeqCst), refs.len());
+    }
+
+    #[tokio::test]
+    async fn chunks_a_batch_leaves_unanswered_fail_and_are_fetched_again() {
+        let (svc, refs) = setup(Duration::ZERO, 4).await;
+        let deaf = Arc::new(HalfDeaf(svc.clone()));
+        let cache = ChunkCache::new(deaf, 1 << 20, Duration::from_secs(5), 0);
+        let odd = refs[1];
+        let (_, waiting) = tokio::join!(cache.fetch_batch(refs.clone()), cache.chunk(odd));
+        // Either the reader joined the batch (and got its error) or fetched it itself.
+        if let Err(e) = &waiting {
+            assert!(e.to_string().contains("no answer"), "{e}");
+        }
+        // Nothing is left in flight: a later read fetches the chunk on its own.
+        assert_eq!(cache.chunk(odd).await.unwrap().len() as u64, odd.size);
+        assert_eq!(
+            cache.chunk(refs[2]).await.unwrap().len() as u64,
+            refs[2].size
+        );
+    }
+
+    #[tokio::test]
+    async fn a_slow_batch_times_out_and_its_chunks_fail() {
+        let (svc, refs) = setup(Duration::from_millis(300), 3).await;
+        let cache = ChunkCache::new(svc, 1 << 20, Duration::from_millis(50), 0);
+        let (_, r) = tokio::join!(cache.fetch_batch(refs.clone()), async {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            cache.chunk(refs[2]).await
+        });
+        let e = r.unwrap_err();
+        assert!(e.to_string().contains("timed out"), "{e}");
+        assert!(cache.state().inflight.is_empty());
+    }
+
+    #[tokio::test]
+    async fn local_store_batches_hand_over_every_chunk_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("file://{}", dir.path().display());
+        let store = crate::store::local::LocalStore::open(&url, dir.path())
+            .await
+            .unwrap()
+            .blobs;
+        let mut refs = Vec::new();
+        // Enough bytes for several groups of the local batch reader, incompressible.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..40 {
+            let data: Vec<u8> = (0..100_000)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    x as u8
+                })
+                .collect();
+            let data = Bytes::from(data);
+            let d = B3Digest::of(&data);
+            store.put_chunk(d, data.clone()).await.unwrap();
+            refs.push(ChunkRef {
+                digest: d,
+                size: data.len() as u64,
+            });
+        }
+        store.flush().await.unwrap();
+        let missing = B3Digest::of(b"not stored");
+        let mut batch = refs.clone();
+        batch.push(ChunkRef {
+            digest: missing,
+            size: 10,
+        });
+        let got = Arc::new(Mutex::new(HashMap::new()));
+        let sink: crate::store::ChunkSink = {
+            let got = got.clone();
+            Arc::new(move |d, r| {
+                got.lock()
+                    .unwrap()
+                    .insert(d, r.map(|b| b.map(|b| b.len())).ok());
+            })
+        };
+        store.read_chunks(batch, sink).await;
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), refs.len() + 1);
+        for r in &refs {
+            assert_eq!(got[&r.digest], Some(Some(r.size as usize)));
+        }
+        assert_eq!(got[&missing], Some(None));
     }
 }
