@@ -47,6 +47,10 @@ const TREE_TTL: Duration = Duration::from_secs(24 * 3600);
 const TOP_TTL: Duration = Duration::from_secs(1);
 /// Small files after the one being read whose chunks are fetched ahead.
 const SIBLING_PREFETCH: usize = 16;
+/// Files whose first chunks a listing starts fetching: enough that a whole-tree reader's
+/// first read in each directory finds them, few enough that a plain walk (find, ls -R)
+/// pays little for them (measured on docs: 16 slowed `find` by ≈ 60%, 4 by little).
+const LISTING_PREFETCH: usize = 4;
 /// Child directories loaded at once for readdirplus.
 const DIR_CONCURRENCY: usize = 32;
 /// Bytes of decoded directories kept beyond the live inodes that hold them.
@@ -207,7 +211,17 @@ impl Inner {
             .deadline(what, self.store.dirs.get(&digest))
             .await?
             .ok_or_else(|| eio(&what(), "missing from the store"))?;
-        let view = Arc::new(DirView::new(digest, &dir).map_err(|e| eio(&what(), e))?);
+        self.keep_view(digest, &dir)
+    }
+
+    /// Makes the view of a fetched directory and keeps it in the cache.
+    fn keep_view(
+        &self,
+        digest: B3Digest,
+        dir: &crate::castore::Directory,
+    ) -> Result<Arc<DirView>, Errno> {
+        let what = || format!("directory {digest}");
+        let view = Arc::new(DirView::new(digest, dir).map_err(|e| eio(&what(), e))?);
         let mut guard = lock(&self.dirs);
         let (cache, bytes) = &mut *guard;
         if cache.put(digest, view.clone()).is_none() {
@@ -220,6 +234,51 @@ impl Inner {
             }
         }
         Ok(view)
+    }
+
+    /// The views of those of `nodes` that are directories (`None` for the others), the
+    /// uncached ones fetched as one batch.
+    async fn views_of(&self, nodes: &[&Node]) -> Vec<Result<Option<Arc<DirView>>, Errno>> {
+        let mut out: Vec<Result<Option<Arc<DirView>>, Errno>> = Vec::with_capacity(nodes.len());
+        let mut missing = Vec::new();
+        {
+            let mut guard = lock(&self.dirs);
+            for (i, node) in nodes.iter().enumerate() {
+                out.push(Ok(None));
+                if let Node::Directory { digest, .. } = node {
+                    match guard.0.get(digest) {
+                        Some(v) => out[i] = Ok(Some(v.clone())),
+                        None => missing.push((i, *digest)),
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            return out;
+        }
+        let digests: Vec<B3Digest> = missing.iter().map(|(_, d)| *d).collect();
+        let got = match tokio::time::timeout(self.deadline, self.store.dirs.get_many(digests)).await
+        {
+            Ok(got) if got.len() == missing.len() => got,
+            Ok(_) => {
+                let e = eio("directory batch", "the backend answered the wrong count");
+                return nodes.iter().map(|_| Err(e)).collect();
+            }
+            Err(_) => {
+                let why = format!("timed out after {:.1}s", self.deadline.as_secs_f64());
+                let e = eio("directory batch", why);
+                return nodes.iter().map(|_| Err(e)).collect();
+            }
+        };
+        for ((i, digest), res) in missing.into_iter().zip(got) {
+            let what = || format!("directory {digest}");
+            out[i] = match res {
+                Ok(Some(dir)) => self.keep_view(digest, &dir).map(Some),
+                Ok(None) => Err(eio(&what(), "missing from the store")),
+                Err(e) => Err(eio(&what(), e)),
+            };
+        }
+        out
     }
 
     async fn view_of(&self, node: &Node) -> Result<Option<Arc<DirView>>, Errno> {
@@ -438,18 +497,18 @@ impl Inner {
                 .map(|i| (view.clone(), i as usize + 1))
         };
         if let Some((view, from)) = found {
-            self.prefetch_files(&view, from);
+            self.prefetch_files(&view, from, SIBLING_PREFETCH);
         }
     }
 
-    /// Starts fetching the first chunks of the files among the [`SIBLING_PREFETCH`] entries
-    /// of `view` from index `from`.
-    fn prefetch_files(&self, view: &DirView, from: usize) {
+    /// Starts fetching the first chunks of the files among the `n` entries of `view` from
+    /// index `from`.
+    fn prefetch_files(&self, view: &DirView, from: usize, n: usize) {
         let blobs: Vec<_> = view
             .entries
             .iter()
             .skip(from)
-            .take(SIBLING_PREFETCH)
+            .take(n)
             .filter_map(|(_, node)| match node {
                 Node::File { digest, size, .. } if *size > 0 => Some((*digest, *size)),
                 _ => None,
@@ -849,19 +908,13 @@ impl Filesystem for GranaryFs {
             let start = offset.saturating_sub(2) as usize;
             // A listed directory's files are often read next, in order (tar, cp -r).
             if let (Listing::Dir(v, ..), 0) = (&listing, offset) {
-                inner.prefetch_files(v, 0);
+                inner.prefetch_files(v, 0, LISTING_PREFETCH);
             }
             // A reply holds at most a few hundred entries; load the child directories those
             // need (for their link counts) all at once.
             let window: Vec<usize> = (start..entries.len().min(start + 512)).collect();
-            let views: Vec<Result<Option<Arc<DirView>>, Errno>> = stream::iter(window.clone())
-                .map(|i| {
-                    let inner = &inner;
-                    async move { inner.view_of(&entries[i].1).await }
-                })
-                .buffered(DIR_CONCURRENCY)
-                .collect()
-                .await;
+            let nodes: Vec<&Node> = window.iter().map(|&i| &entries[i].1).collect();
+            let views = inner.views_of(&nodes).await;
             let mut table = lock(&inner.table);
             let self_attr = match table.get(ino.0) {
                 Some(i) => inner.attr(ino.0, i),

@@ -107,6 +107,36 @@ async fn suite(store: Store) {
     let d_parent = store.dirs.put(&parent(1)).await.unwrap();
     assert_eq!(store.dirs.get(&d_parent).await.unwrap().unwrap(), parent(1));
     assert!(store.dirs.has(&d_leaf).await.unwrap());
+    // Batches answer in the order asked, absent ones as None.
+    let many = store
+        .dirs
+        .get_many(vec![d_parent, missing, d_leaf])
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(many, vec![Some(parent(1)), None, Some(leaf.clone())]);
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sink: super::ChunkSink = {
+        let got = got.clone();
+        std::sync::Arc::new(move |d, r| got.lock().unwrap().push((d, r.unwrap())))
+    };
+    let mut chunks = st.chunks.clone();
+    chunks.push(super::ChunkRef {
+        digest: missing,
+        size: 1,
+    });
+    store.blobs.read_chunks(chunks.clone(), sink).await;
+    let mut got = std::mem::take(&mut *got.lock().unwrap());
+    assert_eq!(got.len(), chunks.len(), "every chunk answered once");
+    got.sort_by_key(|(d, _)| chunks.iter().position(|c| c.digest == *d));
+    let mut joined = Vec::new();
+    for (d, r) in &got[..got.len() - 1] {
+        let b = r.as_ref().unwrap_or_else(|| panic!("chunk {d} missing"));
+        joined.extend_from_slice(b);
+    }
+    assert_eq!(joined, big, "batch chunks are the blob's bytes");
+    assert!(got.last().unwrap().1.is_none());
 
     // Roots: put, replace, list sorted, delete.
     let rec = |name: &str, size| RootRecord {

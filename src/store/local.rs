@@ -460,6 +460,15 @@ impl LocalStore {
         Ok(Some(raw))
     }
 
+    fn get_dir_blocking(&self, d: &B3Digest) -> Result<Option<Directory>> {
+        let Some(raw) = self.read_object(Kind::Directory, d)? else {
+            return Ok(None);
+        };
+        Directory::decode_valid(&raw)
+            .map(Some)
+            .map_err(|e| StoreError::corrupt("directory", d, e.to_string()))
+    }
+
     fn stat_blocking(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         if *blob == empty_blob() {
             return Ok(Some(BlobMeta {
@@ -646,15 +655,21 @@ impl BlobService for LocalStore {
 impl DirectoryService for LocalStore {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
         let (s, d) = (self.clone(), *digest);
-        blocking(move || {
-            let Some(raw) = s.read_object(Kind::Directory, &d)? else {
-                return Ok(None);
-            };
-            Directory::decode_valid(&raw)
-                .map(Some)
-                .map_err(|e| StoreError::corrupt("directory", &d, e.to_string()))
-        })
-        .await
+        blocking(move || s.get_dir_blocking(&d)).await
+    }
+
+    async fn get_many(&self, digests: Vec<B3Digest>) -> Vec<Result<Option<Directory>>> {
+        let n = digests.len();
+        let s = self.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            digests.iter().map(|d| s.get_dir_blocking(d)).collect()
+        });
+        match read.await {
+            Ok(v) => v,
+            Err(e) => (0..n)
+                .map(|_| Err(StoreError::Backend(format!("directory read task: {e}"))))
+                .collect(),
+        }
     }
 
     async fn put(&self, dir: &Directory) -> Result<B3Digest> {

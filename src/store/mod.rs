@@ -191,6 +191,18 @@ pub trait DirectoryService: Send + Sync {
 
     async fn has(&self, digest: &B3Digest) -> Result<bool>;
 
+    /// Several directories, in the order asked, each as [`DirectoryService::get`] gives it.
+    /// The default asks concurrently; a backend whose reads are short blocking calls reads
+    /// them on one thread, saving a thread hand-off per directory.
+    async fn get_many(&self, digests: Vec<B3Digest>) -> Vec<Result<Option<Directory>>> {
+        use futures::StreamExt;
+        futures::stream::iter(digests)
+            .map(|d| async move { self.get(&d).await })
+            .buffered(BATCH_CONCURRENCY)
+            .collect()
+            .await
+    }
+
     /// As [`BlobService::flush`].
     async fn flush(&self) -> Result<()> {
         Ok(())
