@@ -51,6 +51,8 @@ const SIBLING_PREFETCH: usize = 16;
 /// first read in each directory finds them, few enough that a plain walk (find, ls -R)
 /// pays little for them (measured on docs: 16 slowed `find` by ≈ 60%, 4 by little).
 const LISTING_PREFETCH: usize = 4;
+/// Directories loaded ahead of a walk per listing.
+const VIEW_PREFETCH: usize = 1024;
 /// Child directories loaded at once for readdirplus.
 const DIR_CONCURRENCY: usize = 32;
 /// Bytes of decoded directories kept beyond the live inodes that hold them.
@@ -137,6 +139,8 @@ struct Inner {
     table: Mutex<InodeTable>,
     chunks: Arc<ChunkCache>,
     dirs: Mutex<(LruCache<B3Digest, Arc<DirView>>, usize)>,
+    /// Background loads of directories one level below a listing (see `prefetch_views`).
+    dir_prefetch: Arc<tokio::sync::Semaphore>,
     reads: Arc<tokio::sync::Semaphore>,
     /// Read state of file inodes that were read, by inode number.
     files: Mutex<HashMap<u64, Arc<OpenFile>>>,
@@ -279,6 +283,42 @@ impl Inner {
             };
         }
         out
+    }
+
+    /// A walk lists a directory's subdirectories next: load the directories below `views`
+    /// in the background, as one batch, so those listings find their children cached.
+    fn prefetch_views(self: &Arc<Self>, views: &[Arc<DirView>]) {
+        let wanted: Vec<B3Digest> = {
+            let guard = lock(&self.dirs);
+            views
+                .iter()
+                .flat_map(|v| v.entries.iter())
+                .filter_map(|(_, n)| match n {
+                    Node::Directory { digest, .. } if !guard.0.contains(digest) => Some(*digest),
+                    _ => None,
+                })
+                .take(VIEW_PREFETCH)
+                .collect()
+        };
+        if wanted.is_empty() {
+            return;
+        }
+        let Ok(permit) = self.dir_prefetch.clone().try_acquire_owned() else {
+            return;
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let fetch = this.store.dirs.get_many(wanted.clone());
+            // Failures are met (and reported) again by the listing that needs the directory.
+            if let Ok(got) = tokio::time::timeout(this.deadline, fetch).await {
+                for (digest, res) in wanted.into_iter().zip(got) {
+                    if let Ok(Some(dir)) = res {
+                        let _ = this.keep_view(digest, &dir);
+                    }
+                }
+            }
+        });
     }
 
     async fn view_of(&self, node: &Node) -> Result<Option<Arc<DirView>>, Errno> {
@@ -640,6 +680,7 @@ impl GranaryFs {
             table: Mutex::new(InodeTable::new(kind, view)),
             chunks,
             dirs: Mutex::new((LruCache::unbounded(), 0)),
+            dir_prefetch: Arc::new(tokio::sync::Semaphore::new(2)),
             reads: Arc::new(tokio::sync::Semaphore::new(opts.max_reads.max(1))),
             files: Mutex::new(HashMap::new()),
             no_open: Default::default(),
@@ -915,6 +956,11 @@ impl Filesystem for GranaryFs {
             let window: Vec<usize> = (start..entries.len().min(start + 512)).collect();
             let nodes: Vec<&Node> = window.iter().map(|&i| &entries[i].1).collect();
             let views = inner.views_of(&nodes).await;
+            let loaded: Vec<Arc<DirView>> = views
+                .iter()
+                .filter_map(|v| v.clone().ok().flatten())
+                .collect();
+            inner.prefetch_views(&loaded);
             let mut table = lock(&inner.table);
             let self_attr = match table.get(ino.0) {
                 Some(i) => inner.attr(ino.0, i),
