@@ -244,6 +244,10 @@ pub async fn serve(store: &Store, digest: &str, dir: &Path) -> anyhow::Result<Ex
         ..MountOptions::default()
     };
     let tree = dir.join("tree");
+    // Handlers before mounting, so a signal during start-up still ends in an unmount.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let fs::Served {
         mut serving,
         mut unmounter,
@@ -265,14 +269,13 @@ pub async fn serve(store: &Store, digest: &str, dir: &Path) -> anyhow::Result<Ex
     let users = open_lock(&dir.join("users.lock"))?;
     let state = open_lock(&dir.join("state.lock"))?;
     let idle = tokio::task::spawn_blocking(move || wait_idle(&users, &state).map(|()| state));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let _state = tokio::select! {
         res = &mut serving => {
             res.context("mount task")?.context("serving the mount")?;
             None
         }
         held = idle => Some(held.context("idle wait")??),
-        _ = tokio::signal::ctrl_c() => None,
+        _ = int.recv() => None,
         _ = term.recv() => None,
     };
     // Only remove the pid file if it is still ours.
