@@ -472,6 +472,68 @@ fn sigterm_unmounts_and_exits_zero() {
         .expect("granary did not exit after SIGTERM");
     assert!(st.success(), "exit status {st}: {}", m.stderr());
     assert!(!mounted(m.path()), "mount left behind");
+    assert!(
+        eventually(|| reapers_of(m.path()).is_empty()),
+        "helper outlived a clean exit"
+    );
+}
+
+/// Helper processes (`granary __reap-mount`) watching the mount at `path`.
+fn reapers_of(path: &Path) -> Vec<u32> {
+    let mut want = b"__reap-mount\0".to_vec();
+    want.extend_from_slice(path.as_os_str().as_bytes());
+    want.push(0);
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| c.windows(want.len()).any(|w| w == want))
+        })
+        .collect()
+}
+
+/// Waits up to 10 s for `done`.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+/// A `granary mount` killed outright leaves no dead mount: its helper detaches it and exits.
+#[test]
+fn sigkill_leaves_no_dead_mount() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    write(&src.join("a"), b"a", false);
+    import_named(&store, &src, "r");
+    let mut m = Mount::start(&store.url(), &[]);
+    assert_eq!(std::fs::read(m.path().join("r/a")).unwrap(), b"a");
+    assert_eq!(reapers_of(m.path()).len(), 1, "one helper per mount");
+    let st = m
+        .signal_and_wait(libc::SIGKILL, Duration::from_secs(20))
+        .expect("granary survived SIGKILL");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&st),
+        Some(libc::SIGKILL)
+    );
+    assert!(
+        eventually(|| !mounted(m.path())),
+        "a dead mount was left behind"
+    );
+    // The mount point is a plain, usable, empty directory again.
+    assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 0);
+    assert!(
+        eventually(|| reapers_of(m.path()).is_empty()),
+        "helper still running"
+    );
 }
 
 /// A signal that arrives while the mount is coming up never leaves a dead mount behind.

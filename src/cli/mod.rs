@@ -210,6 +210,11 @@ pub fn main() -> ExitCode {
         let code = crate::sandbox::exec::exec_main(&spec.to_string_lossy());
         return ExitCode::from(u8::try_from(code).unwrap_or(255));
     }
+    let mut argv = std::env::args_os().skip(1);
+    if argv.next().as_deref() == Some(std::ffi::OsStr::new(crate::fs::reaper::SUBCOMMAND)) {
+        let args: Vec<_> = argv.collect();
+        return ExitCode::from(u8::try_from(crate::fs::reaper::reap_main(&args)).unwrap_or(1));
+    }
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(

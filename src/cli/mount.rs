@@ -134,6 +134,11 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         mut serving,
         mut unmounter,
     } = fs::mount_and_serve(store, &opts, &mountpoint).await?;
+    // Should this process be killed outright, a helper detaches the mount (best effort).
+    let _reaper = std::env::current_exe()
+        .and_then(|exe| fs::reaper::spawn(&exe, &mountpoint))
+        .map_err(|e| tracing::warn!("a SIGKILL would leave the mount dead: {e}"))
+        .ok();
     // Announce the mount so `granary sandbox` can reuse it (best effort).
     let tree_digest = match &opts_top {
         Top::Tree(node) => node.digest(),

@@ -9,6 +9,7 @@
 
 pub mod chunk_cache;
 pub mod inode;
+pub mod reaper;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -1322,13 +1323,23 @@ fn unescape_mountinfo(s: &str) -> PathBuf {
     PathBuf::from(OsStr::from_bytes(&out))
 }
 
-/// The `major:minor` of the mount at `path`, if `path` is a mount point.
-pub fn mount_device(path: &Path) -> Option<String> {
+/// Field `idx` of the topmost mountinfo line whose mount point is `path`.
+fn mountinfo_field(path: &Path, idx: usize) -> Option<String> {
     let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
     info.lines().rev().find_map(|l| {
         let f: Vec<&str> = l.split(' ').collect();
-        (f.len() > 4 && unescape_mountinfo(f[4]) == path).then(|| f[2].to_string())
+        (f.len() > 4 && unescape_mountinfo(f[4]) == path).then(|| f[idx].to_string())
     })
+}
+
+/// The `major:minor` of the mount at `path`, if `path` is a mount point.
+pub fn mount_device(path: &Path) -> Option<String> {
+    mountinfo_field(path, 2)
+}
+
+/// The kernel's ID of the topmost mount at `path` (unique while it is mounted).
+pub fn mount_id(path: &Path) -> Option<u64> {
+    mountinfo_field(path, 0)?.parse().ok()
 }
 
 /// Whether `path` (absolute, canonical) is a mount point.
