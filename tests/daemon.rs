@@ -259,6 +259,50 @@ async fn seed_store(url: &str, src: &Path) -> (Node, Vec<B3Digest>, Vec<B3Digest
     (node, blobs, chunks)
 }
 
+/// A directory larger than gRPC's default 4 MiB message crosses the wire both ways.
+#[test]
+fn large_directories_cross_the_wire() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(tmp.path(), &[]);
+    let empty = B3Digest::of(b"");
+    let dir = Directory {
+        files: (0..150_000)
+            .map(|i| FileEntry {
+                name: format!("file-{i:07}").into(),
+                digest: bytes::Bytes::copy_from_slice(empty.as_bytes()),
+                size: 0,
+                executable: false,
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let encoded = dir.encode_canonical().len();
+    assert!(
+        encoded > 4 << 20,
+        "only {encoded} bytes: not past the default limit"
+    );
+    rt().block_on(async {
+        let s = store::open(&d.unix_url()).await.unwrap();
+        let digest = s.dirs.put(&dir).await.unwrap();
+        assert_eq!(s.dirs.get(&digest).await.unwrap().unwrap(), dir);
+        s.roots
+            .put(&RootRecord {
+                name: "wide".into(),
+                node: Node::Directory {
+                    digest,
+                    size: dir.size().unwrap(),
+                },
+                nix: None,
+            })
+            .await
+            .unwrap();
+    });
+    // And through the CLI over TCP, from a fresh process.
+    let out = ok(&d.tcp_url(), &["ls", "wide"]);
+    let listed = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert_eq!(listed, 150_000);
+}
+
 #[test]
 fn many_concurrent_clients() {
     let tmp = tempfile::tempdir().unwrap();

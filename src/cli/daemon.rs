@@ -170,7 +170,12 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     let mut sockets = SocketFiles(Vec::new());
     let mut stderr = std::io::stderr();
     for l in listens {
-        let svc = GranaryServer::with_interceptor(daemon.clone(), auth.clone());
+        let svc = tonic::service::interceptor::InterceptedService::new(
+            GranaryServer::new(daemon.clone())
+                .max_decoding_message_size(crate::rpc::MAX_MESSAGE)
+                .max_encoding_message_size(crate::rpc::MAX_MESSAGE),
+            auth.clone(),
+        );
         let mut rx = stop_rx.clone();
         let stop = async move {
             let _ = rx.wait_for(|s| *s).await;

@@ -343,7 +343,9 @@ impl Client {
                     .map_err(unavailable)?
             }
         };
-        let mut api = GranaryClient::with_interceptor(channel, self.inner.bearer.clone());
+        let mut api = GranaryClient::with_interceptor(channel, self.inner.bearer.clone())
+            .max_decoding_message_size(super::MAX_MESSAGE)
+            .max_encoding_message_size(super::MAX_MESSAGE);
         // The handshake is the first call on every connection.
         let resp = api
             .handshake(proto::HandshakeRequest {

@@ -49,6 +49,10 @@ pub mod feature {
 /// frame with its envelope always fits.
 pub const FRAME_BYTES: usize = 1 << 20;
 
+/// Largest gRPC message either side accepts: the largest directory the model allows plus
+/// room for its envelope (tonic's 4 MiB default would refuse large directories).
+pub const MAX_MESSAGE: usize = crate::castore::MAX_DIRECTORY_BYTES + (1 << 20);
+
 /// Largest blob whose bytes a stat answer carries inline.
 pub const MAX_INLINE: u64 = 64 << 10;
 
