@@ -457,13 +457,19 @@ fn inode_table_shrinks_after_kernel_forgets() {
     );
 }
 
-#[test]
-fn sigterm_unmounts_and_exits_zero() {
-    require_fuse!();
+/// A store whose root `r` holds one file, `a`, containing "a".
+fn store_with_one_file() -> TestStore {
     let store = TestStore::new();
     let src = store.dir.path().join("src");
     write(&src.join("a"), b"a", false);
     import_named(&store, &src, "r");
+    store
+}
+
+#[test]
+fn sigterm_unmounts_and_exits_zero() {
+    require_fuse!();
+    let store = store_with_one_file();
     let mut m = Mount::start(&store.url(), &[]);
     // An open file does not keep the mount alive past SIGTERM.
     let _open = std::fs::File::open(m.path().join("r/a")).unwrap();
@@ -510,10 +516,7 @@ fn eventually(mut done: impl FnMut() -> bool) -> bool {
 #[test]
 fn sigkill_leaves_no_dead_mount() {
     require_fuse!();
-    let store = TestStore::new();
-    let src = store.dir.path().join("src");
-    write(&src.join("a"), b"a", false);
-    import_named(&store, &src, "r");
+    let store = store_with_one_file();
     let mut m = Mount::start(&store.url(), &[]);
     assert_eq!(std::fs::read(m.path().join("r/a")).unwrap(), b"a");
     assert_eq!(reapers_of(m.path()).len(), 1, "one helper per mount");
@@ -540,10 +543,7 @@ fn sigkill_leaves_no_dead_mount() {
 #[test]
 fn sigterm_while_mounting_leaves_no_mount() {
     require_fuse!();
-    let store = TestStore::new();
-    let src = store.dir.path().join("src");
-    write(&src.join("a"), b"a", false);
-    import_named(&store, &src, "r");
+    let store = store_with_one_file();
     let bin = granary_bin();
     // Delays that sweep across start-up (a debug build takes longer to come up); each run
     // has its own mount point.
