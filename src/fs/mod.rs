@@ -54,7 +54,7 @@ const SIBLING_PREFETCH: usize = 16;
 const LISTING_PREFETCH: usize = 4;
 /// Directories loaded ahead of a walk per listing.
 const VIEW_PREFETCH: usize = 1024;
-/// Child directories loaded at once for readdirplus.
+/// Roots looked up at once when listing the top level.
 const DIR_CONCURRENCY: usize = 32;
 /// Bytes of decoded directories kept beyond the live inodes that hold them.
 const DIR_CACHE_BYTES: usize = 64 << 20;
