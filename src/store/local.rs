@@ -369,25 +369,15 @@ impl LocalStore {
         let Some(mut f) = self.open_object(path)? else {
             return Ok(None);
         };
-        // Read without File::read_to_end's size probe (an fstat and an lseek per object):
-        // most objects fit the first buffer.
+        // Through `Take`, read_to_end fills the buffer's spare room directly, without
+        // File's size probe (an fstat and an lseek per object); most objects fit the first
+        // buffer.
         let mut buf = Vec::with_capacity(OBJECT_READ_BUF);
-        loop {
-            if buf.len() == buf.capacity() {
-                buf.reserve(buf.capacity());
-            }
-            let len = buf.len();
-            buf.resize(buf.capacity(), 0);
-            match f.read(&mut buf[len..]) {
-                Ok(0) => {
-                    buf.truncate(len);
-                    return Ok(Some(buf));
-                }
-                Ok(n) => buf.truncate(len + n),
-                Err(e) if e.kind() == ErrorKind::Interrupted => buf.truncate(len),
-                Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
-            }
-        }
+        (&mut f)
+            .take(u64::MAX)
+            .read_to_end(&mut buf)
+            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        Ok(Some(buf))
     }
 
     /// For a put: true if the object is already stored (its mtime is refreshed, so a
