@@ -187,6 +187,22 @@ thread_local! {
     /// One zstd decompression context per thread, made on first use.
     static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
         const { std::cell::RefCell::new(None) };
+    /// One compression context per thread, with the level it was made for.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses a chunk as stored (one zstd frame carrying its content size), with a per-thread
+/// context: making a context per chunk costs more than compressing a small chunk.
+pub fn encode_chunk(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let cctx = match &mut *c {
+            Some((l, cctx)) if *l == level => cctx,
+            _ => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        cctx.compress(data)
+    })
 }
 
 /// Checks that encoded object bytes hash to the digest they are stored under.
@@ -430,7 +446,7 @@ impl LocalStore {
         if self.reuse(&path)? {
             return Ok(());
         }
-        let compressed = zstd::bulk::compress(data, self.config.zstd_level)
+        let compressed = encode_chunk(data, self.config.zstd_level)
             .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))?;
         self.stage(path, &compressed)
     }

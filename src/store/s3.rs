@@ -593,7 +593,7 @@ impl BlobService for S3Store {
                     format!("content hashes to {actual}"),
                 ));
             }
-            zstd::bulk::compress(&data, level)
+            super::local::encode_chunk(&data, level)
                 .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))
         })
         .await
