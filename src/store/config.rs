@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::chunking::ChunkParams;
 
-/// The store format this build writes and understands.
-pub const FORMAT_VERSION: u32 = 1;
+/// The store format this build writes and understands: 1 = one file per object, 2 = objects
+/// may also be in pack files (`packs/`), which a format-1 granary would not see.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoreConfig {
@@ -14,6 +15,10 @@ pub struct StoreConfig {
     pub chunking: ChunkParams,
     /// zstd level for stored chunks.
     pub zstd_level: i32,
+    /// Whether a local store writes new objects into pack files (format 2) rather than one
+    /// file per object (format 1; absent in format-1 configs).
+    #[serde(default)]
+    pub packs: bool,
 }
 
 impl Default for StoreConfig {
@@ -22,11 +27,21 @@ impl Default for StoreConfig {
             format_version: FORMAT_VERSION,
             chunking: ChunkParams::default(),
             zstd_level: 3,
+            packs: true,
         }
     }
 }
 
 impl StoreConfig {
+    /// One file per object (format 1), as stores made before packs existed.
+    pub fn loose() -> Self {
+        Self {
+            format_version: 1,
+            packs: false,
+            ..Self::default()
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         // Serializing plain integers cannot fail.
         toml::to_string(self).unwrap_or_default()
@@ -46,6 +61,9 @@ impl StoreConfig {
         }
         let c: StoreConfig = toml::from_str(text).map_err(|e| format!("unreadable: {e}"))?;
         c.chunking.validate().map_err(|e| e.to_string())?;
+        if c.packs && c.format_version < 2 {
+            return Err("packs need format version 2".into());
+        }
         if !(1..=22).contains(&c.zstd_level) {
             return Err(format!("zstd_level {} is not in 1..=22", c.zstd_level));
         }
@@ -63,10 +81,18 @@ mod tests {
         assert_eq!(StoreConfig::from_toml(&c.to_toml()).unwrap(), c);
         let newer = c
             .to_toml()
-            .replace("format_version = 1", "format_version = 2");
+            .replace("format_version = 2", "format_version = 3");
         let e = StoreConfig::from_toml(&newer).unwrap_err();
         assert!(e.contains("newer"), "{e}");
         let bad = c.to_toml().replace("min = 16384", "min = 1");
         assert!(StoreConfig::from_toml(&bad).is_err());
+        // A format-1 config (no `packs` key) reads as a loose store.
+        let old = StoreConfig::loose()
+            .to_toml()
+            .replace("packs = false\n", "");
+        assert!(!old.contains("packs"));
+        assert_eq!(StoreConfig::from_toml(&old).unwrap(), StoreConfig::loose());
+        let e = StoreConfig::from_toml(&old.replace("zstd_level", "packs = true\nzstd_level"));
+        assert!(e.unwrap_err().contains("format version 2"));
     }
 }

@@ -2,12 +2,16 @@
 //!
 //! ```text
 //! config.toml        chunking parameters, compression, format version
+//! packs/<id>.pack    objects written together (format 2; see [`super::pack`])
+//! packs/<id>.idx     where each object of the pack is
 //! chunks/ab/abcd..   zstd-compressed chunk, named by blake3 of the uncompressed bytes
 //! blobs/ab/abcd..    blob index (multi-chunk blobs only)
 //! dirs/ab/abcd..     directory protobuf
 //! roots/<name>       root record
 //! ```
 //!
+//! A store created with `packs = true` (the default since format 2) writes new objects into
+//! pack files; a format-1 store writes one file per object. Both are read either way.
 //! Objects are immutable: written to a temp file in the target directory, made durable, then
 //! renamed into place, so a crash never leaves a partial object under a final name, and two
 //! processes writing the same object both succeed. Disk I/O runs on tokio's blocking pool.
@@ -29,6 +33,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 pub use super::ObjectKind as Kind;
+use super::pack::{self, IndexEntry, PackSet, PackWriter};
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,
     Maintenance, ObjectInfo, Result, RootService, Store, StoreConfig, StoreError, Usage,
@@ -54,6 +59,9 @@ const STAGE_MAX_OBJECTS: usize = 50_000;
 #[derive(Default)]
 struct Staged {
     objects: HashMap<PathBuf, tempfile::TempPath>,
+    /// The pack being written (packed stores), and what it holds so far.
+    pack: Option<PackWriter>,
+    packed: HashMap<(Kind, B3Digest), IndexEntry>,
     bytes: u64,
     /// Whether this process ever staged an object (a reader never does, so it can trust a
     /// first "not found").
@@ -66,6 +74,10 @@ pub struct LocalStore {
     root: Arc<PathBuf>,
     config: StoreConfig,
     staged: Arc<Mutex<Staged>>,
+    packs: Arc<PackSet>,
+    /// Packed objects a gc found collectable, with that gc's cutoff; removed by repacking at
+    /// the sweep that ends the same gc.
+    pending: Arc<Mutex<HashMap<(Kind, B3Digest), SystemTime>>>,
 }
 
 impl std::fmt::Debug for LocalStore {
@@ -257,7 +269,7 @@ impl LocalStore {
                         let n = e.file_name();
                         let n = n.to_string_lossy();
                         !(n.starts_with(TMP_PREFIX)
-                            || ["config.toml", "chunks", "blobs", "dirs", "roots"]
+                            || ["config.toml", "chunks", "blobs", "dirs", "roots", pack::PACK_DIR]
                                 .contains(&n.as_ref()))
                     }),
                     Err(_) => false,
@@ -282,23 +294,55 @@ impl LocalStore {
             }
             Err(e) => return Err(bad(format!("{}: {e}", cfg_path.display()))),
         };
-        for sub in ["chunks", "blobs", "dirs", "roots"] {
+        let subs: &[&str] = if config.packs {
+            &["roots", pack::PACK_DIR]
+        } else {
+            &["chunks", "blobs", "dirs", "roots"]
+        };
+        for sub in subs {
             std::fs::create_dir_all(path.join(sub))
                 .map_err(|e| bad(format!("cannot create {sub}/: {e}")))?;
         }
+        let packs = PackSet::new(path.join(pack::PACK_DIR));
+        packs.refresh(true)?;
         Ok(LocalStore {
             root: Arc::new(path.to_path_buf()),
             config,
             staged: Arc::default(),
+            packs: Arc::new(packs),
+            pending: Arc::default(),
         })
     }
 
-    /// Writes an object to a temp file beside its final path, to be made durable and renamed
-    /// by the next flush. An object already in place or already staged is left alone.
-    fn stage(&self, path: PathBuf, data: &[u8]) -> Result<()> {
-        if self.reuse(&path)? {
+    /// Stages an object for the next flush: appended to this process's pack (packed stores),
+    /// or written to a temp file beside its final path. An object already stored or already
+    /// staged is left alone.
+    fn stage(&self, kind: Kind, digest: &B3Digest, data: &[u8]) -> Result<()> {
+        if self.reuse(kind, digest)? {
             return Ok(());
         }
+        if self.config.packs {
+            let full = {
+                let mut st = self.lock_staged()?;
+                if st.packed.contains_key(&(kind, *digest)) {
+                    return Ok(());
+                }
+                let writer = match &mut st.pack {
+                    Some(w) => w,
+                    None => st.pack.insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
+                };
+                let e = writer.append(kind, *digest, data)?;
+                let bytes = writer.bytes();
+                st.packed.insert((kind, *digest), e);
+                st.ever = true;
+                bytes >= STAGE_MAX_BYTES || st.packed.len() >= STAGE_MAX_OBJECTS
+            };
+            if full {
+                self.flush_blocking()?;
+            }
+            return Ok(());
+        }
+        let path = self.object_path(kind, digest);
         let mut tmp = temp_beside(&path)?;
         tmp.write_all(data)
             .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
@@ -329,6 +373,14 @@ impl LocalStore {
     /// the renames durable (a second `syncfs`).
     pub fn flush_blocking(&self) -> Result<()> {
         let mut st = self.lock_staged()?;
+        if let Some(writer) = st.pack.take() {
+            if !writer.is_empty() {
+                let entries = writer.entries().to_vec();
+                let id = writer.commit(TMP_PREFIX)?;
+                self.packs.add(&id, &entries)?;
+            }
+            st.packed.clear();
+        }
         if st.objects.is_empty() {
             return Ok(());
         }
@@ -381,44 +433,117 @@ impl LocalStore {
         }
     }
 
-    fn read_object_bytes(&self, path: &Path) -> Result<Option<Vec<u8>>> {
+    fn read_loose(&self, path: &Path, prefix: Option<usize>) -> Result<Option<Vec<u8>>> {
         let Some(mut f) = self.open_object(path)? else {
             return Ok(None);
         };
+        let ctx = |e| StoreError::io(format!("reading {}", path.display()), e);
+        if let Some(n) = prefix {
+            let mut buf = vec![0u8; n];
+            let got = read_up_to(&mut f, &mut buf).map_err(ctx)?;
+            buf.truncate(got);
+            return Ok(Some(buf));
+        }
         // Through `Take`, read_to_end fills the buffer's spare room directly, without
         // File's size probe (an fstat and an lseek per object); most objects fit the first
         // buffer.
         let mut buf = Vec::with_capacity(OBJECT_READ_BUF);
-        (&mut f)
-            .take(u64::MAX)
-            .read_to_end(&mut buf)
-            .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+        (&mut f).take(u64::MAX).read_to_end(&mut buf).map_err(ctx)?;
         Ok(Some(buf))
     }
 
-    /// For a put: true if the object is already stored (its mtime is refreshed, so a
-    /// concurrent gc's grace period protects it) or staged by this process.
-    fn reuse(&self, path: &Path) -> Result<bool> {
-        if self.lock_staged()?.objects.contains_key(path) {
-            return Ok(true);
+    /// An object's stored bytes (the first `prefix` bytes only, if given), from a pack, this
+    /// process's unflushed pack, or its own file; `None` if absent.
+    fn read_object_bytes(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        prefix: Option<usize>,
+    ) -> Result<Option<Vec<u8>>> {
+        if let Some(b) = self.read_packed(kind, digest, prefix)? {
+            return Ok(Some(b));
         }
-        // One utimensat both tests existence and refreshes the time.
-        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
-            .map_err(|_| StoreError::Backend(format!("{} contains NUL", path.display())))?;
-        // SAFETY: `c` is a valid NUL-terminated path; a null `times` means "now".
-        let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) };
-        if rc == 0 {
-            return Ok(true);
+        if self.config.packs {
+            let st = self.lock_staged()?;
+            if let (Some(e), Some(w)) = (st.packed.get(&(kind, *digest)), &st.pack) {
+                let mut e = *e;
+                if let Some(n) = prefix {
+                    e.len = e.len.min(n as u32);
+                }
+                return w.read(&e).map(Some);
+            }
         }
-        let e = std::io::Error::last_os_error();
-        match e.kind() {
-            ErrorKind::NotFound => Ok(false),
-            _ => Err(StoreError::io(format!("touching {}", path.display()), e)),
+        if let Some(b) = self.read_loose(&self.object_path(kind, digest), prefix)? {
+            return Ok(Some(b));
         }
+        // Another process may have committed a pack (or a gc replaced one) since we looked.
+        if (self.config.packs || !self.packs.is_empty()) && self.packs.refresh(false)? {
+            return self.read_packed(kind, digest, prefix);
+        }
+        Ok(None)
     }
 
-    fn object_exists(&self, path: &Path) -> Result<bool> {
-        Ok(path.exists() || self.lock_staged()?.objects.contains_key(path))
+    /// Reads an object from the known packs; rescans once if its pack has gone (a gc
+    /// replaced it).
+    fn read_packed(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        prefix: Option<usize>,
+    ) -> Result<Option<Vec<u8>>> {
+        for attempt in 0..2 {
+            let Some(loc) = self.packs.lookup(kind, digest) else {
+                return Ok(None);
+            };
+            if let Some(b) = self.packs.read(&loc, prefix)? {
+                return Ok(Some(b));
+            }
+            if attempt == 0 {
+                self.packs.refresh(true)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// For a put: true if the object is already stored (its mtime, or its pack's, is
+    /// refreshed, so a concurrent gc's grace period protects it) or staged by this process.
+    fn reuse(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {
+        if self.config.packs {
+            if self.lock_staged()?.packed.contains_key(&(kind, *digest)) {
+                return Ok(true);
+            }
+            if let Some(path) = self
+                .packs
+                .lookup(kind, digest)
+                .and_then(|loc| self.packs.path_of(&loc))
+            {
+                // A pack a gc has moved aside is not there to touch: write the object again.
+                return touch(&path);
+            }
+            return Ok(false);
+        }
+        let path = self.object_path(kind, digest);
+        if self.lock_staged()?.objects.contains_key(&path) {
+            return Ok(true);
+        }
+        touch(&path)
+    }
+
+    fn object_exists(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {
+        if self.packs.lookup(kind, digest).is_some() {
+            return Ok(true);
+        }
+        let path = self.object_path(kind, digest);
+        {
+            let st = self.lock_staged()?;
+            if st.packed.contains_key(&(kind, *digest)) || st.objects.contains_key(&path) {
+                return Ok(true);
+            }
+        }
+        if path.exists() {
+            return Ok(true);
+        }
+        Ok(self.packs.refresh(false)? && self.packs.lookup(kind, digest).is_some())
     }
 
     pub fn path(&self) -> &Path {
@@ -442,24 +567,23 @@ impl LocalStore {
 
     /// Stores a chunk from a blocking context (the import pipeline's worker threads).
     pub fn put_chunk_blocking(&self, digest: &B3Digest, data: &[u8]) -> Result<()> {
-        let path = self.object_path(Kind::Chunk, digest);
-        if self.reuse(&path)? {
+        if self.reuse(Kind::Chunk, digest)? {
             return Ok(());
         }
         let compressed = encode_chunk(data, self.config.zstd_level)
             .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))?;
-        self.stage(path, &compressed)
+        self.stage(Kind::Chunk, digest, &compressed)
     }
 
     fn read_chunk_blocking(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
-        let Some(raw) = self.read_object_bytes(&self.object_path(Kind::Chunk, digest))? else {
+        let Some(raw) = self.read_object_bytes(Kind::Chunk, digest, None)? else {
             return Ok(None);
         };
         decode_chunk(digest, &raw).map(Some)
     }
 
     fn read_object(&self, kind: Kind, digest: &B3Digest) -> Result<Option<Vec<u8>>> {
-        let Some(raw) = self.read_object_bytes(&self.object_path(kind, digest))? else {
+        let Some(raw) = self.read_object_bytes(kind, digest, None)? else {
             return Ok(None);
         };
         check_digest(kind, digest, &raw)?;
@@ -484,16 +608,21 @@ impl LocalStore {
         }
         // Most blobs are one chunk, so look for that first. A chunk stored under the blob's
         // digest holds exactly the blob's bytes, so the two looks cannot disagree.
-        let path = self.object_path(Kind::Chunk, blob);
-        let mut header = [0u8; 18];
-        let n = match self.open_object(&path)? {
-            Some(mut f) => read_up_to(&mut f, &mut header)
-                .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?,
+        // In a packed store both looks are in memory: skip the chunk look (and its
+        // rescan of the packs on a miss) when the index is known.
+        let header = if self.packs.lookup(Kind::BlobIndex, blob).is_some()
+            && self.packs.lookup(Kind::Chunk, blob).is_none()
+        {
+            None
+        } else {
+            self.read_object_bytes(Kind::Chunk, blob, Some(18))?
+        };
+        let header = match header {
+            Some(h) => h,
             None => {
                 // The index is named by the blob digest, which is not the hash of the index
                 // bytes, so it is validated structurally here; chunk reads verify the bytes.
-                let index = self.object_path(Kind::BlobIndex, blob);
-                let Some(raw) = self.read_object_bytes(&index)? else {
+                let Some(raw) = self.read_object_bytes(Kind::BlobIndex, blob, None)? else {
                     return Ok(None);
                 };
                 let idx = BlobIndex::decode_valid(&raw)
@@ -501,7 +630,7 @@ impl LocalStore {
                 return BlobMeta::from_index(&idx).map(Some);
             }
         };
-        let size = match zstd::zstd_safe::get_frame_content_size(&header[..n]) {
+        let size = match zstd::zstd_safe::get_frame_content_size(&header) {
             Ok(Some(s)) if s as usize <= MAX_CHUNK => s,
             _ => {
                 // No size in the header: decode it (verifies too).
@@ -558,11 +687,80 @@ impl LocalStore {
                 }
             }
         }
+        self.packs.refresh(false)?;
+        for kind in Kind::ALL {
+            for (e, _) in self.packs.objects(kind) {
+                u.stored_bytes += e.len as u64;
+                match kind {
+                    Kind::Chunk => {
+                        u.chunks += 1;
+                        let header = self.read_packed(kind, &e.digest, Some(18))?;
+                        if let Ok(Some(s)) =
+                            zstd::zstd_safe::get_frame_content_size(header.as_deref().unwrap_or(&[]))
+                        {
+                            u.chunk_bytes += s;
+                        }
+                    }
+                    Kind::BlobIndex => u.blob_indexes += 1,
+                    Kind::Directory => u.directories += 1,
+                }
+            }
+        }
         u.roots = read_dir_names(&self.root.join("roots"))?
             .iter()
             .filter(|n| !n.starts_with(TMP_PREFIX))
             .count() as u64;
         Ok(u)
+    }
+}
+
+/// Refreshes a file's mtime; false if it does not exist. One utimensat both tests existence
+/// and refreshes the time.
+fn touch(path: &Path) -> Result<bool> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|_| StoreError::Backend(format!("{} contains NUL", path.display())))?;
+    // SAFETY: `c` is a valid NUL-terminated path; a null `times` means "now".
+    let rc = unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), std::ptr::null(), 0) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    match e.kind() {
+        ErrorKind::NotFound => Ok(false),
+        _ => Err(StoreError::io(format!("touching {}", path.display()), e)),
+    }
+}
+
+/// A file's mtime, `None` if it does not exist.
+fn modified(p: &Path) -> Result<Option<SystemTime>> {
+    match std::fs::metadata(p) {
+        Ok(m) => Ok(Some(m.modified().unwrap_or(SystemTime::now()))),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(StoreError::io(format!("stat {}", p.display()), e)),
+    }
+}
+
+fn remove_if_present(p: &Path) -> Result<()> {
+    match std::fs::remove_file(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(StoreError::io(format!("removing {}", p.display()), e)),
+    }
+}
+
+/// Checks an object's stored bytes as a read would.
+fn verify_stored(kind: Kind, digest: &B3Digest, raw: &[u8]) -> Result<()> {
+    match kind {
+        Kind::Chunk => decode_chunk(digest, raw).map(drop),
+        Kind::Directory => {
+            check_digest(kind, digest, raw)?;
+            Directory::decode_valid(raw)
+                .map(drop)
+                .map_err(|e| StoreError::corrupt("directory", digest, e.to_string()))
+        }
+        Kind::BlobIndex => BlobIndex::decode_valid(raw)
+            .map(drop)
+            .map_err(|e| StoreError::corrupt("blob index", digest, e.to_string())),
     }
 }
 
@@ -608,8 +806,8 @@ impl BlobService for LocalStore {
     }
 
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
-        let (s, path) = (self.clone(), self.object_path(Kind::Chunk, chunk));
-        blocking(move || s.object_exists(&path)).await
+        let (s, d) = (self.clone(), *chunk);
+        blocking(move || s.object_exists(Kind::Chunk, &d)).await
     }
 
     /// Reads the batch in groups of about [`BATCH_GROUP_BYTES`], each on one blocking
@@ -646,9 +844,9 @@ impl BlobService for LocalStore {
 
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
         index.validate()?;
-        let (s, path) = (self.clone(), self.object_path(Kind::BlobIndex, &blob));
+        let s = self.clone();
         let bytes = prost::Message::encode_to_vec(index);
-        blocking(move || s.stage(path, &bytes)).await
+        blocking(move || s.stage(Kind::BlobIndex, &blob, &bytes)).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -683,14 +881,14 @@ impl DirectoryService for LocalStore {
         check_children(self, dir).await?;
         let bytes = dir.encode_canonical();
         let digest = B3Digest::of(&bytes);
-        let (s, path) = (self.clone(), self.object_path(Kind::Directory, &digest));
-        blocking(move || s.stage(path, &bytes)).await?;
+        let s = self.clone();
+        blocking(move || s.stage(Kind::Directory, &digest, &bytes)).await?;
         Ok(digest)
     }
 
     async fn has(&self, digest: &B3Digest) -> Result<bool> {
-        let (s, path) = (self.clone(), self.object_path(Kind::Directory, digest));
-        blocking(move || s.object_exists(&path)).await
+        let (s, d) = (self.clone(), *digest);
+        blocking(move || s.object_exists(Kind::Directory, &d)).await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -760,6 +958,33 @@ impl RootService for LocalStore {
 }
 
 impl LocalStore {
+    /// Removes a pack without an index or an index without its pack (an interrupted commit
+    /// or gc), older than `cutoff`.
+    fn sweep_orphan_packs(&self, cutoff: SystemTime) -> Result<u64> {
+        let dir = self.packs.dir();
+        let names = read_dir_names(dir)?;
+        let have: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut n = 0;
+        for name in &names {
+            let (id, other) = if let Some(id) = name.strip_suffix(".pack") {
+                (id, format!("{id}.idx"))
+            } else if let Some(id) = name.strip_suffix(".idx") {
+                (id, format!("{id}.pack"))
+            } else {
+                continue;
+            };
+            if !pack::is_id(id) || have.contains(other.as_str()) {
+                continue;
+            }
+            let p = dir.join(name);
+            if modified(&p)?.is_some_and(|t| t < cutoff) {
+                remove_if_present(&p)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     fn list_blocking(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
         let top = self.root.join(kind.dir());
         let mut out = Vec::new();
@@ -783,13 +1008,158 @@ impl LocalStore {
                 });
             }
         }
+        // Packed objects carry their pack's time: a put that reuses one refreshes the pack.
+        self.packs.refresh(true)?;
+        if let Some((id, reason)) = self.packs.bad().into_iter().next() {
+            return Err(StoreError::Corrupt {
+                what: "pack index",
+                digest: id,
+                reason,
+            });
+        }
+        let loose: std::collections::HashSet<B3Digest> = out.iter().map(|o| o.digest).collect();
+        let mut times: HashMap<String, SystemTime> = HashMap::new();
+        for (e, id) in self.packs.objects(kind) {
+            if loose.contains(&e.digest) {
+                continue;
+            }
+            let modified = match times.get(&id) {
+                Some(t) => *t,
+                None => {
+                    let t = std::fs::metadata(self.packs.pack_path(&id))
+                        .and_then(|m| m.modified())
+                        .unwrap_or(SystemTime::now());
+                    times.insert(id, t);
+                    t
+                }
+            };
+            out.push(ObjectInfo {
+                kind,
+                digest: e.digest,
+                stored_bytes: e.len as u64,
+                modified,
+            });
+        }
         Ok(out)
+    }
+
+    /// Marks a packed object for removal at this gc's sweep, if its pack is older than
+    /// `cutoff`. Returns whether it was marked.
+    fn mark_packed(&self, kind: Kind, digest: &B3Digest, cutoff: SystemTime) -> Result<bool> {
+        let Some(path) = self
+            .packs
+            .lookup(kind, digest)
+            .and_then(|loc| self.packs.path_of(&loc))
+        else {
+            return Ok(false);
+        };
+        let old = match modified(&path)? {
+            Some(t) => t < cutoff,
+            None => false,
+        };
+        if old {
+            self.pending
+                .lock()
+                .map_err(|_| StoreError::Backend("gc lock poisoned".into()))?
+                .insert((kind, *digest), cutoff);
+        }
+        Ok(old)
+    }
+
+    /// Rewrites every pack holding one of `dead` without it, keeping the rest (each object
+    /// verified on the way: a corrupt one is dropped, never copied). With a `cutoff`, a pack
+    /// modified at or after it is left whole — checked before and again after moving it aside,
+    /// since a put that reuses an object refreshes its pack's time. Returns how many objects
+    /// were removed.
+    fn repack(
+        &self,
+        dead: &std::collections::HashSet<(Kind, B3Digest)>,
+        cutoff: Option<SystemTime>,
+    ) -> Result<u64> {
+        self.packs.refresh(true)?;
+        let young = |p: &Path| -> Result<Option<bool>> {
+            Ok(match (modified(p)?, cutoff) {
+                (None, _) => None,
+                (Some(t), Some(c)) => Some(t >= c),
+                (Some(_), None) => Some(false),
+            })
+        };
+        let mut removed = 0;
+        for id in self.packs.ids() {
+            let entries = match self.packs.entries_of(&id) {
+                Ok(e) => e,
+                Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
+                    continue
+                }
+                Err(e) => return Err(e),
+            };
+            let dropped = entries
+                .iter()
+                .filter(|e| dead.contains(&(e.kind, e.digest)))
+                .count() as u64;
+            let path = self.packs.pack_path(&id);
+            if dropped == 0 || young(&path)? != Some(false) {
+                continue;
+            }
+            let file = match std::fs::File::open(&path) {
+                Ok(f) => f,
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
+            };
+            let mut writer: Option<PackWriter> = None;
+            for e in entries.iter().filter(|e| !dead.contains(&(e.kind, e.digest))) {
+                let raw = pack::read_at(&file, &path, e)?;
+                if let Err(err) = verify_stored(e.kind, &e.digest, &raw) {
+                    tracing::warn!("dropping {err} while rewriting pack {id}");
+                    continue;
+                }
+                let w = match &mut writer {
+                    Some(w) => w,
+                    None => writer.insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
+                };
+                w.append(e.kind, e.digest, &raw)?;
+            }
+            let new_id = writer.map(|w| w.commit(TMP_PREFIX)).transpose()?;
+            let aside = self.packs.dir().join(format!("{TMP_PREFIX}gc-{id}.pack"));
+            match std::fs::rename(&path, &aside) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::io(format!("moving {}", path.display()), e)),
+            }
+            if young(&aside)? == Some(true) {
+                std::fs::rename(&aside, &path)
+                    .map_err(|e| StoreError::io(format!("restoring {}", path.display()), e))?;
+                if let Some(n) = new_id {
+                    remove_if_present(&self.packs.index_path(&n))?;
+                    remove_if_present(&self.packs.pack_path(&n))?;
+                }
+                continue;
+            }
+            remove_if_present(&self.packs.index_path(&id))?;
+            remove_if_present(&aside)?;
+            removed += dropped;
+        }
+        self.packs.refresh(true)?;
+        Ok(removed)
     }
 
     /// Moves the object aside, re-checks its age (a put may have refreshed it in between),
     /// then deletes it or puts it back. A put that touches it after the move finds it gone
     /// and writes it again.
     fn delete_if_older_blocking(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        cutoff: SystemTime,
+    ) -> Result<bool> {
+        let loose = self.delete_loose_if_older(kind, digest, cutoff)?;
+        // A packed copy goes when the sweep rewrites its pack; counted as deleted now (the
+        // sweep keeps it after all only if a put reuses it in between).
+        let packed = self.mark_packed(kind, digest, cutoff)?;
+        Ok(loose || packed)
+    }
+
+    fn delete_loose_if_older(
         &self,
         kind: Kind,
         digest: &B3Digest,
@@ -823,12 +1193,28 @@ impl LocalStore {
     }
 
     fn sweep_temp_blocking(&self, cutoff: SystemTime) -> Result<u64> {
-        let mut dirs = vec![self.root.to_path_buf(), self.root.join("roots")];
+        // The packed objects this gc marked (entries of an earlier, interrupted gc carry
+        // another cutoff and are dropped: what they named may be reachable again).
+        let dead: std::collections::HashSet<(Kind, B3Digest)> = {
+            let mut p = self
+                .pending
+                .lock()
+                .map_err(|_| StoreError::Backend("gc lock poisoned".into()))?;
+            p.drain().filter(|(_, c)| *c == cutoff).map(|(k, _)| k).collect()
+        };
+        if !dead.is_empty() {
+            self.repack(&dead, Some(cutoff))?;
+        }
+        let mut n = self.sweep_orphan_packs(cutoff)?;
+        let mut dirs = vec![
+            self.root.to_path_buf(),
+            self.root.join("roots"),
+            self.packs.dir().to_path_buf(),
+        ];
         for kind in Kind::ALL {
             let top = self.root.join(kind.dir());
             dirs.extend(read_dir_names(&top)?.into_iter().map(|f| top.join(f)));
         }
-        let mut n = 0;
         for dir in dirs {
             for name in read_dir_names(&dir)? {
                 if !name.starts_with(TMP_PREFIX) {
@@ -870,11 +1256,13 @@ impl Maintenance for LocalStore {
     }
 
     async fn remove(&self, kind: Kind, digest: &B3Digest) -> Result<()> {
-        let path = self.object_path(kind, digest);
-        blocking(move || match std::fs::remove_file(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(StoreError::io(format!("removing {}", path.display()), e)),
+        let (s, d) = (self.clone(), *digest);
+        blocking(move || {
+            remove_if_present(&s.object_path(kind, &d))?;
+            if s.packs.lookup(kind, &d).is_some() {
+                s.repack(&[(kind, d)].into_iter().collect(), None)?;
+            }
+            Ok(())
         })
         .await
     }

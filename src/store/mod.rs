@@ -19,6 +19,7 @@ pub mod cache;
 pub mod config;
 pub mod local;
 pub mod memory;
+pub mod pack;
 pub mod reader;
 pub mod remote;
 pub mod s3;

@@ -1,0 +1,550 @@
+//! Pack files: many objects in one file, so an import creates a handful of files instead of
+//! one per object (on ext4, allocating an inode cost more than chunking, hashing and
+//! compressing the object put together).
+//!
+//! ```text
+//! packs/<id>.pack   "GRNPACK1", then the objects' stored bytes back to back (a chunk is its
+//!                   zstd frame, a directory or blob index its protobuf: the bytes a loose
+//!                   object file would hold)
+//! packs/<id>.idx    "GRNIDX01", u64 count, count × (u8 kind, 32-byte digest, u64 offset,
+//!                   u32 length), then blake3 of everything before it
+//! ```
+//!
+//! All integers little-endian. `<id>` is 16 hex digits of creation time in nanoseconds and 8
+//! random hex digits, so ids sort by age and a later copy of an object wins. A pack is written
+//! as a temp file, made durable and renamed; its index is written the same way after it. The
+//! index is the commit point: a pack without one is a leftover that gc sweeps. Objects in a
+//! pack are verified when read, exactly as loose objects are.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use super::{ObjectKind, Result, StoreError};
+use crate::castore::B3Digest;
+
+pub const PACK_DIR: &str = "packs";
+pub const PACK_MAGIC: &[u8; 8] = b"GRNPACK1";
+const INDEX_MAGIC: &[u8; 8] = b"GRNIDX01";
+const ENTRY_BYTES: usize = 1 + 32 + 8 + 4;
+const INDEX_OVERHEAD: usize = 8 + 8 + 32;
+
+/// Where one object lives inside a pack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IndexEntry {
+    pub kind: ObjectKind,
+    pub digest: B3Digest,
+    pub offset: u64,
+    pub len: u32,
+}
+
+fn kind_code(kind: ObjectKind) -> u8 {
+    match kind {
+        ObjectKind::Chunk => 0,
+        ObjectKind::BlobIndex => 1,
+        ObjectKind::Directory => 2,
+    }
+}
+
+fn kind_of(code: u8) -> Option<ObjectKind> {
+    match code {
+        0 => Some(ObjectKind::Chunk),
+        1 => Some(ObjectKind::BlobIndex),
+        2 => Some(ObjectKind::Directory),
+        _ => None,
+    }
+}
+
+/// A new pack id: creation time first, so ids sort oldest first.
+pub fn new_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    format!("{nanos:016x}{:08x}", rand::random::<u32>())
+}
+
+/// Whether `id` has the shape [`new_id`] gives (so names of strangers are ignored).
+pub fn is_id(id: &str) -> bool {
+    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+}
+
+pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(INDEX_OVERHEAD + entries.len() * ENTRY_BYTES);
+    out.extend_from_slice(INDEX_MAGIC);
+    out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for e in entries {
+        out.push(kind_code(e.kind));
+        out.extend_from_slice(e.digest.as_bytes());
+        out.extend_from_slice(&e.offset.to_le_bytes());
+        out.extend_from_slice(&e.len.to_le_bytes());
+    }
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
+}
+
+/// Parses and checks an index: magic, length, checksum, kinds, and every entry inside a pack
+/// of `pack_len` bytes. `id` names the pack in errors.
+pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntry>> {
+    let bad = |reason: String| StoreError::Corrupt {
+        what: "pack index",
+        digest: id.to_string(),
+        reason,
+    };
+    if raw.len() < INDEX_OVERHEAD || &raw[..8] != INDEX_MAGIC {
+        return Err(bad("not a granary pack index".into()));
+    }
+    let (body, sum) = raw.split_at(raw.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(bad("checksum mismatch".into()));
+    }
+    let count = u64::from_le_bytes(body[8..16].try_into().unwrap_or_default());
+    // The count is checked against the bytes present before anything is allocated from it.
+    let expect = (raw.len() - INDEX_OVERHEAD) / ENTRY_BYTES;
+    if (raw.len() - INDEX_OVERHEAD) % ENTRY_BYTES != 0 || count != expect as u64 {
+        return Err(bad(format!(
+            "says {count} entries but holds {} bytes",
+            raw.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(expect);
+    for rec in body[16..].chunks_exact(ENTRY_BYTES) {
+        let kind = kind_of(rec[0]).ok_or_else(|| bad(format!("unknown kind {}", rec[0])))?;
+        let digest = B3Digest::try_from(&rec[1..33]).map_err(|e| bad(e.to_string()))?;
+        let offset = u64::from_le_bytes(rec[33..41].try_into().unwrap_or_default());
+        let len = u32::from_le_bytes(rec[41..45].try_into().unwrap_or_default());
+        if offset < PACK_MAGIC.len() as u64 || offset.saturating_add(len as u64) > pack_len {
+            return Err(bad(format!(
+                "{} {digest} at {offset}+{len} lies outside the pack ({pack_len} bytes)",
+                kind.what()
+            )));
+        }
+        out.push(IndexEntry {
+            kind,
+            digest,
+            offset,
+            len,
+        });
+    }
+    Ok(out)
+}
+
+/// A pack being written: a temp file in `packs/`, committed by [`PackWriter::commit`].
+pub struct PackWriter {
+    dir: PathBuf,
+    file: tempfile::NamedTempFile,
+    len: u64,
+    entries: Vec<IndexEntry>,
+}
+
+impl PackWriter {
+    pub fn new(dir: &Path, tmp_prefix: &str) -> Result<Self> {
+        let ctx = |e| StoreError::io(format!("temp pack in {}", dir.display()), e);
+        std::fs::create_dir_all(dir).map_err(ctx)?;
+        let mut file = tempfile::Builder::new()
+            .prefix(tmp_prefix)
+            .suffix(".pack")
+            .tempfile_in(dir)
+            .map_err(ctx)?;
+        file.write_all(PACK_MAGIC).map_err(ctx)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            file,
+            len: PACK_MAGIC.len() as u64,
+            entries: Vec::new(),
+        })
+    }
+
+    /// Appends one object; returns where it went.
+    pub fn append(&mut self, kind: ObjectKind, digest: B3Digest, data: &[u8]) -> Result<IndexEntry> {
+        let len = u32::try_from(data.len()).map_err(|_| {
+            StoreError::Backend(format!("{} {digest}: too large for a pack", kind.what()))
+        })?;
+        self.file.write_all(data).map_err(|e| {
+            StoreError::io(format!("writing pack {}", self.file.path().display()), e)
+        })?;
+        let e = IndexEntry {
+            kind,
+            digest,
+            offset: self.len,
+            len,
+        };
+        self.len += data.len() as u64;
+        self.entries.push(e);
+        Ok(e)
+    }
+
+    /// Reads back an object appended earlier (this process's not yet committed writes).
+    pub fn read(&self, e: &IndexEntry) -> Result<Vec<u8>> {
+        read_at(self.file.as_file(), self.file.path(), e)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn entries(&self) -> &[IndexEntry] {
+        &self.entries
+    }
+
+    /// Makes the pack durable under its final name, then its index (the commit point).
+    /// Returns the pack's id.
+    pub fn commit(self, tmp_prefix: &str) -> Result<String> {
+        let id = new_id();
+        let pack = self.dir.join(format!("{id}.pack"));
+        let ctx = |p: &Path, e| StoreError::io(format!("writing {}", p.display()), e);
+        self.file.as_file().sync_data().map_err(|e| ctx(&pack, e))?;
+        self.file.persist(&pack).map_err(|e| ctx(&pack, e.error))?;
+        let idx = self.dir.join(format!("{id}.idx"));
+        let mut t = tempfile::Builder::new()
+            .prefix(tmp_prefix)
+            .tempfile_in(&self.dir)
+            .map_err(|e| ctx(&idx, e))?;
+        t.write_all(&encode_index(&self.entries))
+            .map_err(|e| ctx(&idx, e))?;
+        t.as_file().sync_data().map_err(|e| ctx(&idx, e))?;
+        t.persist(&idx).map_err(|e| ctx(&idx, e.error))?;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| ctx(&self.dir, e))?;
+        Ok(id)
+    }
+}
+
+/// Reads one object's stored bytes from an open pack.
+pub fn read_at(file: &std::fs::File, path: &Path, e: &IndexEntry) -> Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; e.len as usize];
+    file.read_exact_at(&mut buf, e.offset).map_err(|err| {
+        StoreError::io(
+            format!(
+                "reading {} {} from {}",
+                e.kind.what(),
+                e.digest,
+                path.display()
+            ),
+            err,
+        )
+    })?;
+    Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries() -> Vec<IndexEntry> {
+        (0..3u8)
+            .map(|i| IndexEntry {
+                kind: [ObjectKind::Chunk, ObjectKind::BlobIndex, ObjectKind::Directory]
+                    [i as usize],
+                digest: B3Digest::of(&[i]),
+                offset: 8 + 10 * i as u64,
+                len: 10,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn index_round_trips() {
+        let e = entries();
+        assert_eq!(decode_index("p", &encode_index(&e), 38).unwrap(), e);
+        assert!(decode_index("p", &encode_index(&[]), 8).unwrap().is_empty());
+    }
+
+    #[test]
+    fn bad_indexes_are_refused_with_their_reason() {
+        let good = encode_index(&entries());
+        let err = |raw: &[u8], pack_len| decode_index("p1", raw, pack_len).unwrap_err().to_string();
+        assert!(err(b"short", 38).contains("not a granary pack index"));
+        let mut flipped = good.clone();
+        flipped[20] ^= 1;
+        assert!(err(&flipped, 38).contains("checksum mismatch"));
+        // An entry reaching past the end of the pack.
+        assert!(err(&good, 37).contains("outside the pack"), "{}", err(&good, 37));
+        // A count that disagrees with the bytes (checksum recomputed so only the count is wrong).
+        let mut body = good[..good.len() - 32].to_vec();
+        body[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        assert!(err(&body, 38).contains("entries but holds"), "{}", err(&body, 38));
+        // An unknown kind.
+        let mut body = good[..good.len() - 32].to_vec();
+        body[16] = 9;
+        let sum = blake3::hash(&body);
+        body.extend_from_slice(sum.as_bytes());
+        assert!(err(&body, 38).contains("unknown kind 9"));
+    }
+
+    #[test]
+    fn writer_commits_a_pack_and_its_index() {
+        let d = tempfile::tempdir().unwrap();
+        let mut w = PackWriter::new(d.path(), ".tmp-").unwrap();
+        let a = w.append(ObjectKind::Chunk, B3Digest::of(b"a"), b"hello").unwrap();
+        let b = w.append(ObjectKind::Directory, B3Digest::of(b"b"), b"world!").unwrap();
+        assert_eq!(w.read(&b).unwrap(), b"world!");
+        let id = w.commit(".tmp-").unwrap();
+        assert!(is_id(&id), "{id}");
+        let pack = d.path().join(format!("{id}.pack"));
+        let raw = std::fs::read(d.path().join(format!("{id}.idx"))).unwrap();
+        let len = std::fs::metadata(&pack).unwrap().len();
+        assert_eq!(decode_index(&id, &raw, len).unwrap(), vec![a, b]);
+        let f = std::fs::File::open(&pack).unwrap();
+        assert_eq!(read_at(&f, &pack, &a).unwrap(), b"hello");
+        // Nothing but the pack and its index is left behind.
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 2);
+    }
+}
+
+/// One committed pack this process knows.
+struct KnownPack {
+    id: String,
+    path: PathBuf,
+    /// Opened on first read and kept: a gc that replaces the pack unlinks it, and reads through
+    /// an open descriptor still see its bytes.
+    file: std::sync::Mutex<Option<std::sync::Arc<std::fs::File>>>,
+}
+
+/// Where an object of a known pack is.
+#[derive(Debug, Clone, Copy)]
+pub struct Loc {
+    pack: usize,
+    pub entry: IndexEntry,
+}
+
+#[derive(Default)]
+struct PackState {
+    packs: Vec<KnownPack>,
+    map: std::collections::HashMap<(ObjectKind, B3Digest), Loc>,
+    /// The packs directory's mtime at the last scan, and when that scan ran.
+    seen: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    /// Indexes that could not be read at the last scan: (id, reason).
+    bad: Vec<(String, String)>,
+}
+
+/// The committed packs of a directory, as an in-memory index from object to location.
+/// Rescanned when the directory changes (another process committed or a gc replaced packs).
+pub struct PackSet {
+    dir: PathBuf,
+    state: std::sync::RwLock<PackState>,
+}
+
+impl PackSet {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            state: Default::default(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, PackState>> {
+        self.state
+            .read()
+            .map_err(|_| StoreError::Backend("pack index lock poisoned".into()))
+    }
+
+    fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, PackState>> {
+        self.state
+            .write()
+            .map_err(|_| StoreError::Backend("pack index lock poisoned".into()))
+    }
+
+    pub fn lookup(&self, kind: ObjectKind, digest: &B3Digest) -> Option<Loc> {
+        self.state.read().ok()?.map.get(&(kind, *digest)).copied()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.state.read().map_or(true, |s| s.map.is_empty())
+    }
+
+    /// The committed packs' ids, oldest first, as of the last scan.
+    pub fn ids(&self) -> Vec<String> {
+        self.state
+            .read()
+            .map(|s| s.packs.iter().map(|p| p.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn pack_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.pack"))
+    }
+
+    pub fn index_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.idx"))
+    }
+
+    /// The path of the pack holding `loc`.
+    pub fn path_of(&self, loc: &Loc) -> Option<PathBuf> {
+        let st = self.state.read().ok()?;
+        st.packs.get(loc.pack).map(|p| p.path.clone())
+    }
+
+    /// Reads an object's stored bytes; `Ok(None)` if its pack is gone (replaced by a gc: the
+    /// caller rescans and looks again).
+    pub fn read(&self, loc: &Loc, prefix: Option<usize>) -> Result<Option<Vec<u8>>> {
+        let (file, path) = {
+            let st = self.read_state()?;
+            let Some(p) = st.packs.get(loc.pack) else {
+                return Ok(None);
+            };
+            let mut slot = p
+                .file
+                .lock()
+                .map_err(|_| StoreError::Backend("pack file lock poisoned".into()))?;
+            let file = match &*slot {
+                Some(f) => f.clone(),
+                None => match std::fs::File::open(&p.path) {
+                    Ok(f) => slot.insert(std::sync::Arc::new(f)).clone(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(StoreError::io(format!("opening {}", p.path.display()), e))
+                    }
+                },
+            };
+            (file, p.path.clone())
+        };
+        let mut e = loc.entry;
+        if let Some(n) = prefix {
+            e.len = e.len.min(n as u32);
+        }
+        read_at(&file, &path, &e).map(Some)
+    }
+
+    /// Rescans the directory if it changed since the last scan (or `force`). Returns whether
+    /// anything changed.
+    pub fn refresh(&self, force: bool) -> Result<bool> {
+        let mtime = match std::fs::metadata(&self.dir) {
+            Ok(m) => m.modified().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(format!("stat {}", self.dir.display()), e)),
+        };
+        let Some(mtime) = mtime else {
+            return Ok(false);
+        };
+        let now = std::time::SystemTime::now();
+        if !force {
+            // Directory times are coarse (a few ms): a scan that ran well after the last
+            // change saw everything up to it; one that ran in the same moment may not have.
+            if let Some((seen, at)) = self.read_state()?.seen {
+                let settled = at
+                    .duration_since(seen)
+                    .is_ok_and(|d| d > std::time::Duration::from_millis(100));
+                if seen == mtime && settled {
+                    return Ok(false);
+                }
+            }
+        }
+        let mut names: Vec<String> = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StoreError::io(format!("listing {}", self.dir.display()), e)),
+        };
+        names.sort();
+        let have: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let ids: Vec<&str> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(".idx"))
+            .filter(|id| is_id(id) && have.contains(format!("{id}.pack").as_str()))
+            .collect();
+        let mut st = self.write_state()?;
+        let same = st.packs.len() == ids.len() && st.packs.iter().zip(&ids).all(|(p, id)| p.id == *id);
+        st.seen = Some((mtime, now));
+        if same {
+            return Ok(false);
+        }
+        // Rebuild: cheap next to the reads it serves, and correct when packs went away.
+        let mut old: std::collections::HashMap<String, KnownPack> =
+            st.packs.drain(..).map(|p| (p.id.clone(), p)).collect();
+        let mut fresh = PackState {
+            seen: st.seen,
+            ..Default::default()
+        };
+        for id in ids {
+            let entries = match self.entries_of(id) {
+                Ok(e) => e,
+                // Replaced by a gc while we looked.
+                Err(StoreError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    continue
+                }
+                Err(e) => {
+                    tracing::warn!("{e}");
+                    fresh.bad.push((id.to_string(), e.to_string()));
+                    continue;
+                }
+            };
+            let known = old.remove(id).unwrap_or_else(|| KnownPack {
+                id: id.to_string(),
+                path: self.pack_path(id),
+                file: Default::default(),
+            });
+            let n = fresh.packs.len();
+            for entry in entries {
+                // Ids sort by age: a later copy of an object replaces an earlier one.
+                fresh
+                    .map
+                    .insert((entry.kind, entry.digest), Loc { pack: n, entry });
+            }
+            fresh.packs.push(known);
+        }
+        *st = fresh;
+        Ok(true)
+    }
+
+    /// Reads and checks one pack's index.
+    pub fn entries_of(&self, id: &str) -> Result<Vec<IndexEntry>> {
+        let idx = self.index_path(id);
+        let pack = self.pack_path(id);
+        let raw = std::fs::read(&idx)
+            .map_err(|e| StoreError::io(format!("reading {}", idx.display()), e))?;
+        let len = std::fs::metadata(&pack)
+            .map_err(|e| StoreError::io(format!("stat {}", pack.display()), e))?
+            .len();
+        decode_index(id, &raw, len)
+    }
+
+    /// Indexes the last scan could not read.
+    pub fn bad(&self) -> Vec<(String, String)> {
+        self.state.read().map(|s| s.bad.clone()).unwrap_or_default()
+    }
+
+    /// Every object of one kind in the known packs, with its pack's id.
+    pub fn objects(&self, kind: ObjectKind) -> Vec<(IndexEntry, String)> {
+        let Ok(st) = self.state.read() else {
+            return Vec::new();
+        };
+        st.map
+            .iter()
+            .filter(|((k, _), _)| *k == kind)
+            .filter_map(|(_, loc)| Some((loc.entry, st.packs.get(loc.pack)?.id.clone())))
+            .collect()
+    }
+}
+
+impl PackSet {
+    /// Makes a pack this process just committed known without rescanning the directory.
+    pub fn add(&self, id: &str, entries: &[IndexEntry]) -> Result<()> {
+        let mut st = self.write_state()?;
+        let n = st.packs.len();
+        st.packs.push(KnownPack {
+            id: id.to_string(),
+            path: self.pack_path(id),
+            file: Default::default(),
+        });
+        for e in entries {
+            st.map.insert((e.kind, e.digest), Loc { pack: n, entry: *e });
+        }
+        Ok(())
+    }
+}
