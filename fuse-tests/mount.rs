@@ -328,19 +328,18 @@ fn corrupt_chunk_fails_only_its_range() {
     // Find a chunk in the middle of victim.bin from its blob index and damage it on disk.
     let blob = blake3::hash(&std::fs::read(src.join("victim.bin")).unwrap());
     let hex = blob.to_hex().to_string();
-    let idx_bytes = std::fs::read(store.path().join("blobs").join(&hex[..2]).join(&hex)).unwrap();
+    let idx_bytes = store.object("blobs", &hex);
     let idx = granary::castore::BlobIndex::decode_valid(&idx_bytes).unwrap();
     let k = idx.chunks.len() / 2;
     let start: u64 = idx.chunks[..k].iter().map(|c| c.size).sum();
     let len = idx.chunks[k].size;
     let chex = data_encoding::HEXLOWER.encode(&idx.chunks[k].digest);
-    let cpath = store.path().join("chunks").join(&chex[..2]).join(&chex);
-    let mut raw = std::fs::read(&cpath).unwrap();
-    let mid = raw.len() / 2;
-    for b in &mut raw[mid..mid + 16] {
-        *b ^= 0xa5;
-    }
-    std::fs::write(&cpath, &raw).unwrap();
+    store.tamper("chunks", &chex, |raw| {
+        let mid = raw.len() / 2;
+        for b in &mut raw[mid..mid + 16] {
+            *b ^= 0xa5;
+        }
+    });
 
     let m = Mount::start(&store.url(), &[]);
     let mnt = m.path().join("c");

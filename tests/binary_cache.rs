@@ -475,13 +475,12 @@ fn corrupt_store_cuts_the_transfer_short() {
     let ts = TestStore::new();
     ts.ok(&["import-store", work.path().to_str().unwrap()]);
     let hex = blake3::hash(&victim).to_hex().to_string();
-    let cpath = ts.path().join("chunks").join(&hex[..2]).join(&hex);
-    let mut raw = std::fs::read(&cpath).unwrap();
-    let mid = raw.len() / 2;
-    for b in &mut raw[mid..mid + 16] {
-        *b ^= 0xa5;
-    }
-    std::fs::write(&cpath, &raw).unwrap();
+    ts.tamper("chunks", &hex, |raw| {
+        let mid = raw.len() / 2;
+        for b in &mut raw[mid..mid + 16] {
+            *b ^= 0xa5;
+        }
+    });
 
     let server = Server::start(&ts, &[]);
     let (st, _, info) = http(

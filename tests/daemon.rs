@@ -389,14 +389,19 @@ fn many_concurrent_clients() {
     });
     eprintln!("32 x 200 requests in {:?}", t0.elapsed());
 
-    // One copy of each shared piece; the root is there once.
+    // One copy of each shared piece, loose or packed; the root is there once.
     let chunk_files = common::walk_files(&tmp.path().join("store/chunks"));
+    let packed = common::packed_entries(&tmp.path().join("store"));
     for piece in shared.iter() {
         let hex = B3Digest::of(piece).to_hex();
         let n = chunk_files
             .iter()
             .filter(|p| p.file_name().unwrap().to_string_lossy() == hex)
-            .count();
+            .count()
+            + packed
+                .iter()
+                .filter(|(_, e)| e.kind == 0 && e.hex == hex)
+                .count();
         assert_eq!(n, 1, "chunk {hex}");
     }
     assert!(!chunk_files.iter().any(|p| p
@@ -1052,12 +1057,11 @@ fn gc_and_verify_through_the_daemon() {
 
     // A corrupt chunk is found through the daemon, with the root it affects.
     let hello = blake3::hash(b"hello\n").to_hex().to_string();
-    let p = tmp
-        .path()
-        .join("store/chunks")
-        .join(&hello[..2])
-        .join(&hello);
-    std::fs::write(&p, zstd::encode_all(&b"jello\n"[..], 3).unwrap()).unwrap();
+    // "hello\n" is stored as a raw zstd block: flip its first letter into "jello\n".
+    common::tamper(&tmp.path().join("store"), "chunks", &hello, |raw| {
+        let at = raw.windows(6).position(|w| w == b"hello\n").unwrap();
+        raw[at] = b'j';
+    });
     let v = granary(&url, &["verify"]);
     let text = String::from_utf8_lossy(&v.stdout);
     assert!(!v.status.success(), "{text}");

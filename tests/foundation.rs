@@ -69,9 +69,11 @@ fn dedup_same_tree_adds_nothing_and_small_change_adds_few_chunks() {
         .arg(&b)
         .status()
         .unwrap();
+    let entries = s.entries();
     s.ok(&["import", "--name", "b", b.to_str().unwrap()]);
     assert_eq!(s.count("chunks"), chunks);
     assert_eq!(s.count("dirs"), dirs);
+    assert_eq!(s.entries(), entries, "nothing written again");
 
     // One byte changed in the middle of the large file: only the chunks around it are new.
     let mut big = std::fs::read(b.join("large.bin")).unwrap();
@@ -89,7 +91,8 @@ fn dedup_same_tree_adds_nothing_and_small_change_adds_few_chunks() {
 
 #[test]
 fn corrupted_chunk_is_an_error_never_wrong_bytes() {
-    let s = TestStore::new();
+    // One file per object (format 1): the chunk's file is replaced outright.
+    let s = TestStore::loose();
     let src = s.dir.path().join("src");
     let data = noise(1 << 20, 5);
     write(&src.join("f"), &data, false);
@@ -123,6 +126,57 @@ fn corrupted_chunk_is_an_error_never_wrong_bytes() {
     // Export fails too, rather than writing a wrong file.
     let e = s.fails(&["export", "t", s.dir.path().join("x").to_str().unwrap()]);
     assert!(e.contains(name), "{e}");
+    assert!(
+        !s.path().join("packs").exists(),
+        "a format-1 store stays loose"
+    );
+}
+
+#[test]
+fn corrupted_packed_chunk_is_an_error_never_wrong_bytes() {
+    let s = TestStore::new();
+    let src = s.dir.path().join("src");
+    let data = noise(1 << 20, 6);
+    write(&src.join("f"), &data, false);
+    write(&src.join("g"), b"another file, intact\n", false);
+    s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    assert!(
+        walk_files(&s.path().join("chunks")).is_empty(),
+        "objects are packed"
+    );
+    let chunks: Vec<String> = packed_entries(&s.path())
+        .into_iter()
+        .filter(|(_, e)| e.kind == 0 && e.len > 1000)
+        .map(|(_, e)| e.hex)
+        .collect();
+    assert!(chunks.len() > 2, "{} chunks", chunks.len());
+    let victim = &chunks[chunks.len() / 2];
+    // Noise is stored as raw zstd blocks: a flipped payload byte still decompresses, to
+    // the wrong bytes.
+    s.tamper("chunks", victim, |raw| {
+        let mid = raw.len() / 2;
+        raw[mid] ^= 1;
+    });
+    let out = s.cmd().args(["cat", "t/f"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("digest mismatch") && err.contains(victim.as_str()),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert!(out.stdout.len() < data.len());
+    assert_eq!(&data[..out.stdout.len()], &out.stdout[..]);
+    // The other file of the same pack still reads.
+    assert_eq!(s.ok(&["cat", "t/g"]).stdout, b"another file, intact\n");
+    let e = s.fails(&["export", "t", s.dir.path().join("x").to_str().unwrap()]);
+    assert!(e.contains(victim.as_str()), "{e}");
+    // verify names it.
+    let e = s.fails(&["verify"]);
+    assert!(
+        e.contains(victim.as_str()) || e.contains("digest mismatch"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -168,7 +222,7 @@ fn bad_arguments_are_one_line_errors() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
-        text.replace("format_version = 1", "format_version = 99"),
+        text.replace("format_version = 2", "format_version = 99"),
     )
     .unwrap();
     let e = s.fails(&["roots"]);

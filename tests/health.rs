@@ -10,19 +10,47 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// (files, bytes) per object kind directory.
+/// (objects, stored bytes) per object kind, loose files and packed entries alike.
 fn census(s: &TestStore) -> Vec<(usize, u64)> {
+    let packed = packed_entries(&s.path());
     ["chunks", "blobs", "dirs"]
         .iter()
-        .map(|k| {
+        .enumerate()
+        .map(|(code, k)| {
             let files: Vec<PathBuf> = walk_files(&s.path().join(k))
                 .into_iter()
                 .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with(".tmp"))
                 .collect();
-            let bytes = files.iter().map(|f| f.metadata().unwrap().len()).sum();
-            (files.len(), bytes)
+            let mut bytes: u64 = files.iter().map(|f| f.metadata().unwrap().len()).sum();
+            let mut n = files.len();
+            let mut seen = std::collections::HashSet::new();
+            for (_, e) in packed.iter().filter(|(_, e)| e.kind as usize == code) {
+                if seen.insert(e.hex.clone()) {
+                    n += 1;
+                    bytes += e.len as u64;
+                }
+            }
+            (n, bytes)
         })
         .collect()
+}
+
+/// Bytes of pack files beyond the objects they index (headers, and anything a gc failed to
+/// cut out).
+fn pack_slack(s: &TestStore) -> u64 {
+    let mut on_disk = 0;
+    let mut packs = 0;
+    for f in walk_files(&s.path().join("packs")) {
+        if f.extension().is_some_and(|e| e == "pack") {
+            on_disk += f.metadata().unwrap().len();
+            packs += 1;
+        }
+    }
+    let indexed: u64 = packed_entries(&s.path())
+        .iter()
+        .map(|(_, e)| e.len as u64)
+        .sum();
+    on_disk - indexed - 8 * packs
 }
 
 fn stdout(o: &std::process::Output) -> String {
@@ -71,6 +99,12 @@ fn gc_frees_exactly_the_unshared_objects() {
     let out = stdout(&s.ok(&["gc", "--grace", "0s"]));
     let after = census(&s);
     assert_eq!(after, want, "gc left exactly what a alone needs");
+    // The garbage is gone from the disk too, not just from the indexes.
+    assert_eq!(pack_slack(&s), 0);
+    assert!(
+        !walk_files(&s.path().join("packs")).is_empty(),
+        "the store is packed"
+    );
     let freed_objects: usize =
         before.iter().map(|c| c.0).sum::<usize>() - want.iter().map(|c| c.0).sum::<usize>();
     let freed_bytes: u64 =
@@ -158,7 +192,13 @@ fn root_digest(s: &TestStore, root: &str) -> String {
 
 #[test]
 fn verify_finds_each_fault_and_repairs_from_a_second_store() {
-    let s = TestStore::new();
+    // A format-1 store, where objects can also be removed or truncated ...
+    verify_faults(TestStore::loose(), true);
+    // ... and a packed one, where faults keep the object's length.
+    verify_faults(TestStore::new(), false);
+}
+
+fn verify_faults(s: TestStore, loose: bool) {
     let donor = TestStore::new();
     let src = s.dir.path().join("src");
     gen_tree(&src, 0);
@@ -173,23 +213,49 @@ fn verify_finds_each_fault_and_repairs_from_a_second_store() {
     let big_digest = blake3::hash(&std::fs::read(src.join("big.bin")).unwrap())
         .to_hex()
         .to_string();
-    let index = prost_free_index_chunks(&std::fs::read(object(&s, "blobs", &big_digest)).unwrap());
+    let index = prost_free_index_chunks(&s.object("blobs", &big_digest));
     assert!(index.len() >= 4, "big.bin has several chunks");
     let hello = blake3::hash(b"hello\n").to_hex().to_string();
     let tool = blake3::hash(b"#!/bin/sh\necho tool\n").to_hex().to_string();
 
     type Fault<'a> = (&'a str, Box<dyn Fn() + 'a>, String);
-    let faults: Vec<Fault> = vec![
+    let mut faults: Vec<Fault> = vec![
         (
             "flipped byte",
             Box::new(|| {
-                let p = object(&s, "chunks", &index[0]);
-                let mut raw = zstd::decode_all(&std::fs::read(&p).unwrap()[..]).unwrap();
-                raw[100] ^= 1;
-                std::fs::write(&p, zstd::encode_all(&raw[..], 3).unwrap()).unwrap();
+                // big.bin is noise, stored as raw zstd blocks: the frame still decodes, to
+                // other bytes.
+                s.tamper("chunks", &index[0], |raw| {
+                    let n = raw.len();
+                    raw[n / 2] ^= 1;
+                })
             }),
             index[0].clone(),
         ),
+        (
+            "lying blob index",
+            Box::new(|| {
+                // Swap two chunk entries: structurally valid, but the content no longer
+                // hashes to the blob digest.
+                s.tamper("blobs", &big_digest, |raw| {
+                    *raw = swap_first_two_entries(raw)
+                });
+            }),
+            big_digest.clone(),
+        ),
+        (
+            "corrupt directory",
+            Box::new(|| {
+                let d = dir_containing(&s, "tool");
+                s.tamper("dirs", &d, |raw| {
+                    let n = raw.len();
+                    raw[n - 1] ^= 0x40;
+                });
+            }),
+            String::new(),
+        ),
+    ];
+    let loose_faults: Vec<Fault> = vec![
         (
             "truncated chunk",
             Box::new(|| {
@@ -206,30 +272,10 @@ fn verify_finds_each_fault_and_repairs_from_a_second_store() {
             }),
             hello.clone(),
         ),
-        (
-            "lying blob index",
-            Box::new(|| {
-                // Swap two chunk entries: structurally valid, but the content no longer
-                // hashes to the blob digest.
-                let p = object(&s, "blobs", &big_digest);
-                let raw = std::fs::read(&p).unwrap();
-                std::fs::write(&p, swap_first_two_entries(&raw)).unwrap();
-            }),
-            big_digest.clone(),
-        ),
-        (
-            "corrupt directory",
-            Box::new(|| {
-                let d = dir_containing(&s, "tool");
-                let p = object(&s, "dirs", &d);
-                let mut raw = std::fs::read(&p).unwrap();
-                let n = raw.len();
-                raw[n - 1] ^= 0x40;
-                std::fs::write(&p, raw).unwrap();
-            }),
-            String::new(),
-        ),
     ];
+    if loose {
+        faults.extend(loose_faults);
+    }
     let _ = tool;
     for (what, inject, digest) in &faults {
         inject();
@@ -260,16 +306,18 @@ fn verify_finds_each_fault_and_repairs_from_a_second_store() {
         );
     }
 
-    // A root pointing at a missing directory.
-    let top = stdout(&s.ok(&["import", src.to_str().unwrap()]));
-    let top = top.split('\t').next().unwrap().to_string();
-    std::fs::remove_file(object(&s, "dirs", &top)).unwrap();
-    let text = stdout(&s.cmd().arg("verify").output().unwrap());
-    assert!(
-        text.contains(&top) && text.contains("missing directory"),
-        "{text}"
-    );
-    s.ok(&["verify", "--repair-from", &donor.url()]);
+    if loose {
+        // A root pointing at a missing directory.
+        let top = stdout(&s.ok(&["import", src.to_str().unwrap()]));
+        let top = top.split('\t').next().unwrap().to_string();
+        std::fs::remove_file(object(&s, "dirs", &top)).unwrap();
+        let text = stdout(&s.cmd().arg("verify").output().unwrap());
+        assert!(
+            text.contains(&top) && text.contains("missing directory"),
+            "{text}"
+        );
+        s.ok(&["verify", "--repair-from", &donor.url()]);
+    }
 
     let dest = s.dir.path().join("out");
     s.ok(&["export", "t", dest.to_str().unwrap()]);
@@ -278,10 +326,17 @@ fn verify_finds_each_fault_and_repairs_from_a_second_store() {
 
 /// The digest (hex) of the stored directory that has an entry named `name`.
 fn dir_containing(s: &TestStore, name: &str) -> String {
-    for f in walk_files(&s.path().join("dirs")) {
-        let raw = std::fs::read(&f).unwrap();
+    let loose = walk_files(&s.path().join("dirs"))
+        .into_iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned());
+    let packed = packed_entries(&s.path())
+        .into_iter()
+        .filter(|(_, e)| e.kind == 2)
+        .map(|(_, e)| e.hex);
+    for hex in loose.chain(packed) {
+        let raw = s.object("dirs", &hex);
         if raw.windows(name.len()).any(|w| w == name.as_bytes()) {
-            return f.file_name().unwrap().to_string_lossy().into_owned();
+            return hex;
         }
     }
     panic!("no directory holds {name}");

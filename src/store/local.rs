@@ -32,8 +32,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-pub use super::ObjectKind as Kind;
 use super::pack::{self, IndexEntry, PackSet, PackWriter};
+pub use super::ObjectKind as Kind;
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,
     Maintenance, ObjectInfo, Result, RootService, Store, StoreConfig, StoreError, Usage,
@@ -269,8 +269,15 @@ impl LocalStore {
                         let n = e.file_name();
                         let n = n.to_string_lossy();
                         !(n.starts_with(TMP_PREFIX)
-                            || ["config.toml", "chunks", "blobs", "dirs", "roots", pack::PACK_DIR]
-                                .contains(&n.as_ref()))
+                            || [
+                                "config.toml",
+                                "chunks",
+                                "blobs",
+                                "dirs",
+                                "roots",
+                                pack::PACK_DIR,
+                            ]
+                            .contains(&n.as_ref()))
                     }),
                     Err(_) => false,
                 };
@@ -324,12 +331,15 @@ impl LocalStore {
         if self.config.packs {
             let full = {
                 let mut st = self.lock_staged()?;
-                if st.packed.contains_key(&(kind, *digest)) {
+                // Another thread may have staged it, or staged and flushed it, since `reuse`.
+                if st.packed.contains_key(&(kind, *digest)) || self.packs.contains(kind, digest) {
                     return Ok(());
                 }
                 let writer = match &mut st.pack {
                     Some(w) => w,
-                    None => st.pack.insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
+                    None => st
+                        .pack
+                        .insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
                 };
                 let e = writer.append(kind, *digest, data)?;
                 let bytes = writer.bytes();
@@ -476,8 +486,11 @@ impl LocalStore {
         if let Some(b) = self.read_loose(&self.object_path(kind, digest), prefix)? {
             return Ok(Some(b));
         }
-        // Another process may have committed a pack (or a gc replaced one) since we looked.
-        if (self.config.packs || !self.packs.is_empty()) && self.packs.refresh(false)? {
+        // Another process may have committed a pack (or a gc replaced one) since we looked,
+        // or this process's own flush moved the object from its unflushed pack to the index
+        // between the looks above: look again either way.
+        if self.config.packs || !self.packs.is_empty() {
+            self.packs.refresh(false)?;
             return self.read_packed(kind, digest, prefix);
         }
         Ok(None)
@@ -491,18 +504,15 @@ impl LocalStore {
         digest: &B3Digest,
         prefix: Option<usize>,
     ) -> Result<Option<Vec<u8>>> {
-        for attempt in 0..2 {
-            let Some(loc) = self.packs.lookup(kind, digest) else {
-                return Ok(None);
-            };
-            if let Some(b) = self.packs.read(&loc, prefix)? {
-                return Ok(Some(b));
-            }
-            if attempt == 0 {
-                self.packs.refresh(true)?;
-            }
+        if let Some(b) = self.packs.read(kind, digest, prefix)? {
+            return Ok(Some(b));
         }
-        Ok(None)
+        if !self.packs.contains(kind, digest) {
+            return Ok(None);
+        }
+        // Known but its pack is gone: a gc rewrote it.
+        self.packs.refresh(true)?;
+        self.packs.read(kind, digest, prefix)
     }
 
     /// For a put: true if the object is already stored (its mtime, or its pack's, is
@@ -512,11 +522,7 @@ impl LocalStore {
             if self.lock_staged()?.packed.contains_key(&(kind, *digest)) {
                 return Ok(true);
             }
-            if let Some(path) = self
-                .packs
-                .lookup(kind, digest)
-                .and_then(|loc| self.packs.path_of(&loc))
-            {
+            if let Some(path) = self.packs.path_of(kind, digest) {
                 // A pack a gc has moved aside is not there to touch: write the object again.
                 return touch(&path);
             }
@@ -530,7 +536,7 @@ impl LocalStore {
     }
 
     fn object_exists(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {
-        if self.packs.lookup(kind, digest).is_some() {
+        if self.packs.contains(kind, digest) {
             return Ok(true);
         }
         let path = self.object_path(kind, digest);
@@ -543,7 +549,12 @@ impl LocalStore {
         if path.exists() {
             return Ok(true);
         }
-        Ok(self.packs.refresh(false)? && self.packs.lookup(kind, digest).is_some())
+        // As in `read_object_bytes`: a flush or another process may have moved it meanwhile.
+        if !(self.config.packs || !self.packs.is_empty()) {
+            return Ok(false);
+        }
+        self.packs.refresh(false)?;
+        Ok(self.packs.contains(kind, digest))
     }
 
     pub fn path(&self) -> &Path {
@@ -610,8 +621,8 @@ impl LocalStore {
         // digest holds exactly the blob's bytes, so the two looks cannot disagree.
         // In a packed store both looks are in memory: skip the chunk look (and its
         // rescan of the packs on a miss) when the index is known.
-        let header = if self.packs.lookup(Kind::BlobIndex, blob).is_some()
-            && self.packs.lookup(Kind::Chunk, blob).is_none()
+        let header = if self.packs.contains(Kind::BlobIndex, blob)
+            && !self.packs.contains(Kind::Chunk, blob)
         {
             None
         } else {
@@ -695,9 +706,9 @@ impl LocalStore {
                     Kind::Chunk => {
                         u.chunks += 1;
                         let header = self.read_packed(kind, &e.digest, Some(18))?;
-                        if let Ok(Some(s)) =
-                            zstd::zstd_safe::get_frame_content_size(header.as_deref().unwrap_or(&[]))
-                        {
+                        if let Ok(Some(s)) = zstd::zstd_safe::get_frame_content_size(
+                            header.as_deref().unwrap_or(&[]),
+                        ) {
                             u.chunk_bytes += s;
                         }
                     }
@@ -1046,11 +1057,7 @@ impl LocalStore {
     /// Marks a packed object for removal at this gc's sweep, if its pack is older than
     /// `cutoff`. Returns whether it was marked.
     fn mark_packed(&self, kind: Kind, digest: &B3Digest, cutoff: SystemTime) -> Result<bool> {
-        let Some(path) = self
-            .packs
-            .lookup(kind, digest)
-            .and_then(|loc| self.packs.path_of(&loc))
-        else {
+        let Some(path) = self.packs.path_of(kind, digest) else {
             return Ok(false);
         };
         let old = match modified(&path)? {
@@ -1107,7 +1114,10 @@ impl LocalStore {
                 Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
             };
             let mut writer: Option<PackWriter> = None;
-            for e in entries.iter().filter(|e| !dead.contains(&(e.kind, e.digest))) {
+            for e in entries
+                .iter()
+                .filter(|e| !dead.contains(&(e.kind, e.digest)))
+            {
                 let raw = pack::read_at(&file, &path, e)?;
                 if let Err(err) = verify_stored(e.kind, &e.digest, &raw) {
                     tracing::warn!("dropping {err} while rewriting pack {id}");
@@ -1200,7 +1210,10 @@ impl LocalStore {
                 .pending
                 .lock()
                 .map_err(|_| StoreError::Backend("gc lock poisoned".into()))?;
-            p.drain().filter(|(_, c)| *c == cutoff).map(|(k, _)| k).collect()
+            p.drain()
+                .filter(|(_, c)| *c == cutoff)
+                .map(|(k, _)| k)
+                .collect()
         };
         if !dead.is_empty() {
             self.repack(&dead, Some(cutoff))?;
@@ -1259,7 +1272,7 @@ impl Maintenance for LocalStore {
         let (s, d) = (self.clone(), *digest);
         blocking(move || {
             remove_if_present(&s.object_path(kind, &d))?;
-            if s.packs.lookup(kind, &d).is_some() {
+            if s.packs.contains(kind, &d) {
                 s.repack(&[(kind, d)].into_iter().collect(), None)?;
             }
             Ok(())
@@ -1270,5 +1283,168 @@ impl Maintenance for LocalStore {
     async fn sweep_temp(&self, cutoff: SystemTime) -> Result<u64> {
         let s = self.clone();
         blocking(move || s.sweep_temp_blocking(cutoff)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn open(dir: &Path) -> LocalStore {
+        LocalStore::open_blocking("file://test", dir, StoreConfig::default()).unwrap()
+    }
+
+    fn put(s: &LocalStore, data: &[u8]) -> B3Digest {
+        let d = B3Digest::of(data);
+        s.put_chunk_blocking(&d, data).unwrap();
+        d
+    }
+
+    fn pack_files(dir: &Path) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(dir.join(pack::PACK_DIR))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+            .collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_pack_committed_by_another_process_is_found() {
+        let d = tempfile::tempdir().unwrap();
+        let reader = open(d.path());
+        let writer = open(d.path());
+        let c = put(&writer, b"written after the reader opened");
+        // Unflushed: only the writer sees it.
+        assert!(writer.read_chunk_blocking(&c).unwrap().is_some());
+        assert!(reader.read_chunk_blocking(&c).unwrap().is_none());
+        writer.flush_blocking().unwrap();
+        assert_eq!(
+            &reader.read_chunk_blocking(&c).unwrap().unwrap()[..],
+            b"written after the reader opened"
+        );
+        assert_eq!(pack_files(d.path()).len(), 1);
+        assert!(!d.path().join("chunks").exists(), "nothing loose");
+    }
+
+    #[test]
+    fn concurrent_puts_flushes_and_rescans_never_lose_an_object() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let other = open(d.path());
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let rescanner = {
+            let (s, stop) = (s.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    s.packs.refresh(true).unwrap();
+                }
+            })
+        };
+        let workers: Vec<_> = (0..6u32)
+            .map(|t| {
+                let (s, other) = (s.clone(), other.clone());
+                std::thread::spawn(move || {
+                    for i in 0..300u32 {
+                        let data = format!("thread {t} object {i}");
+                        // Half the writers go through a second store handle, as a second
+                        // process would.
+                        let w = if i % 2 == 0 { &s } else { &other };
+                        let c = put(w, data.as_bytes());
+                        assert!(s.object_exists(Kind::Chunk, &c).unwrap() || i % 2 == 1);
+                        if i % 37 == 0 {
+                            w.flush_blocking().unwrap();
+                        }
+                        let got = w.read_chunk_blocking(&c).unwrap();
+                        assert_eq!(got.as_deref(), Some(data.as_bytes()), "{data}");
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.join().unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        rescanner.join().unwrap();
+        s.flush_blocking().unwrap();
+        other.flush_blocking().unwrap();
+        let fresh = open(d.path());
+        for t in 0..6u32 {
+            for i in 0..300u32 {
+                let data = format!("thread {t} object {i}");
+                let c = B3Digest::of(data.as_bytes());
+                assert!(fresh.read_chunk_blocking(&c).unwrap().is_some(), "{data}");
+            }
+        }
+    }
+
+    #[test]
+    fn gc_rewrites_a_pack_without_its_garbage_unless_it_was_reused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let keep = put(&s, &[7u8; 5000]);
+        let noise: Vec<u8> = (0..20_000).map(|_| rand::random::<u8>()).collect();
+        let junk = put(&s, &noise);
+        s.flush_blocking().unwrap();
+        let before = std::fs::metadata(&pack_files(d.path())[0]).unwrap().len();
+
+        // A pack reused after the gc's cutoff is left whole.
+        let cutoff = SystemTime::now() - Duration::from_secs(60);
+        assert!(!s
+            .delete_if_older_blocking(Kind::Chunk, &junk, cutoff)
+            .unwrap());
+        s.sweep_temp_blocking(cutoff).unwrap();
+        assert!(s.read_chunk_blocking(&junk).unwrap().is_some());
+
+        // An old pack loses exactly its garbage; what stays reads through a reader that
+        // opened before the rewrite.
+        let reader = open(d.path());
+        let cutoff = SystemTime::now() + Duration::from_secs(60);
+        assert!(s
+            .delete_if_older_blocking(Kind::Chunk, &junk, cutoff)
+            .unwrap());
+        // An interrupted gc's marks are not acted on by another gc's sweep.
+        s.sweep_temp_blocking(cutoff + Duration::from_secs(1))
+            .unwrap();
+        assert!(s.read_chunk_blocking(&junk).unwrap().is_some());
+        assert!(s
+            .delete_if_older_blocking(Kind::Chunk, &junk, cutoff)
+            .unwrap());
+        s.sweep_temp_blocking(cutoff).unwrap();
+        assert!(s.read_chunk_blocking(&junk).unwrap().is_none());
+        assert!(reader.read_chunk_blocking(&keep).unwrap().is_some());
+        let packs = pack_files(d.path());
+        assert_eq!(packs.len(), 1);
+        let after = std::fs::metadata(&packs[0]).unwrap().len();
+        assert!(after < before - 15_000, "{before} -> {after}");
+        let listed = s.list_blocking(Kind::Chunk).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].digest, keep);
+
+        // Repair's remove drops one object at once, whatever its age.
+        s.repack(&[(Kind::Chunk, keep)].into_iter().collect(), None)
+            .unwrap();
+        assert!(s.read_chunk_blocking(&keep).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_corrupt_pack_index_is_reported_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        put(&s, b"x");
+        s.flush_blocking().unwrap();
+        let idx = pack_files(d.path())[0].with_extension("idx");
+        let mut raw = std::fs::read(&idx).unwrap();
+        raw[20] ^= 1;
+        std::fs::write(&idx, raw).unwrap();
+        let e = open(d.path())
+            .list_blocking(Kind::Chunk)
+            .unwrap_err()
+            .to_string();
+        let id = idx.file_stem().unwrap().to_str().unwrap();
+        assert!(e.contains(id) && e.contains("checksum mismatch"), "{e}");
     }
 }

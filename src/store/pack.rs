@@ -64,7 +64,10 @@ pub fn new_id() -> String {
 
 /// Whether `id` has the shape [`new_id`] gives (so names of strangers are ignored).
 pub fn is_id(id: &str) -> bool {
-    id.len() == 24 && id.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    id.len() == 24
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
 pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
@@ -155,7 +158,12 @@ impl PackWriter {
     }
 
     /// Appends one object; returns where it went.
-    pub fn append(&mut self, kind: ObjectKind, digest: B3Digest, data: &[u8]) -> Result<IndexEntry> {
+    pub fn append(
+        &mut self,
+        kind: ObjectKind,
+        digest: B3Digest,
+        data: &[u8],
+    ) -> Result<IndexEntry> {
         let len = u32::try_from(data.len()).map_err(|_| {
             StoreError::Backend(format!("{} {digest}: too large for a pack", kind.what()))
         })?;
@@ -239,8 +247,11 @@ mod tests {
     fn entries() -> Vec<IndexEntry> {
         (0..3u8)
             .map(|i| IndexEntry {
-                kind: [ObjectKind::Chunk, ObjectKind::BlobIndex, ObjectKind::Directory]
-                    [i as usize],
+                kind: [
+                    ObjectKind::Chunk,
+                    ObjectKind::BlobIndex,
+                    ObjectKind::Directory,
+                ][i as usize],
                 digest: B3Digest::of(&[i]),
                 offset: 8 + 10 * i as u64,
                 len: 10,
@@ -264,13 +275,21 @@ mod tests {
         flipped[20] ^= 1;
         assert!(err(&flipped, 38).contains("checksum mismatch"));
         // An entry reaching past the end of the pack.
-        assert!(err(&good, 37).contains("outside the pack"), "{}", err(&good, 37));
+        assert!(
+            err(&good, 37).contains("outside the pack"),
+            "{}",
+            err(&good, 37)
+        );
         // A count that disagrees with the bytes (checksum recomputed so only the count is wrong).
         let mut body = good[..good.len() - 32].to_vec();
         body[8..16].copy_from_slice(&u64::MAX.to_le_bytes());
         let sum = blake3::hash(&body);
         body.extend_from_slice(sum.as_bytes());
-        assert!(err(&body, 38).contains("entries but holds"), "{}", err(&body, 38));
+        assert!(
+            err(&body, 38).contains("entries but holds"),
+            "{}",
+            err(&body, 38)
+        );
         // An unknown kind.
         let mut body = good[..good.len() - 32].to_vec();
         body[16] = 9;
@@ -283,8 +302,12 @@ mod tests {
     fn writer_commits_a_pack_and_its_index() {
         let d = tempfile::tempdir().unwrap();
         let mut w = PackWriter::new(d.path(), ".tmp-").unwrap();
-        let a = w.append(ObjectKind::Chunk, B3Digest::of(b"a"), b"hello").unwrap();
-        let b = w.append(ObjectKind::Directory, B3Digest::of(b"b"), b"world!").unwrap();
+        let a = w
+            .append(ObjectKind::Chunk, B3Digest::of(b"a"), b"hello")
+            .unwrap();
+        let b = w
+            .append(ObjectKind::Directory, B3Digest::of(b"b"), b"world!")
+            .unwrap();
         assert_eq!(w.read(&b).unwrap(), b"world!");
         let id = w.commit(".tmp-").unwrap();
         assert!(is_id(&id), "{id}");
@@ -310,9 +333,34 @@ struct KnownPack {
 
 /// Where an object of a known pack is.
 #[derive(Debug, Clone, Copy)]
-pub struct Loc {
+struct Loc {
     pack: usize,
-    pub entry: IndexEntry,
+    entry: IndexEntry,
+}
+
+impl PackState {
+    /// Adds a pack and its entries; where an object is in several packs, the newest (ids
+    /// sort by age) is the one read.
+    fn push(&mut self, pack: KnownPack, entries: &[IndexEntry]) {
+        let n = self.packs.len();
+        for entry in entries {
+            let key = (entry.kind, entry.digest);
+            let newer = match self.map.get(&key).and_then(|l| self.packs.get(l.pack)) {
+                Some(held) => held.id <= pack.id,
+                None => true,
+            };
+            if newer {
+                self.map.insert(
+                    key,
+                    Loc {
+                        pack: n,
+                        entry: *entry,
+                    },
+                );
+            }
+        }
+        self.packs.push(pack);
+    }
 }
 
 #[derive(Default)]
@@ -356,8 +404,10 @@ impl PackSet {
             .map_err(|_| StoreError::Backend("pack index lock poisoned".into()))
     }
 
-    pub fn lookup(&self, kind: ObjectKind, digest: &B3Digest) -> Option<Loc> {
-        self.state.read().ok()?.map.get(&(kind, *digest)).copied()
+    pub fn contains(&self, kind: ObjectKind, digest: &B3Digest) -> bool {
+        self.state
+            .read()
+            .is_ok_and(|s| s.map.contains_key(&(kind, *digest)))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -380,17 +430,28 @@ impl PackSet {
         self.dir.join(format!("{id}.idx"))
     }
 
-    /// The path of the pack holding `loc`.
-    pub fn path_of(&self, loc: &Loc) -> Option<PathBuf> {
+    /// The path of the newest pack holding an object.
+    pub fn path_of(&self, kind: ObjectKind, digest: &B3Digest) -> Option<PathBuf> {
         let st = self.state.read().ok()?;
+        let loc = st.map.get(&(kind, *digest))?;
         st.packs.get(loc.pack).map(|p| p.path.clone())
     }
 
-    /// Reads an object's stored bytes; `Ok(None)` if its pack is gone (replaced by a gc: the
-    /// caller rescans and looks again).
-    pub fn read(&self, loc: &Loc, prefix: Option<usize>) -> Result<Option<Vec<u8>>> {
-        let (file, path) = {
+    /// Reads an object's stored bytes (the first `prefix` bytes only, if given). `Ok(None)`
+    /// if no known pack holds it, or its pack is gone (replaced by a gc: the caller rescans
+    /// and looks again). Lookup and pack are taken under one lock, so a concurrent rescan
+    /// cannot pair a location with another pack.
+    pub fn read(
+        &self,
+        kind: ObjectKind,
+        digest: &B3Digest,
+        prefix: Option<usize>,
+    ) -> Result<Option<Vec<u8>>> {
+        let (file, path, mut e) = {
             let st = self.read_state()?;
+            let Some(loc) = st.map.get(&(kind, *digest)) else {
+                return Ok(None);
+            };
             let Some(p) = st.packs.get(loc.pack) else {
                 return Ok(None);
             };
@@ -408,9 +469,8 @@ impl PackSet {
                     }
                 },
             };
-            (file, p.path.clone())
+            (file, p.path.clone(), loc.entry)
         };
-        let mut e = loc.entry;
         if let Some(n) = prefix {
             e.len = e.len.min(n as u32);
         }
@@ -451,55 +511,80 @@ impl PackSet {
         };
         names.sort();
         let have: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
-        let ids: Vec<&str> = names
+        let mut ids: Vec<String> = names
             .iter()
             .filter_map(|n| n.strip_suffix(".idx"))
             .filter(|id| is_id(id) && have.contains(format!("{id}.pack").as_str()))
+            .map(str::to_string)
             .collect();
         let mut st = self.write_state()?;
-        let same = st.packs.len() == ids.len() && st.packs.iter().zip(&ids).all(|(p, id)| p.id == *id);
-        st.seen = Some((mtime, now));
-        if same {
-            return Ok(false);
+        // A pack this process committed after the listing above is still there.
+        for p in &st.packs {
+            if !ids.contains(&p.id) && self.index_path(&p.id).exists() {
+                ids.push(p.id.clone());
+            }
         }
-        // Rebuild: cheap next to the reads it serves, and correct when packs went away.
+        ids.sort();
+        st.seen = Some((mtime, now));
+        let listed: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        if st.packs.iter().all(|p| listed.contains(p.id.as_str())) {
+            // Only additions (the common case: another import committed): load just those.
+            let known: std::collections::HashSet<String> =
+                st.packs.iter().map(|p| p.id.clone()).collect();
+            let mut changed = false;
+            for id in ids.iter().filter(|id| !known.contains(id.as_str())) {
+                let Some(entries) = self.entries_or_skip(id, &mut st.bad) else {
+                    continue;
+                };
+                st.push(self.known(id), &entries);
+                changed = true;
+            }
+            return Ok(changed);
+        }
+        // Some pack went away (a gc rewrote it): rebuild.
         let mut old: std::collections::HashMap<String, KnownPack> =
             st.packs.drain(..).map(|p| (p.id.clone(), p)).collect();
         let mut fresh = PackState {
             seen: st.seen,
             ..Default::default()
         };
-        for id in ids {
-            let entries = match self.entries_of(id) {
-                Ok(e) => e,
-                // Replaced by a gc while we looked.
-                Err(StoreError::Io { source, .. })
-                    if source.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    continue
-                }
-                Err(e) => {
-                    tracing::warn!("{e}");
-                    fresh.bad.push((id.to_string(), e.to_string()));
-                    continue;
-                }
+        for id in &ids {
+            let Some(entries) = self.entries_or_skip(id, &mut fresh.bad) else {
+                continue;
             };
-            let known = old.remove(id).unwrap_or_else(|| KnownPack {
-                id: id.to_string(),
-                path: self.pack_path(id),
-                file: Default::default(),
-            });
-            let n = fresh.packs.len();
-            for entry in entries {
-                // Ids sort by age: a later copy of an object replaces an earlier one.
-                fresh
-                    .map
-                    .insert((entry.kind, entry.digest), Loc { pack: n, entry });
-            }
-            fresh.packs.push(known);
+            let known = old.remove(id).unwrap_or_else(|| self.known(id));
+            fresh.push(known, &entries);
         }
         *st = fresh;
         Ok(true)
+    }
+
+    fn known(&self, id: &str) -> KnownPack {
+        KnownPack {
+            id: id.to_string(),
+            path: self.pack_path(id),
+            file: Default::default(),
+        }
+    }
+
+    /// A pack's entries; `None` if it went away meanwhile (a gc) or its index is unreadable
+    /// (recorded in `bad`, for gc and verify to report).
+    fn entries_or_skip(
+        &self,
+        id: &str,
+        bad: &mut Vec<(String, String)>,
+    ) -> Option<Vec<IndexEntry>> {
+        match self.entries_of(id) {
+            Ok(e) => Some(e),
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => {
+                tracing::warn!("{e}");
+                bad.push((id.to_string(), e.to_string()));
+                None
+            }
+        }
     }
 
     /// Reads and checks one pack's index.
@@ -536,14 +621,9 @@ impl PackSet {
     /// Makes a pack this process just committed known without rescanning the directory.
     pub fn add(&self, id: &str, entries: &[IndexEntry]) -> Result<()> {
         let mut st = self.write_state()?;
-        let n = st.packs.len();
-        st.packs.push(KnownPack {
-            id: id.to_string(),
-            path: self.pack_path(id),
-            file: Default::default(),
-        });
-        for e in entries {
-            st.map.insert((e.kind, e.digest), Loc { pack: n, entry: *e });
+        if !st.packs.iter().any(|p| p.id == id) {
+            let known = self.known(id);
+            st.push(known, entries);
         }
         Ok(())
     }

@@ -15,6 +15,11 @@
 //! - Every call has a deadline (`timeout`, default 30 s, with a 5 s connect timeout and a few
 //!   retries inside it): a missing bucket, wrong credentials or a dead endpoint give a one-line
 //!   error, never a hang.
+//! - Pack files (`packs/<id>.pack` + `.idx`, see [`super::pack`]) of a `file://` store copied
+//!   into the bucket are read: an object not found under its own key is looked up in the
+//!   packs' indexes (listed on the first such miss, and again at most every
+//!   [`PACK_RESCAN`]) and fetched with a ranged GET. Objects are written one PUT each, never
+//!   packed, and gc here does not rewrite packs: run it on the `file://` side for those.
 //! - gc: S3 cannot refresh an object's LastModified without rewriting it, so reuse by an import
 //!   does not "touch" objects here. gc's grace rule on `s3://` is therefore based on
 //!   LastModified (the object's upload time) alone: run `gc` on an S3 store only while no
@@ -39,6 +44,7 @@ use object_store::{
 };
 
 use super::local::{decode_chunk, MAX_CHUNK};
+use super::pack::{self, IndexEntry};
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
     ObjectInfo, ObjectKind as Kind, Result, RootService, Store, StoreConfig, StoreError, Usage,
@@ -154,10 +160,23 @@ pub struct S3Store {
     /// Chunks fetched whole by `stat` (of a single-chunk blob), kept for the read that
     /// usually follows, so a small file costs one GET instead of three.
     stash: Arc<Mutex<lru::LruCache<B3Digest, Bytes>>>,
+    packs: Arc<tokio::sync::Mutex<S3Packs>>,
 }
 
 /// Chunks kept in the stash.
 const STASH: usize = 64;
+
+/// Least time between two listings of `packs/` prompted by misses.
+const PACK_RESCAN: Duration = Duration::from_secs(5);
+
+/// The packs of the bucket, as last listed: object → (pack id, entry), newest pack winning.
+#[derive(Default)]
+struct S3Packs {
+    map: std::collections::HashMap<(Kind, B3Digest), (String, IndexEntry)>,
+    /// Pack id → its LastModified.
+    packs: std::collections::HashMap<String, SystemTime>,
+    scanned: Option<std::time::Instant>,
+}
 
 /// One line from an object_store error (they can span lines and be long).
 fn one_line(e: &dyn std::fmt::Display) -> String {
@@ -275,6 +294,7 @@ impl S3Store {
             stash: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(STASH).unwrap_or(std::num::NonZeroUsize::MIN),
             ))),
+            packs: Arc::default(),
         })
     }
 
@@ -498,10 +518,105 @@ impl S3Store {
         Ok(self.key(&format!("roots/{name}")))
     }
 
+    /// An object's stored bytes (or the first `prefix` of them): under its own key, else in a
+    /// pack. `Ok(None)` if neither has it.
+    async fn get_object(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        prefix: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let range = prefix.map(|n| GetRange::Bounded(0..n));
+        if let Some(b) = self.get_raw(&self.object_key(kind, digest), range).await? {
+            return Ok(Some(b));
+        }
+        self.get_packed(kind, digest, prefix).await
+    }
+
+    async fn get_packed(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        prefix: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let Some((id, e)) = self.find_packed(kind, digest).await? else {
+            return Ok(None);
+        };
+        let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
+        let key = self.key(&format!("{}/{id}.pack", pack::PACK_DIR));
+        let got = self
+            .get_raw(&key, Some(GetRange::Bounded(e.offset..e.offset + len)))
+            .await?;
+        Ok(got.filter(|b| b.len() as u64 == len))
+    }
+
+    /// Where a packed object is, listing the packs first if they were never listed or a
+    /// miss comes [`PACK_RESCAN`] after the last listing.
+    async fn find_packed(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+    ) -> Result<Option<(String, IndexEntry)>> {
+        let mut st = self.packs.lock().await;
+        if let Some(hit) = st.map.get(&(kind, *digest)) {
+            return Ok(Some(hit.clone()));
+        }
+        if st.scanned.is_some_and(|t| t.elapsed() < PACK_RESCAN) {
+            return Ok(None);
+        }
+        self.scan_packs(&mut st).await?;
+        Ok(st.map.get(&(kind, *digest)).cloned())
+    }
+
+    /// Lists `packs/` and reads the indexes not read before (all of them again if a pack
+    /// went away).
+    async fn scan_packs(&self, st: &mut S3Packs) -> Result<()> {
+        let listed = self.list_under(pack::PACK_DIR).await?;
+        let mut sizes = std::collections::HashMap::new();
+        let mut times = std::collections::HashMap::new();
+        let mut ids = Vec::new();
+        for m in &listed {
+            let Some(name) = m.location.filename() else {
+                continue;
+            };
+            if let Some(id) = name.strip_suffix(".pack").filter(|id| pack::is_id(id)) {
+                sizes.insert(id.to_string(), m.size);
+                times.insert(id.to_string(), SystemTime::from(m.last_modified));
+            } else if let Some(id) = name.strip_suffix(".idx").filter(|id| pack::is_id(id)) {
+                ids.push(id.to_string());
+            }
+        }
+        ids.retain(|id| sizes.contains_key(id));
+        ids.sort();
+        if st.packs.keys().any(|id| !sizes.contains_key(id)) {
+            *st = S3Packs::default();
+        }
+        ids.retain(|id| !st.packs.contains_key(id));
+        for id in &ids {
+            let key = self.key(&format!("{}/{id}.idx", pack::PACK_DIR));
+            let Some(raw) = self.get_raw(&key, None).await? else {
+                continue;
+            };
+            let size = sizes.get(id).copied().unwrap_or(0);
+            for e in pack::decode_index(id, &raw, size)? {
+                let newer = st
+                    .map
+                    .get(&(e.kind, e.digest))
+                    .is_none_or(|(held, _)| held.as_str() <= id.as_str());
+                if newer {
+                    st.map.insert((e.kind, e.digest), (id.clone(), e));
+                }
+            }
+            let t = times.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH);
+            st.packs.insert(id.clone(), t);
+        }
+        st.scanned = Some(std::time::Instant::now());
+        Ok(())
+    }
+
     /// GETs and verifies one chunk.
     async fn fetch_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
-        let key = self.object_key(Kind::Chunk, chunk);
-        let Some(raw) = self.get_raw(&key, None).await? else {
+        let Some(raw) = self.get_object(Kind::Chunk, chunk, None).await? else {
             return Ok(None);
         };
         let d = *chunk;
@@ -513,9 +628,8 @@ impl S3Store {
 
     /// Uncompressed size of a stored chunk, from its zstd frame header (one ranged GET).
     async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
-        let key = self.object_key(Kind::Chunk, digest);
         let Some(head) = self
-            .get_raw(&key, Some(GetRange::Bounded(0..ZSTD_HEADER)))
+            .get_object(Kind::Chunk, digest, Some(ZSTD_HEADER))
             .await?
         else {
             return Ok(None);
@@ -552,8 +666,7 @@ impl BlobService for S3Store {
                 }],
             }));
         }
-        let key = self.object_key(Kind::BlobIndex, blob);
-        let Some(raw) = self.get_raw(&key, None).await? else {
+        let Some(raw) = self.get_object(Kind::BlobIndex, blob, None).await? else {
             return Ok(None);
         };
         let idx = BlobIndex::decode_valid(&raw)
@@ -576,7 +689,8 @@ impl BlobService for S3Store {
         Ok(self
             .head(&self.object_key(Kind::Chunk, chunk))
             .await?
-            .is_some())
+            .is_some()
+            || self.find_packed(Kind::Chunk, chunk).await?.is_some())
     }
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
@@ -613,8 +727,7 @@ impl BlobService for S3Store {
 #[async_trait]
 impl DirectoryService for S3Store {
     async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
-        let key = self.object_key(Kind::Directory, digest);
-        let Some(raw) = self.get_raw(&key, None).await? else {
+        let Some(raw) = self.get_object(Kind::Directory, digest, None).await? else {
             return Ok(None);
         };
         let actual = B3Digest::of(&raw);
@@ -647,7 +760,8 @@ impl DirectoryService for S3Store {
         Ok(self
             .head(&self.object_key(Kind::Directory, digest))
             .await?
-            .is_some())
+            .is_some()
+            || self.find_packed(Kind::Directory, digest).await?.is_some())
     }
 }
 
@@ -761,7 +875,7 @@ impl Maintenance for S3Store {
     }
 
     async fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
-        Ok(self
+        let mut out: Vec<ObjectInfo> = self
             .list_under(kind.dir())
             .await?
             .into_iter()
@@ -774,7 +888,21 @@ impl Maintenance for S3Store {
                     modified: SystemTime::from(m.last_modified),
                 })
             })
-            .collect())
+            .collect();
+        let loose: HashSet<B3Digest> = out.iter().map(|o| o.digest).collect();
+        let mut st = self.packs.lock().await;
+        self.scan_packs(&mut st).await?;
+        for ((k, digest), (id, e)) in &st.map {
+            if *k == kind && !loose.contains(digest) {
+                out.push(ObjectInfo {
+                    kind,
+                    digest: *digest,
+                    stored_bytes: e.len as u64,
+                    modified: st.packs.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes the object if its LastModified is before `cutoff`. S3 offers no atomic
@@ -785,6 +913,7 @@ impl Maintenance for S3Store {
         digest: &B3Digest,
         cutoff: SystemTime,
     ) -> Result<bool> {
+        // Packed objects stay (see the module docs).
         let key = self.object_key(kind, digest);
         let Some(m) = self.head(&key).await? else {
             return Ok(false);

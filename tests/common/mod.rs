@@ -54,10 +54,127 @@ impl TestStore {
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
-    /// Number of files under a store subdirectory (chunks, blobs, dirs, roots).
-    pub fn count(&self, sub: &str) -> usize {
-        walk_files(&self.path().join(sub)).len()
+    /// A store written one file per object (format 1), for tests that remove or replace
+    /// object files.
+    pub fn loose() -> Self {
+        let s = Self::new();
+        std::fs::create_dir_all(s.path()).unwrap();
+        let config = "format_version = 1\nzstd_level = 3\n\n[chunking]\nmin = 16384\navg = 65536\nmax = 262144\n";
+        std::fs::write(s.path().join("config.toml"), config).unwrap();
+        s
     }
+    /// Number of distinct objects of a kind (`chunks`, `blobs`, `dirs`), loose or packed;
+    /// for `roots`, the number of root files.
+    pub fn count(&self, sub: &str) -> usize {
+        let mut seen: std::collections::HashSet<String> = walk_files(&self.path().join(sub))
+            .iter()
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_string))
+            .filter(|n| !n.starts_with(".tmp-"))
+            .collect();
+        if let Some(code) = kind_code(sub) {
+            for (_, e) in packed_entries(&self.path()) {
+                if e.kind == code {
+                    seen.insert(e.hex);
+                }
+            }
+        }
+        seen.len()
+    }
+    /// Objects as written, copies included: loose object files plus packed entries.
+    pub fn entries(&self) -> usize {
+        let loose: usize = ["chunks", "blobs", "dirs"]
+            .iter()
+            .map(|sub| walk_files(&self.path().join(sub)).len())
+            .sum();
+        loose + packed_entries(&self.path()).len()
+    }
+    /// An object's stored bytes, loose or packed.
+    pub fn object(&self, sub: &str, hex: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.tamper(sub, hex, |raw| out = raw.clone());
+        out
+    }
+    /// Rewrites an object's stored bytes in place, loose or packed (same length for a packed
+    /// one). `sub` is `chunks`, `blobs` or `dirs`.
+    pub fn tamper(&self, sub: &str, hex: &str, f: impl FnOnce(&mut Vec<u8>)) {
+        tamper(&self.path(), sub, hex, f)
+    }
+}
+
+/// [`TestStore::tamper`] for a store at any path (a daemon's, say).
+pub fn tamper(store: &Path, sub: &str, hex: &str, f: impl FnOnce(&mut Vec<u8>)) {
+    {
+        let loose = store.join(sub).join(&hex[..2]).join(hex);
+        if loose.exists() {
+            let mut raw = std::fs::read(&loose).unwrap();
+            f(&mut raw);
+            std::fs::write(&loose, &raw).unwrap();
+            return;
+        }
+        let code = kind_code(sub).expect("an object kind");
+        let (pack, e) = packed_entries(store)
+            .into_iter()
+            .find(|(_, e)| e.kind == code && e.hex == hex)
+            .unwrap_or_else(|| panic!("{sub} {hex} is not in the store"));
+        let mut raw = std::fs::read(&pack).unwrap();
+        let mut obj = raw[e.offset..e.offset + e.len].to_vec();
+        f(&mut obj);
+        assert_eq!(obj.len(), e.len, "a packed object keeps its length");
+        raw[e.offset..e.offset + e.len].copy_from_slice(&obj);
+        std::fs::write(&pack, &raw).unwrap();
+    }
+}
+
+fn kind_code(sub: &str) -> Option<u8> {
+    match sub {
+        "chunks" => Some(0),
+        "blobs" => Some(1),
+        "dirs" => Some(2),
+        _ => None,
+    }
+}
+
+/// One object of a pack, as its index (`packs/<id>.idx`, format in src/store/pack.rs) says.
+pub struct PackedEntry {
+    pub kind: u8,
+    pub hex: String,
+    pub offset: usize,
+    pub len: usize,
+}
+
+/// Every entry of every committed pack of the store at `store`, read with this test's own
+/// parser of the documented format: "GRNIDX01", u64 count, count × (u8 kind, 32-byte digest,
+/// u64 offset, u32 len), blake3 of the rest.
+pub fn packed_entries(store: &Path) -> Vec<(PathBuf, PackedEntry)> {
+    let mut out = Vec::new();
+    for idx in walk_files(&store.join("packs")) {
+        if idx.extension().and_then(|e| e.to_str()) != Some("idx") {
+            continue;
+        }
+        let raw = std::fs::read(&idx).unwrap();
+        assert_eq!(&raw[..8], b"GRNIDX01");
+        let (body, sum) = raw.split_at(raw.len() - 32);
+        assert_eq!(
+            blake3::hash(body).as_bytes(),
+            sum,
+            "{} checksum",
+            idx.display()
+        );
+        let count = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
+        assert_eq!(body.len(), 16 + count * 45);
+        for rec in body[16..].chunks_exact(45) {
+            out.push((
+                idx.with_extension("pack"),
+                PackedEntry {
+                    kind: rec[0],
+                    hex: rec[1..33].iter().map(|b| format!("{b:02x}")).collect(),
+                    offset: u64::from_le_bytes(rec[33..41].try_into().unwrap()) as usize,
+                    len: u32::from_le_bytes(rec[41..45].try_into().unwrap()) as usize,
+                },
+            ));
+        }
+    }
+    out
 }
 
 pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
