@@ -550,7 +550,7 @@ impl LocalStore {
             return Ok(true);
         }
         // As in `read_object_bytes`: a flush or another process may have moved it meanwhile.
-        if !(self.config.packs || !self.packs.is_empty()) {
+        if !self.config.packs && self.packs.is_empty() {
             return Ok(false);
         }
         self.packs.refresh(false)?;

@@ -378,13 +378,19 @@ struct PackState {
 pub struct PackSet {
     dir: PathBuf,
     state: std::sync::RwLock<PackState>,
+    /// Pack files held open; past [`MAX_OPEN_PACKS`] further packs are opened per read, so
+    /// a store of very many packs cannot exhaust the process's descriptors.
+    open: std::sync::atomic::AtomicUsize,
 }
+
+const MAX_OPEN_PACKS: usize = 256;
 
 impl PackSet {
     pub fn new(dir: PathBuf) -> Self {
         Self {
             dir,
             state: Default::default(),
+            open: Default::default(),
         }
     }
 
@@ -462,7 +468,16 @@ impl PackSet {
             let file = match &*slot {
                 Some(f) => f.clone(),
                 None => match std::fs::File::open(&p.path) {
-                    Ok(f) => slot.insert(std::sync::Arc::new(f)).clone(),
+                    Ok(f) => {
+                        let f = std::sync::Arc::new(f);
+                        use std::sync::atomic::Ordering::Relaxed;
+                        if self.open.fetch_add(1, Relaxed) < MAX_OPEN_PACKS {
+                            *slot = Some(f.clone());
+                        } else {
+                            self.open.fetch_sub(1, Relaxed);
+                        }
+                        f
+                    }
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
                     Err(e) => {
                         return Err(StoreError::io(format!("opening {}", p.path.display()), e))
@@ -555,6 +570,12 @@ impl PackSet {
             let known = old.remove(id).unwrap_or_else(|| self.known(id));
             fresh.push(known, &entries);
         }
+        let open = fresh
+            .packs
+            .iter()
+            .filter(|p| p.file.lock().is_ok_and(|f| f.is_some()))
+            .count();
+        self.open.store(open, std::sync::atomic::Ordering::Relaxed);
         *st = fresh;
         Ok(true)
     }

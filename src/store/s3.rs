@@ -543,6 +543,10 @@ impl S3Store {
             return Ok(None);
         };
         let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
+        if len == 0 {
+            // An empty directory encodes to no bytes, and S3 has no empty range.
+            return Ok(Some(Bytes::new()));
+        }
         let key = self.key(&format!("{}/{id}.pack", pack::PACK_DIR));
         let got = self
             .get_raw(&key, Some(GetRange::Bounded(e.offset..e.offset + len)))
