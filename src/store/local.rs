@@ -853,6 +853,10 @@ impl BlobService for LocalStore {
         blocking(move || s.put_chunk_blocking(&digest, &data)).await
     }
 
+    fn put_chunk_here(&self, digest: &B3Digest, data: &[u8]) -> Option<Result<()>> {
+        Some(self.put_chunk_blocking(digest, data))
+    }
+
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
         index.validate()?;
         let s = self.clone();

@@ -166,6 +166,13 @@ pub trait BlobService: Send + Sync {
     /// caller re-hashes and refuses a mismatch.
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;
 
+    /// Stores one chunk on the calling (blocking) thread, if the backend can do that without
+    /// waiting on the network; `None` if it cannot (the caller uses `put_chunk`). Saves the
+    /// two thread hand-offs of an async put for each small file an import reads.
+    fn put_chunk_here(&self, _digest: &B3Digest, _data: &[u8]) -> Option<Result<()>> {
+        None
+    }
+
     /// Records the chunk list of a multi-chunk blob. The chunks must already be stored.
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()>;
 
