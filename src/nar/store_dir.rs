@@ -115,7 +115,7 @@ pub async fn import_store_dir(
             .collect(),
     );
 
-    let results: Vec<(String, EntryResult)> = futures::stream::iter(paths)
+    let mut results = futures::stream::iter(paths)
         .map(|name| {
             let (store, by_hash, progress) = (store.clone(), by_hash.clone(), progress.clone());
             let path = dir.join(&name);
@@ -133,13 +133,28 @@ pub async fn import_store_dir(
                 (name, res)
             }
         })
-        .buffer_unordered(jobs.max(1))
-        .collect()
-        .await;
-    for (name, res) in results {
-        match res {
-            Ok((imp, refs)) => report.imported.push((name, imp, refs)),
-            Err(e) => report.failed.push((name, e)),
+        .buffer_unordered(jobs.max(1));
+    let mut batch: Vec<(String, NarImport, Vec<String>, RootRecord)> = Vec::new();
+    loop {
+        let next = results.next().await;
+        let end = next.is_none();
+        match next {
+            Some((name, Ok((imp, refs, root)))) => batch.push((name, imp, refs, root)),
+            Some((name, Err(e))) => report.failed.push((name, e)),
+            None => {}
+        }
+        if batch.len() >= ROOT_BATCH || (end && !batch.is_empty()) {
+            let roots: Vec<RootRecord> = batch.iter().map(|b| b.3.clone()).collect();
+            let put = store.roots.put_many(&roots).await;
+            for ((name, imp, refs, _), r) in batch.drain(..).zip(put) {
+                match r {
+                    Ok(()) => report.imported.push((name, imp, refs)),
+                    Err(e) => report.failed.push((name, format!("recording root: {e}"))),
+                }
+            }
+        }
+        if end {
+            break;
         }
     }
     report.imported.sort_by(|a, b| a.0.cmp(&b.0));
@@ -147,8 +162,11 @@ pub async fn import_store_dir(
     Ok(report)
 }
 
-/// One entry's import and its references, or why it failed.
-type EntryResult = Result<(NarImport, Vec<String>), String>;
+/// One entry's import, its references and the root to record, or why it failed.
+type EntryResult = Result<(NarImport, Vec<String>, RootRecord), String>;
+
+/// Roots recorded together: one flush (one pack) for the lot instead of one per store path.
+const ROOT_BATCH: usize = 64;
 
 async fn import_one(
     store: Store,
@@ -195,10 +213,5 @@ async fn import_one(
             ..Default::default()
         }),
     };
-    store
-        .roots
-        .put(&root)
-        .await
-        .map_err(|e| format!("recording root: {e}"))?;
-    Ok((imp, references))
+    Ok((imp, references, root))
 }

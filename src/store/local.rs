@@ -51,6 +51,10 @@ const OBJECT_READ_BUF: usize = 64 << 10;
 /// Bytes of a chunk batch read on one thread (see `read_chunks`).
 const BATCH_GROUP_BYTES: u64 = 1 << 20;
 
+/// gc merges packs smaller than this once there are `MERGE_AT` of them.
+const MERGE_BELOW: u64 = 64 << 20;
+const MERGE_AT: usize = 16;
+
 /// Staged objects are flushed once they hold this many bytes or objects.
 const STAGE_MAX_BYTES: u64 = 512 << 20;
 const STAGE_MAX_OBJECTS: usize = 50_000;
@@ -310,13 +314,22 @@ impl LocalStore {
             std::fs::create_dir_all(path.join(sub))
                 .map_err(|e| bad(format!("cannot create {sub}/: {e}")))?;
         }
-        let packs = PackSet::new(path.join(pack::PACK_DIR));
-        packs.refresh(true)?;
+        // The pack indexes are read in the background from here, and waited for by the first
+        // lookup that needs them.
+        let packs = Arc::new(PackSet::new(path.join(pack::PACK_DIR)));
+        {
+            let packs = packs.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = packs.ensure_loaded() {
+                    tracing::warn!("{e}");
+                }
+            });
+        }
         Ok(LocalStore {
             root: Arc::new(path.to_path_buf()),
             config,
             staged: Arc::default(),
-            packs: Arc::new(packs),
+            packs,
             pending: Arc::default(),
         })
     }
@@ -950,6 +963,26 @@ impl RootService for LocalStore {
         .await
     }
 
+    async fn put_many(&self, roots: &[RootRecord]) -> Vec<Result<()>> {
+        let s = self.clone();
+        let roots = roots.to_vec();
+        let n = roots.len();
+        let done = blocking(move || {
+            s.flush_blocking()?;
+            Ok(roots
+                .iter()
+                .map(|r| write_atomic(&s.root_path(&r.name)?, &r.encode(), true))
+                .collect::<Vec<_>>())
+        })
+        .await;
+        match done {
+            Ok(v) => v,
+            Err(e) => (0..n)
+                .map(|_| Err(StoreError::Backend(e.to_string())))
+                .collect(),
+        }
+    }
+
     async fn list(&self) -> Result<Vec<String>> {
         let dir = self.root.join("roots");
         blocking(move || {
@@ -1077,17 +1110,59 @@ impl LocalStore {
         Ok(old)
     }
 
-    /// Rewrites every pack holding one of `dead` without it, keeping the rest (each object
-    /// verified on the way: a corrupt one is dropped, never copied). With a `cutoff`, a pack
-    /// modified at or after it is left whole — checked before and again after moving it aside,
-    /// since a put that reuses an object refreshes its pack's time. Returns how many objects
-    /// were removed.
+    /// Rewrites every pack holding one of `dead` without it (see [`Self::rewrite_packs`]).
+    /// Returns how many objects were removed.
     fn repack(
         &self,
         dead: &std::collections::HashSet<(Kind, B3Digest)>,
         cutoff: Option<SystemTime>,
     ) -> Result<u64> {
         self.packs.refresh(true)?;
+        let mut ids = Vec::new();
+        for id in self.packs.ids() {
+            match self.packs.entries_of(&id) {
+                Ok(e) if e.iter().any(|e| dead.contains(&(e.kind, e.digest))) => ids.push(id),
+                Ok(_) => {}
+                Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.rewrite_packs(&ids, dead, cutoff)
+    }
+
+    /// Merges the packs smaller than [`MERGE_BELOW`] and older than `cutoff` into one, once
+    /// there are [`MERGE_AT`] of them: every import (and every root `import-store` records
+    /// in a batch) leaves a pack, and a reader opens and indexes each.
+    fn merge_small_packs(&self, cutoff: SystemTime) -> Result<usize> {
+        self.packs.refresh(true)?;
+        let small: Vec<String> = self
+            .packs
+            .ids()
+            .into_iter()
+            .filter(|id| {
+                std::fs::metadata(self.packs.pack_path(id))
+                    .is_ok_and(|m| m.len() < MERGE_BELOW && m.modified().is_ok_and(|t| t < cutoff))
+            })
+            .collect();
+        if small.len() < MERGE_AT {
+            return Ok(0);
+        }
+        self.rewrite_packs(&small, &Default::default(), Some(cutoff))?;
+        Ok(small.len())
+    }
+
+    /// Writes the objects of packs `ids`, except `dead` ones, into new packs, then removes
+    /// the old ones. Every object kept is verified on the way: a corrupt one is dropped,
+    /// never copied. With a `cutoff`, a pack modified at or after it is left whole — checked
+    /// before copying and again after moving it aside, since a put that reuses an object
+    /// refreshes its pack's time (its objects then exist twice; the newer copy is read).
+    /// Returns how many `dead` objects were removed.
+    fn rewrite_packs(
+        &self,
+        ids: &[String],
+        dead: &std::collections::HashSet<(Kind, B3Digest)>,
+        cutoff: Option<SystemTime>,
+    ) -> Result<u64> {
         let young = |p: &Path| -> Result<Option<bool>> {
             Ok(match (modified(p)?, cutoff) {
                 (None, _) => None,
@@ -1095,33 +1170,36 @@ impl LocalStore {
                 (Some(_), None) => Some(false),
             })
         };
-        let mut removed = 0;
-        for id in self.packs.ids() {
-            let entries = match self.packs.entries_of(&id) {
+        let mut writer: Option<PackWriter> = None;
+        let mut copied: std::collections::HashSet<(Kind, B3Digest)> = Default::default();
+        let mut sources: Vec<(String, u64)> = Vec::new();
+        for id in ids {
+            let path = self.packs.pack_path(id);
+            if young(&path)? != Some(false) {
+                continue;
+            }
+            let entries = match self.packs.entries_of(id) {
                 Ok(e) => e,
                 Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => {
                     continue
                 }
                 Err(e) => return Err(e),
             };
-            let dropped = entries
-                .iter()
-                .filter(|e| dead.contains(&(e.kind, e.digest)))
-                .count() as u64;
-            let path = self.packs.pack_path(&id);
-            if dropped == 0 || young(&path)? != Some(false) {
-                continue;
-            }
             let file = match std::fs::File::open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == ErrorKind::NotFound => continue,
                 Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
             };
-            let mut writer: Option<PackWriter> = None;
-            for e in entries
-                .iter()
-                .filter(|e| !dead.contains(&(e.kind, e.digest)))
-            {
+            let mut dropped = 0;
+            for e in &entries {
+                let key = (e.kind, e.digest);
+                if dead.contains(&key) {
+                    dropped += 1;
+                    continue;
+                }
+                if !copied.insert(key) {
+                    continue;
+                }
                 let raw = pack::read_at(&file, &path, e)?;
                 if let Err(err) = verify_stored(e.kind, &e.digest, &raw) {
                     tracing::warn!("dropping {err} while rewriting pack {id}");
@@ -1132,8 +1210,23 @@ impl LocalStore {
                     None => writer.insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
                 };
                 w.append(e.kind, e.digest, &raw)?;
+                if w.bytes() >= STAGE_MAX_BYTES {
+                    if let Some(full) = writer.take() {
+                        full.commit(TMP_PREFIX)?;
+                    }
+                }
             }
-            let new_id = writer.map(|w| w.commit(TMP_PREFIX)).transpose()?;
+            sources.push((id.clone(), dropped));
+        }
+        // The copies are durable and indexed before any original goes.
+        if let Some(w) = writer.take() {
+            if !w.is_empty() {
+                w.commit(TMP_PREFIX)?;
+            }
+        }
+        let mut removed = 0;
+        for (id, dropped) in sources {
+            let path = self.packs.pack_path(&id);
             let aside = self.packs.dir().join(format!("{TMP_PREFIX}gc-{id}.pack"));
             match std::fs::rename(&path, &aside) {
                 Ok(()) => {}
@@ -1143,10 +1236,6 @@ impl LocalStore {
             if young(&aside)? == Some(true) {
                 std::fs::rename(&aside, &path)
                     .map_err(|e| StoreError::io(format!("restoring {}", path.display()), e))?;
-                if let Some(n) = new_id {
-                    remove_if_present(&self.packs.index_path(&n))?;
-                    remove_if_present(&self.packs.pack_path(&n))?;
-                }
                 continue;
             }
             remove_if_present(&self.packs.index_path(&id))?;
@@ -1221,6 +1310,10 @@ impl LocalStore {
         };
         if !dead.is_empty() {
             self.repack(&dead, Some(cutoff))?;
+        }
+        let merged = self.merge_small_packs(cutoff)?;
+        if merged > 0 {
+            tracing::info!("merged {merged} small packs");
         }
         let mut n = self.sweep_orphan_packs(cutoff)?;
         let mut dirs = vec![
@@ -1432,6 +1525,32 @@ mod tests {
         s.repack(&[(Kind::Chunk, keep)].into_iter().collect(), None)
             .unwrap();
         assert!(s.read_chunk_blocking(&keep).unwrap().is_none());
+    }
+
+    #[test]
+    fn gc_merges_many_small_packs_into_one() {
+        let d = tempfile::tempdir().unwrap();
+        let s = open(d.path());
+        let mut all = Vec::new();
+        for i in 0..(MERGE_AT + 4) {
+            all.push(put(&s, format!("object {i}").as_bytes()));
+            s.flush_blocking().unwrap();
+        }
+        assert_eq!(pack_files(d.path()).len(), MERGE_AT + 4);
+        // Packs younger than the cutoff are not merged.
+        s.sweep_temp_blocking(SystemTime::now() - Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(pack_files(d.path()).len(), MERGE_AT + 4);
+        let reader = open(d.path());
+        s.sweep_temp_blocking(SystemTime::now() + Duration::from_secs(60))
+            .unwrap();
+        assert_eq!(pack_files(d.path()).len(), 1);
+        for c in &all {
+            assert!(s.read_chunk_blocking(c).unwrap().is_some());
+            // A reader that indexed the old packs finds them gone and rescans.
+            assert!(reader.read_chunk_blocking(c).unwrap().is_some());
+        }
+        assert_eq!(s.list_blocking(Kind::Chunk).unwrap().len(), all.len());
     }
 
     #[test]

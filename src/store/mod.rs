@@ -223,6 +223,16 @@ pub trait RootService: Send + Sync {
     async fn get(&self, name: &str) -> Result<Option<RootRecord>>;
     /// Creates or atomically replaces the root of that name.
     async fn put(&self, root: &RootRecord) -> Result<()>;
+
+    /// Records several roots, one result each. A local store makes everything they refer to
+    /// durable once for the lot (one pack rather than one per root).
+    async fn put_many(&self, roots: &[RootRecord]) -> Vec<Result<()>> {
+        let mut out = Vec::with_capacity(roots.len());
+        for r in roots {
+            out.push(self.put(r).await);
+        }
+        out
+    }
     /// All root names, sorted.
     async fn list(&self) -> Result<Vec<String>>;
     /// Removes a root; `Ok(false)` if there was none.

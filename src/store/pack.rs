@@ -381,6 +381,10 @@ pub struct PackSet {
     /// Pack files held open; past [`MAX_OPEN_PACKS`] further packs are opened per read, so
     /// a store of very many packs cannot exhaust the process's descriptors.
     open: std::sync::atomic::AtomicUsize,
+    /// Whether the indexes were read once (it is done on first use, not at open: a store of
+    /// a million objects takes a while to index, and a mount's first stat needs none).
+    loaded: std::sync::atomic::AtomicBool,
+    load: std::sync::Mutex<()>,
 }
 
 const MAX_OPEN_PACKS: usize = 256;
@@ -391,7 +395,26 @@ impl PackSet {
             dir,
             state: Default::default(),
             open: Default::default(),
+            loaded: Default::default(),
+            load: Default::default(),
         }
+    }
+
+    /// Reads every index, once; concurrent first users wait for the one that does it.
+    pub fn ensure_loaded(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        if self.loaded.load(Acquire) {
+            return Ok(());
+        }
+        let _g = self
+            .load
+            .lock()
+            .map_err(|_| StoreError::Backend("pack load lock poisoned".into()))?;
+        if !self.loaded.load(Acquire) {
+            self.refresh(true)?;
+            self.loaded.store(true, Release);
+        }
+        Ok(())
     }
 
     pub fn dir(&self) -> &Path {
@@ -411,12 +434,15 @@ impl PackSet {
     }
 
     pub fn contains(&self, kind: ObjectKind, digest: &B3Digest) -> bool {
+        // A failed load shows up as "absent" here and as its error on the read that follows.
+        let _ = self.ensure_loaded();
         self.state
             .read()
             .is_ok_and(|s| s.map.contains_key(&(kind, *digest)))
     }
 
     pub fn is_empty(&self) -> bool {
+        let _ = self.ensure_loaded();
         self.state.read().map_or(true, |s| s.map.is_empty())
     }
 
@@ -438,6 +464,7 @@ impl PackSet {
 
     /// The path of the newest pack holding an object.
     pub fn path_of(&self, kind: ObjectKind, digest: &B3Digest) -> Option<PathBuf> {
+        self.ensure_loaded().ok()?;
         let st = self.state.read().ok()?;
         let loc = st.map.get(&(kind, *digest))?;
         st.packs.get(loc.pack).map(|p| p.path.clone())
@@ -453,6 +480,7 @@ impl PackSet {
         digest: &B3Digest,
         prefix: Option<usize>,
     ) -> Result<Option<Vec<u8>>> {
+        self.ensure_loaded()?;
         let (file, path, mut e) = {
             let st = self.read_state()?;
             let Some(loc) = st.map.get(&(kind, *digest)) else {
@@ -495,6 +523,10 @@ impl PackSet {
     /// Rescans the directory if it changed since the last scan (or `force`). Returns whether
     /// anything changed.
     pub fn refresh(&self, force: bool) -> Result<bool> {
+        if !force && !self.loaded.load(std::sync::atomic::Ordering::Acquire) {
+            self.ensure_loaded()?;
+            return Ok(true);
+        }
         let mtime = match std::fs::metadata(&self.dir) {
             Ok(m) => m.modified().ok(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
