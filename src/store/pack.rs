@@ -70,7 +70,24 @@ pub fn is_id(id: &str) -> bool {
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
 }
 
+/// Order of entries in an index (and in memory): by digest, then kind, so a lookup is a
+/// binary search.
+fn order(a: &IndexEntry, b: &IndexEntry) -> std::cmp::Ordering {
+    (a.digest.as_bytes(), kind_code(a.kind)).cmp(&(b.digest.as_bytes(), kind_code(b.kind)))
+}
+
+/// Sorts entries into index order (a no-op for an index this granary wrote).
+fn sorted(mut entries: Vec<IndexEntry>) -> Vec<IndexEntry> {
+    if !entries.is_sorted_by(|a, b| order(a, b).is_le()) {
+        entries.sort_unstable_by(order);
+    }
+    entries
+}
+
+/// Encodes an index, entries in index order.
 pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
+    let entries = sorted(entries.to_vec());
+    let entries = &entries[..];
     let mut out = Vec::with_capacity(INDEX_OVERHEAD + entries.len() * ENTRY_BYTES);
     out.extend_from_slice(INDEX_MAGIC);
     out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
@@ -299,6 +316,46 @@ mod tests {
     }
 
     #[test]
+    fn lookups_find_the_newest_copy_in_any_index_order() {
+        let d = tempfile::tempdir().unwrap();
+        let set = PackSet::new(d.path().to_path_buf());
+        let objs: Vec<B3Digest> = (0..50u8).map(|i| B3Digest::of(&[i])).collect();
+        // An old pack holding every object, its index in write order (as an index from
+        // before sorting was introduced would be).
+        let mut w = PackWriter::new(d.path(), ".tmp-").unwrap();
+        for (i, o) in objs.iter().enumerate() {
+            w.append(ObjectKind::Chunk, *o, &[b'a', i as u8]).unwrap();
+        }
+        let old_entries = w.entries().to_vec();
+        let old = w.commit(".tmp-").unwrap();
+        let mut raw = INDEX_MAGIC.to_vec();
+        raw.extend_from_slice(&(old_entries.len() as u64).to_le_bytes());
+        for e in &old_entries {
+            raw.push(kind_code(e.kind));
+            raw.extend_from_slice(e.digest.as_bytes());
+            raw.extend_from_slice(&e.offset.to_le_bytes());
+            raw.extend_from_slice(&e.len.to_le_bytes());
+        }
+        let sum = blake3::hash(&raw);
+        raw.extend_from_slice(sum.as_bytes());
+        std::fs::write(d.path().join(format!("{old}.idx")), raw).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // A newer pack holding a second copy of every other object.
+        let mut w = PackWriter::new(d.path(), ".tmp-").unwrap();
+        for (i, o) in objs.iter().enumerate().step_by(2) {
+            w.append(ObjectKind::Chunk, *o, &[b'b', i as u8]).unwrap();
+        }
+        w.commit(".tmp-").unwrap();
+        for (i, o) in objs.iter().enumerate() {
+            let got = set.read(ObjectKind::Chunk, o, None).unwrap().unwrap();
+            let want = if i % 2 == 0 { b'b' } else { b'a' };
+            assert_eq!(got, vec![want, i as u8], "object {i}");
+            assert!(!set.contains(ObjectKind::Directory, o));
+        }
+        assert_eq!(set.objects(ObjectKind::Chunk).len(), objs.len());
+    }
+
+    #[test]
     fn writer_commits_a_pack_and_its_index() {
         let d = tempfile::tempdir().unwrap();
         let mut w = PackWriter::new(d.path(), ".tmp-").unwrap();
@@ -314,7 +371,10 @@ mod tests {
         let pack = d.path().join(format!("{id}.pack"));
         let raw = std::fs::read(d.path().join(format!("{id}.idx"))).unwrap();
         let len = std::fs::metadata(&pack).unwrap().len();
-        assert_eq!(decode_index(&id, &raw, len).unwrap(), vec![a, b]);
+        // The index lists entries by digest, whatever the order they were written in.
+        let mut want = vec![a, b];
+        want.sort_by(order);
+        assert_eq!(decode_index(&id, &raw, len).unwrap(), want);
         let f = std::fs::File::open(&pack).unwrap();
         assert_eq!(read_at(&f, &pack, &a).unwrap(), b"hello");
         // Nothing but the pack and its index is left behind.
@@ -326,47 +386,30 @@ mod tests {
 struct KnownPack {
     id: String,
     path: PathBuf,
+    /// Its index, in index order.
+    entries: Vec<IndexEntry>,
     /// Opened on first read and kept: a gc that replaces the pack unlinks it, and reads through
     /// an open descriptor still see its bytes.
     file: std::sync::Mutex<Option<std::sync::Arc<std::fs::File>>>,
 }
 
-/// Where an object of a known pack is.
-#[derive(Debug, Clone, Copy)]
-struct Loc {
-    pack: usize,
-    entry: IndexEntry,
-}
-
 impl PackState {
-    /// Adds a pack and its entries; where an object is in several packs, the newest (ids
-    /// sort by age) is the one read.
-    fn push(&mut self, pack: KnownPack, entries: &[IndexEntry]) {
-        let n = self.packs.len();
-        for entry in entries {
-            let key = (entry.kind, entry.digest);
-            let newer = match self.map.get(&key).and_then(|l| self.packs.get(l.pack)) {
-                Some(held) => held.id <= pack.id,
-                None => true,
-            };
-            if newer {
-                self.map.insert(
-                    key,
-                    Loc {
-                        pack: n,
-                        entry: *entry,
-                    },
-                );
-            }
-        }
-        self.packs.push(pack);
+    /// The newest pack holding an object, and where in it: a binary search per pack.
+    fn find(&self, kind: ObjectKind, digest: &B3Digest) -> Option<(&KnownPack, IndexEntry)> {
+        let key = (digest.as_bytes(), kind_code(kind));
+        self.packs.iter().rev().find_map(|p| {
+            p.entries
+                .binary_search_by(|e| (e.digest.as_bytes(), kind_code(e.kind)).cmp(&key))
+                .ok()
+                .map(|i| (p, p.entries[i]))
+        })
     }
 }
 
 #[derive(Default)]
 struct PackState {
+    /// Oldest first (ids sort by age).
     packs: Vec<KnownPack>,
-    map: std::collections::HashMap<(ObjectKind, B3Digest), Loc>,
     /// The packs directory's mtime at the last scan, and when that scan ran.
     seen: Option<(std::time::SystemTime, std::time::SystemTime)>,
     /// Indexes that could not be read at the last scan: (id, reason).
@@ -438,12 +481,14 @@ impl PackSet {
         let _ = self.ensure_loaded();
         self.state
             .read()
-            .is_ok_and(|s| s.map.contains_key(&(kind, *digest)))
+            .is_ok_and(|s| s.find(kind, digest).is_some())
     }
 
     pub fn is_empty(&self) -> bool {
         let _ = self.ensure_loaded();
-        self.state.read().map_or(true, |s| s.map.is_empty())
+        self.state
+            .read()
+            .map_or(true, |s| s.packs.iter().all(|p| p.entries.is_empty()))
     }
 
     /// The committed packs' ids, oldest first, as of the last scan.
@@ -466,8 +511,7 @@ impl PackSet {
     pub fn path_of(&self, kind: ObjectKind, digest: &B3Digest) -> Option<PathBuf> {
         self.ensure_loaded().ok()?;
         let st = self.state.read().ok()?;
-        let loc = st.map.get(&(kind, *digest))?;
-        st.packs.get(loc.pack).map(|p| p.path.clone())
+        st.find(kind, digest).map(|(p, _)| p.path.clone())
     }
 
     /// Reads an object's stored bytes (the first `prefix` bytes only, if given). `Ok(None)`
@@ -483,10 +527,7 @@ impl PackSet {
         self.ensure_loaded()?;
         let (file, path, mut e) = {
             let st = self.read_state()?;
-            let Some(loc) = st.map.get(&(kind, *digest)) else {
-                return Ok(None);
-            };
-            let Some(p) = st.packs.get(loc.pack) else {
+            let Some((p, entry)) = st.find(kind, digest) else {
                 return Ok(None);
             };
             let mut slot = p
@@ -512,7 +553,7 @@ impl PackSet {
                     }
                 },
             };
-            (file, p.path.clone(), loc.entry)
+            (file, p.path.clone(), entry)
         };
         if let Some(n) = prefix {
             e.len = e.len.min(n as u32);
@@ -583,9 +624,10 @@ impl PackSet {
                 let Some(entries) = self.entries_or_skip(id, &mut st.bad) else {
                     continue;
                 };
-                st.push(self.known(id), &entries);
+                st.packs.push(self.known(id, entries));
                 changed = true;
             }
+            st.packs.sort_by(|a, b| a.id.cmp(&b.id));
             return Ok(changed);
         }
         // Some pack went away (a gc rewrote it): rebuild.
@@ -599,8 +641,14 @@ impl PackSet {
             let Some(entries) = self.entries_or_skip(id, &mut fresh.bad) else {
                 continue;
             };
-            let known = old.remove(id).unwrap_or_else(|| self.known(id));
-            fresh.push(known, &entries);
+            let known = match old.remove(id) {
+                Some(k) => KnownPack {
+                    entries: sorted(entries),
+                    ..k
+                },
+                None => self.known(id, entries),
+            };
+            fresh.packs.push(known);
         }
         let open = fresh
             .packs
@@ -612,10 +660,11 @@ impl PackSet {
         Ok(true)
     }
 
-    fn known(&self, id: &str) -> KnownPack {
+    fn known(&self, id: &str, entries: Vec<IndexEntry>) -> KnownPack {
         KnownPack {
             id: id.to_string(),
             path: self.pack_path(id),
+            entries: sorted(entries),
             file: Default::default(),
         }
     }
@@ -662,11 +711,16 @@ impl PackSet {
         let Ok(st) = self.state.read() else {
             return Vec::new();
         };
-        st.map
-            .iter()
-            .filter(|((k, _), _)| *k == kind)
-            .filter_map(|(_, loc)| Some((loc.entry, st.packs.get(loc.pack)?.id.clone())))
-            .collect()
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for p in st.packs.iter().rev() {
+            for e in p.entries.iter().filter(|e| e.kind == kind) {
+                if seen.insert(e.digest) {
+                    out.push((*e, p.id.clone()));
+                }
+            }
+        }
+        out
     }
 }
 
@@ -675,8 +729,9 @@ impl PackSet {
     pub fn add(&self, id: &str, entries: &[IndexEntry]) -> Result<()> {
         let mut st = self.write_state()?;
         if !st.packs.iter().any(|p| p.id == id) {
-            let known = self.known(id);
-            st.push(known, entries);
+            let known = self.known(id, entries.to_vec());
+            st.packs.push(known);
+            st.packs.sort_by(|a, b| a.id.cmp(&b.id));
         }
         Ok(())
     }
