@@ -397,12 +397,14 @@ impl LocalStore {
     pub fn flush_blocking(&self) -> Result<()> {
         let mut st = self.lock_staged()?;
         if let Some(writer) = st.pack.take() {
+            // Nothing is staged any more, even if the commit fails (a long-lived daemon must
+            // not later skip these objects as "staged" and record a root without them).
+            st.packed.clear();
             if !writer.is_empty() {
                 let entries = writer.entries().to_vec();
                 let id = writer.commit(TMP_PREFIX)?;
                 self.packs.add(&id, &entries)?;
             }
-            st.packed.clear();
         }
         if st.objects.is_empty() {
             return Ok(());
