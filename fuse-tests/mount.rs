@@ -640,3 +640,62 @@ fn bad_mount_points_are_refused_clearly() {
     assert!(err.contains("nosuchroot"), "{err}");
     assert!(!mounted(&empty));
 }
+
+#[test]
+fn nonempty_mount_points_need_the_option() {
+    require_fuse!();
+    let store = store_with_one_file();
+    let put_file = |p: &Path| std::fs::write(p.join("hidden"), b"under the mount").unwrap();
+    let err = match Mount::try_start_prepared(&store.url(), &[], DEFAULT_LIMIT, put_file) {
+        Ok(_) => panic!("mounted over a non-empty directory without --nonempty"),
+        Err(e) => e,
+    };
+    assert!(
+        err.contains("not empty") && err.contains("--nonempty"),
+        "{err}"
+    );
+    let m =
+        Mount::try_start_prepared(&store.url(), &["--nonempty"], DEFAULT_LIMIT, put_file).unwrap();
+    assert!(
+        !m.path().join("hidden").exists(),
+        "the mount hides what was there"
+    );
+    assert_eq!(std::fs::read_dir(m.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn nix_mount_shows_what_nix_expects_of_its_store_directory() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    write(&src.join("bin/tool"), b"#!/bin/sh\necho tool\n", true);
+    let path_name = format!("{}-tool-1.0", "a".repeat(32));
+    import_named(&store, &src, &path_name);
+    import_named(&store, &src, "rootfs");
+    let m = Mount::start(&store.url(), &["--nix", "--nix-group", "root"]);
+    let meta = std::fs::metadata(m.path()).unwrap();
+    assert_eq!(
+        (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        (0, 0, 0o1775)
+    );
+    let mut names: Vec<String> = std::fs::read_dir(m.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec![".links".to_string(), path_name.clone()]);
+    assert_eq!(
+        std::fs::read_dir(m.path().join(".links")).unwrap().count(),
+        0
+    );
+    // Roots that are not store paths are not there, even by name.
+    let e = std::fs::metadata(m.path().join("rootfs")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(
+        std::fs::read(m.path().join(&path_name).join("bin/tool")).unwrap(),
+        b"#!/bin/sh\necho tool\n"
+    );
+    // Still read-only.
+    let e = std::fs::create_dir(m.path().join(".links/x")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+}

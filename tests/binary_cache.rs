@@ -51,6 +51,9 @@ fn fixture() -> Fixture {
     ts.ok(&[
         "import-store",
         real(&src_store, "/nix/store").to_str().unwrap(),
+        // `nix-store --add` registers no references; scanning finds dep -> lib, which is the
+        // closure these tests copy.
+        "--no-db",
     ]);
     Fixture {
         nix,

@@ -109,9 +109,20 @@ impl Mount {
 
     /// Like `start`, but returns granary's failure (exit status and stderr) as an error.
     pub fn try_start(store_url: &str, extra: &[&str], limit: Duration) -> Result<Mount, String> {
+        Self::try_start_prepared(store_url, extra, limit, |_| {})
+    }
+
+    /// Like `try_start`, with `prepare` called on the mount point before mounting.
+    pub fn try_start_prepared(
+        store_url: &str,
+        extra: &[&str],
+        limit: Duration,
+        prepare: impl FnOnce(&Path),
+    ) -> Result<Mount, String> {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let path = dir.path().join("mnt");
         std::fs::create_dir(&path).map_err(|e| e.to_string())?;
+        prepare(&path);
         let log = dir.path().join("stderr");
         let child = Command::new(granary_bin())
             .arg("--store")

@@ -18,6 +18,7 @@
 pub mod index;
 pub mod narinfo;
 pub mod sign;
+pub mod substitute;
 
 use std::collections::HashMap;
 use std::io;
@@ -100,6 +101,8 @@ pub struct BinaryCache {
     /// Compressed NAR file names of recorded uploads -> their NAR hash. A Nix client caches
     /// the narinfo it uploaded, so it asks for that file name later, not ours.
     uploaded: std::sync::Mutex<HashMap<String, NarHash>>,
+    /// Where paths the store lacks are fetched from (a caching proxy), if anywhere.
+    upstream: Option<Arc<substitute::Substituter>>,
 }
 
 /// Upload file names remembered, at most (an entry is about 100 bytes).
@@ -107,13 +110,48 @@ const MAX_UPLOADED: usize = 100_000;
 
 impl BinaryCache {
     pub fn new(store: Store, opts: CacheOptions) -> Arc<Self> {
+        Self::with_upstream(store, opts, None)
+    }
+
+    /// A cache that fetches the paths its store lacks from `upstream` (stored deduplicated,
+    /// then served like the rest).
+    pub fn with_upstream(
+        store: Store,
+        opts: CacheOptions,
+        upstream: Option<Arc<substitute::Substituter>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             opts,
             index: RootIndex::new(),
             pending: std::sync::Mutex::new(HashMap::new()),
             uploaded: std::sync::Mutex::new(HashMap::new()),
+            upstream,
         })
+    }
+
+    /// The name of the store path with this hash part: from the index, else fetched upstream.
+    async fn name_by_hash(&self, hash: &str) -> Result<Option<String>, HttpError> {
+        if let Some(name) = self.index.by_hash(&self.store, hash).await? {
+            return Ok(Some(name));
+        }
+        let Some(up) = &self.upstream else {
+            return Ok(None);
+        };
+        match up.fetch(hash).await {
+            Ok(Some(rec)) => {
+                let nar = rec
+                    .nix
+                    .as_ref()
+                    .and_then(|n| NarHash::try_from(&n.nar_sha256[..]).ok());
+                if let Some(nar) = nar {
+                    self.index.insert(&rec.name, nar).await;
+                }
+                Ok(Some(rec.name))
+            }
+            Ok(None) => Ok(None),
+            Err(e) => Err(HttpError(StatusCode::BAD_GATEWAY, e.to_string())),
+        }
     }
 
     /// Loads the root index; returns how many roots carry Nix metadata.
@@ -329,7 +367,7 @@ async fn get_file(
     let Some(hash) = narinfo_hash(&file) else {
         return Err(HttpError::not_found(format!("{file}: not in this cache")));
     };
-    let Some(name) = c.index.by_hash(&c.store, hash).await? else {
+    let Some(name) = c.name_by_hash(hash).await? else {
         return Err(HttpError::not_found(format!("{hash}: no such store path")));
     };
     let nix = match c.store.roots.get(&name).await? {

@@ -48,6 +48,10 @@ pub struct ServeCacheArgs {
     /// How long SIGTERM waits for transfers in flight before exiting anyway.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     drain_timeout: String,
+    /// A path the store lacks is fetched from these upstream caches, stored deduplicated
+    /// and served: a deduplicating caching proxy in front of a Nix cache.
+    #[command(flatten)]
+    substitute: super::substitute::SubstituteArgs,
 }
 
 fn read_secret(path: &PathBuf, what: &str) -> Result<String> {
@@ -90,7 +94,10 @@ pub async fn cmd_serve_cache(store: Store, args: ServeCacheArgs) -> Result<ExitC
         bail!("--listen {addr}: a non-loopback address needs --token-file");
     }
     let public = sign_key.as_ref().map(|k| k.public());
-    let cache = BinaryCache::new(
+    let upstream = args
+        .substitute
+        .build(&store, crate::nar::store_path::DEFAULT_STORE_DIR)?;
+    let cache = BinaryCache::with_upstream(
         store,
         CacheOptions {
             priority: args.priority,
@@ -102,6 +109,7 @@ pub async fn cmd_serve_cache(store: Store, args: ServeCacheArgs) -> Result<ExitC
             pending_ttl,
             ..CacheOptions::default()
         },
+        upstream,
     );
     let roots = cache.load_index().await.context("reading the roots")?;
     let listener = tokio::net::TcpListener::bind(addr)

@@ -24,6 +24,7 @@ mod maintain;
 mod mount;
 mod nar;
 mod sandbox;
+mod substitute;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -168,13 +169,37 @@ enum Command {
         #[arg(short, long, value_name = "FILE")]
         output: Option<PathBuf>,
     },
-    /// Import every <hash>-<name> entry of a Nix-store-like directory as a root with its NAR
-    /// hash and references (to other entries); other entries are reported and skipped.
+    /// Import every <hash>-<name> entry of a Nix store directory as a root with its Nix
+    /// metadata. Where Nix's database is found (/nix/store -> /nix/var/nix/db/db.sqlite; a
+    /// chroot store ROOT/nix/store -> ROOT/nix/var/nix/db/db.sqlite) or given with --db, only
+    /// the paths it registers are imported, with their references, deriver, signatures and
+    /// CA, and each NAR hash is checked against it. Without one, references are found by
+    /// scanning (a .drv's are its inputs). Other entries are reported and skipped.
     ImportStore {
         dir: PathBuf,
         /// Store paths imported at once (default: number of cores).
         #[arg(long, value_name = "N")]
         jobs: Option<usize>,
+        /// Nix's database to take metadata from (default: found beside DIR, as above).
+        #[arg(long, value_name = "DB_SQLITE", conflicts_with = "no_db")]
+        db: Option<PathBuf>,
+        /// Ignore Nix's database even if there is one; scan for references instead.
+        #[arg(long)]
+        no_db: bool,
+        /// Store directory the database's paths are under.
+        #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+        store_dir: String,
+    },
+    /// Print the registration of Nix paths the store holds (every root with Nix metadata, or
+    /// the closure of ROOTs) in the format `nix-store --load-db` reads: on a machine whose
+    /// /nix/store is a granary mount, `granary nix-db | nix-store --load-db` makes Nix
+    /// consider those paths valid (hash, size, references, deriver).
+    NixDb {
+        /// Store paths (basenames) whose closures to print (default: all).
+        roots: Vec<String>,
+        /// Store directory to print the paths under.
+        #[arg(long, default_value = "/nix/store", value_name = "DIR")]
+        store_dir: String,
     },
     /// Print the .narinfo of a root that carries Nix metadata.
     Narinfo {
@@ -368,7 +393,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::ExportNar { root, output } => {
             nar::cmd_export_nar(&store, &root, output.as_deref()).await
         }
-        Command::ImportStore { dir, jobs } => nar::cmd_import_store(&store, &dir, jobs).await,
+        Command::ImportStore {
+            dir,
+            jobs,
+            db,
+            no_db,
+            store_dir,
+        } => {
+            let db = nar::DbChoice::pick(&dir, db, no_db);
+            nar::cmd_import_store(&store, &dir, jobs, db, &store_dir).await
+        }
+        Command::NixDb { roots, store_dir } => nar::cmd_nix_db(&store, &roots, &store_dir).await,
         Command::Narinfo { root, store_dir } => nar::cmd_narinfo(&store, &root, &store_dir).await,
         Command::Daemon(args) => daemon::cmd_daemon(store, args).await,
         Command::ServeCache(args) => cache_http::cmd_serve_cache(store, args).await,

@@ -16,8 +16,16 @@ use crate::store::Store;
 use crate::tree;
 
 #[derive(clap::Args, Debug)]
+#[command(
+    after_help = "A Nix store on granary (see README \"Nix store on granary\"):\n  \
+    granary mount /nix/store --nix --allow-other &\n  \
+    granary nix-db | nix-store --load-db\n\
+    With --substituter URL --trusted-public-key NAME:KEY, a store path the store lacks is \
+    fetched from that binary cache on first lookup."
+)]
 pub struct MountArgs {
-    /// Where to mount: an existing, empty directory that is not already a mount point.
+    /// Where to mount: an existing, empty directory that is not already a mount point
+    /// (see --nonempty).
     pub mountpoint: PathBuf,
     /// Mount one tree (a root name or a directory digest) instead of the list of roots.
     #[arg(long, value_name = "NAME|DIGEST")]
@@ -42,13 +50,47 @@ pub struct MountArgs {
     /// Bytes fetched ahead of a sequential read, concurrently (0 turns it off).
     #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size::<u64>)]
     pub readahead: u64,
+    /// Mount over a directory that is not empty (its entries are hidden while mounted).
+    #[arg(long)]
+    pub nonempty: bool,
+    /// Present the mount as Nix's local store expects /nix/store to be: top directory owned
+    /// by root and the build-users group with mode 1775, an empty .links, and only roots
+    /// named like store paths. An unmodified Nix then opens it (read-only).
+    #[arg(long, conflicts_with = "root")]
+    pub nix: bool,
+    /// With --nix: the build-users group owning the store directory (Nix's
+    /// build-users-group setting).
+    #[arg(long, value_name = "GROUP", default_value = "nixbld", requires = "nix")]
+    pub nix_group: String,
+    #[command(flatten)]
+    pub substitute: super::substitute::SubstituteArgs,
     /// Import these paths first (each named after its basename), then mount.
     #[arg(long, value_name = "PATH", num_args = 1..)]
     pub import: Vec<PathBuf>,
 }
 
-/// Refuses mount points that are missing, not directories, not empty, or already mounts.
-fn check_mountpoint(path: &Path) -> Result<PathBuf> {
+/// The id of group `name`, if the system knows it.
+fn group_id(name: &str) -> Option<u32> {
+    let cname = std::ffi::CString::new(name).ok()?;
+    let mut grp: libc::group = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 << 10];
+    let mut out: *mut libc::group = std::ptr::null_mut();
+    // SAFETY: every pointer is valid for the call; getgrnam_r writes only into grp and buf.
+    let rc = unsafe {
+        libc::getgrnam_r(
+            cname.as_ptr(),
+            &mut grp,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut out,
+        )
+    };
+    (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
+}
+
+/// Refuses mount points that are missing, not directories, not empty (unless `nonempty`), or
+/// already mounts.
+fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
     let shown = path.display();
     let meta = match std::fs::metadata(path) {
         Ok(m) => m,
@@ -68,8 +110,8 @@ fn check_mountpoint(path: &Path) -> Result<PathBuf> {
         bail!("mount point {shown}: already a mount point");
     }
     let mut entries = std::fs::read_dir(&canon).with_context(|| format!("mount point {shown}"))?;
-    if entries.next().is_some() {
-        bail!("mount point {shown}: not empty");
+    if !nonempty && entries.next().is_some() {
+        bail!("mount point {shown}: not empty (--nonempty mounts over it, hiding what is there)");
     }
     Ok(canon)
 }
@@ -101,7 +143,7 @@ async fn import_first(store: &Store, paths: &[PathBuf]) -> Result<()> {
 }
 
 pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
-    let mountpoint = check_mountpoint(&args.mountpoint)?;
+    let mountpoint = check_mountpoint(&args.mountpoint, args.nonempty)?;
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");
     }
@@ -115,6 +157,28 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
             listable: !args.no_list_root,
         },
     };
+    let nix = args.nix.then(|| {
+        let gid = group_id(&args.nix_group).unwrap_or_else(|| {
+            // Nix itself then only warns and leaves the directory's group alone.
+            tracing::warn!(
+                "group {:?} does not exist; the store directory's group is 0",
+                args.nix_group
+            );
+            0
+        });
+        fs::NixTop { gid }
+    });
+    let substituting;
+    let store = match args
+        .substitute
+        .build(store, crate::nar::store_path::DEFAULT_STORE_DIR)?
+    {
+        Some(sub) => {
+            substituting = crate::binary_cache::substitute::layer(store, sub);
+            &substituting
+        }
+        None => store,
+    };
     let opts_top = top.clone();
     let opts = MountOptions {
         top,
@@ -123,6 +187,7 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         allow_other: args.allow_other,
         deadline: Duration::from_secs_f64(args.timeout),
         readahead: args.readahead,
+        nix,
         ..MountOptions::default()
     };
     // Handlers before mounting: a signal that arrives while mounting is then seen once the

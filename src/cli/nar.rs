@@ -160,11 +160,54 @@ pub async fn cmd_export_nar(store: &Store, root: &str, output: Option<&Path>) ->
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn cmd_import_store(store: &Store, dir: &Path, jobs: Option<usize>) -> Result<ExitCode> {
+/// Which Nix database `import-store` takes metadata from.
+pub enum DbChoice {
+    /// Given with --db: must be readable.
+    Given(std::path::PathBuf),
+    /// Found beside the store directory.
+    Found(std::path::PathBuf),
+    None,
+}
+
+impl DbChoice {
+    pub fn pick(dir: &Path, given: Option<std::path::PathBuf>, no_db: bool) -> Self {
+        match (given, no_db) {
+            (Some(p), _) => DbChoice::Given(p),
+            (None, true) => DbChoice::None,
+            (None, false) => {
+                crate::nar::nix_db::find_db(dir).map_or(DbChoice::None, DbChoice::Found)
+            }
+        }
+    }
+}
+
+pub async fn cmd_import_store(
+    store: &Store,
+    dir: &Path,
+    jobs: Option<usize>,
+    db: DbChoice,
+    store_dir: &str,
+) -> Result<ExitCode> {
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let db = match db {
+        DbChoice::Given(p) | DbChoice::Found(p) => {
+            let sd = store_dir.trim_end_matches('/').to_string();
+            let path = p.clone();
+            let read = tokio::task::spawn_blocking(move || crate::nar::nix_db::read_db(&path, &sd))
+                .await
+                .context("reading Nix's database")??;
+            eprintln!(
+                "granary: taking metadata of {} paths from {}",
+                read.len(),
+                p.display()
+            );
+            Some(Arc::new(read))
+        }
+        DbChoice::None => None,
+    };
     let progress = Arc::new(StoreDirProgress::default());
     let bar = spawn_progress(progress.clone());
-    let report = import_store_dir(store, dir, jobs.unwrap_or(cores), progress.clone()).await;
+    let report = import_store_dir(store, dir, jobs.unwrap_or(cores), db, progress.clone()).await;
     drop(progress);
     if let Some(b) = bar {
         let _ = b.await;
@@ -192,6 +235,17 @@ pub async fn cmd_import_store(store: &Store, dir: &Path, jobs: Option<usize>) ->
     } else {
         ExitCode::FAILURE
     })
+}
+
+pub async fn cmd_nix_db(store: &Store, roots: &[String], store_dir: &str) -> Result<ExitCode> {
+    use crate::nar::registration;
+    let paths = registration::closure(store, roots).await?;
+    let text = registration::render(&paths, store_dir.trim_end_matches('/'))?;
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    eprintln!("granary: {} Nix paths", paths.len());
+    Ok(ExitCode::SUCCESS)
 }
 
 pub async fn cmd_narinfo(store: &Store, root: &str, store_dir: &str) -> Result<ExitCode> {

@@ -33,6 +33,7 @@ use futures::stream::{self, StreamExt};
 use lru::LruCache;
 
 use crate::castore::{validate_root_name, B3Digest, Node};
+use crate::nar::store_path::parse_basename;
 use crate::store::{Store, StoreError};
 use chunk_cache::{ChunkCache, Layout};
 use inode::{DirView, Inode, InodeTable, Kind, ROOT_INO};
@@ -83,7 +84,23 @@ pub struct MountOptions {
     pub max_reads: usize,
     /// Bytes prefetched past a sequential read (0: none).
     pub readahead: u64,
+    /// Present the top level as Nix's local store expects it (see [`NixTop`]).
+    pub nix: Option<NixTop>,
 }
+
+/// What a mount at `/nix/store` shows so that an unmodified Nix opens it as its local store:
+/// Nix (as root) forces the store directory to owner root, the build-users group and mode
+/// 1775, and creates `.links`; on a read-only filesystem both fail unless they are already so.
+/// So the top level is owned by root and `gid` with mode 1775, holds an empty `.links`, and
+/// shows only roots named like store paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NixTop {
+    /// Group of the store directory: the build-users group's (`nixbld`), else 0.
+    pub gid: u32,
+}
+
+/// Nix's hard-link directory inside a store, shown empty by a Nix mount.
+pub const NIX_LINKS: &[u8] = b".links";
 
 /// FUSE threads by default: half the CPUs (1 to 8). They answer from memory and hand every
 /// wait to the runtime, so more threads than that only add switching (measured: on 2 CPUs,
@@ -104,6 +121,7 @@ impl Default for MountOptions {
             deadline: Duration::from_secs(60),
             max_reads: 64,
             readahead: chunk_cache::PREFETCH_BYTES,
+            nix: None,
         }
     }
 }
@@ -161,6 +179,9 @@ struct Inner {
     roots_top: bool,
     uid: u32,
     gid: u32,
+    nix: Option<NixTop>,
+    /// The empty directory (Nix's `.links`), answered without asking the store.
+    empty_view: Arc<DirView>,
 }
 
 /// The filesystem handed to fuser.
@@ -208,6 +229,9 @@ impl Inner {
 
     /// The listing of a stored directory, from the cache or the store.
     async fn dir_view(&self, digest: B3Digest) -> Result<Arc<DirView>, Errno> {
+        if digest == self.empty_view.digest {
+            return Ok(self.empty_view.clone());
+        }
         if let Some(v) = lock(&self.dirs).0.get(&digest) {
             return Ok(v.clone());
         }
@@ -251,6 +275,10 @@ impl Inner {
             for (i, node) in nodes.iter().enumerate() {
                 out.push(Ok(None));
                 if let Node::Directory { digest, .. } = node {
+                    if *digest == self.empty_view.digest {
+                        out[i] = Ok(Some(self.empty_view.clone()));
+                        continue;
+                    }
                     match guard.0.get(digest) {
                         Some(v) => out[i] = Ok(Some(v.clone())),
                         None => missing.push((i, *digest)),
@@ -361,6 +389,10 @@ impl Inner {
                 (FileType::Symlink, 0o777, target.len() as u64, 1)
             }
         };
+        let (mut uid, mut gid, mut perm) = (self.uid, self.gid, perm);
+        if let (Some(nix), Kind::Roots) = (&self.nix, &inode.kind) {
+            (uid, gid, perm) = (0, nix.gid, 0o1775);
+        }
         let time = UNIX_EPOCH + Duration::from_secs(1);
         FileAttr {
             ino: INodeNo(ino),
@@ -373,8 +405,8 @@ impl Inner {
             kind,
             perm,
             nlink,
-            uid: self.uid,
-            gid: self.gid,
+            uid,
+            gid,
             rdev: 0,
             blksize: 4096,
             flags: 0,
@@ -419,6 +451,18 @@ impl Inner {
                 if validate_root_name(text).is_err() {
                     return Err(Errno::ENOENT);
                 }
+                if self.nix.is_some() {
+                    if name[..] == *NIX_LINKS {
+                        let (node, view) = self.links_entry();
+                        let mut table = lock(&self.table);
+                        let ino = table.lookup_top(&name, node, Some(view));
+                        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+                        return Ok((self.attr(ino, inode), TOP_TTL));
+                    }
+                    if parse_basename(text).is_err() {
+                        return Err(Errno::ENOENT);
+                    }
+                }
                 let what = || format!("root {text:?}");
                 let rec = self
                     .deadline(what, self.store.roots.get(text))
@@ -458,9 +502,25 @@ impl Inner {
             .collect()
             .await;
         // A root deleted between list and get is simply not shown.
-        recs.into_iter()
+        let mut list = recs
+            .into_iter()
             .filter_map(|r| r.transpose())
-            .collect::<Result<Vec<_>, Errno>>()
+            .collect::<Result<Vec<_>, Errno>>()?;
+        if self.nix.is_some() {
+            // Only store paths belong in a Nix store; `.links` sorts before every one of them.
+            list.retain(|(n, _)| std::str::from_utf8(n).is_ok_and(|t| parse_basename(t).is_ok()));
+            list.insert(0, (Bytes::from_static(NIX_LINKS), self.links_entry().0));
+        }
+        Ok(list)
+    }
+
+    /// Nix's `.links`: an empty directory.
+    fn links_entry(&self) -> (Node, Arc<DirView>) {
+        let node = Node::Directory {
+            digest: self.empty_view.digest,
+            size: 0,
+        };
+        (node, self.empty_view.clone())
     }
 
     /// The listing a readdir of `ino` at `offset` works from. The top level is a snapshot:
@@ -694,6 +754,11 @@ impl GranaryFs {
             roots_top: matches!(opts.top, Top::Roots { .. }),
             uid,
             gid,
+            nix: opts.nix,
+            empty_view: {
+                let empty = crate::castore::Directory::default();
+                Arc::new(DirView::new(empty.digest(), &empty).map_err(StoreError::from)?)
+            },
             store,
             rt,
         };

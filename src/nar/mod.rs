@@ -13,11 +13,14 @@
 //! A NAR is canonical: entries strictly sorted by name bytes, padding zero, one way to spell
 //! each tree. So a NAR the reader accepts is rendered back by the writer byte for byte.
 
+pub mod drv;
 pub mod dump;
 pub mod hash;
 pub mod narinfo;
+pub mod nix_db;
 pub mod reader;
 pub mod refs;
+pub mod registration;
 pub mod store_dir;
 pub mod store_path;
 pub mod writer;

@@ -4,6 +4,12 @@
 //! Each entry is dumped as a NAR on a blocking thread and piped into the NAR reader, so every
 //! file is read once and the stored tree, the NAR hash and the reference scan all come from the
 //! same bytes. Entries run in parallel; a failed entry is reported and the others go on.
+//!
+//! Where Nix's database is at hand (see [`super::nix_db`]), the metadata comes from it:
+//! references, deriver, signatures and CA as Nix registered them, and its NAR hash is checked
+//! against the NAR rendered here. Without one, references are found by scanning each NAR for
+//! the other entries' hash parts, except for a `.drv`, whose references are its inputs (its
+//! own outputs appear in its text but are not references).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -15,6 +21,7 @@ use futures::stream::StreamExt;
 use tokio_util::io::SyncIoBridge;
 
 use super::dump::dump_path;
+use super::nix_db::DbPath;
 use super::refs::RefScanner;
 use super::store_path::{parse_basename, HASH_PART_LEN};
 use super::{import_nar, NarError, NarImport};
@@ -68,11 +75,17 @@ impl<W: Write> Write for Tap<W> {
     }
 }
 
-/// Imports every store path in `dir`, `jobs` at a time, recording each as a root.
+/// Nix's own bookkeeping inside a store directory, skipped without a word.
+const NIX_LINKS: &str = ".links";
+
+/// Imports every store path in `dir`, `jobs` at a time, recording each as a root. With `db`
+/// (Nix's database, read by [`super::nix_db::read_db`]), only paths it registers are
+/// imported, with its metadata.
 pub async fn import_store_dir(
     store: &Store,
     dir: &Path,
     jobs: usize,
+    db: Option<Arc<HashMap<String, DbPath>>>,
     progress: Arc<StoreDirProgress>,
 ) -> Result<StoreDirReport, StoreDirError> {
     let derr = |reason: String| StoreDirError {
@@ -85,6 +98,9 @@ pub async fn import_store_dir(
     for e in rd {
         let e = e.map_err(|e| derr(format!("cannot read directory: {e}")))?;
         let name = e.file_name();
+        if name == NIX_LINKS {
+            continue;
+        }
         let Some(name) = name.to_str() else {
             report.skipped.push((
                 name.to_string_lossy().into_owned(),
@@ -92,9 +108,12 @@ pub async fn import_store_dir(
             ));
             continue;
         };
-        match parse_basename(name) {
-            Ok(_) => paths.push(name.to_string()),
-            Err(e) => report.skipped.push((name.to_string(), e.reason)),
+        match (parse_basename(name), &db) {
+            (Err(e), _) => report.skipped.push((name.to_string(), e.reason)),
+            (Ok(_), Some(db)) if !db.contains_key(name) => report
+                .skipped
+                .push((name.to_string(), "not valid in Nix's database".into())),
+            (Ok(_), _) => paths.push(name.to_string()),
         }
     }
     paths.sort();
@@ -119,12 +138,14 @@ pub async fn import_store_dir(
         .map(|name| {
             let (store, by_hash, progress) = (store.clone(), by_hash.clone(), progress.clone());
             let path = dir.join(&name);
+            let registered = db.as_ref().and_then(|db| db.get(&name).cloned());
             async move {
                 let res = tokio::spawn(import_one(
                     store,
                     path,
                     name.clone(),
                     by_hash,
+                    registered,
                     progress.clone(),
                 ))
                 .await
@@ -173,8 +194,15 @@ async fn import_one(
     path: PathBuf,
     name: String,
     by_hash: Arc<HashMap<[u8; HASH_PART_LEN], String>>,
+    registered: Option<DbPath>,
     progress: Arc<StoreDirProgress>,
 ) -> EntryResult {
+    // A derivation's references are its inputs; read them before the dump.
+    let drv_refs = if registered.is_none() && name.ends_with(".drv") {
+        drv_references(&path, &by_hash).await?
+    } else {
+        None
+    };
     let (tx, rx) = tokio::io::duplex(1 << 20);
     let scanner = RefScanner::new(by_hash.keys().copied());
     let dump_path_buf = path.clone();
@@ -199,19 +227,81 @@ async fn import_one(
         (Err(e), _) => return Err(e.to_string()),
         (Ok(_), Err(d)) => return Err(d.to_string()),
     };
-    let references: Vec<String> = scanner
-        .found()
-        .filter_map(|h| by_hash.get(h).cloned())
-        .collect();
+    let nix = match registered {
+        Some(db) => {
+            if db.nar_hash != imp.nar_sha256 || (db.nar_size != 0 && db.nar_size != imp.nar_size) {
+                return Err(format!(
+                    "Nix's database records NAR {} ({} bytes), but the path renders as {} ({} \
+                     bytes): it changed since Nix registered it",
+                    db.nar_hash, db.nar_size, imp.nar_sha256, imp.nar_size
+                ));
+            }
+            NixInfo {
+                nar_size: imp.nar_size,
+                nar_sha256: bytes::Bytes::copy_from_slice(&imp.nar_sha256.0),
+                references: db.references,
+                deriver: db.deriver,
+                signatures: db.signatures,
+                ca: db.ca,
+            }
+        }
+        None => {
+            let mut references: Vec<String> = match drv_refs {
+                Some(r) => r,
+                None => scanner
+                    .found()
+                    .filter_map(|h| by_hash.get(h).cloned())
+                    .collect(),
+            };
+            references.sort();
+            references.dedup();
+            NixInfo {
+                nar_size: imp.nar_size,
+                nar_sha256: bytes::Bytes::copy_from_slice(&imp.nar_sha256.0),
+                references,
+                ..Default::default()
+            }
+        }
+    };
+    let references = nix.references.clone();
     let root = RootRecord {
         name: name.clone(),
         node: imp.node.clone(),
-        nix: Some(NixInfo {
-            nar_size: imp.nar_size,
-            nar_sha256: bytes::Bytes::copy_from_slice(&imp.nar_sha256.0),
-            references: references.clone(),
-            ..Default::default()
-        }),
+        nix: Some(nix),
     };
     Ok((imp, references, root))
+}
+
+/// The inputs of the derivation at `path` that are entries of the directory being imported.
+async fn drv_references(
+    path: &Path,
+    by_hash: &HashMap<[u8; HASH_PART_LEN], String>,
+) -> Result<Option<Vec<String>>, String> {
+    let meta = tokio::fs::symlink_metadata(path)
+        .await
+        .map_err(|e| format!("reading the derivation: {e}"))?;
+    if !meta.is_file() {
+        // Not a derivation file after all (a directory named *.drv): scan it like the rest.
+        return Ok(None);
+    }
+    if meta.len() > super::drv::MAX_DRV_BYTES as u64 {
+        return Err(format!(
+            "derivation is over {} bytes",
+            super::drv::MAX_DRV_BYTES
+        ));
+    }
+    let text = tokio::fs::read(path)
+        .await
+        .map_err(|e| format!("reading the derivation: {e}"))?;
+    let drv = super::drv::parse(&text)?;
+    Ok(Some(
+        drv.inputs()
+            .filter_map(|p| {
+                let base = p.rsplit('/').next()?;
+                let mut h = [0u8; HASH_PART_LEN];
+                h.copy_from_slice(base.as_bytes().get(..HASH_PART_LEN)?);
+                by_hash.get(&h).filter(|n| n.as_str() == base).cloned()
+            })
+            .collect(),
+    ))
 }
