@@ -112,6 +112,10 @@ impl Chunker {
         self.buf.extend_from_slice(data);
     }
 
+    pub fn params(&self) -> ChunkParams {
+        self.params
+    }
+
     /// Bytes buffered but not yet emitted.
     pub fn pending(&self) -> usize {
         self.buf.len()

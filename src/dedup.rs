@@ -274,14 +274,24 @@ fn index_entry_len(size: u64) -> u64 {
     (1 + encoded_len_varint(body as u64) + body) as u64
 }
 
-/// Encoded length of a whole blob index, given the sum of its entries' lengths.
+/// Encoded length of a whole blob index as stored (with its outboard and checksum), given
+/// the sum of its entries' lengths.
 fn index_len(entries: u64, size: u64) -> u64 {
+    let bytes_field = |n: u64| {
+        if n == 0 {
+            0
+        } else {
+            1 + encoded_len_varint(n) as u64 + n
+        }
+    };
     entries
         + if size > 0 {
             1 + encoded_len_varint(size) as u64
         } else {
             0
         }
+        + bytes_field(crate::store::outboard::outboard_len(size))
+        + bytes_field(16)
 }
 
 /// Whether a unique chunk is in the compression sample: chosen by digest, so the same chunk
@@ -1330,7 +1340,7 @@ pub async fn store_figures(store: &Store) -> Result<StrategyReport, DedupError> 
             }
             if meta.chunks.len() > 1 {
                 indexes.0 += 1;
-                indexes.1 += prost::Message::encoded_len(&meta.to_index()) as u64;
+                indexes.1 += meta.to_index().encode_sealed().len() as u64;
             }
             let mut s = lock(&shared.accs[0].seen);
             for c in &meta.chunks {
@@ -1387,11 +1397,17 @@ mod tests {
                     })
                     .collect(),
                 size: sizes.iter().sum(),
+                outboard: vec![
+                    9u8;
+                    crate::store::outboard::outboard_len(sizes.iter().sum()) as usize
+                ]
+                .into(),
+                ..Default::default()
             };
             let entries: u64 = sizes.iter().map(|&s| index_entry_len(s)).sum();
             assert_eq!(
                 index_len(entries, idx.size),
-                prost::Message::encoded_len(&idx) as u64
+                idx.encode_sealed().len() as u64
             );
         }
     }

@@ -2,27 +2,32 @@
 //!
 //! The tree is walked first (metadata only, so every bad path is reported before anything is
 //! written that a root would point at); then files are chunked and hashed in parallel on the
-//! blocking pool, each streamed through the chunker so memory stays bounded whatever the
+//! blocking pool, each streamed through the [`BlobWriter`] so memory stays bounded whatever the
 //! file size; then directories are put leaves first. Nothing is recorded as a root here.
+//!
+//! The tree may change while it is imported, and may be writable by someone who should not
+//! be able to make this import read other files (root importing a user's tree). So nothing is
+//! opened by following a link: directories and files are opened relative to the tree's top
+//! with `openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)` and `O_NOFOLLOW | O_NONBLOCK` (a FIFO
+//! swapped in never blocks), and each opened object must be the one the walk saw (same device
+//! and inode, checked with `fstat` on the descriptor). A file is read up to the size it had
+//! when opened: one that grows is imported as it was, one that shrinks is refused.
 
-use std::collections::VecDeque;
-use std::ffi::OsStr;
-use std::io::Read;
+use std::ffi::{CString, OsStr};
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::task::JoinHandle;
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
 use crate::castore::{
-    proto::blob_index, validate_name, B3Digest, BlobIndex, Directory, DirectoryEntry, FileEntry,
-    Node, SymlinkEntry,
+    validate_name, B3Digest, Directory, DirectoryEntry, FileEntry, Node, SymlinkEntry,
 };
-use crate::chunking::{ChunkParams, Chunker};
-use crate::store::{empty_blob, BlobService, Store, StoreError};
+use crate::store::blob_writer::{BlobWriter, PUTS_IN_FLIGHT};
+use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImportError {
@@ -75,93 +80,238 @@ enum Walked {
     Symlink(Bytes),
 }
 
-struct Walker<'a> {
-    opts: &'a ImportOptions,
-    files: Vec<PathBuf>,
-    bytes: u64,
+/// A regular file to import: where it is below the tree's top, and which inode the walk saw.
+#[derive(Debug, Clone)]
+struct FileJob {
+    rel: PathBuf,
+    shown: PathBuf,
+    dev: u64,
+    ino: u64,
 }
 
-impl Walker<'_> {
-    fn walk(&mut self, path: &Path) -> Result<Walked, ImportError> {
-        let meta = std::fs::symlink_metadata(path)
-            .map_err(|e| ImportError::path(path, format!("cannot stat: {e}")))?;
-        let ft = meta.file_type();
-        if ft.is_symlink() {
-            let target = std::fs::read_link(path)
-                .map_err(|e| ImportError::path(path, format!("cannot read link: {e}")))?;
-            let target = Bytes::copy_from_slice(target.as_os_str().as_bytes());
-            let probe = SymlinkEntry {
-                name: Bytes::from_static(b"x"),
-                target: target.clone(),
-            };
-            Directory {
-                symlinks: vec![probe],
-                ..Default::default()
-            }
-            .validate()
-            .map_err(|e| ImportError::path(path, e.to_string()))?;
-            Ok(Walked::Symlink(target))
-        } else if ft.is_file() {
-            let job = self.files.len();
-            self.files.push(path.to_path_buf());
-            self.bytes += meta.len();
-            Ok(Walked::File {
-                executable: meta.permissions().mode() & 0o100 != 0,
-                job,
-            })
-        } else if ft.is_dir() {
-            let rd = std::fs::read_dir(path)
-                .map_err(|e| ImportError::path(path, format!("cannot read directory: {e}")))?;
-            let mut children = Vec::new();
-            for entry in rd {
-                let entry = entry
-                    .map_err(|e| ImportError::path(path, format!("cannot read directory: {e}")))?;
-                let name = entry.file_name();
-                let child = entry.path();
-                validate_name(name.as_bytes())
-                    .map_err(|e| ImportError::path(&child, e.to_string()))?;
-                if let Some(kind) = special_kind(&child) {
-                    if self.opts.skip_special {
-                        tracing::warn!("skipping {} ({kind})", child.display());
-                        continue;
-                    }
-                    return Err(ImportError::path(
-                        &child,
-                        format!("is a {kind}; granary stores only files, directories and symlinks (--skip-special skips them)"),
-                    ));
-                }
-                let node = self.walk(&child)?;
-                children.push((Bytes::copy_from_slice(name.as_bytes()), node));
-            }
-            children.sort_by(|a, b| a.0.cmp(&b.0));
-            Ok(Walked::Dir(children))
+/// The directory everything is opened below, shared by the import threads.
+struct Top {
+    fd: OwnedFd,
+}
+
+fn errno(e: rustix::io::Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+impl Top {
+    /// Opens `rel` below the top without following any symbolic link on the way.
+    fn open(&self, rel: &Path, flags: OFlags) -> std::io::Result<OwnedFd> {
+        let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        let rel: &Path = if rel.as_os_str().is_empty() {
+            Path::new(".")
         } else {
-            let kind = special_kind(path).unwrap_or("special file");
-            Err(ImportError::path(
-                path,
-                format!("is a {kind}; granary stores only files, directories and symlinks"),
-            ))
+            rel
+        };
+        match rustix::fs::openat2(
+            self.fd.as_fd(),
+            rel,
+            flags,
+            Mode::empty(),
+            ResolveFlags::NO_SYMLINKS | ResolveFlags::BENEATH,
+        ) {
+            // Kernels before 5.6 (or a seccomp filter) lack openat2; the inode check after
+            // the open still refuses anything but the object the walk saw.
+            Err(rustix::io::Errno::NOSYS) | Err(rustix::io::Errno::PERM) => {
+                rustix::fs::openat(self.fd.as_fd(), rel, flags, Mode::empty()).map_err(errno)
+            }
+            r => r.map_err(errno),
         }
     }
 }
 
-fn special_kind(path: &Path) -> Option<&'static str> {
-    let ft = std::fs::symlink_metadata(path).ok()?.file_type();
-    if ft.is_block_device() {
-        Some("block device")
-    } else if ft.is_char_device() {
-        Some("character device")
-    } else if ft.is_fifo() {
-        Some("fifo")
-    } else if ft.is_socket() {
-        Some("socket")
-    } else {
-        None
+/// What a file type is called in messages, for the types granary does not store.
+fn special_name(t: FileType) -> Option<&'static str> {
+    match t {
+        FileType::BlockDevice => Some("block device"),
+        FileType::CharacterDevice => Some("character device"),
+        FileType::Fifo => Some("fifo"),
+        FileType::Socket => Some("socket"),
+        _ => None,
     }
 }
 
-/// Chunk puts kept in flight per file, so one large file still uses several cores.
-const PUTS_IN_FLIGHT: usize = 4;
+/// Checks a symlink target against the model.
+fn check_target(path: &Path, target: &[u8]) -> Result<Bytes, ImportError> {
+    let target = Bytes::copy_from_slice(target);
+    let probe = SymlinkEntry {
+        name: Bytes::from_static(b"x"),
+        target: target.clone(),
+    };
+    Directory {
+        symlinks: vec![probe],
+        ..Default::default()
+    }
+    .validate()
+    .map_err(|e| ImportError::path(path, e.to_string()))?;
+    Ok(target)
+}
+
+struct Walker<'a> {
+    opts: &'a ImportOptions,
+    top: &'a Top,
+    files: Vec<FileJob>,
+    bytes: u64,
+}
+
+impl Walker<'_> {
+    /// Walks the directory `rel` below the top (`shown` in messages), which the parent's
+    /// listing saw as inode (dev, ino).
+    fn walk_dir(
+        &mut self,
+        rel: &Path,
+        shown: &Path,
+        dev: u64,
+        ino: u64,
+    ) -> Result<Walked, ImportError> {
+        let fd = self
+            .top
+            .open(rel, OFlags::RDONLY | OFlags::DIRECTORY)
+            .map_err(|e| ImportError::path(shown, format!("cannot open directory: {e}")))?;
+        let st = rustix::fs::fstat(&fd).map_err(|e| ImportError::path(shown, e.to_string()))?;
+        if st.st_dev != dev || st.st_ino != ino {
+            return Err(ImportError::path(shown, "changed while being imported"));
+        }
+        let dir = rustix::fs::Dir::read_from(&fd)
+            .map_err(|e| ImportError::path(shown, format!("cannot read directory: {e}")))?;
+        let mut children = Vec::new();
+        for entry in dir {
+            let entry = entry
+                .map_err(|e| ImportError::path(shown, format!("cannot read directory: {e}")))?;
+            let name = entry.file_name().to_bytes();
+            if name == b"." || name == b".." {
+                continue;
+            }
+            let name_os = OsStr::from_bytes(name);
+            let child_shown = shown.join(name_os);
+            let child_rel = rel.join(name_os);
+            validate_name(name).map_err(|e| ImportError::path(&child_shown, e.to_string()))?;
+            let cname =
+                CString::new(name).map_err(|_| ImportError::path(&child_shown, "NUL in name"))?;
+            let st = rustix::fs::statat(&fd, &cname, AtFlags::SYMLINK_NOFOLLOW)
+                .map_err(|e| ImportError::path(&child_shown, format!("cannot stat: {e}")))?;
+            let node = match FileType::from_raw_mode(st.st_mode) {
+                FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(&fd, &cname, Vec::new()).map_err(|e| {
+                        ImportError::path(&child_shown, format!("cannot read link: {e}"))
+                    })?;
+                    Walked::Symlink(check_target(&child_shown, target.as_bytes())?)
+                }
+                FileType::RegularFile => {
+                    let job = self.files.len();
+                    self.files.push(FileJob {
+                        rel: child_rel,
+                        shown: child_shown,
+                        dev: st.st_dev,
+                        ino: st.st_ino,
+                    });
+                    self.bytes += st.st_size as u64;
+                    Walked::File {
+                        executable: st.st_mode & 0o100 != 0,
+                        job,
+                    }
+                }
+                FileType::Directory => {
+                    self.walk_dir(&child_rel, &child_shown, st.st_dev, st.st_ino)?
+                }
+                other => {
+                    let kind = special_name(other).unwrap_or("special file");
+                    if self.opts.skip_special {
+                        tracing::warn!("skipping {} ({kind})", child_shown.display());
+                        continue;
+                    }
+                    return Err(ImportError::path(
+                        &child_shown,
+                        format!("is a {kind}; granary stores only files, directories and symlinks (--skip-special skips them)"),
+                    ));
+                }
+            };
+            children.push((Bytes::copy_from_slice(name), node));
+        }
+        children.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(Walked::Dir(children))
+    }
+}
+
+/// Walks the tree at `path`: its top (not followed if a symlink), and below it.
+fn walk(
+    path: &Path,
+    opts: &ImportOptions,
+) -> Result<(Walked, Option<Top>, Vec<FileJob>, u64), ImportError> {
+    let meta = std::fs::symlink_metadata(path)
+        .map_err(|e| ImportError::path(path, format!("cannot stat: {e}")))?;
+    let ft = meta.file_type();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    if ft.is_symlink() {
+        let target = std::fs::read_link(path)
+            .map_err(|e| ImportError::path(path, format!("cannot read link: {e}")))?;
+        let t = check_target(path, target.as_os_str().as_bytes())?;
+        return Ok((Walked::Symlink(t), None, Vec::new(), 0));
+    }
+    if ft.is_file() || ft.is_dir() {
+        // The top of a file import is its directory: the file is opened below it like any other.
+        let (dir, rel) = if ft.is_dir() {
+            (path.to_path_buf(), PathBuf::new())
+        } else {
+            let parent = path
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            (
+                parent.to_path_buf(),
+                PathBuf::from(path.file_name().unwrap_or_default()),
+            )
+        };
+        let fd = rustix::fs::open(
+            &dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| ImportError::path(&dir, format!("cannot open directory: {e}")))?;
+        let top = Top { fd };
+        if ft.is_file() {
+            let job = FileJob {
+                rel,
+                shown: path.to_path_buf(),
+                dev: meta.dev(),
+                ino: meta.ino(),
+            };
+            let walked = Walked::File {
+                executable: meta.permissions().mode() & 0o100 != 0,
+                job: 0,
+            };
+            return Ok((walked, Some(top), vec![job], meta.len()));
+        }
+        let mut w = Walker {
+            opts,
+            top: &top,
+            files: Vec::new(),
+            bytes: 0,
+        };
+        let t = w.walk_dir(Path::new(""), path, meta.dev(), meta.ino())?;
+        let (files, bytes) = (w.files, w.bytes);
+        return Ok((t, Some(top), files, bytes));
+    }
+    let kind = if ft.is_fifo() {
+        "fifo"
+    } else if ft.is_socket() {
+        "socket"
+    } else if ft.is_block_device() {
+        "block device"
+    } else if ft.is_char_device() {
+        "character device"
+    } else {
+        "special file"
+    };
+    Err(ImportError::path(
+        path,
+        format!("is a {kind}; granary stores only files, directories and symlinks"),
+    ))
+}
 
 /// Bytes read from a file at a time.
 const READ_BUF_BYTES: usize = 1 << 20;
@@ -172,113 +322,66 @@ thread_local! {
     static READ_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Reads `f` to its end through `buf`, handing each read to `each`.
-fn read_through(
-    f: &mut std::fs::File,
-    buf: &mut [u8],
-    path: &Path,
-    each: &mut dyn FnMut(&[u8]) -> Result<(), ImportError>,
-) -> Result<(), ImportError> {
-    loop {
-        match f.read(buf) {
-            Ok(0) => return Ok(()),
-            Ok(n) => each(&buf[..n])?,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ImportError::path(path, format!("read failed: {e}"))),
-        }
-    }
-}
-
-/// Imports one regular file, streaming it through the chunker; runs on a blocking thread.
+/// Imports one regular file, streaming it into the store; runs on a blocking thread.
 fn import_file_blocking(
-    rt: &tokio::runtime::Handle,
-    blobs: &Arc<dyn BlobService>,
-    params: ChunkParams,
-    path: &Path,
+    store: &Store,
+    top: &Top,
+    job: &FileJob,
     progress: &Progress,
 ) -> Result<(B3Digest, u64), ImportError> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| ImportError::path(path, format!("cannot open: {e}")))?;
-    let mut chunker = Chunker::new(params);
-    let mut whole = blake3::Hasher::new();
-    let mut index: Vec<blob_index::Chunk> = Vec::new();
-    let mut size = 0u64;
-    let mut in_flight: VecDeque<JoinHandle<Result<(), StoreError>>> = VecDeque::new();
+    let path = &job.shown;
+    let fd = top
+        .open(&job.rel, OFlags::RDONLY)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => {
+                ImportError::path(path, "became a symbolic link while being imported")
+            }
+            _ => ImportError::path(path, format!("cannot open: {e}")),
+        })?;
+    let st = rustix::fs::fstat(&fd).map_err(|e| ImportError::path(path, e.to_string()))?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile
+        || st.st_dev != job.dev
+        || st.st_ino != job.ino
+    {
+        return Err(ImportError::path(path, "changed while being imported"));
+    }
+    let size = st.st_size as u64;
+    let file = std::fs::File::from(fd);
     let store_err = |e: StoreError| ImportError::Store {
         path: path.to_path_buf(),
         source: e,
     };
-    let wait_one = |q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>| {
-        if let Some(h) = q.pop_front() {
-            rt.block_on(h)
-                .map_err(|e| ImportError::Task(e.to_string()))?
-                .map_err(store_err)?;
-        }
-        Ok::<(), ImportError>(())
-    };
-    let submit = |chunk: Bytes,
-                  q: &mut VecDeque<JoinHandle<Result<(), StoreError>>>,
-                  index: &mut Vec<blob_index::Chunk>| {
-        let digest = B3Digest::of(&chunk);
-        index.push(blob_index::Chunk {
-            digest: Bytes::copy_from_slice(digest.as_bytes()),
-            size: chunk.len() as u64,
-        });
-        let b = blobs.clone();
-        q.push_back(rt.spawn(async move { b.put_chunk(digest, chunk).await }));
-    };
+    let mut w = BlobWriter::new(store, PUTS_IN_FLIGHT);
     READ_BUF.with(|buf| {
         let mut buf = buf.borrow_mut();
         if buf.is_empty() {
             buf.resize(READ_BUF_BYTES, 0);
         }
-        read_through(&mut f, &mut buf, path, &mut |data| {
-            whole.update(data);
-            size += data.len() as u64;
-            progress
-                .bytes_done
-                .fetch_add(data.len() as u64, Ordering::Relaxed);
-            chunker.push(data);
-            while let Some(chunk) = chunker.next_chunk() {
-                submit(chunk, &mut in_flight, &mut index);
-                while in_flight.len() > PUTS_IN_FLIGHT {
-                    wait_one(&mut in_flight)?;
+        use std::os::unix::fs::FileExt;
+        let mut off = 0u64;
+        // Read up to the size at open: a file that grows is imported as it was.
+        while off < size {
+            let want = ((size - off) as usize).min(buf.len());
+            let n = match file.read_at(&mut buf[..want], off) {
+                Ok(0) => {
+                    return Err(ImportError::path(
+                        path,
+                        format!("shrank while being imported (read {off} of {size} bytes)"),
+                    ))
                 }
-            }
-            Ok(())
-        })
-    })?;
-    while let Some(chunk) = chunker.finish_chunk() {
-        // A file of one chunk (most files): put it from this thread if the store can.
-        if index.is_empty() && in_flight.is_empty() {
-            let digest = B3Digest::of(&chunk);
-            if let Some(r) = blobs.put_chunk_here(&digest, &chunk) {
-                r.map_err(store_err)?;
-                index.push(blob_index::Chunk {
-                    digest: Bytes::copy_from_slice(digest.as_bytes()),
-                    size: chunk.len() as u64,
-                });
-                continue;
-            }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(ImportError::path(path, format!("read failed: {e}"))),
+            };
+            w.write_blocking(&buf[..n]).map_err(store_err)?;
+            off += n as u64;
+            progress.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
         }
-        submit(chunk, &mut in_flight, &mut index);
-    }
-    while !in_flight.is_empty() {
-        wait_one(&mut in_flight)?;
-    }
-    let digest = B3Digest::from(whole.finalize());
-    if index.len() > 1 {
-        let idx = BlobIndex {
-            chunks: index,
-            size,
-        };
-        rt.block_on(blobs.put_blob_index(digest, &idx))
-            .map_err(store_err)?;
-    } else if index.is_empty() {
-        debug_assert_eq!(digest, empty_blob());
-    }
+        Ok(())
+    })?;
+    let done = w.finish_blocking().map_err(store_err)?;
     progress.files_done.fetch_add(1, Ordering::Relaxed);
-    Ok((digest, size))
+    Ok((done.digest, done.size))
 }
 
 /// Imports the tree at `path` and returns the node naming it. Symlinks at the top are
@@ -289,48 +392,41 @@ pub async fn import_path(
     opts: &ImportOptions,
     progress: Arc<Progress>,
 ) -> Result<Node, ImportError> {
-    let (walked, files, bytes) = {
+    let (walked, top, files, bytes) = {
         let path = path.to_path_buf();
         let opts = opts.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut w = Walker {
-                opts: &opts,
-                files: Vec::new(),
-                bytes: 0,
-            };
-            let t = w.walk(&path)?;
-            Ok::<_, ImportError>((t, w.files, w.bytes))
-        })
-        .await
-        .map_err(|e| ImportError::Task(e.to_string()))??
+        tokio::task::spawn_blocking(move || walk(&path, &opts))
+            .await
+            .map_err(|e| ImportError::Task(e.to_string()))??
     };
     progress.bytes_total.fetch_add(bytes, Ordering::Relaxed);
     progress
         .files_total
         .fetch_add(files.len() as u64, Ordering::Relaxed);
-
-    let results = import_files(store, files, opts, progress).await?;
+    let results = match top {
+        Some(top) => import_files(store, Arc::new(top), files, opts, progress).await?,
+        None => Vec::new(),
+    };
     put_tree(store, &walked, &results).await
 }
 
 /// Imports every file, `parallelism` at a time; results in job order.
 async fn import_files(
     store: &Store,
-    files: Vec<PathBuf>,
+    top: Arc<Top>,
+    files: Vec<FileJob>,
     opts: &ImportOptions,
     progress: Arc<Progress>,
 ) -> Result<Vec<(B3Digest, u64)>, ImportError> {
     use futures::stream::{StreamExt, TryStreamExt};
     let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
     let parallelism = opts.parallelism.unwrap_or(cores * 2).max(1);
-    let rt = tokio::runtime::Handle::current();
-    let params = store.params();
     futures::stream::iter(files)
-        .map(|path| {
-            let (rt, blobs, progress) = (rt.clone(), store.blobs.clone(), progress.clone());
+        .map(|job| {
+            let (store, top, progress) = (store.clone(), top.clone(), progress.clone());
             async move {
                 tokio::task::spawn_blocking(move || {
-                    import_file_blocking(&rt, &blobs, params, &path, &progress)
+                    import_file_blocking(&store, &top, &job, &progress)
                 })
                 .await
                 .map_err(|e| ImportError::Task(e.to_string()))?

@@ -1,8 +1,7 @@
 //! Stored trees read back: resolving `ROOT/PATH`, listing, and materialising a tree on disk.
 
-use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
@@ -86,14 +85,22 @@ pub async fn resolve(store: &Store, spec: &str) -> Result<Node> {
     Ok(node)
 }
 
-/// Writes a blob's content to `out`, verifying every chunk and the whole digest.
-pub async fn write_blob<W: Write>(store: &Store, digest: &B3Digest, out: &mut W) -> Result<u64> {
-    let reader = BlobReader::open(store.blobs.clone(), *digest).await?;
+/// Writes a blob's content to `out`, every piece checked against the blob digest before it
+/// is written; a blob that is not `size` bytes (its directory entry's size) is refused.
+pub async fn write_blob<W: tokio::io::AsyncWrite + Unpin>(
+    store: &Store,
+    digest: &B3Digest,
+    size: u64,
+    out: &mut W,
+) -> Result<u64> {
+    use tokio::io::AsyncWriteExt;
+    let reader = BlobReader::open_sized(store.blobs.clone(), *digest, size).await?;
     let mut stream = Box::pin(reader.stream());
     let mut n = 0u64;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk?;
         out.write_all(&chunk)
+            .await
             .map_err(|e| StoreError::io("writing output", e))?;
         n += chunk.len() as u64;
     }
@@ -104,28 +111,78 @@ pub async fn write_blob<W: Write>(store: &Store, digest: &B3Digest, out: &mut W)
 /// is a round trip, so they overlap rather than queue.
 pub const EXPORT_CONCURRENCY: usize = 16;
 
-/// Materialises a node at `dest`, which must not exist yet. Names come from validated
-/// directories (no `/`, `.` or `..`) and files are created with `O_EXCL | O_NOFOLLOW`, so
-/// nothing is written outside `dest` even if the tree holds hostile symlinks.
+/// Materialises a node at `dest`, which must not exist yet: everything is written under a
+/// temporary name beside it and renamed into place only once complete and checked, so a
+/// failed export leaves nothing at `dest` (and removes what it wrote). Names come from
+/// validated directories (no `/`, `.` or `..`) and files are created with
+/// `O_EXCL | O_NOFOLLOW`, so nothing is written outside `dest` even if the tree holds hostile
+/// symlinks. Runs of zeros are left as holes, so a sparse file stays sparse.
 ///
 /// Directories are fetched a level at a time and files written [`EXPORT_CONCURRENCY`] at a
 /// time (each file's chunks are themselves fetched ahead concurrently).
 pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
-    let mut files: Vec<(PathBuf, B3Digest, bool)> = Vec::new();
+    let parent = dest
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let base = dest
+        .file_name()
+        .ok_or_else(|| StoreError::Backend(format!("{}: not a path to create", dest.display())))?;
+    let tmp = parent.join(format!(
+        ".{}.granary-export-{}-{:x}",
+        base.to_string_lossy(),
+        std::process::id(),
+        rand::random::<u32>()
+    ));
+    let res = export_into(store, node, &tmp).await;
+    let res = match res {
+        Ok(()) => {
+            let (t, d) = (tmp.clone(), dest.to_path_buf());
+            tokio::task::spawn_blocking(move || {
+                // Never over something that appeared at `dest` meanwhile.
+                rustix::fs::renameat_with(
+                    rustix::fs::CWD,
+                    &t,
+                    rustix::fs::CWD,
+                    &d,
+                    rustix::fs::RenameFlags::NOREPLACE,
+                )
+                .map_err(|e| {
+                    StoreError::io(
+                        format!("moving the export into place at {}", d.display()),
+                        std::io::Error::from_raw_os_error(e.raw_os_error()),
+                    )
+                })
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("export task failed: {e}")))?
+        }
+        Err(e) => Err(e),
+    };
+    if res.is_err() {
+        let t = tmp.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            let _ = std::fs::remove_dir_all(&t).or_else(|_| std::fs::remove_file(&t));
+        })
+        .await;
+    }
+    res
+}
+
+async fn export_into(store: &Store, node: &Node, dest: &Path) -> Result<()> {
+    let mut files: Vec<(PathBuf, B3Digest, u64, bool)> = Vec::new();
     let mut level: Vec<(PathBuf, B3Digest)> = Vec::new();
     match node {
         Node::Directory { digest, .. } => {
-            std::fs::create_dir(dest)
-                .map_err(|e| StoreError::io(format!("creating {}", dest.display()), e))?;
+            create_dir(dest).await?;
             level.push((dest.to_path_buf(), *digest));
         }
         Node::File {
-            digest, executable, ..
-        } => files.push((dest.to_path_buf(), *digest, *executable)),
-        Node::Symlink { target } => {
-            std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(target), dest)
-                .map_err(|e| StoreError::io(format!("symlink {}", dest.display()), e))?;
-        }
+            digest,
+            size,
+            executable,
+        } => files.push((dest.to_path_buf(), *digest, *size, *executable)),
+        Node::Symlink { target } => symlink(target, dest).await?,
     }
     while !level.is_empty() {
         let dirs: Vec<(PathBuf, Directory)> = futures::stream::iter(level.drain(..))
@@ -140,23 +197,21 @@ pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
                 let p = path.join(std::ffi::OsStr::from_bytes(e.name()));
                 match entry_node(e)? {
                     Node::Directory { digest, .. } => {
-                        std::fs::create_dir(&p)
-                            .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))?;
+                        create_dir(&p).await?;
                         level.push((p, digest));
                     }
                     Node::File {
-                        digest, executable, ..
-                    } => files.push((p, digest, executable)),
-                    Node::Symlink { target } => {
-                        std::os::unix::fs::symlink(std::ffi::OsStr::from_bytes(&target), &p)
-                            .map_err(|e| StoreError::io(format!("symlink {}", p.display()), e))?;
-                    }
+                        digest,
+                        size,
+                        executable,
+                    } => files.push((p, digest, size, executable)),
+                    Node::Symlink { target } => symlink(&target, &p).await?,
                 }
             }
         }
     }
     let mut writes = futures::stream::iter(files)
-        .map(|(path, digest, executable)| export_file(store, path, digest, executable))
+        .map(|(path, digest, size, executable)| export_file(store, path, digest, size, executable))
         .buffer_unordered(EXPORT_CONCURRENCY);
     while let Some(r) = writes.next().await {
         r?;
@@ -164,28 +219,83 @@ pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
     Ok(())
 }
 
+async fn create_dir(p: &Path) -> Result<()> {
+    tokio::fs::create_dir(p)
+        .await
+        .map_err(|e| StoreError::io(format!("creating {}", p.display()), e))
+}
+
+async fn symlink(target: &[u8], p: &Path) -> Result<()> {
+    let t = PathBuf::from(std::ffi::OsStr::from_bytes(target));
+    tokio::fs::symlink(t, p)
+        .await
+        .map_err(|e| StoreError::io(format!("symlink {}", p.display()), e))
+}
+
+/// Holes are made of whole aligned blocks of zeros of this size.
+const HOLE_BLOCK: usize = 64 << 10;
+
 async fn export_file(
     store: &Store,
     path: PathBuf,
     digest: B3Digest,
+    size: u64,
     executable: bool,
 ) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
+    use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+    let mode = if executable { 0o755 } else { 0o644 };
+    let io =
+        |what: &str, e: std::io::Error| StoreError::io(format!("{what} {}", path.display()), e);
+    let mut f = tokio::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .custom_flags(libc::O_NOFOLLOW)
-        .mode(if executable { 0o755 } else { 0o644 })
+        .mode(mode)
         .open(&path)
-        .map_err(|e| StoreError::io(format!("creating {}", path.display()), e))?;
-    let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut f);
-    write_blob(store, &digest, &mut w).await?;
-    w.flush()
-        .map_err(|e| StoreError::io(format!("writing {}", path.display()), e))?;
-    drop(w);
+        .await
+        .map_err(|e| io("creating", e))?;
+    let reader = BlobReader::open_sized(store.blobs.clone(), digest, size)
+        .await
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+    let mut stream = Box::pin(reader.stream());
+    let mut pos = 0u64;
+    // Bytes not yet written.
+    let mut pending: Vec<u8> = Vec::with_capacity(1 << 20);
+    while let Some(piece) = stream.next().await {
+        let piece = piece.map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let mut rest = &piece[..];
+        while !rest.is_empty() {
+            // Up to the next block boundary of the file.
+            let room = HOLE_BLOCK - (pos % HOLE_BLOCK as u64) as usize;
+            let (now, later) = rest.split_at(room.min(rest.len()));
+            let whole_block = now.len() == HOLE_BLOCK;
+            if whole_block && now.iter().all(|&b| b == 0) {
+                if !pending.is_empty() {
+                    f.write_all(&pending).await.map_err(|e| io("writing", e))?;
+                    pending.clear();
+                }
+                f.seek(std::io::SeekFrom::Start(pos + now.len() as u64))
+                    .await
+                    .map_err(|e| io("seeking in", e))?;
+            } else {
+                pending.extend_from_slice(now);
+                if pending.len() >= 1 << 20 {
+                    f.write_all(&pending).await.map_err(|e| io("writing", e))?;
+                    pending.clear();
+                }
+            }
+            pos += now.len() as u64;
+            rest = later;
+        }
+    }
+    f.write_all(&pending).await.map_err(|e| io("writing", e))?;
+    // A file ending in a hole gets its length here.
+    f.set_len(pos).await.map_err(|e| io("sizing", e))?;
+    f.flush().await.map_err(|e| io("writing", e))?;
     // The umask may have cleared bits: set the mode we mean.
-    let mode = if executable { 0o755 } else { 0o644 };
     f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| StoreError::io(format!("chmod {}", path.display()), e))?;
+        .await
+        .map_err(|e| io("chmod", e))?;
     Ok(())
 }
 

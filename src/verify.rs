@@ -70,7 +70,11 @@ async fn check_blob(store: &Store, blob: &B3Digest) -> Option<(ObjectKind, B3Dig
     if single {
         return None;
     }
-    let mut s = Box::pin(BlobReader::with_meta(store.blobs.clone(), *blob, meta).stream());
+    let reader = match BlobReader::with_meta(store.blobs.clone(), *blob, meta).await {
+        Ok(r) => r,
+        Err(e) => return Some((ObjectKind::BlobIndex, *blob, e.to_string())),
+    };
+    let mut s = Box::pin(reader.stream());
     while let Some(item) = s.next().await {
         if let Err(e) = item {
             return Some((ObjectKind::BlobIndex, *blob, e.to_string()));

@@ -773,7 +773,7 @@ fn fault_injecting_proxy() {
             for _ in 0..3 {
                 let t = Instant::now();
                 let mut out = Vec::new();
-                let r = granary::tree::write_blob(&s, &blob, &mut out).await;
+                let r = granary::tree::write_blob(&s, &blob, want.len() as u64, &mut out).await;
                 // Each chunk read has its own deadline; a whole-blob read is several.
                 assert!(
                     t.elapsed() < (timeout + slack) * 8,

@@ -363,10 +363,12 @@ fn index_entries(raw: &[u8]) -> Vec<(usize, usize)> {
     while i < raw.len() {
         let start = i;
         let tag = varint(raw, &mut i);
-        if tag == (1 << 3 | 2) {
+        if tag & 7 == 2 {
             let len = varint(raw, &mut i) as usize;
             i += len;
-            out.push((start, i));
+            if tag >> 3 == 1 {
+                out.push((start, i));
+            }
         } else {
             let _ = varint(raw, &mut i);
         }

@@ -76,12 +76,37 @@ pub(crate) fn decode_bounded<M: prost::Message + Default>(
     })
 }
 
+/// Bytes of a blob index's checksum.
+const INDEX_CHECKSUM_LEN: usize = 16;
+
 impl BlobIndex {
-    /// Decodes and checks a blob index: digests well formed, sizes sum to the total.
+    /// Decodes and checks a blob index: its checksum (when it has one), digests well formed,
+    /// sizes sum to the total.
     pub fn decode_valid(bytes: &[u8]) -> Result<Self, ModelError> {
         let idx: BlobIndex = decode_bounded("blob index", bytes)?;
+        if !idx.checksum.is_empty() && idx.checksum[..] != idx.compute_checksum()[..] {
+            return Err(ModelError::BlobIndex(
+                "checksum mismatch: the stored index is damaged".into(),
+            ));
+        }
         idx.validate()?;
         Ok(idx)
+    }
+
+    fn compute_checksum(&self) -> [u8; INDEX_CHECKSUM_LEN] {
+        let mut plain = self.clone();
+        plain.checksum = bytes::Bytes::new();
+        let h = blake3::hash(&prost::Message::encode_to_vec(&plain));
+        let mut out = [0u8; INDEX_CHECKSUM_LEN];
+        out.copy_from_slice(&h.as_bytes()[..INDEX_CHECKSUM_LEN]);
+        out
+    }
+
+    /// The bytes to store: the index with its checksum.
+    pub fn encode_sealed(&self) -> Vec<u8> {
+        let mut sealed = self.clone();
+        sealed.checksum = bytes::Bytes::copy_from_slice(&self.compute_checksum());
+        prost::Message::encode_to_vec(&sealed)
     }
 
     pub fn validate(&self) -> Result<(), ModelError> {

@@ -339,14 +339,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ls { path, long } => cmd_ls(&store, &path, long).await,
         Command::Cat { path } => {
             let node = tree::resolve(&store, &path).await?;
-            let Node::File { digest, .. } = node else {
+            let Node::File { digest, size, .. } = node else {
                 bail!("{path}: not a regular file");
             };
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            tree::write_blob(&store, &digest, &mut out)
+            let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::io::stdout());
+            tree::write_blob(&store, &digest, size, &mut out)
                 .await
                 .with_context(|| path.clone())?;
-            out.flush()?;
+            tokio::io::AsyncWriteExt::flush(&mut out)
+                .await
+                .context("writing output")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { path, dest } => {

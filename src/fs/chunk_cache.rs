@@ -10,13 +10,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use lru::LruCache;
 
 use crate::castore::B3Digest;
-use crate::store::{BlobMeta, BlobService, ChunkRef, StoreError};
+use crate::store::layout::BlobLayout;
+use crate::store::{BlobService, ChunkRef, StoreError};
 
 /// Chunks of one read fetched at once.
 const READ_CONCURRENCY: usize = 16;
@@ -54,41 +55,8 @@ fn checked(c: ChunkRef, r: crate::store::Result<Option<Bytes>>) -> Result<Bytes,
     }
 }
 
-/// Where each chunk of a blob starts.
-#[derive(Debug)]
-pub struct Layout {
-    pub chunks: Vec<ChunkRef>,
-    /// `starts[i]` is the offset of chunk `i`; one extra entry holds the blob size.
-    starts: Vec<u64>,
-}
-
-impl Layout {
-    fn new(meta: BlobMeta) -> Self {
-        let mut starts = Vec::with_capacity(meta.chunks.len() + 1);
-        let mut off = 0u64;
-        for c in &meta.chunks {
-            starts.push(off);
-            off += c.size;
-        }
-        starts.push(off);
-        Self {
-            chunks: meta.chunks,
-            starts,
-        }
-    }
-
-    pub fn size(&self) -> u64 {
-        self.starts.last().copied().unwrap_or(0)
-    }
-
-    /// Index of the chunk holding byte `offset` (offset < size).
-    fn chunk_at(&self, offset: u64) -> usize {
-        match self.starts.binary_search(&offset) {
-            Ok(i) => i,
-            Err(i) => i.saturating_sub(1),
-        }
-    }
-}
+/// A blob's layout as the mount reads it.
+pub type Layout = BlobLayout;
 
 struct State {
     chunks: LruCache<B3Digest, Bytes>,
@@ -278,52 +246,44 @@ impl ChunkCache {
         }
     }
 
-    /// The chunk list of a blob of known size.
+    /// The layout of a blob of known size (the size its directory entry records).
     pub async fn layout(&self, blob: &B3Digest, size: u64) -> Result<Arc<Layout>, FetchError> {
-        if size == 0 {
-            return Ok(Arc::new(Layout::new(BlobMeta {
-                size: 0,
-                chunks: vec![],
-            })));
-        }
         if size <= self.single_chunk_max {
-            return Ok(Arc::new(Layout::new(BlobMeta {
-                size,
-                chunks: vec![ChunkRef {
-                    digest: *blob,
-                    size,
-                }],
-            })));
+            return Ok(Arc::new(Layout::single(*blob, size)));
         }
         if let Some(l) = self.state().layouts.get(blob) {
             return Ok(l.clone());
         }
-        let meta = match tokio::time::timeout(self.deadline, self.blobs.stat(blob)).await {
+        let load = async {
+            let meta = self
+                .blobs
+                .stat(blob)
+                .await?
+                .ok_or_else(|| StoreError::not_found("blob", blob))?;
+            if meta.size != size {
+                return Err(StoreError::corrupt(
+                    "blob",
+                    blob,
+                    format!("is {} bytes, its directory entry says {size}", meta.size),
+                ));
+            }
+            Layout::load(&*self.blobs, *blob, meta).await
+        };
+        let layout = match tokio::time::timeout(self.deadline, load).await {
             Err(_) => Err(StoreError::Timeout {
                 what: format!("stat of blob {blob}"),
                 secs: self.deadline.as_secs_f64(),
             }),
-            Ok(Ok(None)) => Err(StoreError::not_found("blob", blob)),
-            Ok(r) => r.map(|m| {
-                m.unwrap_or(BlobMeta {
-                    size: 0,
-                    chunks: vec![],
-                })
-            }),
+            Ok(r) => r,
         }
         .map_err(|e| FetchError::new(format!("blob {blob}: {e}")))?;
-        if meta.size != size {
-            return Err(FetchError::new(format!(
-                "blob {blob} is {} bytes, its directory entry says {size}",
-                meta.size
-            )));
-        }
-        let layout = Arc::new(Layout::new(meta));
+        let layout = Arc::new(layout);
         self.state().layouts.put(*blob, layout.clone());
         Ok(layout)
     }
 
-    /// Up to `len` bytes at `offset` of a blob (fewer at its end).
+    /// Up to `len` bytes at `offset` of a blob (fewer at its end), checked against the blob
+    /// digest (see [`BlobLayout`]).
     pub async fn read(
         self: &Arc<Self>,
         layout: &Layout,
@@ -335,26 +295,20 @@ impl ChunkCache {
             return Ok(Bytes::new());
         }
         let end = size.min(offset.saturating_add(len as u64));
-        let first = layout.chunk_at(offset);
-        let last = layout.chunk_at(end - 1);
-        if first == last {
-            let part = self.chunk(layout.chunks[first]).await?;
-            let s = (offset - layout.starts[first]) as usize;
-            return Ok(part.slice(s..s + (end - offset) as usize));
-        }
-        let parts: Vec<Bytes> = stream::iter(first..=last)
-            .map(|i| self.chunk(layout.chunks[i]))
-            .buffered(READ_CONCURRENCY)
-            .try_collect()
-            .await?;
-        let mut out = BytesMut::with_capacity((end - offset) as usize);
-        for (k, part) in parts.iter().enumerate() {
-            let cs = layout.starts[first + k];
-            let from = offset.saturating_sub(cs) as usize;
-            let to = ((end - cs) as usize).min(part.len());
-            out.extend_from_slice(&part[from..to]);
-        }
-        Ok(out.freeze())
+        let (first, last) = layout.span(offset, end);
+        let parts: Vec<Bytes> = if first == last {
+            vec![self.chunk(layout.chunks[first]).await?]
+        } else {
+            stream::iter(first..=last)
+                .map(|i| self.chunk(layout.chunks[i]))
+                .buffered(READ_CONCURRENCY)
+                .try_collect()
+                .await?
+        };
+        layout
+            .verify(first, &parts, offset, end)
+            .map_err(|e| FetchError::new(e.to_string()))?;
+        Ok(layout.assemble(first, &parts, offset, end))
     }
 
     /// The one chunk of a blob known (by its size) to be a single chunk.
@@ -377,7 +331,7 @@ impl ChunkCache {
         let first = layout.chunk_at(from);
         let end = from.saturating_add(ahead);
         let wanted: Vec<ChunkRef> = (first..layout.chunks.len())
-            .take_while(|&i| layout.starts[i] < end)
+            .take_while(|&i| layout.chunk_start(i) < end)
             .map(|i| layout.chunks[i])
             .collect();
         self.prefetch_chunks(wanted);
@@ -446,6 +400,7 @@ impl ChunkCache {
 mod tests {
     use super::*;
     use crate::store::memory::MemoryStore;
+    use crate::store::BlobMeta;
     use crate::store::StoreConfig;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -550,15 +505,19 @@ mod tests {
     async fn reads_across_chunk_boundaries() {
         let (svc, refs) = setup(Duration::ZERO, 5).await;
         let cache = ChunkCache::new(svc, 1 << 20, Duration::from_secs(5), 0);
-        let meta = BlobMeta {
-            size: refs.iter().map(|r| r.size).sum(),
-            chunks: refs.clone(),
-        };
         let mut whole = Vec::new();
         for (i, r) in refs.iter().enumerate() {
             whole.extend(std::iter::repeat_n(i as u8, r.size as usize));
         }
-        let layout = Layout::new(meta);
+        let mut tree = crate::store::outboard::TreeHasher::new();
+        tree.update(&whole);
+        let (digest, outboard) = tree.finish();
+        let meta = BlobMeta {
+            size: refs.iter().map(|r| r.size).sum(),
+            chunks: refs.clone(),
+            outboard: outboard.into(),
+        };
+        let layout = Layout::new(digest, meta).unwrap();
         for (off, len) in [(0, 10), (995, 20), (0, 100_000), (1500, 2500), (5005, 10)] {
             let got = cache.read(&layout, off, len).await.unwrap();
             let end = (off as usize + len).min(whole.len());

@@ -7,8 +7,6 @@
 //! problem is reported with the byte offset of the item that is wrong. This module records
 //! no roots: the caller does that once the whole NAR has been accepted.
 
-use std::collections::VecDeque;
-
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
@@ -16,10 +14,10 @@ use tokio::task::JoinHandle;
 
 use super::{padding, NarError, NarHash, MAGIC, MAX_KEYWORD_LEN};
 use crate::castore::{
-    proto::blob_index, validate_name, B3Digest, BlobIndex, Directory, DirectoryEntry, FileEntry,
-    Node, SymlinkEntry, MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
+    validate_name, B3Digest, Directory, DirectoryEntry, FileEntry, Node, SymlinkEntry,
+    MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
 };
-use crate::chunking::Chunker;
+use crate::store::blob_writer::{BlobWriter, PutQueue};
 use crate::store::{Store, StoreError};
 
 /// What a NAR import produced: the top node and the NAR's size and SHA-256.
@@ -34,39 +32,6 @@ pub struct NarImport {
 /// are not awaited file by file: a store that syncs every object would otherwise make a NAR
 /// of many small files run at one fsync per file.
 const PUTS_IN_FLIGHT: usize = 64;
-
-type Put = JoinHandle<Result<(), StoreError>>;
-
-/// Store writes under way: chunk puts in order, each with the NAR offset it belongs to.
-struct Uploads {
-    chunks: VecDeque<(u64, Put)>,
-}
-
-impl Uploads {
-    fn submit(&mut self, store: &Store, at: u64, chunk: Bytes) -> B3Digest {
-        let digest = B3Digest::of(&chunk);
-        let blobs = store.blobs.clone();
-        self.chunks.push_back((
-            at,
-            tokio::spawn(async move { blobs.put_chunk(digest, chunk).await }),
-        ));
-        digest
-    }
-
-    async fn wait_one(&mut self) -> Result<(), NarError> {
-        if let Some((at, h)) = self.chunks.pop_front() {
-            join(at, h).await?;
-        }
-        Ok(())
-    }
-
-    async fn wait_all(&mut self) -> Result<(), NarError> {
-        while !self.chunks.is_empty() {
-            self.wait_one().await?;
-        }
-        Ok(())
-    }
-}
 
 async fn join<T>(at: u64, h: JoinHandle<Result<T, StoreError>>) -> Result<T, NarError> {
     h.await
@@ -237,9 +202,7 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
         ));
     }
 
-    let mut uploads = Uploads {
-        chunks: VecDeque::new(),
-    };
+    let mut uploads = PutQueue::new(PUTS_IN_FLIGHT);
     let mut stack: Vec<Frame> = Vec::new();
     let top = 'outer: loop {
         // A node starts here.
@@ -378,7 +341,11 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
     };
     inp.expect_eof().await?;
     // Every chunk is stored before the caller may record a root pointing at them.
-    uploads.wait_all().await?;
+    let end = inp.offset;
+    uploads.drain().await.map_err(|e| NarError::Store {
+        offset: end,
+        source: e,
+    })?;
     let nar_size = inp.offset;
     let nar_sha256 = NarHash(inp.sha.finalize().into());
     Ok(NarImport {
@@ -413,7 +380,7 @@ fn add_entry(dir: &mut Directory, name: Bytes, node: Node) {
 async fn read_regular<R: AsyncBufRead + Unpin>(
     store: &Store,
     inp: &mut Input<R>,
-    uploads: &mut Uploads,
+    uploads: &mut PutQueue,
 ) -> Result<Node, NarError> {
     let (at, mut tok) = inp.keyword("regular file").await?;
     let mut executable = false;
@@ -447,63 +414,31 @@ async fn read_regular<R: AsyncBufRead + Unpin>(
     })
 }
 
-/// Streams `len` bytes of file contents through the chunker into the store.
+/// Streams `len` bytes of file contents into the store; its chunk puts join the NAR's queue.
 async fn stream_contents<R: AsyncBufRead + Unpin>(
     store: &Store,
     inp: &mut Input<R>,
-    uploads: &mut Uploads,
+    uploads: &mut PutQueue,
     len: u64,
     at: u64,
 ) -> Result<(B3Digest, u64), NarError> {
-    let mut chunker = Chunker::new(store.params());
-    let mut whole = blake3::Hasher::new();
-    let mut index: Vec<blob_index::Chunk> = Vec::new();
-    let mut add = |uploads: &mut Uploads, chunk: Bytes| {
-        let size = chunk.len() as u64;
-        let digest = uploads.submit(store, at, chunk);
-        index.push(blob_index::Chunk {
-            digest: Bytes::copy_from_slice(digest.as_bytes()),
-            size,
-        });
+    let store_err = |e: StoreError| NarError::Store {
+        offset: at,
+        source: e,
     };
+    let mut w = BlobWriter::on_queue(store, uploads);
     let mut left = len;
+    let mut piece = Vec::new();
     while left > 0 {
-        // Feed the chunker at most one max-chunk at a time so its buffer stays bounded.
-        let step = left.min(store.params().max as u64);
-        inp.take(step, "file contents", |p| {
-            whole.update(p);
-            chunker.push(p);
-        })
-        .await?;
+        let step = left.min(1 << 20);
+        piece.clear();
+        inp.take(step, "file contents", |p| piece.extend_from_slice(p))
+            .await?;
+        w.write(&piece).await.map_err(store_err)?;
         left -= step;
-        while let Some(chunk) = chunker.next_chunk() {
-            add(uploads, chunk);
-        }
-        while uploads.chunks.len() > PUTS_IN_FLIGHT {
-            uploads.wait_one().await?;
-        }
     }
-    while let Some(chunk) = chunker.finish_chunk() {
-        add(uploads, chunk);
-    }
-    let digest = B3Digest::from(whole.finalize());
-    if index.len() > 1 {
-        // A blob index may only name chunks that are stored.
-        uploads.wait_all().await?;
-        let idx = BlobIndex {
-            chunks: index,
-            size: len,
-        };
-        store
-            .blobs
-            .put_blob_index(digest, &idx)
-            .await
-            .map_err(|e| NarError::Store {
-                offset: at,
-                source: e,
-            })?;
-    }
-    Ok((digest, len))
+    let done = w.finish().await.map_err(store_err)?;
+    Ok((done.digest, done.size))
 }
 
 #[cfg(test)]

@@ -18,10 +18,10 @@ use tonic::{Status, Streaming};
 use super::proto::{self, ingest_entry::Kind, ingest_frame::Frame};
 use super::{digest_bytes, root_to_proto};
 use crate::castore::{
-    self, validate_name, validate_root_name, B3Digest, BlobIndex, Directory, DirectoryEntry,
-    FileEntry, Node, RootRecord, SymlinkEntry,
+    self, validate_name, validate_root_name, Directory, DirectoryEntry, FileEntry, Node,
+    RootRecord, SymlinkEntry,
 };
-use crate::chunking::Chunker;
+use crate::store::blob_writer::{self, BlobWriter};
 use crate::store::{Store, StoreError};
 
 /// What one upload may hold.
@@ -425,42 +425,18 @@ fn build_tree(
     for (i, e) in entries.iter().enumerate() {
         match e.kind {
             Kind::File => {
-                let mut chunker = Chunker::new(store.params());
-                let mut whole = blake3::Hasher::new();
-                let mut index = Vec::new();
-                let put = |c: Bytes, index: &mut Vec<castore::proto::blob_index::Chunk>| {
-                    let d = B3Digest::of(&c);
-                    index.push(castore::proto::blob_index::Chunk {
-                        digest: digest_bytes(&d),
-                        size: c.len() as u64,
-                    });
-                    rt.block_on(store.blobs.put_chunk(d, c))
-                };
+                let mut w = BlobWriter::new(store, blob_writer::PUTS_IN_FLIGHT);
                 let mut off = 0u64;
                 while off < e.size {
                     let n = (e.size - off).min(buf.len() as u64) as usize;
                     spool
                         .read_exact_at(&mut buf[..n], e.offset + off)
                         .map_err(|err| StoreError::io("reading the ingest spool", err))?;
-                    whole.update(&buf[..n]);
-                    chunker.push(&buf[..n]);
-                    while let Some(c) = chunker.next_chunk() {
-                        put(c, &mut index)?;
-                    }
+                    w.write_blocking(&buf[..n])?;
                     off += n as u64;
                     session.bytes_done.fetch_add(n as u64, Ordering::Relaxed);
                 }
-                while let Some(c) = chunker.finish_chunk() {
-                    put(c, &mut index)?;
-                }
-                let digest = B3Digest::from(whole.finalize());
-                if index.len() > 1 {
-                    let idx = BlobIndex {
-                        chunks: index,
-                        size: e.size,
-                    };
-                    rt.block_on(store.blobs.put_blob_index(digest, &idx))?;
-                }
+                let digest = w.finish_blocking()?.digest;
                 nodes[i] = Some(Node::File {
                     digest,
                     size: e.size,

@@ -16,8 +16,8 @@ use super::proto::{self, granary_server::Granary};
 use super::{
     digest_bytes, feature, root_from_proto, root_to_proto, FRAME_BYTES, MAX_BATCH, MAX_INLINE,
 };
-use crate::castore::{self, B3Digest, BlobIndex, Directory, Node};
-use crate::chunking::Chunker;
+use crate::castore::{self, B3Digest, Directory, Node};
+use crate::store::blob_writer::{self, BlobWriter};
 use crate::store::local::MAX_CHUNK;
 use crate::store::{Store, StoreError};
 
@@ -147,20 +147,12 @@ impl Daemon {
                 header.size
             )));
         }
-        let mut whole = blake3::Hasher::new();
         let mut received = 0u64;
-        let mut chunker = Chunker::new(self.store.params());
+        // A single chunk is kept whole (the client decided it is one chunk); anything else
+        // goes through the store's one blob writer.
         let mut single = BytesMut::new();
-        let mut index = Vec::new();
-        let put = |chunk: Bytes, index: &mut Vec<castore::proto::blob_index::Chunk>| {
-            let d = B3Digest::of(&chunk);
-            index.push(castore::proto::blob_index::Chunk {
-                digest: digest_bytes(&d),
-                size: chunk.len() as u64,
-            });
-            let blobs = self.store.blobs.clone();
-            async move { blobs.put_chunk(d, chunk).await.map_err(status_of) }
-        };
+        let mut writer = (!header.single_chunk)
+            .then(|| BlobWriter::new(&self.store, blob_writer::PUTS_IN_FLIGHT));
         while let Some(frame) = stream.message().await? {
             let Some(Frame::Data(data)) = frame.frame else {
                 return Err(Status::invalid_argument("put blob: a second header"));
@@ -173,14 +165,9 @@ impl Daemon {
                     header.size
                 )));
             }
-            whole.update(&data);
-            if header.single_chunk {
-                single.extend_from_slice(&data);
-            } else {
-                chunker.push(&data);
-                while let Some(c) = chunker.next_chunk() {
-                    put(c, &mut index).await?;
-                }
+            match &mut writer {
+                Some(w) => w.write(&data).await.map_err(status_of)?,
+                None => single.extend_from_slice(&data),
             }
         }
         if received != header.size {
@@ -191,31 +178,28 @@ impl Daemon {
                 header.size
             )));
         }
-        let digest = B3Digest::from(whole.finalize());
-        if header.single_chunk {
-            if !single.is_empty() {
-                put(single.freeze(), &mut index).await?;
+        let (digest, chunks) = match writer {
+            Some(w) => {
+                let done = w.finish().await.map_err(status_of)?;
+                (done.digest, done.chunks)
             }
-        } else {
-            while let Some(c) = chunker.finish_chunk() {
-                put(c, &mut index).await?;
+            None => {
+                let single = single.freeze();
+                let d = B3Digest::of(&single);
+                if !single.is_empty() {
+                    self.store
+                        .blobs
+                        .put_chunk(d, single)
+                        .await
+                        .map_err(status_of)?;
+                }
+                (d, usize::from(received > 0))
             }
-            if index.len() > 1 {
-                let idx = BlobIndex {
-                    chunks: index.clone(),
-                    size: received,
-                };
-                self.store
-                    .blobs
-                    .put_blob_index(digest, &idx)
-                    .await
-                    .map_err(status_of)?;
-            }
-        }
+        };
         Ok(proto::PutBlobResponse {
             digest: digest_bytes(&digest),
             size: received,
-            chunks: index.len() as u32,
+            chunks: chunks as u32,
         })
     }
 
@@ -229,8 +213,9 @@ impl Daemon {
             .ok_or_else(|| Status::invalid_argument("put blob index: no index"))?;
         idx.validate()
             .map_err(|e| Status::invalid_argument(format!("blob index: {e}")))?;
-        // The client's claim is checked: the chunks, in order, must hash to the blob digest.
-        let mut whole = blake3::Hasher::new();
+        // The client's claim is checked: the chunks, in order, must hash to the blob digest;
+        // the outboard stored is the one computed here, whatever the client sent.
+        let mut whole = crate::store::outboard::TreeHasher::new();
         for c in &idx.chunks {
             let d = bad_digest("chunk", &c.digest)?;
             let data = self
@@ -251,12 +236,14 @@ impl Daemon {
             }
             whole.update(&data);
         }
-        let actual = B3Digest::from(whole.finalize());
+        let (actual, outboard) = whole.finish();
         if actual != blob {
             return Err(Status::invalid_argument(format!(
                 "blob index: chunks hash to {actual}, not {blob}"
             )));
         }
+        let mut idx = idx;
+        idx.outboard = Bytes::from(outboard);
         if idx.chunks.len() > 1 {
             self.store
                 .blobs
@@ -475,6 +462,7 @@ impl Granary for Daemon {
                         size: m.size,
                         chunks: m.to_index().chunks,
                         inline,
+                        outboard: m.outboard,
                     }
                 }
             }))

@@ -658,7 +658,7 @@ impl BlobService for Cached {
         if let Some(m) = &meta {
             if !m.chunks.is_empty() {
                 let (c, d) = (self.cache.clone(), *blob);
-                let bytes = prost::Message::encode_to_vec(&m.to_index());
+                let bytes = m.to_index().encode_sealed();
                 blocking(move || c.write_entry(&c.entry_path(Kind::BlobIndex, &d), &bytes)).await?;
             }
         }
@@ -694,7 +694,7 @@ impl BlobService for Cached {
 
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
         self.inner.blobs.put_blob_index(blob, index).await?;
-        let (c, bytes) = (self.cache.clone(), prost::Message::encode_to_vec(index));
+        let (c, bytes) = (self.cache.clone(), index.encode_sealed());
         blocking(move || c.write_entry(&c.entry_path(Kind::BlobIndex, &blob), &bytes)).await
     }
 

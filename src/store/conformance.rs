@@ -30,11 +30,14 @@ async fn put_blob(store: &Store, data: &[u8]) -> B3Digest {
             size: c.len() as u64,
         });
     }
-    let digest = B3Digest::of(data);
+    let mut tree = super::outboard::TreeHasher::new();
+    tree.update(data);
+    let (digest, outboard) = tree.finish();
     if chunks.len() > 1 {
         let meta = super::BlobMeta {
             size: data.len() as u64,
             chunks: metas,
+            outboard: outboard.into(),
         };
         store
             .blobs

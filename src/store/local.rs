@@ -627,10 +627,7 @@ impl LocalStore {
 
     fn stat_blocking(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         if *blob == empty_blob() {
-            return Ok(Some(BlobMeta {
-                size: 0,
-                chunks: vec![],
-            }));
+            return Ok(Some(BlobMeta::default()));
         }
         // Most blobs are one chunk, so look for that first. A chunk stored under the blob's
         // digest holds exactly the blob's bytes, so the two looks cannot disagree.
@@ -672,6 +669,7 @@ impl LocalStore {
                 digest: *blob,
                 size,
             }],
+            outboard: Bytes::new(),
         }))
     }
 
@@ -875,7 +873,7 @@ impl BlobService for LocalStore {
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
         index.validate()?;
         let s = self.clone();
-        let bytes = prost::Message::encode_to_vec(index);
+        let bytes = index.encode_sealed();
         blocking(move || s.stage(Kind::BlobIndex, &blob, &bytes)).await
     }
 

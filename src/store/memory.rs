@@ -43,10 +43,7 @@ impl MemoryStore {
 impl BlobService for MemoryStore {
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         if *blob == empty_blob() {
-            return Ok(Some(BlobMeta {
-                size: 0,
-                chunks: vec![],
-            }));
+            return Ok(Some(BlobMeta::default()));
         }
         if let Some(idx) = self.indexes.read().map_err(|_| poisoned())?.get(blob) {
             return BlobMeta::from_index(idx).map(Some);
@@ -62,6 +59,7 @@ impl BlobService for MemoryStore {
                     digest: *blob,
                     size: c.len() as u64,
                 }],
+                outboard: Bytes::new(),
             }))
     }
 

@@ -15,10 +15,13 @@ use bytes::Bytes;
 use crate::castore::{B3Digest, BlobIndex, Directory, ModelError, RootRecord};
 use crate::chunking::ChunkParams;
 
+pub mod blob_writer;
 pub mod cache;
 pub mod config;
+pub mod layout;
 pub mod local;
 pub mod memory;
+pub mod outboard;
 pub mod pack;
 pub mod reader;
 pub mod remote;
@@ -86,10 +89,13 @@ pub struct ChunkRef {
 
 /// What `stat` tells about a blob: its size and the chunks that make it, in order.
 /// A single-chunk blob lists itself as its one chunk; an empty blob lists none.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct BlobMeta {
     pub size: u64,
     pub chunks: Vec<ChunkRef>,
+    /// The blob's outboard (see [`outboard`]): empty for a blob of one chunk or one block,
+    /// and for blob indexes written before outboards.
+    pub outboard: Bytes,
 }
 
 impl BlobMeta {
@@ -108,6 +114,7 @@ impl BlobMeta {
         Ok(BlobMeta {
             size: idx.size,
             chunks,
+            outboard: idx.outboard.clone(),
         })
     }
 
@@ -122,6 +129,8 @@ impl BlobMeta {
                 })
                 .collect(),
             size: self.size,
+            outboard: self.outboard.clone(),
+            checksum: Bytes::new(),
         }
     }
 }

@@ -237,6 +237,8 @@ impl BlobService for RemoteStore {
         let idx = BlobIndex {
             chunks: resp.chunks,
             size: resp.size,
+            outboard: resp.outboard,
+            checksum: Bytes::new(),
         };
         let meta = BlobMeta::from_index(&idx)
             .map_err(|e| StoreError::corrupt("blob index", blob, e.to_string()))?;

@@ -650,10 +650,7 @@ impl S3Store {
 impl BlobService for S3Store {
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         if *blob == empty_blob() {
-            return Ok(Some(BlobMeta {
-                size: 0,
-                chunks: vec![],
-            }));
+            return Ok(Some(BlobMeta::default()));
         }
         // Most blobs are small, single-chunk ones: fetch the chunk itself (verified, and kept
         // for the read that follows); only if there is none look for a blob index.
@@ -668,6 +665,7 @@ impl BlobService for S3Store {
                     digest: *blob,
                     size,
                 }],
+                outboard: Bytes::new(),
             }));
         }
         let Some(raw) = self.get_object(Kind::BlobIndex, blob, None).await? else {
@@ -722,7 +720,7 @@ impl BlobService for S3Store {
 
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
         index.validate()?;
-        let bytes = prost::Message::encode_to_vec(index);
+        let bytes = index.encode_sealed();
         self.put_object(Kind::BlobIndex, &blob, Bytes::from(bytes))
             .await
     }
