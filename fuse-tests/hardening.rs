@@ -124,3 +124,145 @@ fn read_all(p: &Path) -> Vec<u8> {
 fn run(cmd: &mut Command) -> std::process::Output {
     cmd.output().unwrap()
 }
+
+/// Runs `script` with bash as uid/gid 65534 (nobody), in the background.
+fn spawn_as_nobody(script: &str) -> std::process::Child {
+    Command::new("setpriv")
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "bash",
+            "-c",
+        ])
+        .arg(script)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("setpriv (util-linux)")
+}
+
+/// A directory nobody (uid 65534) owns, under a temp dir everyone can traverse.
+fn nobody_dir() -> (tempfile::TempDir, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tree = tmp.path().join("tree");
+    std::fs::create_dir(&tree).unwrap();
+    std::os::unix::fs::chown(&tree, Some(65534), Some(65534)).unwrap();
+    (tmp, tree)
+}
+
+struct Killed(std::process::Child);
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_symlink_swapped_in_during_import_never_stores_what_it_points_at() {
+    let ts = TestStore::new();
+    let (tmp, tree) = nobody_dir();
+    // A secret only root can read, of recognisable content.
+    let secret = tmp.path().join("secret");
+    let secret_data = noise(5000, 999);
+    std::fs::write(&secret, &secret_data).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let secret_hex = blake3::hash(&secret_data).to_hex().to_string();
+    // The user's tree: a few files, one of which they keep swapping for a link to the secret.
+    let script = format!(
+        "cd {t}; for i in $(seq 20); do echo file $i > f$i; done; echo mine > victim; \
+         while true; do ln -sf {s} victim.new; mv -f victim.new victim; echo mine > victim.tmp; \
+         mv -f victim.tmp victim; done",
+        t = tree.display(),
+        s = secret.display()
+    );
+    let _swapper = Killed(spawn_as_nobody(&script));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let (mut ok, mut refused) = (0, 0);
+    for _ in 0..50 {
+        let out = ts.cmd().arg("import").arg(&tree).output().unwrap();
+        if out.status.success() {
+            ok += 1;
+        } else {
+            refused += 1;
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("victim"), "an unexpected failure: {err}");
+        }
+    }
+    drop(_swapper);
+    eprintln!("{ok} imports stored the tree, {refused} refused a file that changed");
+    // The secret's bytes are nowhere in the store.
+    let out = ts.cmd().args(["cat", &secret_hex]).output().unwrap();
+    assert!(!out.status.success(), "the secret was stored");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn a_fifo_swapped_in_during_import_never_hangs_it() {
+    let ts = TestStore::new();
+    let (_tmp, tree) = nobody_dir();
+    let script = format!(
+        "cd {t}; for i in $(seq 20); do echo file $i > f$i; done; echo data > victim; \
+         while true; do rm -f victim.p; mkfifo victim.p; mv -f victim.p victim; \
+         echo data > victim.tmp; mv -f victim.tmp victim; done",
+        t = tree.display()
+    );
+    let _swapper = Killed(spawn_as_nobody(&script));
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    for _ in 0..60 {
+        let t0 = std::time::Instant::now();
+        let out = Command::new("timeout")
+            .args(["-k", "2", "20"])
+            .arg(granary_bin())
+            .args(["--store", &ts.url(), "import", "--skip-special"])
+            .arg(&tree)
+            .output()
+            .unwrap();
+        assert_ne!(out.status.code(), Some(124), "an import hung on a fifo");
+        assert!(t0.elapsed() < std::time::Duration::from_secs(15));
+    }
+}
+
+#[test]
+fn a_file_growing_during_import_is_imported_as_it_was_at_open() {
+    let ts = TestStore::new();
+    let src = ts.dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let grow = src.join("grow");
+    std::fs::write(&grow, noise(64 << 20, 5)).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, grow) = (stop.clone(), grow.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(grow).unwrap();
+            let block = noise(1 << 20, 6);
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                f.write_all(&block).unwrap();
+            }
+        })
+    };
+    ts.ok(&["import", "--name", "g", src.to_str().unwrap()]);
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    writer.join().unwrap();
+    let listed = String::from_utf8(ts.ok(&["ls", "-l", "g"]).stdout).unwrap();
+    let size: usize = listed.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let stored = ts.ok(&["cat", "g/grow"]).stdout;
+    assert_eq!(stored.len(), size, "the directory entry and the blob agree");
+    let now = std::fs::read(&grow).unwrap();
+    assert!(
+        now.len() > size,
+        "the file kept growing after it was opened"
+    );
+    assert!(
+        stored == now[..size],
+        "the stored file is the file as it was"
+    );
+    ts.ok(&["verify"]);
+}

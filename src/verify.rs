@@ -1,36 +1,78 @@
 //! `granary verify`: re-hash every chunk, check every blob against its digest, decode and
-//! validate every directory, check every root's closure is complete; and optionally repair
-//! damaged or missing objects from another store.
+//! validate every directory and blob index, check every root record and every root's closure;
+//! and optionally repair damaged or missing objects from another store.
+//!
+//! Every problem names what is at fault — a chunk, a blob index, a directory, a whole blob
+//! whose objects are all gone, a root record, or a pack file — and the roots that reach it.
+//! Repair copies what is missing or damaged from another store (verified), sets damaged pack
+//! files aside once nothing of theirs is missing, and is repeated by the caller until it makes
+//! no progress, so it walks into the closure of what it restored.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::fmt;
 
 use futures::StreamExt;
 
-use crate::castore::{B3Digest, Node};
-use crate::store::{BlobReader, ObjectKind, Result, Store, StoreError};
+use crate::castore::{B3Digest, Directory, Node};
+use crate::store::{BlobMeta, BlobReader, ObjectKind, Result, Store, StoreError};
 
-/// One damaged or missing object and the roots that reach it.
+/// What a problem is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Subject {
+    Object(ObjectKind, B3Digest),
+    /// A blob of which nothing is stored: neither a chunk nor a blob index under its digest.
+    Blob(B3Digest),
+    /// A root record that cannot be read.
+    Root(String),
+    /// A storage unit (a pack file) damaged as a whole.
+    Pack(String),
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Object(k, d) => write!(f, "{} {d}", k.what()),
+            Subject::Blob(d) => write!(f, "blob {d}"),
+            Subject::Root(n) => write!(f, "root {n}"),
+            Subject::Pack(id) => write!(f, "pack {id}"),
+        }
+    }
+}
+
+/// One damaged or missing thing and the roots that reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub kind: ObjectKind,
-    pub digest: B3Digest,
+    pub subject: Subject,
     pub reason: String,
     pub roots: BTreeSet<String>,
 }
 
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.subject, self.reason)?;
+        match &self.subject {
+            Subject::Root(_) | Subject::Pack(_) => Ok(()),
+            _ if self.roots.is_empty() => write!(f, " (roots: none)"),
+            _ => {
+                let roots: Vec<&str> = self.roots.iter().map(String::as_str).collect();
+                write!(f, " (roots: {})", roots.join(","))
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Findings {
-    problems: BTreeMap<(u8, B3Digest), Problem>,
+    problems: BTreeMap<Subject, Problem>,
 }
 
 impl Findings {
-    fn add(&mut self, kind: ObjectKind, digest: B3Digest, reason: String, root: Option<&str>) {
+    fn add(&mut self, subject: Subject, reason: String, root: Option<&str>) {
         let p = self
             .problems
-            .entry((kind as u8, digest))
+            .entry(subject.clone())
             .or_insert_with(|| Problem {
-                kind,
-                digest,
+                subject,
                 reason,
                 roots: BTreeSet::new(),
             });
@@ -38,53 +80,130 @@ impl Findings {
             p.roots.insert(r.to_string());
         }
     }
+
+    /// Whether anything about blob `b` (its index, its chunks when known) was found bad;
+    /// if so `root` is added to those problems.
+    fn touch_blob(&mut self, b: &B3Digest, chunks: &[B3Digest], root: &str) -> bool {
+        let mut hit = false;
+        for p in self.problems.values_mut() {
+            let about = match &p.subject {
+                Subject::Object(_, d) | Subject::Blob(d) => d == b || chunks.contains(d),
+                _ => false,
+            };
+            if about {
+                p.roots.insert(root.to_string());
+                hit = true;
+            }
+        }
+        hit
+    }
 }
 
-/// Reads a whole blob; on failure says which object is at fault.
-async fn check_blob(store: &Store, blob: &B3Digest) -> Option<(ObjectKind, B3Digest, String)> {
+/// Every problem of blob `blob`, `size` bytes as its directory entry says: all its damaged
+/// or missing chunks (not just the first), a damaged or missing index, content that does
+/// not hash to the digest. Empty if it reads back whole and right.
+async fn check_blob(
+    store: &Store,
+    blob: &B3Digest,
+    size: u64,
+) -> (Vec<(Subject, String)>, Vec<B3Digest>) {
+    let params = store.params();
     let meta = match store.blobs.stat(blob).await {
         Ok(Some(m)) => m,
-        Ok(None) => return Some((ObjectKind::Chunk, *blob, "missing blob".into())),
-        Err(e) => return Some((ObjectKind::BlobIndex, *blob, e.to_string())),
+        Ok(None) => {
+            // Which object should have been there follows from the size the chunker saw.
+            let subject = if size <= u64::from(params.min) {
+                Subject::Object(ObjectKind::Chunk, *blob)
+            } else if size > u64::from(params.max) {
+                Subject::Object(ObjectKind::BlobIndex, *blob)
+            } else {
+                Subject::Blob(*blob)
+            };
+            let why = match subject {
+                Subject::Blob(_) => "missing: neither its chunk nor its blob index is stored",
+                _ => "missing",
+            };
+            return (vec![(subject, why.into())], vec![]);
+        }
+        Err(StoreError::Corrupt { what, reason, .. }) => {
+            let kind = if what == "chunk" {
+                ObjectKind::Chunk
+            } else {
+                ObjectKind::BlobIndex
+            };
+            return (
+                vec![(Subject::Object(kind, *blob), format!("corrupt: {reason}"))],
+                vec![],
+            );
+        }
+        Err(e) => {
+            return (
+                vec![(Subject::Object(ObjectKind::BlobIndex, *blob), e.to_string())],
+                vec![],
+            )
+        }
     };
-    let single = meta.chunks.len() == 1 && meta.chunks[0].digest == *blob;
+    let chunks: Vec<B3Digest> = meta.chunks.iter().map(|c| c.digest).collect();
+    let mut found = Vec::new();
+    if meta.size != size {
+        found.push((
+            Subject::Blob(*blob),
+            format!("is {} bytes, its directory entry records {size}", meta.size),
+        ));
+        return (found, chunks);
+    }
+    let mut chunks_ok = true;
     for c in &meta.chunks {
-        match store.blobs.read_chunk(&c.digest).await {
-            Ok(Some(b)) if b.len() as u64 == c.size => {}
+        let reason = match store.blobs.read_chunk(&c.digest).await {
+            Ok(Some(b)) if b.len() as u64 == c.size => continue,
             Ok(Some(b)) => {
-                return Some((
-                    ObjectKind::BlobIndex,
-                    *blob,
+                found.push((
+                    Subject::Object(ObjectKind::BlobIndex, *blob),
                     format!(
-                        "chunk {} is {} bytes, index says {}",
+                        "lists chunk {} as {} bytes; it is {}",
                         c.digest,
-                        b.len(),
-                        c.size
+                        c.size,
+                        b.len()
                     ),
-                ))
+                ));
+                chunks_ok = false;
+                continue;
             }
-            Ok(None) => return Some((ObjectKind::Chunk, c.digest, "missing chunk".into())),
-            Err(e) => return Some((ObjectKind::Chunk, c.digest, e.to_string())),
+            Ok(None) => "missing".to_string(),
+            Err(StoreError::Corrupt { reason, .. }) => format!("corrupt: {reason}"),
+            Err(e) => e.to_string(),
+        };
+        chunks_ok = false;
+        found.push((Subject::Object(ObjectKind::Chunk, c.digest), reason));
+    }
+    if chunks_ok && meta.chunks.len() > 1 {
+        if let Some(why) = check_content(store, blob, meta).await {
+            found.push((Subject::Object(ObjectKind::BlobIndex, *blob), why));
         }
     }
-    if single {
-        return None;
-    }
+    (found, chunks)
+}
+
+/// Reads a multi-chunk blob whole; why it is wrong, if it is.
+async fn check_content(store: &Store, blob: &B3Digest, meta: BlobMeta) -> Option<String> {
     let reader = match BlobReader::with_meta(store.blobs.clone(), *blob, meta).await {
         Ok(r) => r,
-        Err(e) => return Some((ObjectKind::BlobIndex, *blob, e.to_string())),
+        Err(StoreError::Corrupt { reason, .. }) => return Some(reason),
+        Err(e) => return Some(e.to_string()),
     };
     let mut s = Box::pin(reader.stream());
     while let Some(item) = s.next().await {
-        if let Err(e) = item {
-            return Some((ObjectKind::BlobIndex, *blob, e.to_string()));
+        match item {
+            Err(StoreError::Corrupt { reason, .. }) => return Some(reason),
+            Err(e) => return Some(e.to_string()),
+            Ok(_) => {}
         }
     }
     None
 }
 
-/// Verifies the named roots (all roots if empty), then every stored chunk and directory
-/// (when the backend can list them and no roots were named).
+/// Verifies the named roots (all roots if empty), then — when no roots were named and the
+/// backend can list its objects — the store's storage units and every stored object.
 pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
     let mut f = Findings::default();
     let names = if only.is_empty() {
@@ -92,28 +211,38 @@ pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
     } else {
         only.to_vec()
     };
+    if only.is_empty() {
+        if let Some(m) = &store.maintenance {
+            for (unit, why) in m.damage().await? {
+                f.add(Subject::Pack(unit), why, None);
+            }
+        }
+    }
     let mut blobs_ok: HashSet<B3Digest> = HashSet::new();
     let mut dirs_ok: HashSet<B3Digest> = HashSet::new();
     let mut chunks_seen: HashSet<B3Digest> = HashSet::new();
     for name in &names {
         let root = match store.roots.get(name).await {
             Ok(Some(r)) => r,
-            Ok(None) => {
+            Ok(None) if !only.is_empty() => {
                 return Err(StoreError::Backend(format!("no root named {name:?}")));
             }
+            // Removed since the listing.
+            Ok(None) => continue,
             Err(e) => {
-                tracing::error!("root {name}: {e}");
+                let why = match e {
+                    StoreError::Corrupt { reason, .. } => format!("cannot be read: {reason}"),
+                    other => format!("cannot be read: {other}"),
+                };
+                f.add(Subject::Root(name.clone()), why, None);
                 continue;
             }
         };
         let mut todo = Vec::new();
+        let mut files: Vec<(B3Digest, u64)> = Vec::new();
         match &root.node {
             Node::Directory { digest, .. } => todo.push(*digest),
-            Node::File { digest, .. } => {
-                if let Some((k, d, why)) = check_blob(store, digest).await {
-                    f.add(k, d, why, Some(name));
-                }
-            }
+            Node::File { digest, size, .. } => files.push((*digest, *size)),
             Node::Symlink { .. } => {}
         }
         while let Some(d) = todo.pop() {
@@ -121,15 +250,18 @@ pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
                 Ok(Some(dir)) => dir,
                 Ok(None) => {
                     f.add(
-                        ObjectKind::Directory,
-                        d,
-                        "missing directory".into(),
+                        Subject::Object(ObjectKind::Directory, d),
+                        "missing".into(),
                         Some(name),
                     );
                     continue;
                 }
                 Err(e) => {
-                    f.add(ObjectKind::Directory, d, e.to_string(), Some(name));
+                    let why = match e {
+                        StoreError::Corrupt { reason, .. } => format!("corrupt: {reason}"),
+                        other => other.to_string(),
+                    };
+                    f.add(Subject::Object(ObjectKind::Directory, d), why, Some(name));
                     continue;
                 }
             };
@@ -138,152 +270,288 @@ pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
                 let c = B3Digest::try_from(&e.digest[..])?;
                 // A missing or corrupt child is reported when visited.
                 if let Ok(Some(child)) = store.dirs.get(&c).await {
-                    if let Err(err) = crate::castore::Directory::check_child(e, &child) {
-                        f.add(ObjectKind::Directory, d, err.to_string(), Some(name));
+                    if let Err(err) = Directory::check_child(e, &child) {
+                        f.add(
+                            Subject::Object(ObjectKind::Directory, d),
+                            err.to_string(),
+                            Some(name),
+                        );
                     }
                 }
                 todo.push(c);
             }
             for file in &dir.files {
-                let b = B3Digest::try_from(&file.digest[..])?;
-                // Already known bad: this root is affected too.
-                if let Some(p) = f.problems.values_mut().find(|p| p.digest == b) {
-                    p.roots.insert(name.clone());
+                files.push((B3Digest::try_from(&file.digest[..])?, file.size));
+            }
+        }
+        for (b, size) in files {
+            if blobs_ok.contains(&b) {
+                continue;
+            }
+            let (found, chunks) = check_blob(store, &b, size).await;
+            if found.is_empty() {
+                if f.touch_blob(&b, &chunks, name) {
                     continue;
                 }
-                if blobs_ok.contains(&b) {
-                    continue;
-                }
-                match check_blob(store, &b).await {
-                    Some((k, dg, why)) => f.add(k, dg, why, Some(name)),
-                    None => {
-                        blobs_ok.insert(b);
-                        if let Ok(Some(m)) = store.blobs.stat(&b).await {
-                            chunks_seen.extend(m.chunks.iter().map(|c| c.digest));
-                        }
-                    }
+                blobs_ok.insert(b);
+                chunks_seen.extend(chunks);
+            } else {
+                for (subject, why) in found {
+                    f.add(subject, why, Some(name));
                 }
             }
         }
     }
     if only.is_empty() {
         if let Some(maint) = &store.maintenance {
-            let listed = match maint.list(ObjectKind::Chunk).await {
-                Ok(v) => v,
-                Err(e) => {
-                    // E.g. through a daemon: the roots' closures were still checked.
-                    tracing::warn!("not scanning unreferenced objects: {e}");
-                    return Ok(f.problems.into_values().collect());
-                }
-            };
-            for obj in listed {
-                if chunks_seen.contains(&obj.digest) {
-                    continue;
-                }
-                match store.blobs.read_chunk(&obj.digest).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => {}
-                    Err(e) => f.add(ObjectKind::Chunk, obj.digest, e.to_string(), None),
-                }
-            }
-            for obj in maint.list(ObjectKind::Directory).await? {
-                if dirs_ok.contains(&obj.digest) {
-                    continue;
-                }
-                if let Err(e) = store.dirs.get(&obj.digest).await {
-                    f.add(ObjectKind::Directory, obj.digest, e.to_string(), None);
-                }
-            }
+            scan_objects(store, maint.as_ref(), &mut f, &chunks_seen, &dirs_ok).await;
         }
     }
     Ok(f.problems.into_values().collect())
 }
 
-/// Replaces each damaged or missing object with a verified copy from `from`. Returns the
-/// problems it could not repair.
-pub async fn repair(store: &Store, from: &Store, problems: &[Problem]) -> Result<Vec<Problem>> {
-    let maint = store.maintenance.as_ref();
-    let mut left = Vec::new();
-    // Chunks first, then blob indexes, then directories (children before parents: the
-    // donor's closure order is not known, so retry directories until no progress).
+/// Checks every stored object the roots did not reach (they may be garbage, or reached by a
+/// root being written): chunks re-hashed, blob indexes and directories decoded.
+async fn scan_objects(
+    store: &Store,
+    maint: &dyn crate::store::Maintenance,
+    f: &mut Findings,
+    chunks_seen: &HashSet<B3Digest>,
+    dirs_ok: &HashSet<B3Digest>,
+) {
+    let corrupt = |e: StoreError| match e {
+        StoreError::Corrupt { reason, .. } => format!("corrupt: {reason}"),
+        other => other.to_string(),
+    };
+    for kind in ObjectKind::ALL {
+        let listed = match maint.list(kind).await {
+            Ok(v) => v,
+            Err(e) => {
+                // E.g. through a daemon, or past a damaged pack (reported above): the roots'
+                // closures were still checked.
+                tracing::info!("not scanning every stored {}: {e}", kind.what());
+                continue;
+            }
+        };
+        for obj in listed {
+            let d = obj.digest;
+            let key = Subject::Object(kind, d);
+            if f.problems.contains_key(&key) {
+                continue;
+            }
+            let err = match kind {
+                ObjectKind::Chunk if chunks_seen.contains(&d) => continue,
+                ObjectKind::Chunk => store.blobs.read_chunk(&d).await.err(),
+                ObjectKind::Directory if dirs_ok.contains(&d) => continue,
+                ObjectKind::Directory => store.dirs.get(&d).await.err(),
+                ObjectKind::BlobIndex => match store.blobs.stat(&d).await {
+                    Ok(Some(m)) if m.chunks.len() > 1 => {
+                        crate::store::layout::BlobLayout::new(d, m)
+                            .err()
+                            .and_then(|e| {
+                                // An index written before outboards is still sound.
+                                (!e.to_string().contains("has no outboard")).then_some(e)
+                            })
+                    }
+                    Ok(_) => None,
+                    Err(e) => Some(e),
+                },
+            };
+            if let Some(e) = err {
+                f.add(key, corrupt(e), None);
+            }
+        }
+    }
+}
+
+/// What one repair pass did.
+#[derive(Debug, Default)]
+pub struct Repaired {
+    pub fixed: usize,
+    /// Problems left, each with why it could not be repaired.
+    pub left: Vec<(Problem, String)>,
+}
+
+/// Copies a chunk from `from` into `store`, replacing any damaged copy.
+async fn restore_chunk(
+    store: &Store,
+    from: &Store,
+    d: &B3Digest,
+) -> Result<std::result::Result<(), String>> {
+    let Some(data) = from.blobs.read_chunk(d).await? else {
+        return Ok(Err(format!("{} does not have it", from.url)));
+    };
+    if let Some(m) = &store.maintenance {
+        // A damaged copy may still be listed; a missing one is no error.
+        let _ = m.remove(ObjectKind::Chunk, d).await;
+    }
+    store.blobs.put_chunk(*d, data).await?;
+    Ok(Ok(()))
+}
+
+/// Copies blob `b` (its index and every chunk this store cannot read) from `from`.
+async fn restore_blob(
+    store: &Store,
+    from: &Store,
+    b: &B3Digest,
+) -> Result<std::result::Result<(), String>> {
+    let Some(meta) = from.blobs.stat(b).await? else {
+        return Ok(Err(format!("{} does not have it", from.url)));
+    };
+    for c in &meta.chunks {
+        if !matches!(store.blobs.read_chunk(&c.digest).await, Ok(Some(_))) {
+            if let Err(why) = restore_chunk(store, from, &c.digest).await? {
+                return Ok(Err(format!("its chunk {}: {why}", c.digest)));
+            }
+        }
+    }
+    if meta.chunks.len() > 1 {
+        // The donor's index is only trusted once its outboard checks against the digest.
+        let layout = crate::store::layout::BlobLayout::load(&*from.blobs, *b, meta).await?;
+        if let Some(m) = &store.maintenance {
+            let _ = m.remove(ObjectKind::BlobIndex, b).await;
+        }
+        let meta = BlobMeta {
+            size: layout.size(),
+            chunks: layout.chunks.clone(),
+            outboard: from
+                .blobs
+                .stat(b)
+                .await?
+                .map(|m| m.outboard)
+                .unwrap_or_default(),
+        };
+        store.blobs.put_blob_index(*b, &meta.to_index()).await?;
+    }
+    Ok(Ok(()))
+}
+
+/// Restores directory `d` from `from` with whatever below it this store cannot read: the
+/// donor's subtree is walked down to directories this store holds intact, the missing ones
+/// put leaves first, and the blobs their files name restored where this store has nothing.
+async fn restore_dir(
+    store: &Store,
+    from: &Store,
+    d: &B3Digest,
+) -> Result<std::result::Result<(), String>> {
+    let mut order: Vec<(B3Digest, Directory)> = Vec::new();
+    let mut todo = vec![*d];
+    let mut seen = HashSet::new();
+    while let Some(x) = todo.pop() {
+        if !seen.insert(x) {
+            continue;
+        }
+        if x != *d && matches!(store.dirs.get(&x).await, Ok(Some(_))) {
+            continue;
+        }
+        let Some(dir) = from.dirs.get(&x).await? else {
+            return Ok(Err(if x == *d {
+                format!("{} does not have it", from.url)
+            } else {
+                format!("{} lacks directory {x} below it", from.url)
+            }));
+        };
+        for e in &dir.directories {
+            todo.push(B3Digest::try_from(&e.digest[..])?);
+        }
+        for f in &dir.files {
+            let b = B3Digest::try_from(&f.digest[..])?;
+            if !matches!(store.blobs.stat(&b).await, Ok(Some(_))) {
+                if let Err(why) = restore_blob(store, from, &b).await? {
+                    return Ok(Err(format!("blob {b} below it: {why}")));
+                }
+            }
+        }
+        order.push((x, dir));
+    }
+    for (x, dir) in order.into_iter().rev() {
+        if let Some(m) = &store.maintenance {
+            let _ = m.remove(ObjectKind::Directory, &x).await;
+        }
+        let got = store.dirs.put(&dir).await?;
+        if got != x {
+            return Ok(Err(format!("the donor's copy of {x} hashes to {got}")));
+        }
+    }
+    Ok(Ok(()))
+}
+
+/// One repair pass: each problem's object copied (verified) from `from`; damaged packs set
+/// aside once nothing they held is missing. The caller verifies again and repeats while
+/// this makes progress (restored directories reveal what is below them).
+pub async fn repair(store: &Store, from: &Store, problems: &[Problem]) -> Result<Repaired> {
+    let mut out = Repaired::default();
+    // Chunks and blobs first, then directories (children before parents: the donor's order
+    // is not known, so directories are retried until no progress), then packs.
     let mut ordered: Vec<&Problem> = problems.iter().collect();
-    ordered.sort_by_key(|p| p.kind as u8);
-    let mut pending_dirs = Vec::new();
+    ordered.sort_by(|a, b| a.subject.cmp(&b.subject));
+    let mut dirs: Vec<&Problem> = Vec::new();
+    // (Directories go last: restoring one also restores what is missing below it.)
+    let mut packs: Vec<&Problem> = Vec::new();
     for p in ordered {
-        let res: Result<bool> = async {
-            match p.kind {
-                ObjectKind::Chunk => {
-                    // A "missing blob" may be a single-chunk blob: same digest either way.
-                    let Some(data) = from.blobs.read_chunk(&p.digest).await? else {
-                        return Ok(false);
-                    };
-                    if let Some(m) = maint {
-                        m.remove(ObjectKind::Chunk, &p.digest).await?;
-                    }
-                    store.blobs.put_chunk(p.digest, data).await?;
-                    Ok(true)
-                }
-                ObjectKind::BlobIndex => {
-                    let Some(meta) = from.blobs.stat(&p.digest).await? else {
-                        return Ok(false);
-                    };
-                    for c in &meta.chunks {
-                        if !matches!(store.blobs.read_chunk(&c.digest).await, Ok(Some(_))) {
-                            let Some(data) = from.blobs.read_chunk(&c.digest).await? else {
-                                return Ok(false);
-                            };
-                            if let Some(m) = maint {
-                                m.remove(ObjectKind::Chunk, &c.digest).await?;
-                            }
-                            store.blobs.put_chunk(c.digest, data).await?;
-                        }
-                    }
-                    if let Some(m) = maint {
-                        m.remove(ObjectKind::BlobIndex, &p.digest).await?;
-                    }
-                    if meta.chunks.len() > 1 {
-                        store
-                            .blobs
-                            .put_blob_index(p.digest, &meta.to_index())
-                            .await?;
-                    }
-                    Ok(true)
-                }
-                ObjectKind::Directory => {
-                    pending_dirs.push(p);
-                    Ok(true)
-                }
+        let res = match &p.subject {
+            Subject::Object(ObjectKind::Chunk, d) => restore_chunk(store, from, d).await,
+            Subject::Object(ObjectKind::BlobIndex, d) | Subject::Blob(d) => {
+                restore_blob(store, from, d).await
             }
-        }
-        .await;
-        if !matches!(res, Ok(true)) {
-            left.push(p.clone());
+            Subject::Object(ObjectKind::Directory, _) => {
+                dirs.push(p);
+                continue;
+            }
+            Subject::Pack(_) => {
+                packs.push(p);
+                continue;
+            }
+            Subject::Root(name) => Ok(Err(match from.roots.get(name).await {
+                Ok(Some(_)) => format!(
+                    "root records are not copied by repair; `granary rm {name}` and record it again"
+                ),
+                _ => format!("{} has no root {name}", from.url),
+            })),
+        };
+        match res {
+            Ok(Ok(())) => out.fixed += 1,
+            Ok(Err(why)) => out.left.push((p.clone(), why)),
+            Err(e) => out.left.push((p.clone(), e.to_string())),
         }
     }
-    loop {
-        let before = pending_dirs.len();
-        let mut still = Vec::new();
-        for p in pending_dirs {
-            let ok = async {
-                let Some(dir) = from.dirs.get(&p.digest).await? else {
-                    return Ok::<bool, StoreError>(false);
-                };
-                if let Some(m) = maint {
-                    m.remove(ObjectKind::Directory, &p.digest).await?;
-                }
-                Ok(store.dirs.put(&dir).await? == p.digest)
-            }
-            .await;
-            if !matches!(ok, Ok(true)) {
-                still.push(p);
-            }
-        }
-        pending_dirs = still;
-        if pending_dirs.is_empty() || pending_dirs.len() == before {
-            break;
+    for p in dirs {
+        let Subject::Object(_, d) = &p.subject else {
+            continue;
+        };
+        match restore_dir(store, from, d).await {
+            Ok(Ok(())) => out.fixed += 1,
+            Ok(Err(why)) => out.left.push((p.clone(), why)),
+            Err(e) => out.left.push((p.clone(), e.to_string())),
         }
     }
-    left.extend(pending_dirs.into_iter().cloned());
     store.flush().await?;
-    Ok(left)
+    // A damaged pack goes once every object a root reaches is readable again (its other
+    // objects are unreachable: what gc would remove).
+    let objects_left = out
+        .left
+        .iter()
+        .any(|(p, _)| !matches!(p.subject, Subject::Pack(_) | Subject::Root(_)));
+    for p in packs {
+        let Subject::Pack(unit) = &p.subject else {
+            continue;
+        };
+        if objects_left {
+            out.left.push((
+                p.clone(),
+                "kept until the objects it held are restored".into(),
+            ));
+            continue;
+        }
+        let Some(m) = &store.maintenance else {
+            out.left
+                .push((p.clone(), "the store cannot set it aside".into()));
+            continue;
+        };
+        match m.set_aside(unit).await {
+            Ok(()) => out.fixed += 1,
+            Err(e) => out.left.push((p.clone(), e.to_string())),
+        }
+    }
+    Ok(out)
 }

@@ -313,7 +313,7 @@ fn verify_faults(s: TestStore, loose: bool) {
         std::fs::remove_file(object(&s, "dirs", &top)).unwrap();
         let text = stdout(&s.cmd().arg("verify").output().unwrap());
         assert!(
-            text.contains(&top) && text.contains("missing directory"),
+            text.contains(&format!("directory {top}: missing (roots: t)")),
             "{text}"
         );
         s.ok(&["verify", "--repair-from", &donor.url()]);
@@ -475,4 +475,327 @@ fn sigkilled_imports_leave_a_store_that_verifies() {
     );
     s.ok(&["gc", "--grace", "0s"]);
     assert!(stdout(&s.ok(&["verify"])).contains("ok: no problems"));
+}
+
+/// Flips one byte in each of the first `n` packed objects of kind `kind` (0 chunk, 1 blob
+/// index) larger than `min_len`; returns their digests.
+fn flip_packed(s: &TestStore, kind: u8, n: usize, min_len: usize) -> Vec<String> {
+    let mut done = Vec::new();
+    for (pack, e) in packed_entries(&s.path()) {
+        if done.len() == n || e.kind != kind || e.len <= min_len {
+            continue;
+        }
+        let mut raw = std::fs::read(&pack).unwrap();
+        raw[e.offset + e.len / 2] ^= 1;
+        std::fs::write(&pack, &raw).unwrap();
+        done.push(e.hex);
+    }
+    assert_eq!(done.len(), n, "not enough objects to damage");
+    done
+}
+
+fn verify_out(s: &TestStore, args: &[&str]) -> (bool, Vec<String>) {
+    let out = s.cmd().arg("verify").args(args).output().unwrap();
+    let lines = stdout(&out).lines().map(str::to_string).collect();
+    (out.status.success(), lines)
+}
+
+#[test]
+fn verify_names_every_kind_of_damage() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = src_dir.path().join("src");
+    gen_tree(&src, 0);
+    write_big(&src.join("big.bin"), 3 << 20, 11);
+    let big = blake3::hash(&std::fs::read(src.join("big.bin")).unwrap())
+        .to_hex()
+        .to_string();
+    let fresh = || {
+        let s = TestStore::new();
+        s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+        s
+    };
+
+    // Root records that cannot be read are problems, not log lines; nothing is "ok".
+    let s = fresh();
+    for (name, bytes, why) in [
+        (
+            "empty",
+            &b""[..],
+            "root empty: cannot be read: root: empty record (0 bytes)",
+        ),
+        (
+            "garbage",
+            &b"\xff\xff\xff\xff garbage"[..],
+            "root garbage: cannot be read: cannot decode root:",
+        ),
+    ] {
+        std::fs::write(s.path().join("roots").join(name), bytes).unwrap();
+        let (ok, lines) = verify_out(&s, &[]);
+        assert!(!ok && lines.iter().any(|l| l.starts_with(why)), "{lines:?}");
+        assert!(!lines.iter().any(|l| l.contains("ok: no problems")));
+        let (ok, lines) = verify_out(&s, &[name]);
+        assert!(!ok && lines.iter().any(|l| l.starts_with(why)), "{lines:?}");
+        std::fs::remove_file(s.path().join("roots").join(name)).unwrap();
+    }
+    // A truncated one.
+    let rec = std::fs::read(s.path().join("roots/t")).unwrap();
+    std::fs::write(s.path().join("roots/cut"), &rec[..rec.len() / 2]).unwrap();
+    let (ok, lines) = verify_out(&s, &["cut"]);
+    assert!(
+        !ok && lines[0].starts_with("root cut: cannot be read: "),
+        "{lines:?}"
+    );
+    std::fs::remove_file(s.path().join("roots/cut")).unwrap();
+
+    // A FIFO and a symlink in roots/ are refused without being opened: no hang, no follow.
+    let fifo = s.path().join("roots/fifo");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::os::unix::fs::symlink("/etc/hostname", s.path().join("roots/link")).unwrap();
+    for args in [&["verify"][..], &["gc"][..], &["ls", "fifo"][..]] {
+        let t0 = Instant::now();
+        let out = Command::new("timeout")
+            .args(["10"])
+            .arg(granary_bin())
+            .args(["--store", &s.url()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert_ne!(
+            out.status.code(),
+            Some(124),
+            "{args:?} hung on a FIFO in roots/"
+        );
+        assert!(!out.status.success(), "{args:?}");
+        assert!(t0.elapsed() < Duration::from_secs(9));
+    }
+    let (_, lines) = verify_out(&s, &[]);
+    let f = format!(
+        "root fifo: cannot be read: {}: not a regular file, not a root record",
+        fifo.display()
+    );
+    assert!(lines.contains(&f), "{lines:?}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("root link: cannot be read:")
+                && l.ends_with("a symbolic link, not a root record")),
+        "{lines:?}"
+    );
+    std::fs::remove_file(&fifo).unwrap();
+    std::fs::remove_file(s.path().join("roots/link")).unwrap();
+
+    // A bit flip in a blob index is the blob index's fault, named by its digest.
+    let s = fresh();
+    let flipped = flip_packed(&s, 1, 1, 0);
+    assert_eq!(flipped, vec![big.clone()]);
+    let (ok, lines) = verify_out(&s, &["t"]);
+    assert!(!ok);
+    assert_eq!(
+        lines[0],
+        format!("blob index {big}: corrupt: blob index: checksum mismatch: the stored index is damaged (roots: t)")
+    );
+
+    // Twenty damaged chunks: all twenty, each with the root that reaches it, whether the
+    // root or the whole store is verified.
+    let s = fresh();
+    let chunks = flip_packed(&s, 0, 20, 20_000);
+    for args in [&["t"][..], &[][..]] {
+        let (ok, lines) = verify_out(&s, args);
+        assert!(!ok);
+        for c in &chunks {
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with(&format!("chunk {c}: corrupt: digest mismatch")))
+                .unwrap_or_else(|| panic!("chunk {c} not reported: {lines:?}"));
+            assert!(line.ends_with("(roots: t)"), "{line}");
+        }
+        assert_eq!(lines.last().unwrap(), "20 problems", "{lines:?}");
+    }
+
+    // A lost blob index (one file per object) is a missing blob index, not a missing blob.
+    let s = TestStore::loose();
+    s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    std::fs::remove_file(s.path().join("blobs").join(&big[..2]).join(&big)).unwrap();
+    let (ok, lines) = verify_out(&s, &[]);
+    assert!(!ok);
+    assert_eq!(lines[0], format!("blob index {big}: missing (roots: t)"));
+    let donor = fresh();
+    s.ok(&["verify", "--repair-from", &donor.url()]);
+    assert!(verify_out(&s, &[]).0);
+}
+
+#[test]
+fn a_size_that_disagrees_with_its_blob_is_refused_everywhere() {
+    use granary::castore::{Directory, FileEntry, Node, RootRecord};
+    let s = TestStore::new();
+    let hello = b"hello\n";
+    let hex = blake3::hash(hello).to_hex().to_string();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (name, recorded) in [("small", 2u64), ("huge", 1_000_000_000_000u64)] {
+        rt.block_on(async {
+            let store = granary::store::open(&s.url()).await.unwrap();
+            let d = granary::castore::B3Digest::of(hello);
+            store
+                .blobs
+                .put_chunk(d, bytes::Bytes::from_static(hello))
+                .await
+                .unwrap();
+            let dir = Directory {
+                files: vec![FileEntry {
+                    name: bytes::Bytes::from_static(b"f"),
+                    digest: bytes::Bytes::copy_from_slice(d.as_bytes()),
+                    size: recorded,
+                    executable: false,
+                }],
+                ..Default::default()
+            };
+            let digest = store.dirs.put(&dir).await.unwrap();
+            let root = RootRecord {
+                name: name.into(),
+                node: Node::Directory { digest, size: 1 },
+                nix: None,
+            };
+            store.roots.put(&root).await.unwrap();
+        });
+        let err = s.fails(&["cat", &format!("{name}/f")]);
+        assert!(
+            err.contains(&format!("is 6 bytes, its directory entry says {recorded}")),
+            "{err}"
+        );
+        let dest = s.dir.path().join(format!("out-{name}"));
+        s.fails(&["export", name, dest.to_str().unwrap()]);
+        assert!(!dest.exists());
+        let (ok, lines) = verify_out(&s, &[name]);
+        assert!(!ok);
+        assert_eq!(
+            lines[0],
+            format!(
+                "blob {hex}: is 6 bytes, its directory entry records {recorded} (roots: {name})"
+            )
+        );
+    }
+}
+
+#[test]
+fn repair_rebuilds_lost_and_damaged_packs_and_walks_below_what_it_restores() {
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = src_dir.path().join("src");
+    gen_tree(&src, 0);
+    write_big(&src.join("big.bin"), 3 << 20, 11);
+    let donor = TestStore::new();
+    donor.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    let top = stdout(&donor.ok(&["import", src.to_str().unwrap()]))
+        .split('\t')
+        .next()
+        .unwrap()
+        .to_string();
+    type Damage = (&'static str, fn(&Path, &str), &'static str);
+    let damages: [Damage; 3] = [
+        (
+            "lost pack",
+            |packs, id| std::fs::remove_file(packs.join(format!("{id}.pack"))).unwrap(),
+            "its pack file is missing (",
+        ),
+        (
+            "truncated pack",
+            |packs, id| {
+                let p = packs.join(format!("{id}.pack"));
+                let n = std::fs::metadata(&p).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(n / 2)
+                    .unwrap();
+            },
+            "its index is damaged (",
+        ),
+        (
+            "truncated index",
+            |packs, id| {
+                let p = packs.join(format!("{id}.idx"));
+                let n = std::fs::metadata(&p).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&p)
+                    .unwrap()
+                    .set_len(n / 2)
+                    .unwrap();
+            },
+            "its index is damaged (",
+        ),
+    ];
+    for (what, damage, why) in damages {
+        let s = TestStore::new();
+        s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+        let packs = s.path().join("packs");
+        let ids: Vec<String> = walk_files(&packs)
+            .iter()
+            .filter_map(|p| {
+                p.to_str()?
+                    .strip_suffix(".idx")
+                    .map(|x| x.rsplit('/').next().unwrap().to_string())
+            })
+            .collect();
+        assert_eq!(ids.len(), 1, "{what}: one pack");
+        damage(&packs, &ids[0]);
+        let (ok, lines) = verify_out(&s, &[]);
+        assert!(!ok, "{what}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.starts_with(&format!("pack {}: {why}", ids[0]))),
+            "{what}: {lines:?}"
+        );
+        // The whole tree went with the pack: only its top is seen, and repair restores what
+        // is below it too.
+        assert!(
+            lines.contains(&format!("directory {top}: missing (roots: t)")),
+            "{what}: {lines:?}"
+        );
+        let out = s
+            .cmd()
+            .args(["verify", "--repair-from", &donor.url()])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{what}: {}", stdout(&out));
+        assert!(
+            stdout(&out).contains("; 0 remain"),
+            "{what}: {}",
+            stdout(&out)
+        );
+        assert!(verify_out(&s, &[]).0, "{what}: verify after repair");
+        let dest = s.dir.path().join("out");
+        s.ok(&["export", "t", dest.to_str().unwrap()]);
+        assert_same_tree(&src, &dest);
+    }
+
+    // What cannot be repaired says why.
+    let s = TestStore::new();
+    s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    let empty = TestStore::new();
+    empty.ok(&["roots"]);
+    for p in walk_files(&s.path().join("packs")) {
+        if p.extension().is_some_and(|e| e == "pack") {
+            std::fs::remove_file(p).unwrap();
+        }
+    }
+    let out = s
+        .cmd()
+        .args(["verify", "--repair-from", &empty.url()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let text = stdout(&out);
+    assert!(
+        text.contains(&format!(
+            "directory {top}: missing (roots: t): not repaired: {} does not have it",
+            empty.url()
+        )),
+        "{text}"
+    );
 }

@@ -111,6 +111,9 @@ impl RootRecord {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Self, ModelError> {
+        if bytes.is_empty() {
+            return Err(ModelError::Root("empty record (0 bytes)".into()));
+        }
         let r: proto::Root = decode_bounded("root", bytes)?;
         let name = String::from_utf8(r.name.to_vec())
             .map_err(|_| ModelError::Root(format!("name {:?} is not UTF-8", show(&r.name))))?;

@@ -29,55 +29,77 @@ pub async fn rm(store: &Store, roots: &[String]) -> Result<ExitCode> {
 pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<ExitCode> {
     let r = crate::gc::gc(store, grace, dry_run).await?;
     let verb = if dry_run { "would delete" } else { "deleted" };
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "{verb} {} objects ({} bytes); kept {} reachable, {} unreachable but younger than the grace period; {} temp files removed",
         r.deleted, r.deleted_bytes, r.kept, r.young, r.temp_files
-    );
+    )?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
+
+/// Repair passes at most: each pass can reveal one more level of a tree whose directories
+/// were missing.
+const MAX_REPAIR_PASSES: usize = 64;
 
 pub async fn verify(
     store: &Store,
     roots: &[String],
     repair_from: Option<&str>,
 ) -> Result<ExitCode> {
-    let problems = crate::verify::verify(store, roots).await?;
+    let mut problems = crate::verify::verify(store, roots).await?;
     let mut out = std::io::stdout().lock();
     for p in &problems {
-        let affected = if p.roots.is_empty() {
-            "no root".to_string()
-        } else {
-            p.roots.iter().cloned().collect::<Vec<_>>().join(",")
-        };
-        writeln!(
-            out,
-            "{} {}: {} (roots: {affected})",
-            p.kind.what(),
-            p.digest,
-            p.reason
-        )?;
+        writeln!(out, "{p}")?;
     }
     if problems.is_empty() {
         writeln!(out, "ok: no problems found")?;
+        out.flush()?;
         return Ok(ExitCode::SUCCESS);
     }
     let Some(url) = repair_from else {
         writeln!(out, "{} problems", problems.len())?;
+        out.flush()?;
         return Ok(ExitCode::FAILURE);
     };
     let donor = crate::store::open(url)
         .await
         .with_context(|| format!("opening repair source {url}"))?;
-    let left = crate::verify::repair(store, &donor, &problems).await?;
-    let again = crate::verify::verify(store, roots).await?;
+    let found = problems.len();
+    let mut fixed = 0;
+    let mut reasons = Vec::new();
+    for _ in 0..MAX_REPAIR_PASSES {
+        let pass = crate::verify::repair(store, &donor, &problems).await?;
+        fixed += pass.fixed;
+        reasons = pass.left;
+        let again = crate::verify::verify(store, roots).await?;
+        let progress = pass.fixed > 0;
+        problems = again;
+        if problems.is_empty() || !progress {
+            break;
+        }
+        // What the restored objects revealed below them is repaired in the next pass.
+        for p in &problems {
+            if !reasons.iter().any(|(q, _)| q.subject == p.subject) {
+                writeln!(out, "{p}")?;
+            }
+        }
+    }
     writeln!(
         out,
-        "repaired {} of {} problems from {url}; {} remain",
-        problems.len() - left.len(),
-        problems.len(),
-        again.len()
+        "repaired {fixed} problems from {url} ({found} found at first); {} remain",
+        problems.len()
     )?;
-    Ok(if again.is_empty() {
+    for p in &problems {
+        let why = reasons
+            .iter()
+            .find(|(q, _)| q.subject == p.subject)
+            .map_or("not repaired", |(_, w)| w.as_str());
+        writeln!(out, "  {p}: not repaired: {why}")?;
+    }
+    out.flush()?;
+    Ok(if problems.is_empty() {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -271,12 +271,28 @@ pub fn main() -> ExitCode {
     rt.shutdown_timeout(Duration::from_secs(1));
     match res {
         Ok(code) => code,
+        // The reader of our output went away (`granary ... | head`): stop quietly, with the
+        // status a process killed by SIGPIPE would have.
+        Err(e) if is_broken_pipe(&e) => ExitCode::from(141),
         Err(e) => {
             let msg = format!("{e:#}").replace('\n', " ");
             eprintln!("granary: error: {msg}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Whether an error comes from writing to a pipe nobody reads any more.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            || c.downcast_ref::<crate::store::StoreError>()
+                .is_some_and(|s| {
+                    matches!(s, crate::store::StoreError::Io { source, .. }
+                    if source.kind() == std::io::ErrorKind::BrokenPipe)
+                })
+    })
 }
 
 async fn open_store(

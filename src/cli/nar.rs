@@ -100,7 +100,9 @@ pub async fn cmd_import_nar(
         .put(&root)
         .await
         .with_context(|| format!("recording root {name:?}"))?;
-    println!("{}", summary_line(name, &imp));
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", summary_line(name, &imp))?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -255,7 +257,9 @@ pub async fn cmd_narinfo(store: &Store, root: &str, store_dir: &str) -> Result<E
     };
     let text = narinfo::render(&r.name, nix, store_dir.trim_end_matches('/'))
         .map_err(anyhow::Error::msg)?;
-    print!("{text}");
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -118,12 +118,50 @@ pub fn write_atomic(path: &Path, data: &[u8], replace: bool) -> Result<()> {
     Ok(())
 }
 
-fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match std::fs::read(path) {
-        Ok(b) => Ok(Some(b)),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StoreError::io(format!("reading {}", path.display()), e)),
+/// Largest root record read (a root holds a node and Nix metadata: kilobytes).
+const MAX_ROOT_BYTES: u64 = 16 << 20;
+
+/// Reads a root record file without following a link or blocking on a FIFO: anything but a
+/// regular file under `roots/` is refused without being opened for reading.
+fn read_root_file(path: &Path) -> Result<Option<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(StoreError::Backend(format!(
+                "{}: a symbolic link, not a root record",
+                path.display()
+            )))
+        }
+        Err(e) => return Err(StoreError::io(format!("reading {}", path.display()), e)),
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| StoreError::io(format!("stat {}", path.display()), e))?;
+    if !meta.is_file() {
+        return Err(StoreError::Backend(format!(
+            "{}: not a regular file, not a root record",
+            path.display()
+        )));
     }
+    if meta.len() > MAX_ROOT_BYTES {
+        return Err(StoreError::Backend(format!(
+            "{}: {} bytes, over the {MAX_ROOT_BYTES}-byte limit of a root record",
+            path.display(),
+            meta.len()
+        )));
+    }
+    let mut raw = Vec::with_capacity(meta.len() as usize);
+    f.take(MAX_ROOT_BYTES)
+        .read_to_end(&mut raw)
+        .map_err(|e| StoreError::io(format!("reading {}", path.display()), e))?;
+    Ok(Some(raw))
 }
 
 /// Creates a temp file beside `path`, creating the fan-out directory on first use.
@@ -289,6 +327,27 @@ impl LocalStore {
                     return Err(bad(format!(
                         "{} is a non-empty directory without config.toml; not a granary store",
                         path.display()
+                    )));
+                }
+                // A store whose config.toml was deleted: making a new one would silently
+                // change how files are cut (other chunking parameters).
+                let holds = ["roots", "chunks", "blobs", "dirs", pack::PACK_DIR]
+                    .iter()
+                    .any(|sub| {
+                        std::fs::read_dir(path.join(sub)).is_ok_and(|mut rd| {
+                            rd.any(|e| {
+                                e.is_ok_and(|e| {
+                                    !e.file_name().to_string_lossy().starts_with(TMP_PREFIX)
+                                })
+                            })
+                        })
+                    });
+                if holds {
+                    return Err(bad(format!(
+                        "{} is missing, but the store holds objects or roots; restore it (it \
+                         records the store's chunking parameters and format) rather than let a \
+                         new one change them",
+                        cfg_path.display()
                     )));
                 }
                 std::fs::create_dir_all(path)
@@ -931,7 +990,7 @@ impl RootService for LocalStore {
         let path = self.root_path(name)?;
         let name = name.to_string();
         blocking(move || {
-            let Some(raw) = read_optional(&path)? else {
+            let Some(raw) = read_root_file(&path)? else {
                 return Ok(None);
             };
             let r = RootRecord::decode(&raw).map_err(|e| StoreError::Corrupt {
@@ -1380,6 +1439,90 @@ impl Maintenance for LocalStore {
     async fn sweep_temp(&self, cutoff: SystemTime) -> Result<u64> {
         let s = self.clone();
         blocking(move || s.sweep_temp_blocking(cutoff)).await
+    }
+
+    async fn damage(&self) -> Result<Vec<(String, String)>> {
+        let s = self.clone();
+        blocking(move || s.damage_blocking()).await
+    }
+
+    async fn set_aside(&self, unit: &str) -> Result<()> {
+        let (s, unit) = (self.clone(), unit.to_string());
+        blocking(move || s.set_aside_blocking(&unit)).await
+    }
+}
+
+/// Where damaged packs are moved by a repair (not scanned, not deleted).
+const DAMAGED_DIR: &str = "damaged";
+
+impl LocalStore {
+    fn damage_blocking(&self) -> Result<Vec<(String, String)>> {
+        if !self.config.packs {
+            return Ok(Vec::new());
+        }
+        self.packs.refresh(true)?;
+        let mut out: Vec<(String, String)> = self
+            .packs
+            .bad()
+            .into_iter()
+            .map(|(id, why)| {
+                let prefix = format!("pack index {id}: corrupt: ");
+                let why = why.strip_prefix(&prefix).unwrap_or(&why).to_string();
+                (
+                    id,
+                    format!("its index is damaged ({why}); the objects it lists are lost"),
+                )
+            })
+            .collect();
+        for name in read_dir_names(self.packs.dir())? {
+            let Some(id) = name.strip_suffix(".idx") else {
+                continue;
+            };
+            if !pack::is_id(id) || self.packs.pack_path(id).exists() {
+                continue;
+            }
+            let listed = std::fs::read(self.packs.index_path(id))
+                .ok()
+                .and_then(|raw| pack::decode_index(id, &raw, u64::MAX).ok())
+                .map_or_else(
+                    || "an unreadable number of".to_string(),
+                    |e| e.len().to_string(),
+                );
+            out.push((
+                id.to_string(),
+                format!("its pack file is missing ({listed} objects listed in its index are lost)"),
+            ));
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    fn set_aside_blocking(&self, unit: &str) -> Result<()> {
+        if !pack::is_id(unit) {
+            return Err(StoreError::Backend(format!(
+                "{unit}: not a pack of this store"
+            )));
+        }
+        let aside = self.packs.dir().join(DAMAGED_DIR);
+        std::fs::create_dir_all(&aside)
+            .map_err(|e| StoreError::io(format!("creating {}", aside.display()), e))?;
+        for path in [self.packs.index_path(unit), self.packs.pack_path(unit)] {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            match std::fs::rename(&path, aside.join(name)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(StoreError::io(
+                        format!("moving {} aside", path.display()),
+                        e,
+                    ))
+                }
+            }
+        }
+        self.packs.refresh(true)?;
+        Ok(())
     }
 }
 

@@ -262,7 +262,7 @@ pub async fn check_children(dirs: &dyn DirectoryService, dir: &Directory) -> Res
 }
 
 /// The kinds of content-addressed object a store holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ObjectKind {
     Chunk,
     BlobIndex,
@@ -343,6 +343,21 @@ pub trait Maintenance: Send + Sync {
     /// Service counters worth showing in `granary info` (a daemon's requests, bytes, ...).
     async fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
         Ok(Vec::new())
+    }
+
+    /// Storage units damaged as a whole (a pack whose index cannot be read, whose index
+    /// lists bytes past its end, or whose pack file is gone), each with why. Their objects
+    /// read as absent; `verify` reports both.
+    async fn damage(&self) -> Result<Vec<(String, String)>> {
+        Ok(Vec::new())
+    }
+
+    /// Moves a damaged storage unit out of the store's view (kept aside, not deleted), once
+    /// what it held is restored elsewhere.
+    async fn set_aside(&self, unit: &str) -> Result<()> {
+        Err(StoreError::Backend(format!(
+            "{unit}: this store has no storage units to set aside"
+        )))
     }
 }
 

@@ -426,6 +426,8 @@ pub struct PackSet {
     /// a million objects takes a while to index, and a mount's first stat needs none).
     loaded: std::sync::atomic::AtomicBool,
     load: std::sync::Mutex<()>,
+    /// Damaged packs already reported in the log.
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 const MAX_OPEN_PACKS: usize = 256;
@@ -438,6 +440,7 @@ impl PackSet {
             open: Default::default(),
             loaded: Default::default(),
             load: Default::default(),
+            warned: Default::default(),
         }
     }
 
@@ -613,6 +616,8 @@ impl PackSet {
         ids.sort();
         st.seen = Some((mtime, now));
         let listed: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        // Damaged indexes are judged afresh: one set aside (or repaired) is no longer listed.
+        st.bad.retain(|(id, _)| listed.contains(id.as_str()));
         if st.packs.iter().all(|p| listed.contains(p.id.as_str())) {
             // Only additions (the common case: another import committed): load just those.
             let known: std::collections::HashSet<String> =
@@ -680,8 +685,17 @@ impl PackSet {
                 None
             }
             Err(e) => {
-                tracing::warn!("{e}");
-                bad.push((id.to_string(), e.to_string()));
+                // Once per pack per process: every rescan meets it again.
+                if self
+                    .warned
+                    .lock()
+                    .is_ok_and(|mut w| w.insert(id.to_string()))
+                {
+                    tracing::warn!("{e}");
+                }
+                if !bad.iter().any(|(b, _)| b == id) {
+                    bad.push((id.to_string(), e.to_string()));
+                }
                 None
             }
         }
