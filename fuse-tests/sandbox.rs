@@ -249,7 +249,7 @@ fn runs_in_the_tree_and_writes_vanish() {
     let out = sh(
         &store,
         &[],
-        "head -c 16 /dev/urandom | wc -c; echo x > /dev/null && echo null-ok; echo $$; ls /proc/1/exe >/dev/null && echo proc-ok",
+        "head -c 16 /dev/urandom | wc -c; echo x > /dev/null && echo null-ok; echo $$; ls /proc/$$/exe >/dev/null && test -d /proc/1 && echo proc-ok",
     );
     assert!(out.status.success(), "{}", text(&out.stderr));
     let o = text(&out.stdout);
@@ -704,4 +704,150 @@ fn terminal_ctrl_c_reaches_cmd_once() {
     drop(stdin);
     assert_servers_gone(&store);
     assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}
+
+/// The capability bounding set CMD runs with, from its /proc/self/status.
+fn cap_bnd(store: &TestStore, extra: &[&str]) -> u64 {
+    let out = sh(store, extra, "grep CapBnd /proc/self/status");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    u64::from_str_radix(o.split_whitespace().nth(1).unwrap(), 16).unwrap()
+}
+
+#[test]
+fn cmd_runs_without_the_capabilities_it_does_not_need() {
+    require_sandbox!();
+    let store = rootfs_store();
+    const SYS_ADMIN: u64 = 1 << 21;
+    const CHOWN: u64 = 1;
+    let default = cap_bnd(&store, &[]);
+    assert_eq!(default & SYS_ADMIN, 0, "sys_admin kept: {default:x}");
+    assert_ne!(default & CHOWN, 0, "chown dropped: {default:x}");
+    // So CMD cannot mount (nor leave the sandbox that way).
+    let out = sh(
+        &store,
+        &[],
+        "mkdir -p /mnt/x && mount -t tmpfs t /mnt/x && echo mounted",
+    );
+    assert!(
+        !text(&out.stdout).contains("mounted"),
+        "{}",
+        text(&out.stdout)
+    );
+    // Configurable both ways.
+    assert_ne!(cap_bnd(&store, &["--all-caps"]) & SYS_ADMIN, 0);
+    assert_eq!(cap_bnd(&store, &["--cap", "sys_ptrace"]), 1 << 19);
+    let out = sandbox_cmd(
+        &store,
+        &[
+            "--root",
+            "rootfs",
+            "--as-root",
+            "--cap",
+            "everything",
+            "--",
+            "true",
+        ],
+    )
+    .output()
+    .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+}
+
+#[test]
+fn no_network_leaves_cmd_only_loopback() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let out = sh(&store, &["--no-network"], "cat /proc/net/dev");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    let ifaces: Vec<&str> = o
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split(':').next())
+        .map(str::trim)
+        .collect();
+    assert_eq!(ifaces, vec!["lo"], "{o}");
+    // And loopback is up.
+    let out = sh(&store, &["--no-network"], "ip link show lo");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let o = text(&out.stdout);
+    assert!(o.contains("lo:") && o.contains("UP"), "{o}");
+}
+
+#[test]
+fn links_in_the_tree_cannot_lead_binds_out_of_it() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let host = tempfile::tempdir().unwrap();
+    let (abs, rel) = (host.path().join("abs"), host.path().join("rel"));
+    std::fs::create_dir_all(&abs).unwrap();
+    std::fs::create_dir_all(&rel).unwrap();
+    // A tree whose links point at host directories, absolutely and relatively.
+    let root = store.dir.path().join("rootfs");
+    std::os::unix::fs::symlink(&abs, root.join("evil")).unwrap();
+    let up = "../".repeat(root.components().count() + 2);
+    std::os::unix::fs::symlink(format!("{up}{}", rel.display()), root.join("evil2")).unwrap();
+    store.ok(&["import", root.to_str().unwrap(), "--name", "hostile"]);
+    let src = store.dir.path().join("bind-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let file = store.dir.path().join("bind-file");
+    std::fs::write(&file, b"x").unwrap();
+    std::os::unix::fs::symlink("/etc", root.join("inside")).unwrap();
+    store.ok(&["import", root.to_str().unwrap(), "--name", "hostile2"]);
+    let run = |root: &str, args: &[String]| {
+        let mut a: Vec<&str> = vec!["--root", root, "--as-root"];
+        a.extend(args.iter().map(String::as_str));
+        a.extend([
+            "--",
+            "/bin/sh",
+            "-c",
+            "ls -d /etc/newdir /etc/newfile /etc/t",
+        ]);
+        Watched::spawn(sandbox_cmd(&store, &a)).output()
+    };
+    // Through links out of the tree: refused, saying why, with the setup status.
+    for (dst, kind) in [
+        ("/evil/newdir", "--bind"),
+        ("/evil2/newfile", "--bind"),
+        ("/evil/t", "--tmpfs"),
+    ] {
+        let arg = if kind == "--bind" {
+            let s = if dst.ends_with("file") { &file } else { &src };
+            format!("{}:{dst}", s.display())
+        } else {
+            dst.to_string()
+        };
+        let out = run("hostile", &[kind.to_string(), arg]);
+        assert_eq!(out.status.code(), Some(125), "{dst}: {}", text(&out.stderr));
+        let err = text(&out.stderr);
+        assert!(
+            err.contains(dst) && err.contains("inside the tree"),
+            "{err}"
+        );
+    }
+    // Links that stay inside the tree are followed there, as they would be inside it.
+    let out = run(
+        "hostile2",
+        &[
+            "--bind".into(),
+            format!("{}:/inside/newdir", src.display()),
+            "--bind".into(),
+            format!("{}:/inside/newfile", file.display()),
+            "--tmpfs".into(),
+            "/inside/t".into(),
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    // On the host, nothing was created.
+    let made: Vec<_> = walk_files(host.path())
+        .into_iter()
+        .chain(
+            std::fs::read_dir(&abs)
+                .unwrap()
+                .chain(std::fs::read_dir(&rel).unwrap())
+                .map(|e| e.unwrap().path()),
+        )
+        .collect();
+    assert!(made.is_empty(), "created on the host: {made:?}");
 }

@@ -240,7 +240,20 @@ pub fn main() -> ExitCode {
         let args: Vec<_> = argv.collect();
         return ExitCode::from(u8::try_from(crate::fs::reaper::reap_main(&args)).unwrap_or(1));
     }
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // `granary sandbox` with bad arguments is a setup failure too (status 125).
+            let sandbox = std::env::args().nth(1).as_deref() == Some("sandbox");
+            let fail = e.use_stderr() && sandbox;
+            let _ = e.print();
+            return if fail {
+                ExitCode::from(crate::sandbox::EXIT_SETUP as u8)
+            } else {
+                ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
+            };
+        }
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -316,12 +329,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     if let Command::Cache(cmd) = &cli.command {
         return cache::run(cmd, cli.cache_dir.as_deref(), cli.cache_max).await;
     }
-    let store = open_store(
+    let store = match open_store(
         cli.store.as_deref(),
         cli.cache_dir.as_deref(),
         cli.cache_max,
     )
-    .await?;
+    .await
+    {
+        Ok(s) => s,
+        Err(e) if matches!(cli.command, Command::Sandbox(_)) => {
+            eprintln!("granary: error: {}", format!("{e:#}").replace('\n', " "));
+            return Ok(ExitCode::from(crate::sandbox::EXIT_SETUP as u8));
+        }
+        Err(e) => return Err(e),
+    };
     match cli.command {
         Command::Import {
             paths,
@@ -386,7 +407,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             maintain::verify(&store, &roots, repair_from.as_deref()).await
         }
         Command::Mount(args) => mount::run(&store, args).await,
-        Command::Sandbox(args) => sandbox::run(&store, args).await,
+        // A failure before CMD runs has its own status, so CI tells it from CMD's.
+        Command::Sandbox(args) => match sandbox::run(&store, args).await {
+            Ok(code) => Ok(code),
+            Err(e) => {
+                eprintln!("granary: error: {}", format!("{e:#}").replace('\n', " "));
+                Ok(ExitCode::from(crate::sandbox::EXIT_SETUP as u8))
+            }
+        },
         Command::SandboxServe { digest, dir } => {
             crate::sandbox::share::serve(&store, &digest, &dir).await
         }

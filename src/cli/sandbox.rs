@@ -41,6 +41,19 @@ pub struct SandboxArgs {
     /// store is running.
     #[arg(long)]
     pub no_reuse: bool,
+    /// A capability CMD keeps (e.g. sys_ptrace), repeatable; replaces the default set: chown,
+    /// dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service, net_raw,
+    /// sys_chroot, mknod, audit_write, setfcap (what container runtimes grant; no mounting,
+    /// namespaces, ptrace, modules or network administration).
+    #[arg(long = "cap", value_name = "CAP", conflicts_with = "all_caps")]
+    pub caps: Vec<String>,
+    /// Let CMD keep every capability granary has (as root: all of them).
+    #[arg(long)]
+    pub all_caps: bool,
+    /// Give CMD a network namespace of its own, with only a loopback interface (default: the
+    /// host's network).
+    #[arg(long)]
+    pub no_network: bool,
     /// The command and its arguments (after --).
     #[arg(last = true, required = true, value_name = "CMD")]
     pub cmd: Vec<String>,
@@ -57,6 +70,17 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     if !args.as_root && args.at.is_none() {
         bail!("say where the tree goes: --as-root or --at PATH");
     }
+    let caps = if args.all_caps {
+        None
+    } else if args.caps.is_empty() {
+        let default: Vec<String> = sandbox::DEFAULT_CAPS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        Some(sandbox::cap_mask(&default).map_err(anyhow::Error::msg)?)
+    } else {
+        Some(sandbox::cap_mask(&args.caps).map_err(anyhow::Error::msg)?)
+    };
     sandbox::check_privilege()?;
     if store.url.starts_with("memory:") {
         bail!("a memory:// store lives in one process; a sandbox needs a store other processes can open (file:// or grpc+...)");
@@ -136,6 +160,8 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         cmd: args.cmd,
         cwd: std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/")),
         work_dir,
+        caps,
+        private_net: args.no_network,
     };
     // Signals from other processes go to the sandbox (and on to CMD); a terminal's reach
     // CMD directly.

@@ -132,13 +132,147 @@ fn mkdir_p(p: &Path) -> io::Result<()> {
         .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", p.display())))
 }
 
-/// `base` joined with `inner` taken as relative (a path inside the tree).
-fn inside(base: &Path, inner: &Path) -> PathBuf {
-    let rel: PathBuf = inner
+/// The path that names an open descriptor's file (for `mount`, which takes paths).
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Opens `inner`, a path inside the tree at `root`, creating what is missing (directories,
+/// and the last component as a directory or an empty file) — every link resolved as if
+/// `root` were `/` (`openat2` with `RESOLVE_IN_ROOT`), so a symlink in the tree can never
+/// place a mount, or create a file, outside it.
+fn target_in(root: &Path, inner: &Path, dir: bool) -> io::Result<OwnedFd> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let shown = inner.display().to_string();
+    let ctx = |what: &str, e: rustix::io::Errno| {
+        let kind = io::Error::from_raw_os_error(e.raw_os_error()).kind();
+        io::Error::new(kind, format!("{shown}: {what}: {e}"))
+    };
+    let root_fd = rustix::fs::open(
+        root,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| ctx("opening the tree", e))?;
+    let how = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let open = |p: &Path| {
+        let p: &Path = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        rustix::fs::openat2(
+            &root_fd,
+            p,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            how,
+        )
+    };
+    let comps: Vec<&OsStr> = inner
         .components()
-        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .filter_map(|c| match c {
+            std::path::Component::Normal(n) => Some(n),
+            _ => None,
+        })
         .collect();
-    base.join(rel)
+    let mut prefix = PathBuf::new();
+    for (i, c) in comps.iter().enumerate() {
+        let parent = prefix.clone();
+        prefix.push(c);
+        match open(&prefix) {
+            Ok(_) => continue,
+            Err(rustix::io::Errno::NOENT) => {}
+            Err(e) => return Err(ctx("resolving inside the tree", e)),
+        }
+        let pfd = open(&parent).map_err(|e| match e {
+            rustix::io::Errno::NOENT => ctx(
+                "leads through a link to nothing inside the tree (links are resolved inside it)",
+                e,
+            ),
+            e => ctx("resolving inside the tree", e),
+        })?;
+        let made = if i + 1 == comps.len() && !dir {
+            rustix::fs::openat(
+                &pfd,
+                *c,
+                OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )
+            .map(drop)
+        } else {
+            rustix::fs::mkdirat(&pfd, *c, Mode::from_raw_mode(0o755))
+        };
+        match made {
+            Ok(()) => {}
+            // Something by that name appeared, or it is a link to nothing: opened below.
+            Err(rustix::io::Errno::EXIST) => {}
+            Err(e) => return Err(ctx("creating it inside the tree", e)),
+        }
+    }
+    open(&prefix).map_err(|e| match e {
+        rustix::io::Errno::NOENT => ctx(
+            "is a link to nothing inside the tree (links are resolved inside it)",
+            e,
+        ),
+        e => ctx("resolving inside the tree", e),
+    })
+}
+
+/// Brings up the loopback interface of a new network namespace.
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain socket for the ioctl, closed below.
+    let sock = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if sock < 0 {
+        return Err(os_err("socket for the loopback interface"));
+    }
+    // SAFETY: the fd was just opened and is owned here.
+    let _owned = unsafe { OwnedFd::from_raw_fd(sock) };
+    // SAFETY: a zeroed ifreq is valid; the name is NUL-terminated within its 16 bytes.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, s) in req.ifr_name.iter_mut().zip(b"lo\0") {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFFLAGS/SIOCSIFFLAGS read and write the ifreq passed.
+    unsafe {
+        if libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req) != 0 {
+            return Err(os_err("reading the loopback interface's flags"));
+        }
+        req.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+        if libc::ioctl(sock, libc::SIOCSIFFLAGS, &req) != 0 {
+            return Err(os_err("bringing the loopback interface up"));
+        }
+    }
+    Ok(())
+}
+
+/// Drops every capability not in `keep` from the bounding set (so CMD, exec'd as root, gets
+/// no others) and from the inheritable and ambient sets.
+fn drop_capabilities(keep: u64) -> io::Result<()> {
+    for cap in 0..64u64 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments only.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) } != 0 {
+            // Past the kernel's last capability.
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                break;
+            }
+            return Err(os_err(format_args!("dropping capability {cap}")));
+        }
+    }
+    let mut sets = rustix::thread::capabilities(None)
+        .map_err(|e| io::Error::other(format!("reading capabilities: {e}")))?;
+    let keep = rustix::thread::CapabilitySet::from_bits_retain(keep);
+    sets.inheritable &= keep;
+    sets.permitted &= keep;
+    sets.effective &= keep;
+    rustix::thread::set_capabilities(None, sets)
+        .map_err(|e| io::Error::other(format!("dropping capabilities: {e}")))?;
+    rustix::thread::clear_ambient_capability_set()
+        .map_err(|e| io::Error::other(format!("clearing ambient capabilities: {e}")))?;
+    Ok(())
 }
 
 /// Runs the sandbox described by `spec`; returns the exit status for `granary sandbox`.
@@ -172,8 +306,13 @@ fn run(spec: &ExecSpec) -> io::Result<i32> {
         Lower::Path(p) => Tree::Path(p.clone()),
         Lower::Server { pid, path } => Tree::Detached(clone_from_namespace(*pid, path)?),
     };
+    // Mounts, processes and System V IPC of its own; a network of its own if asked.
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC;
+    if spec.private_net {
+        flags |= libc::CLONE_NEWNET;
+    }
     // SAFETY: unshare with flags only; this process is single-threaded.
-    if unsafe { libc::unshare(libc::CLONE_NEWNS | libc::CLONE_NEWPID) } != 0 {
+    if unsafe { libc::unshare(flags) } != 0 {
         let e = io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EPERM) {
             return Err(io::Error::new(
@@ -185,6 +324,9 @@ fn run(spec: &ExecSpec) -> io::Result<i32> {
             e.kind(),
             format!("creating namespaces: {e}"),
         ));
+    }
+    if spec.private_net {
+        loopback_up()?;
     }
     // Nothing mounted from here on may propagate back to the host.
     mount(
@@ -449,27 +591,20 @@ fn init_main(spec: &ExecSpec, merged: &Path) -> io::Result<i32> {
         }
     }
     for b in &spec.binds {
-        let target = inside(merged, &b.dst);
-        if b.src.is_dir() {
-            mkdir_p(&target)?;
-        } else if target.symlink_metadata().is_err() {
-            if let Some(parent) = target.parent() {
-                mkdir_p(parent)?;
-            }
-            std::fs::File::create(&target)
-                .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", target.display())))?;
-        }
+        let target = target_in(merged, &b.dst, b.src.is_dir())?;
         mount(
             Some(&b.src),
-            &target,
+            &fd_path(&target),
             None,
             libc::MS_BIND | libc::MS_REC,
             None,
         )?;
         if b.ro {
+            // Resolved again: the path now leads into the new mount.
+            let bound = target_in(merged, &b.dst, b.src.is_dir())?;
             mount(
                 None,
-                &target,
+                &fd_path(&bound),
                 None,
                 libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
                 None,
@@ -477,11 +612,10 @@ fn init_main(spec: &ExecSpec, merged: &Path) -> io::Result<i32> {
         }
     }
     for t in &spec.tmpfs {
-        let target = inside(merged, t);
-        mkdir_p(&target)?;
+        let target = target_in(merged, t, true)?;
         mount(
             Some(Path::new("tmpfs")),
-            &target,
+            &fd_path(&target),
             Some("tmpfs"),
             nosuid,
             None,
@@ -550,6 +684,13 @@ fn run_cmd(spec: &ExecSpec) -> io::Result<i32> {
     }
     if child == 0 {
         drop(rd);
+        if let Some(keep) = spec.caps {
+            if let Err(e) = drop_capabilities(keep) {
+                eprintln!("granary: error: sandbox: {e}");
+                // SAFETY: leaving the child.
+                unsafe { libc::_exit(EXIT_SETUP) };
+            }
+        }
         // SAFETY: argv is NUL-terminated and its strings outlive the call.
         unsafe { libc::execvp(prog.as_ptr(), ptrs.as_ptr()) };
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);

@@ -92,6 +92,91 @@ pub struct ExecSpec {
     pub cwd: PathBuf,
     /// An empty directory to mount the sandbox's scratch tmpfs on (inside its namespace).
     pub work_dir: PathBuf,
+    /// Capabilities CMD keeps (a bit mask by capability number); `None`: all of the caller's.
+    pub caps: Option<u64>,
+    /// Give CMD a network namespace of its own (loopback only).
+    pub private_net: bool,
+}
+
+/// Capability numbers and names (capabilities(7)) that `--cap` accepts.
+pub const CAPABILITIES: [(u32, &str); 41] = [
+    (0, "chown"),
+    (1, "dac_override"),
+    (2, "dac_read_search"),
+    (3, "fowner"),
+    (4, "fsetid"),
+    (5, "kill"),
+    (6, "setgid"),
+    (7, "setuid"),
+    (8, "setpcap"),
+    (9, "linux_immutable"),
+    (10, "net_bind_service"),
+    (11, "net_broadcast"),
+    (12, "net_admin"),
+    (13, "net_raw"),
+    (14, "ipc_lock"),
+    (15, "ipc_owner"),
+    (16, "sys_module"),
+    (17, "sys_rawio"),
+    (18, "sys_chroot"),
+    (19, "sys_ptrace"),
+    (20, "sys_pacct"),
+    (21, "sys_admin"),
+    (22, "sys_boot"),
+    (23, "sys_nice"),
+    (24, "sys_resource"),
+    (25, "sys_time"),
+    (26, "sys_tty_config"),
+    (27, "mknod"),
+    (28, "lease"),
+    (29, "audit_write"),
+    (30, "audit_control"),
+    (31, "setfcap"),
+    (32, "mac_override"),
+    (33, "mac_admin"),
+    (34, "syslog"),
+    (35, "wake_alarm"),
+    (36, "block_suspend"),
+    (37, "audit_read"),
+    (38, "perfmon"),
+    (39, "bpf"),
+    (40, "checkpoint_restore"),
+];
+
+/// What a CI job run as root needs (the set container runtimes grant by default): file
+/// ownership and permissions, set*id, kill, chroot, mknod, binding low ports, raw sockets.
+/// Not: mounting, namespaces, ptrace, modules, raw I/O, the clock, network admin (which would
+/// let CMD leave the sandbox or change the host).
+pub const DEFAULT_CAPS: &[&str] = &[
+    "chown",
+    "dac_override",
+    "fowner",
+    "fsetid",
+    "kill",
+    "setgid",
+    "setuid",
+    "setpcap",
+    "net_bind_service",
+    "net_raw",
+    "sys_chroot",
+    "mknod",
+    "audit_write",
+    "setfcap",
+];
+
+/// The mask of capability names (with or without `cap_`, any case).
+pub fn cap_mask(names: &[String]) -> Result<u64, String> {
+    let mut mask = 0u64;
+    for n in names {
+        let want = n.to_ascii_lowercase();
+        let want = want.strip_prefix("cap_").unwrap_or(&want);
+        let (num, _) = CAPABILITIES
+            .iter()
+            .find(|(_, name)| *name == want)
+            .ok_or_else(|| format!("--cap {n}: no such capability (see capabilities(7))"))?;
+        mask |= 1 << num;
+    }
+    Ok(mask)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,5 +238,15 @@ mod tests {
         assert!("/a".parse::<Bind>().is_err());
         assert!("/a:b".parse::<Bind>().is_err());
         assert!("/a:/b:x".parse::<Bind>().is_err());
+    }
+
+    #[test]
+    fn capability_names() {
+        let d: Vec<String> = DEFAULT_CAPS.iter().map(|s| s.to_string()).collect();
+        let m = cap_mask(&d).unwrap();
+        assert_eq!(m & (1 << 21), 0, "no sys_admin by default");
+        assert_ne!(m & (1 << 0), 0);
+        assert_eq!(cap_mask(&["CAP_SYS_ADMIN".into()]).unwrap(), 1 << 21);
+        assert!(cap_mask(&["sys_everything".into()]).is_err());
     }
 }
