@@ -100,7 +100,11 @@ fn main() {
         Command::new(BIN)
             .args(["--store", &file_url, "daemon", "--listen"])
             .arg(format!("unix:{}", sock.display()))
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--allow-unauthenticated-tcp",
+            ])
             .stderr(Stdio::null())
             .spawn()
             .expect("start daemon"),

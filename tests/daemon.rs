@@ -6,11 +6,11 @@ mod common;
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{assert_same_tree, free_port, gen_tree, granary_bin, noise, write_big, Daemon};
+use common::{assert_same_tree, free_port, gen_tree, granary_bin, noise, write, write_big, Daemon};
 use granary::castore::{
     B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord, SymlinkEntry,
 };
@@ -1066,4 +1066,115 @@ fn gc_and_verify_through_the_daemon() {
     let text = String::from_utf8_lossy(&v.stdout);
     assert!(!v.status.success(), "{text}");
     assert!(text.contains(&hello) && text.contains("roots: a"), "{text}");
+}
+
+#[test]
+fn other_users_cannot_change_the_store_through_the_default_listeners() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    // Directories anyone may traverse: only the daemon's own permissions protect it.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let run_dir = tmp.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let store = format!("file://{}", tmp.path().join("store").display());
+    let src = tmp.path().join("src");
+    write(&src.join("f"), b"mine\n", false);
+    ok(&store, &["import", "--name", "t", src.to_str().unwrap()]);
+    let mut child = Command::new(granary_bin())
+        .args(["--store", &store, "daemon"])
+        .env("XDG_RUNTIME_DIR", &run_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let sock = run_dir.join("granary/daemon.sock");
+    let t0 = Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "no socket");
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("daemon exited: {st}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let child = Kill(child);
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sock), 0o600, "socket mode");
+    assert_eq!(
+        mode(&run_dir.join("granary")),
+        0o700,
+        "socket directory mode"
+    );
+    // Its owner uses it.
+    let unix = format!("grpc+unix://{}", sock.display());
+    ok(&unix, &["roots"]);
+    // Nobody else can, and there is no TCP listener to go around it.
+    for url in [
+        unix.as_str(),
+        "grpc+tcp://127.0.0.1:7411?connect_timeout=1s&timeout=2s",
+    ] {
+        let out = Command::new("setpriv")
+            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups"])
+            .arg(granary_bin())
+            .args(["--store", url, "rm", "t"])
+            .env_remove("GRANARY_TOKEN_FILE")
+            .output()
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "uid 65534 removed a root through {url}"
+        );
+    }
+    let roots = String::from_utf8(ok(&unix, &["roots"]).stdout).unwrap();
+    assert_eq!(roots.trim(), "t");
+    drop(child);
+
+    // TCP, even on loopback, needs a token unless explicitly allowed.
+    let port = free_port();
+    let out = granary(
+        &store,
+        &["daemon", "--listen", &format!("127.0.0.1:{port}")],
+    );
+    assert!(!out.status.success());
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("--token-file") && e.contains("--allow-unauthenticated-tcp"),
+        "{e}"
+    );
+
+    // A read-only token reads, and may not write or delete.
+    let (full, ro) = (tmp.path().join("full"), tmp.path().join("ro"));
+    std::fs::write(&full, "full-token").unwrap();
+    std::fs::write(&ro, "read-only-token").unwrap();
+    let d = Daemon::start(
+        tmp.path(),
+        &[
+            "--token-file",
+            full.to_str().unwrap(),
+            "--read-only-token-file",
+            ro.to_str().unwrap(),
+        ],
+    );
+    let ro_url = format!("{}?token_file={}", d.tcp_url(), ro.display());
+    assert_eq!(
+        String::from_utf8(ok(&ro_url, &["cat", "t/f"]).stdout).unwrap(),
+        "mine\n"
+    );
+    for args in [
+        &["rm", "t"][..],
+        &["gc", "--grace", "0s"][..],
+        &["import", src.to_str().unwrap()][..],
+    ] {
+        let e = fails(&ro_url, args);
+        assert!(e.contains("read-only token"), "{args:?}: {e}");
+    }
+    let full_url = format!("{}?token_file={}", d.tcp_url(), full.display());
+    ok(&full_url, &["rm", "t"]);
 }

@@ -24,14 +24,24 @@ use crate::store::Store;
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
     /// Address to serve on: HOST:PORT for TCP, or unix:/PATH (or an absolute path) for a Unix
-    /// socket. Repeatable. Default: a Unix socket in $XDG_RUNTIME_DIR/granary (else the store
-    /// directory) plus 127.0.0.1:7411.
+    /// socket. Repeatable. Default: only a Unix socket in $XDG_RUNTIME_DIR/granary (else the
+    /// store directory), which only this user (and root) may connect to.
     #[arg(long, value_name = "ADDR")]
     listen: Vec<String>,
-    /// File holding the bearer token every call must carry (required for a non-loopback
-    /// TCP address). Clients read it from GRANARY_TOKEN_FILE or `?token_file=` in the URL.
+    /// File holding the bearer token TCP calls must carry (any TCP listener, loopback
+    /// included, needs a token: every local user and sandbox can reach loopback). Clients read
+    /// it from GRANARY_TOKEN_FILE or `?token_file=` in the URL. Unix sockets are guarded by
+    /// their file permissions instead.
     #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
+    /// File holding a second token that may only read: with it, calls that write or delete
+    /// (put, ingest, rm, gc) are refused.
+    #[arg(long, value_name = "FILE")]
+    read_only_token_file: Option<PathBuf>,
+    /// Serve TCP listeners on loopback without a token (anyone on this machine, sandboxes
+    /// included, can then change the store).
+    #[arg(long)]
+    allow_unauthenticated_tcp: bool,
     /// How long SIGTERM waits for calls in flight before exiting anyway.
     #[arg(long, value_name = "DURATION", default_value = "10s")]
     drain_timeout: String,
@@ -88,10 +98,18 @@ async fn parse_listen(spec: &str) -> Result<Vec<Listen>> {
     }
 }
 
-/// Binds a Unix socket, replacing a stale socket file but never a live daemon's.
+/// Binds a Unix socket, replacing a stale socket file but never a live daemon's. The socket
+/// is owner-only (0600), and a directory created for it is too (0700).
 async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| format!("creating {}", dir.display()))?;
+        }
     }
     if path.exists() {
         if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -100,7 +118,16 @@ async fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("removing stale socket {}", path.display()))?;
     }
-    tokio::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+    // Created without group/other access from the start (no window before the chmod).
+    // SAFETY: umask only changes this process's file creation mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = tokio::net::UnixListener::bind(path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let lis = bound.with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(lis)
 }
 
 /// Socket files this daemon created, removed however it exits.
@@ -119,23 +146,23 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     let retention = parse_duration(&args.session_retention).map_err(anyhow::Error::msg)?;
     let max_bytes: u64 = crate::chunking::parse_size(&args.max_ingest)
         .map_err(|e| anyhow::anyhow!("--max-ingest: {e}"))?;
-    let token = match &args.token_file {
-        Some(f) => {
-            let t = std::fs::read_to_string(f)
-                .with_context(|| format!("token file {}", f.display()))?;
-            let t = t.trim().to_string();
-            if t.is_empty() {
-                bail!("token file {} is empty", f.display());
-            }
-            Some(Arc::new(t))
+    let read_token = |f: &Option<PathBuf>| -> Result<Option<Arc<String>>> {
+        let Some(f) = f else { return Ok(None) };
+        let t =
+            std::fs::read_to_string(f).with_context(|| format!("token file {}", f.display()))?;
+        let t = t.trim().to_string();
+        if t.is_empty() {
+            bail!("token file {} is empty", f.display());
         }
-        None => None,
+        Ok(Some(Arc::new(t)))
     };
+    let token = read_token(&args.token_file)?;
+    let read_only = read_token(&args.read_only_token_file)?;
+    if token.is_some() && token == read_only {
+        bail!("--token-file and --read-only-token-file hold the same token");
+    }
     let specs = if args.listen.is_empty() {
-        vec![
-            format!("unix:{}", default_socket(&store.url).display()),
-            "127.0.0.1:7411".to_string(),
-        ]
+        vec![format!("unix:{}", default_socket(&store.url).display())]
     } else {
         args.listen.clone()
     };
@@ -143,12 +170,20 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     for s in &specs {
         listens.extend(parse_listen(s).await?);
     }
-    // Refuse before binding anything: an open non-loopback port without a token is the
-    // whole store readable and writable by the network.
+    // Refuse before binding anything: an open port without a token is the whole store
+    // readable and writable by the network, or by every user and sandbox of this machine.
     for l in &listens {
         if let Listen::Tcp(a) = l {
-            if !a.ip().is_loopback() && token.is_none() {
-                bail!("--listen {a}: a non-loopback address needs --token-file");
+            if token.is_none() && read_only.is_none() {
+                if !a.ip().is_loopback() {
+                    bail!("--listen {a}: a non-loopback address needs --token-file");
+                }
+                if !args.allow_unauthenticated_tcp {
+                    bail!(
+                        "--listen {a}: TCP needs --token-file (every local user and sandbox can \
+                         reach loopback); --allow-unauthenticated-tcp serves it without one"
+                    );
+                }
             }
         }
     }
@@ -164,17 +199,32 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     sessions.spawn_gc();
     let daemon = Daemon::new(store, &args.disable_feature, sessions.clone());
     let counters = daemon.counters();
-    let auth = Auth { token };
+    // TCP callers prove who they are with a token; Unix callers got past the socket's
+    // permissions (a read-only token still limits them if they present one).
+    let tcp_auth = Auth {
+        token: token.clone(),
+        read_only: read_only.clone(),
+        required: !(token.is_none() && read_only.is_none() && args.allow_unauthenticated_tcp),
+    };
+    let unix_auth = Auth {
+        token,
+        read_only,
+        required: false,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let mut sockets = SocketFiles(Vec::new());
     let mut stderr = std::io::stderr();
     for l in listens {
+        let auth = match l {
+            Listen::Tcp(_) => tcp_auth.clone(),
+            Listen::Unix(_) => unix_auth.clone(),
+        };
         let svc = tonic::service::interceptor::InterceptedService::new(
             GranaryServer::new(daemon.clone())
                 .max_decoding_message_size(crate::rpc::MAX_MESSAGE)
                 .max_encoding_message_size(crate::rpc::MAX_MESSAGE),
-            auth.clone(),
+            auth,
         );
         let mut rx = stop_rx.clone();
         let stop = async move {

@@ -530,6 +530,7 @@ impl Granary for Daemon {
         req: Request<Streaming<proto::PutBlobFrame>>,
     ) -> Result<Response<proto::PutBlobResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "put blob"))?;
         self.fail(self.need(feature::BLOB_PUT))?;
         let r = self.put_blob_inner(req.into_inner()).await;
         self.fail(r).map(Response::new)
@@ -540,6 +541,7 @@ impl Granary for Daemon {
         req: Request<proto::PutBlobIndexRequest>,
     ) -> Result<Response<proto::PutBlobIndexResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "put blob index"))?;
         let r = self.put_blob_index_inner(req.into_inner()).await;
         self.fail(r).map(Response::new)
     }
@@ -613,6 +615,7 @@ impl Granary for Daemon {
         req: Request<Streaming<castore::proto::Directory>>,
     ) -> Result<Response<proto::PutClosureResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "put closure"))?;
         let r = self.put_closure_inner(req.into_inner()).await;
         self.fail(r).map(Response::new)
     }
@@ -653,6 +656,7 @@ impl Granary for Daemon {
         req: Request<castore::proto::Root>,
     ) -> Result<Response<proto::PutRootResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "put root"))?;
         let r = async {
             let rec = root_from_proto(req.get_ref())
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -669,6 +673,7 @@ impl Granary for Daemon {
         req: Request<proto::RootName>,
     ) -> Result<Response<proto::DeleteRootResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "delete root"))?;
         let r = self
             .store
             .roots
@@ -684,6 +689,7 @@ impl Granary for Daemon {
         req: Request<Streaming<proto::IngestFrame>>,
     ) -> Result<Response<proto::IngestStartResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "ingest"))?;
         self.fail(self.need(feature::INGEST_SESSIONS))?;
         let r = self
             .sessions
@@ -778,6 +784,7 @@ impl Granary for Daemon {
         req: Request<proto::DeleteObjectRequest>,
     ) -> Result<Response<proto::DeleteObjectResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "delete object"))?;
         self.need(feature::MAINTENANCE)?;
         let req = req.into_inner();
         let kind = super::kind_from_proto(
@@ -802,6 +809,7 @@ impl Granary for Daemon {
         req: Request<proto::SweepTempRequest>,
     ) -> Result<Response<proto::SweepTempResponse>, Status> {
         let _g = InFlight::new(&self.counters);
+        self.fail(writable(&req, "sweep temp"))?;
         self.need(feature::MAINTENANCE)?;
         let m = self.maintenance()?;
         let r = m
@@ -834,26 +842,58 @@ impl Daemon {
 /// Checks `authorization: Bearer <token>` on every call when the daemon has a token.
 #[derive(Clone)]
 pub struct Auth {
+    /// The token that may do everything.
     pub token: Option<Arc<String>>,
+    /// A token that may only read.
+    pub read_only: Option<Arc<String>>,
+    /// Whether a call without a token is refused (TCP) or let through (a Unix socket, whose
+    /// file permissions already chose who may connect).
+    pub required: bool,
+}
+
+/// What a call may do, as the auth check found it (a request extension).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Full,
+    ReadOnly,
 }
 
 impl tonic::service::Interceptor for Auth {
-    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(token) = &self.token else {
-            return Ok(req);
-        };
+    fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         let given = req
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match given {
-            Some(g) if constant_time_eq(g.as_bytes(), token.as_bytes()) => Ok(req),
-            Some(_) => Err(Status::unauthenticated("wrong bearer token")),
-            None => Err(Status::unauthenticated(
-                "this daemon needs `authorization: Bearer <token>` (set GRANARY_TOKEN_FILE)",
-            )),
-        }
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::to_string);
+        let matches = |t: &Option<Arc<String>>, g: &str| {
+            t.as_ref()
+                .is_some_and(|t| constant_time_eq(g.as_bytes(), t.as_bytes()))
+        };
+        let access =
+            match given {
+                Some(g) if matches(&self.token, &g) => Access::Full,
+                Some(g) if matches(&self.read_only, &g) => Access::ReadOnly,
+                Some(_) if self.token.is_some() || self.read_only.is_some() => {
+                    return Err(Status::unauthenticated("wrong bearer token"))
+                }
+                _ if self.required => return Err(Status::unauthenticated(
+                    "this daemon needs `authorization: Bearer <token>` (set GRANARY_TOKEN_FILE)",
+                )),
+                _ => Access::Full,
+            };
+        req.extensions_mut().insert(access);
+        Ok(req)
+    }
+}
+
+/// Refuses a call that writes or deletes to a read-only token.
+fn writable<T>(req: &Request<T>, what: &str) -> Result<(), Status> {
+    match req.extensions().get::<Access>() {
+        Some(Access::ReadOnly) => Err(Status::permission_denied(format!(
+            "{what}: refused to a read-only token"
+        ))),
+        _ => Ok(()),
     }
 }
 

@@ -366,6 +366,10 @@ impl Daemon {
             .arg("--listen")
             .arg(self.addr.to_string())
             .args(&self.extra)
+            .args(
+                (!self.extra.iter().any(|e| e.contains("token-file")))
+                    .then_some("--allow-unauthenticated-tcp"),
+            )
             .env("XDG_RUNTIME_DIR", "")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
