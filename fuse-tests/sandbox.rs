@@ -851,3 +851,46 @@ fn links_in_the_tree_cannot_lead_binds_out_of_it() {
         .collect();
     assert!(made.is_empty(), "created on the host: {made:?}");
 }
+
+#[test]
+fn a_fuse_view_that_dies_under_cmd_fails_the_sandbox() {
+    require_sandbox!();
+    let store = rootfs_store();
+    // CMD ignores read errors and exits 0 either way.
+    let running = Watched::spawn(sandbox_cmd(
+        &store,
+        &[
+            "--root",
+            "rootfs",
+            "--as-root",
+            "--",
+            "/bin/sh",
+            "-c",
+            "sleep 2; cat /etc/motd; exit 0",
+        ],
+    ));
+    // Find the shared server by its pid file, then kill it.
+    let sandbox_dir = runtime_dir(&store).join("sandbox");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let pid: i32 = loop {
+        let found = walk_files(&sandbox_dir)
+            .into_iter()
+            .find(|p| p.file_name().is_some_and(|n| n == "server.pid"))
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .and_then(|s| s.trim().parse().ok());
+        if let Some(p) = found {
+            break p;
+        }
+        assert!(Instant::now() < deadline, "no shared server appeared");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let out = running.output();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("FUSE view of the tree went away"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_servers_gone(&store);
+}

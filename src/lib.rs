@@ -21,6 +21,7 @@ pub mod fs;
 pub mod gc;
 pub mod import;
 pub mod nar;
+pub mod net_guard;
 pub mod rpc;
 pub mod sandbox;
 pub mod store;

@@ -75,14 +75,72 @@ pub async fn resolve(store: &Store, spec: &str) -> Result<Node> {
         let Node::Directory { digest, .. } = &node else {
             return Err(StoreError::Backend(format!("{walked} is not a directory")));
         };
+        let name = unescape_name(part)
+            .map_err(|why| StoreError::Backend(format!("{walked}/{part}: {why}")))?;
         let dir = get_dir(store, digest).await?;
         let e = dir
-            .lookup(part.as_bytes())
+            .lookup(&name)
             .ok_or_else(|| StoreError::Backend(format!("{walked}/{part}: no such entry")))?;
         node = entry_node(e)?;
         walked = format!("{walked}/{part}");
     }
     Ok(node)
+}
+
+/// A name as `granary ls` prints it and `ROOT/PATH` arguments take it back: printable text as
+/// it is; a backslash as `\\`; control characters and bytes that are not UTF-8 as `\xNN`.
+/// So a listing never sends raw control characters to a terminal, and every name can be
+/// addressed exactly.
+pub fn escape_name(name: &[u8]) -> String {
+    let mut out = String::with_capacity(name.len());
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                '\\' => out.push_str("\\\\"),
+                c if c.is_control() => {
+                    let mut buf = [0u8; 4];
+                    for b in c.encode_utf8(&mut buf).bytes() {
+                        out.push_str(&format!("\\x{b:02x}"));
+                    }
+                }
+                c => out.push(c),
+            }
+        }
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The bytes of a name written as [`escape_name`] prints it.
+pub fn unescape_name(s: &str) -> std::result::Result<Vec<u8>, String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'\\' {
+            out.push(b[i]);
+            i += 1;
+            continue;
+        }
+        match b.get(i + 1) {
+            Some(b'\\') => {
+                out.push(b'\\');
+                i += 2;
+            }
+            Some(b'x') => {
+                let hex = s
+                    .get(i + 2..i + 4)
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                    .ok_or("\\x must be followed by two hex digits")?;
+                out.push(hex);
+                i += 4;
+            }
+            _ => return Err("a backslash starts \\\\ or \\xNN (write a backslash as \\\\)".into()),
+        }
+    }
+    Ok(out)
 }
 
 /// Writes a blob's content to `out`, every piece checked against the blob digest before it
@@ -361,4 +419,28 @@ pub async fn logical_size(
         memo.insert(d, total);
     }
     Ok(memo.get(&top).copied().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod escape_tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_their_escaped_form() {
+        for name in [
+            &b"plain.txt"[..],
+            b"tab\there",
+            b"\x1b[31mred",
+            b"back\\slash",
+            b"\xff\xfe latin1 \xe9",
+            "caf\u{e9} \u{1f600}".as_bytes(),
+        ] {
+            let shown = escape_name(name);
+            assert!(!shown.chars().any(char::is_control), "{shown:?}");
+            assert_eq!(unescape_name(&shown).unwrap(), name, "{shown}");
+        }
+        assert_eq!(escape_name(b"a\x1bb"), "a\\x1bb");
+        assert!(unescape_name("a\\q").is_err());
+        assert!(unescape_name("a\\x4").is_err());
+    }
 }

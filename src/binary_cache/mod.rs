@@ -215,7 +215,11 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    axum::serve(listener, router(cache))
+    let guarded = crate::net_guard::GuardedListener {
+        inner: listener,
+        gate: crate::net_guard::Gate::new(crate::net_guard::default_cap()),
+    };
+    axum::serve(guarded, router(cache))
         .with_graceful_shutdown(shutdown)
         .await
 }

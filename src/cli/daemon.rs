@@ -211,6 +211,10 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         read_only,
         required: false,
     };
+    // Connections open at once, and how long they may be silent: one gate for TCP, one for
+    // Unix sockets, so a flood over the network cannot lock out the socket's owner.
+    let tcp_gate = crate::net_guard::Gate::new(crate::net_guard::default_cap() / 2);
+    let unix_gate = crate::net_guard::Gate::new(crate::net_guard::default_cap() / 2);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let mut sockets = SocketFiles(Vec::new());
@@ -241,12 +245,18 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
                     .with_context(|| format!("binding {addr}"))?;
                 let bound = lis.local_addr()?;
                 writeln!(stderr, "granary daemon: listening on {bound}")?;
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(lis).map(move |s| {
-                    s.inspect(|s| {
-                        let _ = s.set_nodelay(true);
-                        counters.connections.fetch_add(1, Ordering::Relaxed);
-                    })
-                });
+                let gate = tcp_gate.clone();
+                let incoming =
+                    tokio_stream::wrappers::TcpListenerStream::new(lis).filter_map(move |s| {
+                        let s = s.inspect(|s| {
+                            let _ = s.set_nodelay(true);
+                            counters.connections.fetch_add(1, Ordering::Relaxed);
+                        });
+                        futures::future::ready(match s {
+                            Ok(s) => gate.admit(s, "daemon").map(Ok),
+                            Err(e) => Some(Err(e)),
+                        })
+                    });
                 let mut b = builder;
                 servers.spawn(async move {
                     b.add_service(svc)
@@ -262,11 +272,17 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
                     path.display()
                 )?;
                 sockets.0.push(path);
-                let incoming = tokio_stream::wrappers::UnixListenerStream::new(lis).map(move |s| {
-                    s.inspect(|_| {
-                        counters.connections.fetch_add(1, Ordering::Relaxed);
-                    })
-                });
+                let gate = unix_gate.clone();
+                let incoming =
+                    tokio_stream::wrappers::UnixListenerStream::new(lis).filter_map(move |s| {
+                        let s = s.inspect(|_| {
+                            counters.connections.fetch_add(1, Ordering::Relaxed);
+                        });
+                        futures::future::ready(match s {
+                            Ok(s) => gate.admit(s, "daemon").map(Ok),
+                            Err(e) => Some(Err(e)),
+                        })
+                    });
                 let mut b = builder;
                 servers.spawn(async move {
                     b.add_service(svc)

@@ -577,7 +577,7 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             'l',
             "rwxrwxrwx",
             target.len() as u64,
-            format!("-> {}", String::from_utf8_lossy(target)),
+            format!("-> {}", tree::escape_name(target)),
         ),
     }
 }
@@ -589,7 +589,7 @@ async fn cmd_ls(store: &Store, path: &str, long: bool) -> Result<ExitCode> {
         let name = if l.name.is_empty() {
             path.rsplit('/').next().unwrap_or(path).to_string()
         } else {
-            String::from_utf8_lossy(&l.name).into_owned()
+            tree::escape_name(&l.name)
         };
         if long {
             let (t, mode, size, what) = describe(&l.node);

@@ -88,6 +88,31 @@ fn group_id(name: &str) -> Option<u32> {
     (rc == 0 && !out.is_null()).then_some(grp.gr_gid)
 }
 
+/// An exclusive lock on the directory a mount goes over, held while mounted: two `granary
+/// mount`s of one mount point started at the same moment cannot both pass the checks and
+/// stack two mounts.
+struct MountLock(#[allow(dead_code)] std::fs::File);
+
+fn lock_mountpoint(path: &Path) -> Result<MountLock> {
+    let shown = path.display();
+    let dir = std::fs::File::open(path).with_context(|| format!("mount point {shown}"))?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe {
+        libc::flock(
+            std::os::fd::AsRawFd::as_raw_fd(&dir),
+            libc::LOCK_EX | libc::LOCK_NB,
+        )
+    } != 0
+    {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            bail!("mount point {shown}: another granary is mounting it right now");
+        }
+        bail!("mount point {shown}: cannot lock it: {e}");
+    }
+    Ok(MountLock(dir))
+}
+
 /// Refuses mount points that are missing, not directories, not empty (unless `nonempty`), or
 /// already mounts.
 fn check_mountpoint(path: &Path, nonempty: bool) -> Result<PathBuf> {
@@ -143,6 +168,11 @@ async fn import_first(store: &Store, paths: &[PathBuf]) -> Result<()> {
 }
 
 pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
+    // Locked first, then checked: a racing mount either waits out our check or sees our mount.
+    let _lock = match std::fs::metadata(&args.mountpoint) {
+        Ok(m) if m.is_dir() => Some(lock_mountpoint(&args.mountpoint)?),
+        _ => None,
+    };
     let mountpoint = check_mountpoint(&args.mountpoint, args.nonempty)?;
     if !(args.timeout > 0.0 && args.timeout.is_finite()) {
         bail!("--timeout must be a positive number of seconds");

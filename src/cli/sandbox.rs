@@ -149,6 +149,9 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             (Lower::Server { pid, path }, Some(lease))
         }
     };
+    // Checked after CMD: a FUSE view that died under it means its reads failed, whatever
+    // status CMD chose to exit with.
+    let view = lower.clone();
     let spec = ExecSpec {
         parent: std::process::id(),
         lower,
@@ -182,5 +185,28 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         (None, Some(s)) => 128 + s,
         _ => sandbox::EXIT_SETUP,
     };
+    let died = match &view {
+        Lower::Server { pid, .. } => !alive(*pid),
+        Lower::Path(p) => {
+            std::fs::metadata(p).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN))
+        }
+    };
+    if died {
+        eprintln!(
+            "granary: error: the FUSE view of the tree went away while CMD ran (its reads failed); CMD exited with {code}"
+        );
+        return Ok(ExitCode::from(sandbox::EXIT_SETUP as u8));
+    }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
+}
+
+/// Whether process `pid` is running (not gone, not a zombie waiting to be reaped).
+fn alive(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // "pid (comm) S ...": the state follows the last ')'.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.trim_start().chars().next())
+        .is_some_and(|state| state != 'Z' && state != 'X')
 }

@@ -63,7 +63,14 @@ struct State {
     bytes: usize,
     inflight: HashMap<B3Digest, Fetch>,
     layouts: LruCache<B3Digest, Arc<Layout>>,
+    /// Fetches (chunks and layouts, by digest) that failed lately, and how: the kernel asks
+    /// again for a page whose read failed (readahead, then the read itself), and each ask
+    /// must not wait out the deadline again.
+    failed: HashMap<B3Digest, (std::time::Instant, FetchError)>,
 }
+
+/// Failures remembered at most (then forgotten all at once).
+const MAX_FAILED: usize = 4096;
 
 /// The chunk cache and the read path built on it.
 pub struct ChunkCache {
@@ -96,6 +103,7 @@ impl ChunkCache {
                 bytes: 0,
                 inflight: HashMap::new(),
                 layouts: LruCache::new(std::num::NonZeroUsize::MIN.saturating_add(LAYOUTS - 1)),
+                failed: HashMap::new(),
             }),
             prefetching: Arc::new(tokio::sync::Semaphore::new(8)),
             prefetch_bytes: std::sync::atomic::AtomicU64::new(PREFETCH_BYTES),
@@ -118,12 +126,35 @@ impl ChunkCache {
         self.state().bytes
     }
 
+    /// A failure of `digest` within the last deadline, if any.
+    fn recent_failure(&self, st: &mut State, digest: &B3Digest) -> Option<FetchError> {
+        match st.failed.get(digest) {
+            Some((at, e)) if at.elapsed() < self.deadline => Some(e.clone()),
+            Some(_) => {
+                st.failed.remove(digest);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn remember_failure(st: &mut State, digest: B3Digest, e: &FetchError) {
+        if st.failed.len() >= MAX_FAILED {
+            st.failed.clear();
+        }
+        st.failed
+            .insert(digest, (std::time::Instant::now(), e.clone()));
+    }
+
     /// The verified bytes of one chunk, from the cache or fetched (once, however many ask).
     pub async fn chunk(self: &Arc<Self>, c: ChunkRef) -> Result<Bytes, FetchError> {
         let fetch = {
             let mut st = self.state();
             if let Some(b) = st.chunks.get(&c.digest) {
                 return Ok(b.clone());
+            }
+            if let Some(e) = self.recent_failure(&mut st, &c.digest) {
+                return Err(e);
             }
             match st.inflight.get(&c.digest) {
                 Some(f) => f.clone(),
@@ -159,6 +190,9 @@ impl ChunkCache {
     fn complete(&self, digest: &B3Digest, res: &Result<Bytes, FetchError>) {
         let mut st = self.state();
         st.inflight.remove(digest);
+        if let Err(e) = res {
+            Self::remember_failure(&mut st, *digest, e);
+        }
         if let Ok(b) = res {
             if b.len() <= self.capacity && st.chunks.put(*digest, b.clone()).is_none() {
                 st.bytes += b.len();
@@ -251,8 +285,14 @@ impl ChunkCache {
         if size <= self.single_chunk_max {
             return Ok(Arc::new(Layout::single(*blob, size)));
         }
-        if let Some(l) = self.state().layouts.get(blob) {
-            return Ok(l.clone());
+        {
+            let mut st = self.state();
+            if let Some(l) = st.layouts.get(blob) {
+                return Ok(l.clone());
+            }
+            if let Some(e) = self.recent_failure(&mut st, blob) {
+                return Err(e);
+            }
         }
         let load = async {
             let meta = self
@@ -276,7 +316,11 @@ impl ChunkCache {
             }),
             Ok(r) => r,
         }
-        .map_err(|e| FetchError::new(format!("blob {blob}: {e}")))?;
+        .map_err(|e| {
+            let e = FetchError::new(format!("blob {blob}: {e}"));
+            Self::remember_failure(&mut self.state(), *blob, &e);
+            e
+        })?;
         let layout = Arc::new(layout);
         self.state().layouts.put(*blob, layout.clone());
         Ok(layout)

@@ -212,6 +212,22 @@ fn dispatch(rt: &tokio::runtime::Handle, fut: impl Future<Output = ()> + Send + 
 }
 
 impl Inner {
+    /// One request's whole answer within the deadline, however many backend calls it takes
+    /// (each has the deadline too, but several in a row must not add up).
+    async fn within<T>(
+        &self,
+        what: impl FnOnce() -> String,
+        fut: impl Future<Output = Result<T, Errno>>,
+    ) -> Result<T, Errno> {
+        match tokio::time::timeout(self.deadline, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(eio(
+                &what(),
+                format!("no answer within {:.1}s", self.deadline.as_secs_f64()),
+            )),
+        }
+    }
+
     async fn deadline<T>(
         &self,
         what: impl FnOnce() -> String,
@@ -814,7 +830,11 @@ impl Filesystem for GranaryFs {
         let inner = self.inner.clone();
         let name = Bytes::copy_from_slice(name.as_bytes());
         self.run(async move {
-            match inner.lookup(parent.0, name).await {
+            let what = || format!("lookup of {:?}", String::from_utf8_lossy(&name));
+            match inner
+                .within(what, inner.lookup(parent.0, name.clone()))
+                .await
+            {
                 Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
                 Err(e) => reply.error(e),
             }
@@ -879,7 +899,11 @@ impl Filesystem for GranaryFs {
         };
         let inner = self.inner.clone();
         self.run(async move {
-            match inner.read(ino.0, file, offset, size).await {
+            let what = || format!("read of inode {} at {offset}", ino.0);
+            match inner
+                .within(what, inner.read(ino.0, file, offset, size))
+                .await
+            {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
@@ -1046,6 +1070,9 @@ impl Filesystem for GranaryFs {
             for (i, view) in window.into_iter().zip(views) {
                 let view = match view {
                     Ok(v) => v,
+                    // A root whose tree cannot be loaded is left out of the top level (and
+                    // gives EIO by name); the other roots are still listed.
+                    Err(_) if matches!(listing, Listing::Roots(..)) => continue,
                     // Entries before a broken child are still served; the error comes with
                     // the next call, which starts at that child.
                     Err(e) if i == start => return reply.error(e),
