@@ -12,7 +12,6 @@ use std::process::Command;
 
 use common::*;
 use granary::castore::BlobIndex;
-use std::io::Read as _;
 
 /// Digest (hex) of the one multi-chunk file `name` under root `root`.
 fn file_digest(ts: &TestStore, root_and_path: &str) -> String {
@@ -112,18 +111,6 @@ fn a_coherently_altered_blob_index_never_yields_wrong_bytes() {
     let d = Daemon::start(ts.dir.path(), &[]);
     let m = Mount::start(&d.unix_url(), &[]);
     check_mount(&m, "mount over a daemon");
-}
-
-#[allow(dead_code)]
-fn read_all(p: &Path) -> Vec<u8> {
-    let mut v = Vec::new();
-    std::fs::File::open(p).unwrap().read_to_end(&mut v).unwrap();
-    v
-}
-
-#[allow(dead_code)]
-fn run(cmd: &mut Command) -> std::process::Output {
-    cmd.output().unwrap()
 }
 
 /// Runs `script` with bash as uid/gid 65534 (nobody), in the background.

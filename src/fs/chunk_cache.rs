@@ -28,13 +28,27 @@ const LAYOUTS: usize = 4096;
 
 /// A failed fetch, shared by every reader that waited for it.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{0}")]
-pub struct FetchError(Arc<str>);
+#[error("{msg}")]
+pub struct FetchError {
+    msg: Arc<str>,
+    /// The backend did not answer in time (remembered for a while; see `State::failed`).
+    timed_out: bool,
+}
 
 impl FetchError {
     fn new(msg: String) -> Self {
         tracing::error!("{msg}");
-        FetchError(msg.into())
+        FetchError {
+            msg: msg.into(),
+            timed_out: false,
+        }
+    }
+
+    fn timeout(msg: String) -> Self {
+        FetchError {
+            timed_out: true,
+            ..Self::new(msg)
+        }
     }
 }
 
@@ -139,6 +153,11 @@ impl ChunkCache {
     }
 
     fn remember_failure(st: &mut State, digest: B3Digest, e: &FetchError) {
+        // Only a backend that did not answer: other failures (a chunk a batch left out, a
+        // corrupt copy another replica may not have) are tried again at once.
+        if !e.timed_out {
+            return;
+        }
         if st.failed.len() >= MAX_FAILED {
             st.failed.clear();
         }
@@ -180,7 +199,7 @@ impl ChunkCache {
     }
 
     fn timed_out(&self, digest: &B3Digest) -> FetchError {
-        FetchError::new(format!(
+        FetchError::timeout(format!(
             "chunk {digest}: fetch timed out after {:.1}s",
             self.deadline.as_secs_f64()
         ))
@@ -317,7 +336,14 @@ impl ChunkCache {
             Ok(r) => r,
         }
         .map_err(|e| {
-            let e = FetchError::new(format!("blob {blob}: {e}"));
+            let timed_out =
+                matches!(e, StoreError::Timeout { .. }) || e.to_string().contains("timed out");
+            let msg = format!("blob {blob}: {e}");
+            let e = if timed_out {
+                FetchError::timeout(msg)
+            } else {
+                FetchError::new(msg)
+            };
             Self::remember_failure(&mut self.state(), *blob, &e);
             e
         })?;
