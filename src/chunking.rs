@@ -68,31 +68,18 @@ impl ChunkParams {
             return Err(format!("{spec:?}: want MIN/AVG/MAX, e.g. 16K/64K/256K"));
         };
         let p = Self {
-            min: parse_size(min)?,
-            avg: parse_size(avg)?,
-            max: parse_size(max)?,
+            min: crate::units::parse_size(min)?,
+            avg: crate::units::parse_size(avg)?,
+            max: crate::units::parse_size(max)?,
         };
         p.validate().map_err(|e| e.to_string())?;
         Ok(p)
     }
 }
 
-/// Parses a byte count with an optional K, M or G suffix (powers of 1024).
-pub fn parse_size<T: TryFrom<u64>>(s: &str) -> Result<T, String> {
-    let t = s.trim();
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a size (e.g. 64K, 256M)"))?;
-    n.checked_mul(mul)
-        .and_then(|v| T::try_from(v).ok())
-        .ok_or_else(|| format!("{s:?} is too large"))
-}
+/// The largest chunk any store accepts: FastCDC's own maximum. Every length read from
+/// storage or the wire is checked against it before anything is allocated.
+pub const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX as usize;
 
 /// Incremental FastCDC: push bytes, pop finished chunks, then `finish` for the tail.
 pub struct Chunker {
@@ -216,8 +203,5 @@ mod tests {
         assert!(ChunkParams::parse("64K/16K/256K").is_err());
         assert!(ChunkParams::parse("1/2").is_err());
         assert!(ChunkParams::parse("16K/64K/1G").is_err());
-        assert_eq!(parse_size::<u64>("3M").unwrap(), 3 << 20);
-        assert!(parse_size::<u32>("8G").is_err());
-        assert!(parse_size::<u64>("x").is_err());
     }
 }

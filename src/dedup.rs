@@ -27,8 +27,9 @@ use futures::StreamExt;
 use prost::encoding::encoded_len_varint;
 use serde::Serialize;
 
-use crate::castore::{B3Digest, Directory, DirectoryEntry, FileEntry, Node, SymlinkEntry};
-use crate::chunking::{parse_size, ChunkParams, Chunker};
+use crate::castore::{B3Digest, Directory, Node};
+use crate::chunking::{ChunkParams, Chunker};
+use crate::units::parse_size;
 use crate::import::Progress;
 use crate::store::{empty_blob, BlobReader, Store, StoreError};
 
@@ -93,10 +94,10 @@ impl Strategy {
             ("store", None) => Ok(Strategy::Store(store)),
             ("fixed", Some(a)) => {
                 let n: u32 = parse_size(a).map_err(bad)?;
-                if n == 0 || n as usize > crate::store::local::MAX_CHUNK {
+                if n == 0 || n as usize > crate::chunking::MAX_CHUNK {
                     return Err(bad(format!(
                         "size must be in 1..={}",
-                        crate::store::local::MAX_CHUNK
+                        crate::chunking::MAX_CHUNK
                     )));
                 }
                 Ok(Strategy::Fixed(n))
@@ -815,27 +816,8 @@ fn account_tree(
         Walked::Dir(children) => {
             let mut dir = Directory::default();
             for (name, child) in children {
-                match account_tree(shared, child, files)? {
-                    Node::Directory { digest, size } => dir.directories.push(DirectoryEntry {
-                        name: name.clone(),
-                        digest: Bytes::copy_from_slice(digest.as_bytes()),
-                        size,
-                    }),
-                    Node::File {
-                        digest,
-                        size,
-                        executable,
-                    } => dir.files.push(FileEntry {
-                        name: name.clone(),
-                        digest: Bytes::copy_from_slice(digest.as_bytes()),
-                        size,
-                        executable,
-                    }),
-                    Node::Symlink { target } => dir.symlinks.push(SymlinkEntry {
-                        name: name.clone(),
-                        target,
-                    }),
-                }
+                let node = account_tree(shared, child, files)?;
+                dir.add(name.clone(), &node);
             }
             let size = dir
                 .size()

@@ -125,20 +125,3 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcRepor
     Ok(report)
 }
 
-/// Parses `90s`, `15m`, `1h`, `2d` or plain seconds.
-pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
-    let t = s.trim();
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        Some((i, 'd')) => (&t[..i], 86400),
-        _ => (t, 1),
-    };
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration (e.g. 30s, 15m, 1h)"))?;
-    n.checked_mul(mul)
-        .map(Duration::from_secs)
-        .ok_or_else(|| format!("{s:?} is too long"))
-}

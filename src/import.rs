@@ -24,7 +24,7 @@ use bytes::Bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
 use crate::castore::{
-    validate_name, B3Digest, Directory, DirectoryEntry, FileEntry, Node, SymlinkEntry,
+    validate_name, B3Digest, Directory, Node, SymlinkEntry,
 };
 use crate::store::blob_writer::{BlobWriter, PUTS_IN_FLIGHT};
 use crate::store::{Store, StoreError};
@@ -486,11 +486,7 @@ async fn put_dir(
         // A child directory just finished: record it in its parent.
         if let Some((digest, size)) = done.take() {
             let name = frame.children[frame.next - 1].0.clone();
-            frame.dir.directories.push(DirectoryEntry {
-                name,
-                digest: Bytes::copy_from_slice(digest.as_bytes()),
-                size,
-            });
+            frame.dir.add(name, &Node::Directory { digest, size });
         }
         if frame.next == frame.children.len() {
             let Some(frame) = stack.pop() else { break };
@@ -516,17 +512,19 @@ async fn put_dir(
             }),
             Walked::File { executable, job } => {
                 let (digest, size) = files[*job];
-                frame.dir.files.push(FileEntry {
-                    name: name.clone(),
-                    digest: Bytes::copy_from_slice(digest.as_bytes()),
+                let node = Node::File {
+                    digest,
                     size,
                     executable: *executable,
-                });
+                };
+                frame.dir.add(name.clone(), &node);
             }
-            Walked::Symlink(target) => frame.dir.symlinks.push(SymlinkEntry {
-                name: name.clone(),
-                target: target.clone(),
-            }),
+            Walked::Symlink(target) => frame.dir.add(
+                name.clone(),
+                &Node::Symlink {
+                    target: target.clone(),
+                },
+            ),
         }
     }
     Err(ImportError::Task("empty walk".into()))

@@ -26,4 +26,5 @@ pub mod rpc;
 pub mod sandbox;
 pub mod store;
 pub mod tree;
+pub mod units;
 pub mod verify;

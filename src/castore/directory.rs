@@ -4,7 +4,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::{
-    decode_bounded, show, B3Digest, Directory, DirectoryEntry, FileEntry, ModelError, SymlinkEntry,
+    decode_bounded, show, B3Digest, Directory, DirectoryEntry, FileEntry, ModelError, Node, SymlinkEntry,
     MAX_NAME_LEN, MAX_TARGET_LEN,
 };
 
@@ -124,6 +124,32 @@ impl Directory {
     /// Canonical encoding: prost writes fields in tag order and omits defaults.
     pub fn encode_canonical(&self) -> Vec<u8> {
         self.encode_to_vec()
+    }
+
+    /// Adds an entry named `name` for `node` to the list its kind belongs in (callers add
+    /// in name order, or sort before putting).
+    pub fn add(&mut self, name: Bytes, node: &Node) {
+        match node {
+            Node::Directory { digest, size } => self.directories.push(DirectoryEntry {
+                name,
+                digest: Bytes::copy_from_slice(digest.as_bytes()),
+                size: *size,
+            }),
+            Node::File {
+                digest,
+                size,
+                executable,
+            } => self.files.push(FileEntry {
+                name,
+                digest: Bytes::copy_from_slice(digest.as_bytes()),
+                size: *size,
+                executable: *executable,
+            }),
+            Node::Symlink { target } => self.symlinks.push(SymlinkEntry {
+                name,
+                target: target.clone(),
+            }),
+        }
     }
 
     pub fn digest(&self) -> B3Digest {

@@ -65,11 +65,11 @@ fn read_secret(path: &PathBuf, what: &str) -> Result<String> {
 
 pub async fn cmd_serve_cache(store: Store, args: ServeCacheArgs) -> Result<ExitCode> {
     let parse_dur = |flag: &str, v: &str| -> Result<Duration> {
-        crate::rpc::client::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
+        crate::units::parse_duration(v).map_err(|e| anyhow::anyhow!("{flag}: {e}"))
     };
     let drain = parse_dur("--drain-timeout", &args.drain_timeout)?;
     let pending_ttl = parse_dur("--pending-ttl", &args.pending_ttl)?;
-    let max_upload = crate::chunking::parse_size(&args.max_upload)
+    let max_upload = crate::units::parse_size(&args.max_upload)
         .map_err(|e| anyhow::anyhow!("--max-upload: {e}"))?;
     let token = match &args.token_file {
         Some(f) => Some(read_secret(f, "token file")?),

@@ -14,7 +14,7 @@ use futures::StreamExt;
 use tonic::transport::Server;
 
 use crate::castore::Node;
-use crate::rpc::client::parse_duration;
+use crate::units::parse_duration;
 use crate::rpc::ingest::{upload, Limits, Sessions};
 use crate::rpc::proto::granary_server::GranaryServer;
 use crate::rpc::server::{Auth, Daemon};
@@ -144,7 +144,7 @@ impl Drop for SocketFiles {
 pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     let drain = parse_duration(&args.drain_timeout).map_err(anyhow::Error::msg)?;
     let retention = parse_duration(&args.session_retention).map_err(anyhow::Error::msg)?;
-    let max_bytes: u64 = crate::chunking::parse_size(&args.max_ingest)
+    let max_bytes: u64 = crate::units::parse_size(&args.max_ingest)
         .map_err(|e| anyhow::anyhow!("--max-ingest: {e}"))?;
     let read_token = |f: &Option<PathBuf>| -> Result<Option<Arc<String>>> {
         let Some(f) = f else { return Ok(None) };

@@ -52,7 +52,7 @@ pub struct Cli {
 
     /// Size limit of the disk cache (e.g. 512M, 10G); least recently used entries go first.
     #[arg(long, global = true, value_name = "BYTES", default_value = "10G",
-          value_parser = crate::chunking::parse_size::<u64>)]
+          value_parser = crate::units::parse_size::<u64>)]
     cache_max: u64,
 
     #[command(subcommand)]
@@ -123,7 +123,7 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
         /// Never delete objects written or reused more recently than this (e.g. 30m, 1h, 2d).
-        #[arg(long, default_value = "1h", value_parser = crate::gc::parse_duration)]
+        #[arg(long, default_value = "1h", value_parser = crate::units::parse_duration)]
         grace: Duration,
     },
     /// Check every object (or the named roots' closures); exit non-zero on any problem.
@@ -214,7 +214,7 @@ enum Command {
     /// private mount and PID namespaces); exits with CMD's status. Needs root.
     Sandbox(sandbox::SandboxArgs),
     /// (internal) The shared FUSE server of `granary sandbox`.
-    #[command(name = "__sandbox-serve", hide = true)]
+    #[command(name = crate::sandbox::SERVE_SUBCOMMAND, hide = true)]
     SandboxServe {
         #[arg(long)]
         digest: String,

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::castore::{Node, RootRecord};
-use crate::chunking::parse_size;
+use crate::units::parse_size;
 use crate::fs::{self, MountOptions, Top};
 use crate::import::{self, ImportOptions, Progress};
 use crate::store::Store;

@@ -26,11 +26,11 @@ pub struct SubstituteArgs {
     /// Bound on connecting to a substituter and on each wait for more bytes from it; a
     /// cache that is down or stalls fails the lookup (ENOENT/EIO) instead of hanging it.
     #[arg(long, value_name = "DURATION", default_value = "20s",
-          value_parser = crate::rpc::client::parse_duration)]
+          value_parser = crate::units::parse_positive_duration)]
     pub substitute_timeout: Duration,
     /// How long a path no substituter has is remembered as absent.
     #[arg(long, value_name = "DURATION", default_value = "5m",
-          value_parser = crate::rpc::client::parse_duration)]
+          value_parser = crate::units::parse_positive_duration)]
     pub negative_ttl: Duration,
 }
 

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::{padding, NarError, NarHash, MAGIC, MAX_KEYWORD_LEN};
 use crate::castore::{
-    validate_name, B3Digest, Directory, DirectoryEntry, FileEntry, Node, SymlinkEntry,
+    validate_name, B3Digest, Directory, Node,
     MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
 };
 use crate::store::blob_writer::{BlobWriter, PutQueue};
@@ -261,7 +261,7 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
                         "directory has too many entries for the store",
                     ));
                 }
-                add_entry(&mut parent.dir, name, node);
+                parent.dir.add(name, &node);
                 // Closes the "entry (".
                 inp.expect(b")").await?;
             }
@@ -353,27 +353,6 @@ pub async fn import_nar<R: AsyncRead + Unpin>(
         nar_size,
         nar_sha256,
     })
-}
-
-fn add_entry(dir: &mut Directory, name: Bytes, node: Node) {
-    match node {
-        Node::Directory { digest, size } => dir.directories.push(DirectoryEntry {
-            name,
-            digest: Bytes::copy_from_slice(digest.as_bytes()),
-            size,
-        }),
-        Node::File {
-            digest,
-            size,
-            executable,
-        } => dir.files.push(FileEntry {
-            name,
-            digest: Bytes::copy_from_slice(digest.as_bytes()),
-            size,
-            executable,
-        }),
-        Node::Symlink { target } => dir.symlinks.push(SymlinkEntry { name, target }),
-    }
 }
 
 /// Reads the rest of a regular file node (after `"type" "regular"`) through its `)`.

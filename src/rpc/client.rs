@@ -20,7 +20,7 @@ use super::feature;
 use super::proto::{self, granary_client::GranaryClient};
 use crate::castore::B3Digest;
 use crate::chunking::ChunkParams;
-use crate::store::local::MAX_CHUNK;
+use crate::chunking::MAX_CHUNK;
 use crate::store::StoreError;
 
 /// Where the daemon listens.
@@ -52,29 +52,7 @@ pub struct ClientConfig {
 /// Default deadline of one call.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else if let Some(n) = s.strip_suffix('h') {
-        (n, 3600.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("not a duration: {s:?} (want e.g. 500ms, 5s, 2m)"))?;
-    if !v.is_finite() || v <= 0.0 || v * mul > 1e7 {
-        return Err(format!("duration {s:?} out of range"));
-    }
-    Ok(Duration::from_secs_f64(v * mul))
-}
+use crate::units::parse_positive_duration as parse_duration;
 
 impl ClientConfig {
     /// Parses a `grpc+tcp://host:port` or `grpc+unix:///path` URL.
@@ -670,8 +648,5 @@ mod tests {
         ] {
             assert!(ClientConfig::from_url(bad).is_err(), "{bad}");
         }
-        assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
-        assert!(parse_duration("soon").is_err());
     }
 }

@@ -16,9 +16,9 @@ use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 
 use super::proto::{self, ingest_entry::Kind, ingest_frame::Frame};
-use super::{digest_bytes, root_to_proto};
+use super::root_to_proto;
 use crate::castore::{
-    self, validate_name, validate_root_name, Directory, DirectoryEntry, FileEntry, Node,
+    self, validate_name, validate_root_name, Directory, Node,
     RootRecord, SymlinkEntry,
 };
 use crate::store::blob_writer::{self, BlobWriter};
@@ -466,25 +466,7 @@ fn build_tree(
                 None => entries[k].path.clone(),
             };
             match &nodes[k] {
-                Some(Node::Directory { digest, size }) => dir.directories.push(DirectoryEntry {
-                    name,
-                    digest: digest_bytes(digest),
-                    size: *size,
-                }),
-                Some(Node::File {
-                    digest,
-                    size,
-                    executable,
-                }) => dir.files.push(FileEntry {
-                    name,
-                    digest: digest_bytes(digest),
-                    size: *size,
-                    executable: *executable,
-                }),
-                Some(Node::Symlink { target }) => dir.symlinks.push(SymlinkEntry {
-                    name,
-                    target: target.clone(),
-                }),
+                Some(node) => dir.add(name, node),
                 None => {
                     return Err(StoreError::Backend(format!(
                         "ingest: {:?} was not built",

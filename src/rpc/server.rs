@@ -18,7 +18,7 @@ use super::{
 };
 use crate::castore::{self, B3Digest, Directory, Node};
 use crate::store::blob_writer::{self, BlobWriter};
-use crate::store::local::MAX_CHUNK;
+use crate::chunking::MAX_CHUNK;
 use crate::store::{Store, StoreError};
 
 /// Most directories one closure put may carry, and their total encoded bytes.

@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 pub const EXIT_SETUP: i32 = 125;
 /// The hidden subcommand that runs [`exec::exec_main`].
 pub const EXEC_SUBCOMMAND: &str = "__sandbox-exec";
+/// The hidden subcommand that runs the shared FUSE server ([`share::serve`]).
+pub const SERVE_SUBCOMMAND: &str = "__sandbox-serve";
 
 /// Where the tree to lay the overlay over comes from.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -157,7 +157,7 @@ fn start_server(
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
         .arg(store_url)
-        .arg("__sandbox-serve")
+        .arg(super::SERVE_SUBCOMMAND)
         .arg("--digest")
         .arg(digest.to_hex())
         .arg("--dir")

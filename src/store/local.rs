@@ -32,6 +32,7 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use super::codec::{decode_chunk, encode_chunk};
 use super::pack::{self, IndexEntry, PackSet, PackWriter};
 pub use super::ObjectKind as Kind;
 use super::{
@@ -41,7 +42,7 @@ use super::{
 use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 
 /// Largest chunk we will decompress: FastCDC's largest allowed maximum.
-pub const MAX_CHUNK: usize = fastcdc::v2020::MAXIMUM_MAX as usize;
+pub use crate::chunking::MAX_CHUNK;
 
 const TMP_PREFIX: &str = ".tmp-";
 
@@ -179,84 +180,6 @@ fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
         }
         Err(e) => Err(StoreError::io(format!("temp file in {}", dir.display()), e)),
     }
-}
-
-/// Decompresses a stored chunk, never allocating more than [`MAX_CHUNK`], and checks its digest.
-pub fn decode_chunk(digest: &B3Digest, compressed: &[u8]) -> Result<Bytes> {
-    let corrupt = |why: String| StoreError::corrupt("chunk", digest, why);
-    // Frames we write carry their content size: decompress in one call into a buffer of
-    // exactly that size, with a per-thread context (creating one costs more than a small
-    // chunk's decompression). Frames without it take the bounded streaming path.
-    let out = match zstd::zstd_safe::get_frame_content_size(compressed) {
-        Ok(Some(size)) if size as usize > MAX_CHUNK => {
-            return Err(corrupt("larger than any chunk".into()))
-        }
-        Ok(Some(size)) => {
-            let mut out = Vec::with_capacity(size as usize);
-            DECOMPRESSOR.with(|d| -> Result<()> {
-                let mut d = d.borrow_mut();
-                let dctx = match &mut *d {
-                    Some(dctx) => dctx,
-                    None => d.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| corrupt(format!("zstd: {e}")))?,
-                    ),
-                };
-                dctx.decompress_to_buffer(compressed, &mut out)
-                    .map_err(|e| corrupt(format!("zstd: {e}")))?;
-                Ok(())
-            })?;
-            if out.len() as u64 != size {
-                return Err(corrupt(format!(
-                    "zstd: {} bytes where the frame header says {size}",
-                    out.len()
-                )));
-            }
-            out
-        }
-        _ => {
-            let mut out = Vec::new();
-            let mut dec = zstd::stream::read::Decoder::new(compressed)
-                .map_err(|e| corrupt(format!("zstd: {e}")))?
-                .single_frame()
-                .take(MAX_CHUNK as u64 + 1);
-            dec.read_to_end(&mut out)
-                .map_err(|e| corrupt(format!("zstd: {e}")))?;
-            if out.len() > MAX_CHUNK {
-                return Err(corrupt("larger than any chunk".into()));
-            }
-            out
-        }
-    };
-    let actual = B3Digest::of(&out);
-    if actual != *digest {
-        return Err(corrupt(format!(
-            "digest mismatch (content hashes to {actual})"
-        )));
-    }
-    Ok(Bytes::from(out))
-}
-
-thread_local! {
-    /// One zstd decompression context per thread, made on first use.
-    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
-        const { std::cell::RefCell::new(None) };
-    /// One compression context per thread, with the level it was made for.
-    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
-        const { std::cell::RefCell::new(None) };
-}
-
-/// Compresses a chunk as stored (one zstd frame carrying its content size), with a per-thread
-/// context: making a context per chunk costs more than compressing a small chunk.
-pub fn encode_chunk(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
-    COMPRESSOR.with(|c| {
-        let mut c = c.borrow_mut();
-        let cctx = match &mut *c {
-            Some((l, cctx)) if *l == level => cctx,
-            _ => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
-        };
-        cctx.compress(data)
-    })
 }
 
 /// Checks that encoded object bytes hash to the digest they are stored under.
@@ -993,19 +916,7 @@ impl RootService for LocalStore {
             let Some(raw) = read_root_file(&path)? else {
                 return Ok(None);
             };
-            let r = RootRecord::decode(&raw).map_err(|e| StoreError::Corrupt {
-                what: "root",
-                digest: name.clone(),
-                reason: e.to_string(),
-            })?;
-            if r.name != name {
-                return Err(StoreError::Corrupt {
-                    what: "root",
-                    digest: name,
-                    reason: format!("record names itself {:?}", r.name),
-                });
-            }
-            Ok(Some(r))
+            super::decode_root(&name, &raw).map(Some)
         })
         .await
     }

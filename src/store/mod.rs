@@ -17,6 +17,7 @@ use crate::chunking::ChunkParams;
 
 pub mod blob_writer;
 pub mod cache;
+pub mod codec;
 pub mod config;
 pub mod layout;
 pub mod local;
@@ -246,6 +247,21 @@ pub trait RootService: Send + Sync {
     async fn list(&self) -> Result<Vec<String>>;
     /// Removes a root; `Ok(false)` if there was none.
     async fn delete(&self, name: &str) -> Result<bool>;
+}
+
+/// Decodes the record stored for root `name`, refusing one that names another root: the
+/// one root-record check every backend applies.
+pub fn decode_root(name: &str, raw: &[u8]) -> Result<RootRecord> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        what: "root",
+        digest: name.to_string(),
+        reason,
+    };
+    let r = RootRecord::decode(raw).map_err(|e| corrupt(e.to_string()))?;
+    if r.name != name {
+        return Err(corrupt(format!("record names itself {:?}", r.name)));
+    }
+    Ok(r)
 }
 
 /// Checks a directory's child entries against the children already in the store.

@@ -43,7 +43,8 @@ use object_store::{
     PutPayload, RetryConfig, UpdateVersion,
 };
 
-use super::local::{decode_chunk, MAX_CHUNK};
+use super::codec::decode_chunk;
+use crate::chunking::MAX_CHUNK;
 use super::pack::{self, IndexEntry};
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
@@ -128,7 +129,7 @@ impl S3Url {
                 }
                 "timeout" => {
                     u.timeout =
-                        crate::gc::parse_duration(v).map_err(|e| format!("timeout={v}: {e}"))?;
+                        crate::units::parse_positive_duration(v).map_err(|e| format!("timeout={v}: {e}"))?;
                     if u.timeout.is_zero() {
                         return Err("timeout must be positive".into());
                     }
@@ -709,7 +710,7 @@ impl BlobService for S3Store {
                     format!("content hashes to {actual}"),
                 ));
             }
-            super::local::encode_chunk(&data, level)
+            super::codec::encode_chunk(&data, level)
                 .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))
         })
         .await
@@ -777,19 +778,7 @@ impl RootService for S3Store {
         let Some(raw) = self.get_raw(&key, None).await? else {
             return Ok(None);
         };
-        let r = RootRecord::decode(&raw).map_err(|e| StoreError::Corrupt {
-            what: "root",
-            digest: name.to_string(),
-            reason: e.to_string(),
-        })?;
-        if r.name != name {
-            return Err(StoreError::Corrupt {
-                what: "root",
-                digest: name.to_string(),
-                reason: format!("record names itself {:?}", r.name),
-            });
-        }
-        Ok(Some(r))
+        super::decode_root(name, &raw).map(Some)
     }
 
     /// Replaces the version it saw (or creates the root if there was none); if another writer

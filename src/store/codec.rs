@@ -1,0 +1,90 @@
+//! How a chunk is stored, everywhere (local files and packs, S3 objects, the disk cache): one
+//! zstd frame that carries its content size. Decoding never allocates more than
+//! [`MAX_CHUNK`] and checks the digest.
+
+use std::io::Read;
+
+use bytes::Bytes;
+
+use super::{Result, StoreError};
+use crate::castore::B3Digest;
+use crate::chunking::MAX_CHUNK;
+
+/// Decompresses a stored chunk, never allocating more than [`MAX_CHUNK`], and checks its digest.
+pub fn decode_chunk(digest: &B3Digest, compressed: &[u8]) -> Result<Bytes> {
+    let corrupt = |why: String| StoreError::corrupt("chunk", digest, why);
+    // Frames we write carry their content size: decompress in one call into a buffer of
+    // exactly that size, with a per-thread context (creating one costs more than a small
+    // chunk's decompression). Frames without it take the bounded streaming path.
+    let out = match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(size)) if size as usize > MAX_CHUNK => {
+            return Err(corrupt("larger than any chunk".into()))
+        }
+        Ok(Some(size)) => {
+            let mut out = Vec::with_capacity(size as usize);
+            DECOMPRESSOR.with(|d| -> Result<()> {
+                let mut d = d.borrow_mut();
+                let dctx = match &mut *d {
+                    Some(dctx) => dctx,
+                    None => d.insert(
+                        zstd::bulk::Decompressor::new()
+                            .map_err(|e| corrupt(format!("zstd: {e}")))?,
+                    ),
+                };
+                dctx.decompress_to_buffer(compressed, &mut out)
+                    .map_err(|e| corrupt(format!("zstd: {e}")))?;
+                Ok(())
+            })?;
+            if out.len() as u64 != size {
+                return Err(corrupt(format!(
+                    "zstd: {} bytes where the frame header says {size}",
+                    out.len()
+                )));
+            }
+            out
+        }
+        _ => {
+            let mut out = Vec::new();
+            let mut dec = zstd::stream::read::Decoder::new(compressed)
+                .map_err(|e| corrupt(format!("zstd: {e}")))?
+                .single_frame()
+                .take(MAX_CHUNK as u64 + 1);
+            dec.read_to_end(&mut out)
+                .map_err(|e| corrupt(format!("zstd: {e}")))?;
+            if out.len() > MAX_CHUNK {
+                return Err(corrupt("larger than any chunk".into()));
+            }
+            out
+        }
+    };
+    let actual = B3Digest::of(&out);
+    if actual != *digest {
+        return Err(corrupt(format!(
+            "digest mismatch (content hashes to {actual})"
+        )));
+    }
+    Ok(Bytes::from(out))
+}
+
+thread_local! {
+    /// One zstd decompression context per thread, made on first use.
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+    /// One compression context per thread, with the level it was made for.
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Compresses a chunk as stored (one zstd frame carrying its content size), with a per-thread
+/// context: making a context per chunk costs more than compressing a small chunk.
+pub fn encode_chunk(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let cctx = match &mut *c {
+            Some((l, cctx)) if *l == level => cctx,
+            _ => &mut c.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        cctx.compress(data)
+    })
+}
+
