@@ -29,9 +29,9 @@ use serde::Serialize;
 
 use crate::castore::{B3Digest, Directory, Node};
 use crate::chunking::{ChunkParams, Chunker};
-use crate::units::parse_size;
 use crate::import::Progress;
 use crate::store::{empty_blob, BlobReader, Store, StoreError};
+use crate::units::parse_size;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DedupError {

@@ -124,4 +124,3 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcRepor
     }
     Ok(report)
 }
-

@@ -14,7 +14,7 @@ use common::{assert_same_tree, free_port, gen_tree, granary_bin, noise, write, w
 use granary::castore::{
     B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord, SymlinkEntry,
 };
-use granary::store::{self, BlobService, RootService, Store};
+use granary::store::{self, BlobService, DirectoryService, RootService, Store};
 
 fn granary(url: &str, args: &[&str]) -> Output {
     Command::new(granary_bin())
@@ -350,9 +350,20 @@ fn many_concurrent_clients() {
                         2 => {
                             let want: Vec<B3Digest> =
                                 (0..8).map(|j| chunks[(k + j) % chunks.len()]).collect();
-                            let got = s.read_chunks(&want).await.unwrap();
-                            for (w, g) in want.iter().zip(got) {
-                                assert_eq!(B3Digest::of(&g.unwrap()), *w);
+                            let got = Arc::new(std::sync::Mutex::new(Vec::new()));
+                            let sink: granary::store::ChunkSink = {
+                                let got = got.clone();
+                                Arc::new(move |d, r| got.lock().unwrap().push((d, r)))
+                            };
+                            let refs = want
+                                .iter()
+                                .map(|&digest| granary::store::ChunkRef { digest, size: 0 })
+                                .collect();
+                            s.read_chunks(refs, sink).await;
+                            let got = std::mem::take(&mut *got.lock().unwrap());
+                            assert_eq!(got.len(), want.len());
+                            for (d, r) in got {
+                                assert_eq!(B3Digest::of(&r.unwrap().unwrap()), d);
                             }
                         }
                         3 => {
@@ -481,14 +492,13 @@ fn feature_negotiation() {
     assert!(e.contains("ingest sessions"), "{e}");
     // Unknown features from a client are ignored, and the intersection is returned.
     rt().block_on(async {
-        let mut api = granary::rpc::proto::granary_client::GranaryClient::connect(format!(
-            "http://{}",
-            d.addr
-        ))
+        let mut api = granary::store::remote::wire::proto::granary_client::GranaryClient::connect(
+            format!("http://{}", d.addr),
+        )
         .await
         .unwrap();
         let resp = api
-            .handshake(granary::rpc::proto::HandshakeRequest {
+            .handshake(granary::store::remote::wire::proto::HandshakeRequest {
                 features: vec![
                     "chunked-read".into(),
                     "x-from-the-future".into(),
@@ -503,7 +513,7 @@ fn feature_negotiation() {
         assert!(!resp.offered.contains(&"closure-get".to_string()));
         // And the missing feature is refused on the call itself.
         let e = api
-            .get_closure(granary::rpc::proto::DigestRequest {
+            .get_closure(granary::store::remote::wire::proto::DigestRequest {
                 digest: vec![0u8; 32].into(),
             })
             .await
@@ -923,7 +933,7 @@ fn sigterm_drains_and_exits() {
 
 #[test]
 fn ingest_rejects_bad_framing() {
-    use granary::rpc::proto::{
+    use granary::store::remote::wire::proto::{
         granary_client::GranaryClient, ingest_entry::Kind, ingest_frame::Frame, IngestEnd,
         IngestEntry, IngestFrame, IngestHeader,
     };
@@ -1018,7 +1028,7 @@ fn ingest_rejects_bad_framing() {
             assert!(e.message().contains(want), "{want}: {}", e.message());
         }
         let stats = api
-            .stats(granary::rpc::proto::StatsRequest {})
+            .stats(granary::store::remote::wire::proto::StatsRequest {})
             .await
             .unwrap()
             .into_inner();

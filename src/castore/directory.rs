@@ -4,8 +4,8 @@ use bytes::Bytes;
 use prost::Message;
 
 use super::{
-    decode_bounded, show, B3Digest, Directory, DirectoryEntry, FileEntry, ModelError, Node, SymlinkEntry,
-    MAX_NAME_LEN, MAX_TARGET_LEN,
+    decode_bounded, show, B3Digest, Directory, DirectoryEntry, FileEntry, ModelError, Node,
+    SymlinkEntry, MAX_NAME_LEN, MAX_TARGET_LEN,
 };
 
 /// Checks one entry name: 1..=255 bytes, no `/`, no NUL, not `.` or `..`.

@@ -14,12 +14,11 @@ use futures::StreamExt;
 use tonic::transport::Server;
 
 use crate::castore::Node;
-use crate::units::parse_duration;
-use crate::rpc::ingest::{upload, Limits, Sessions};
-use crate::rpc::proto::granary_server::GranaryServer;
+use crate::rpc::ingest::{Limits, Sessions};
 use crate::rpc::server::{Auth, Daemon};
-use crate::store::remote::RemoteStore;
-use crate::store::Store;
+use crate::store::remote::wire::proto::granary_server::GranaryServer;
+use crate::store::{IngestService, IngestStatus, Store};
+use crate::units::parse_duration;
 
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
@@ -226,8 +225,8 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
         };
         let svc = tonic::service::interceptor::InterceptedService::new(
             GranaryServer::new(daemon.clone())
-                .max_decoding_message_size(crate::rpc::MAX_MESSAGE)
-                .max_encoding_message_size(crate::rpc::MAX_MESSAGE),
+                .max_decoding_message_size(crate::store::remote::wire::MAX_MESSAGE)
+                .max_encoding_message_size(crate::store::remote::wire::MAX_MESSAGE),
             auth,
         );
         let mut rx = stop_rx.clone();
@@ -332,18 +331,17 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
 
 /// `granary import --store grpc+...`: each tree goes up in one ingest session.
 pub async fn cmd_import_remote(
-    store: &Store,
+    ingest: &dyn IngestService,
     paths: &[PathBuf],
     names: Vec<Option<String>>,
     skip_special: bool,
     no_wait: bool,
 ) -> Result<ExitCode> {
-    let remote = RemoteStore::connect(&store.url).await?;
-    let client = remote.client();
     let tty = std::io::stderr().is_terminal();
     let mut out = std::io::stdout().lock();
     for (p, name) in paths.iter().zip(names) {
-        let token = upload::start(client, p, name.as_deref(), skip_special)
+        let token = ingest
+            .start(p, name.as_deref(), skip_special)
             .await
             .with_context(|| format!("uploading {}", p.display()))?;
         if no_wait {
@@ -351,13 +349,15 @@ pub async fn cmd_import_remote(
             out.flush()?;
             continue;
         }
-        let node = upload::wait(client, &token, |done, total| {
-            if tty {
-                eprint!("\rimporting {}: {done}/{total} bytes", p.display());
-            }
-        })
-        .await
-        .with_context(|| format!("importing {}", p.display()))?;
+        let shown = p.display().to_string();
+        let node = ingest
+            .wait(&token, &|done, total| {
+                if tty {
+                    eprint!("\rimporting {shown}: {done}/{total} bytes");
+                }
+            })
+            .await
+            .with_context(|| format!("importing {}", p.display()))?;
         if tty {
             eprintln!();
         }
@@ -376,34 +376,21 @@ fn show_node(node: &Node) -> String {
 
 /// `granary ingest-status TOKEN`.
 pub async fn cmd_ingest_status(store: &Store, token: &str) -> Result<ExitCode> {
-    if !is_remote(&store.url) {
+    let Some(ingest) = &store.ingest else {
         bail!("ingest sessions need a daemon store (grpc+tcp:// or grpc+unix://)");
-    }
-    let remote = RemoteStore::connect(&store.url).await?;
-    let st = upload::status(remote.client(), token).await?;
+    };
+    let st = ingest.status(token).await?;
     let mut out = std::io::stdout().lock();
     match st {
-        upload::Status::Running {
+        IngestStatus::Running {
             bytes_done,
             bytes_total,
         } => writeln!(out, "running {bytes_done}/{bytes_total}")?,
-        upload::Status::Done(node) => writeln!(out, "done {}", show_node(&node))?,
-        upload::Status::Failed(reason) => {
+        IngestStatus::Done(node) => writeln!(out, "done {}", show_node(&node))?,
+        IngestStatus::Failed(reason) => {
             writeln!(out, "failed {reason}")?;
             return Ok(ExitCode::FAILURE);
         }
     }
     Ok(ExitCode::SUCCESS)
-}
-
-pub fn is_remote(url: &str) -> bool {
-    url.starts_with("grpc+tcp://") || url.starts_with("grpc+unix://")
-}
-
-/// Whether the daemon behind a URL takes ingest sessions (else import goes object by object).
-pub async fn offers_ingest(url: &str) -> Result<bool> {
-    let remote = RemoteStore::connect(url).await?;
-    Ok(remote
-        .client()
-        .has_feature(crate::rpc::feature::INGEST_SESSIONS))
 }

@@ -352,9 +352,9 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             jobs,
             no_wait,
         } => {
-            if daemon::is_remote(&store.url) && daemon::offers_ingest(&store.url).await? {
+            if let Some(ingest) = &store.ingest {
                 let names = root_names(&paths, name, named)?;
-                return daemon::cmd_import_remote(&store, &paths, names, skip_special, no_wait)
+                return daemon::cmd_import_remote(&**ingest, &paths, names, skip_special, no_wait)
                     .await;
             }
             if no_wait {

@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::castore::{Node, RootRecord};
-use crate::units::parse_size;
 use crate::fs::{self, MountOptions, Top};
 use crate::import::{self, ImportOptions, Progress};
 use crate::store::Store;
 use crate::tree;
+use crate::units::parse_size;
 
 #[derive(clap::Args, Debug)]
 #[command(

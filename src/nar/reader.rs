@@ -14,8 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::{padding, NarError, NarHash, MAGIC, MAX_KEYWORD_LEN};
 use crate::castore::{
-    validate_name, B3Digest, Directory, Node,
-    MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
+    validate_name, B3Digest, Directory, Node, MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
 };
 use crate::store::blob_writer::{BlobWriter, PutQueue};
 use crate::store::{Store, StoreError};

@@ -12,13 +12,13 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ingest::Sessions;
-use super::proto::{self, granary_server::Granary};
-use super::{
-    digest_bytes, feature, root_from_proto, root_to_proto, FRAME_BYTES, MAX_BATCH, MAX_INLINE,
-};
 use crate::castore::{self, B3Digest, Directory, Node};
-use crate::store::blob_writer::{self, BlobWriter};
 use crate::chunking::MAX_CHUNK;
+use crate::store::blob_writer::{self, BlobWriter};
+use crate::store::remote::wire::proto::{self, granary_server::Granary};
+use crate::store::remote::wire::{
+    self, digest_bytes, feature, root_from_proto, root_to_proto, FRAME_BYTES, MAX_BATCH, MAX_INLINE,
+};
 use crate::store::{Store, StoreError};
 
 /// Most directories one closure put may carry, and their total encoded bytes.
@@ -755,10 +755,7 @@ impl Granary for Daemon {
         let kind = proto::ObjectKind::try_from(req.get_ref().kind)
             .map_err(|_| Status::invalid_argument("unknown object kind"))?;
         let m = self.maintenance()?;
-        let r = m
-            .list(super::kind_from_proto(kind))
-            .await
-            .map_err(status_of);
+        let r = m.list(wire::kind_from_proto(kind)).await.map_err(status_of);
         let all = self.fail(r)?;
         // Batches keep every message far below the message size limit.
         let batches: Vec<Result<proto::ObjectBatch, Status>> = all
@@ -770,7 +767,7 @@ impl Granary for Daemon {
                         .map(|o| proto::ObjectEntry {
                             digest: Bytes::copy_from_slice(o.digest.as_bytes()),
                             stored_bytes: o.stored_bytes,
-                            modified_unix_nanos: super::to_nanos(o.modified),
+                            modified_unix_nanos: wire::to_nanos(o.modified),
                         })
                         .collect(),
                 })
@@ -787,7 +784,7 @@ impl Granary for Daemon {
         self.fail(writable(&req, "delete object"))?;
         self.need(feature::MAINTENANCE)?;
         let req = req.into_inner();
-        let kind = super::kind_from_proto(
+        let kind = wire::kind_from_proto(
             proto::ObjectKind::try_from(req.kind)
                 .map_err(|_| Status::invalid_argument("unknown object kind"))?,
         );
@@ -797,7 +794,7 @@ impl Granary for Daemon {
         let r = if req.unconditional {
             m.remove(kind, &digest).await.map(|()| true)
         } else {
-            m.delete_if_older(kind, &digest, super::from_nanos(req.cutoff_unix_nanos))
+            m.delete_if_older(kind, &digest, wire::from_nanos(req.cutoff_unix_nanos))
                 .await
         };
         let deleted = self.fail(r.map_err(status_of))?;
@@ -813,7 +810,7 @@ impl Granary for Daemon {
         self.need(feature::MAINTENANCE)?;
         let m = self.maintenance()?;
         let r = m
-            .sweep_temp(super::from_nanos(req.get_ref().cutoff_unix_nanos))
+            .sweep_temp(wire::from_nanos(req.get_ref().cutoff_unix_nanos))
             .await
             .map_err(status_of);
         let removed = self.fail(r)?;

@@ -613,6 +613,7 @@ pub fn wrap(inner: Store, cache: Arc<DiskCache>, store_dir: PathBuf) -> Store {
             .maintenance
             .as_ref()
             .map(|_| c as Arc<dyn Maintenance>),
+        ingest: inner.ingest.clone(),
     }
 }
 

@@ -87,4 +87,3 @@ pub fn encode_chunk(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
         cctx.compress(data)
     })
 }
-

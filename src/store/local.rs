@@ -214,6 +214,7 @@ impl LocalStore {
             dirs: local.clone(),
             roots: local.clone(),
             maintenance: Some(local),
+            ingest: None,
         })
     }
 
@@ -848,8 +849,9 @@ impl BlobService for LocalStore {
         blocking(move || s.put_chunk_blocking(&digest, &data)).await
     }
 
-    fn put_chunk_here(&self, digest: &B3Digest, data: &[u8]) -> Option<Result<()>> {
-        Some(self.put_chunk_blocking(digest, data))
+    fn put_chunk_blocking(&self, digest: &B3Digest, data: &[u8]) -> Result<()> {
+        // The write itself, on the calling thread (the inherent method).
+        LocalStore::put_chunk_blocking(self, digest, data)
     }
 
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {

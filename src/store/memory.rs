@@ -35,6 +35,7 @@ impl MemoryStore {
             dirs: m.clone(),
             roots: m.clone(),
             maintenance: Some(m),
+            ingest: None,
         }
     }
 }

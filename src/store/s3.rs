@@ -44,13 +44,13 @@ use object_store::{
 };
 
 use super::codec::decode_chunk;
-use crate::chunking::MAX_CHUNK;
 use super::pack::{self, IndexEntry};
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
     ObjectInfo, ObjectKind as Kind, Result, RootService, Store, StoreConfig, StoreError, Usage,
 };
 use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::chunking::MAX_CHUNK;
 
 /// Requests issued by this process to S3 stores, by kind.
 static GETS: AtomicU64 = AtomicU64::new(0);
@@ -128,8 +128,8 @@ impl S3Url {
                     }
                 }
                 "timeout" => {
-                    u.timeout =
-                        crate::units::parse_positive_duration(v).map_err(|e| format!("timeout={v}: {e}"))?;
+                    u.timeout = crate::units::parse_positive_duration(v)
+                        .map_err(|e| format!("timeout={v}: {e}"))?;
                     if u.timeout.is_zero() {
                         return Err("timeout must be positive".into());
                     }
@@ -250,6 +250,7 @@ impl S3Store {
             dirs: s3.clone(),
             roots: s3.clone(),
             maintenance: Some(s3),
+            ingest: None,
         })
     }
 

@@ -18,8 +18,12 @@ use super::{
     StoreError, Usage,
 };
 use crate::castore::{self, B3Digest, BlobIndex, Directory, RootRecord};
-use crate::rpc::client::{Client, ClientConfig};
-use crate::rpc::{digest_bytes, feature, proto, root_from_proto, root_to_proto};
+use client::{Client, ClientConfig};
+use wire::{digest_bytes, feature, proto, root_from_proto, root_to_proto};
+
+pub mod client;
+pub mod upload;
+pub mod wire;
 
 /// Small blobs received inline with a stat, kept (verified) for the read that follows.
 const INLINE_CACHE_ENTRIES: usize = 256;
@@ -66,6 +70,10 @@ impl RemoteStore {
             blobs: remote.clone(),
             dirs: remote.clone(),
             roots: remote.clone(),
+            ingest: remote
+                .client
+                .has_feature(feature::INGEST_SESSIONS)
+                .then(|| remote.clone() as Arc<dyn super::IngestService>),
             maintenance: Some(remote),
         })
     }
@@ -96,10 +104,10 @@ impl RemoteStore {
 
     /// Reads several chunks in one call (verified); falls back to one call per chunk when
     /// the daemon does not offer batched reads.
-    pub async fn read_chunks(&self, digests: &[B3Digest]) -> Result<Vec<Option<Bytes>>> {
+    async fn read_batch(&self, digests: &[B3Digest]) -> Result<Vec<Option<Bytes>>> {
         if digests.len() <= 1 || self.client.has_feature(feature::BATCH_READ) {
             let mut out = Vec::with_capacity(digests.len());
-            for part in digests.chunks(crate::rpc::MAX_BATCH) {
+            for part in digests.chunks(wire::MAX_BATCH) {
                 out.extend(self.client.read_chunks(part).await?);
             }
             return Ok(out);
@@ -109,11 +117,6 @@ impl RemoteStore {
             out.extend(self.client.read_chunks(std::slice::from_ref(d)).await?);
         }
         Ok(out)
-    }
-
-    /// A directory and everything below it, root first, each verified.
-    pub async fn get_closure(&self, root: &B3Digest) -> Result<Vec<Directory>> {
-        self.closure_up_to(root, usize::MAX).await
     }
 
     /// The first `limit` directories of a closure (root first), each verified; empty if the
@@ -167,7 +170,7 @@ impl RemoteStore {
     }
 
     /// Puts directories (leaves first) in one all-or-nothing call; returns the root digest.
-    pub async fn put_closure(&self, dirs: Vec<Directory>) -> Result<B3Digest> {
+    async fn put_closure_call(&self, dirs: Vec<Directory>) -> Result<B3Digest> {
         for d in &dirs {
             d.validate()?;
         }
@@ -286,6 +289,27 @@ impl BlobService for RemoteStore {
             .flatten())
     }
 
+    /// The whole batch in one streamed call per [`wire::MAX_BATCH`] chunks (where the daemon
+    /// offers batched reads), each chunk verified before it is handed on.
+    async fn read_chunks(&self, chunks: Vec<super::ChunkRef>, sink: super::ChunkSink) {
+        let digests: Vec<B3Digest> = chunks.iter().map(|c| c.digest).collect();
+        for part in digests.chunks(wire::MAX_BATCH) {
+            match self.read_batch(part).await {
+                Ok(got) => {
+                    for (d, r) in part.iter().zip(got) {
+                        sink(*d, Ok(r));
+                    }
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    for d in part {
+                        sink(*d, Err(StoreError::Backend(msg.clone())));
+                    }
+                }
+            }
+        }
+    }
+
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
         // A stat of a chunk digest answers for the chunk (it is a one-chunk blob) or for a
         // blob index; only the former counts, so ask for the bytes when unsure.
@@ -372,11 +396,24 @@ impl DirectoryService for RemoteStore {
     }
 
     async fn put(&self, dir: &Directory) -> Result<B3Digest> {
-        self.put_closure(vec![dir.clone()]).await
+        self.put_closure_call(vec![dir.clone()]).await
     }
 
     async fn has(&self, digest: &B3Digest) -> Result<bool> {
         Ok(DirectoryService::get(self, digest).await?.is_some())
+    }
+
+    /// One streamed call, each directory verified as it arrives.
+    async fn get_closure(&self, root: &B3Digest) -> Result<Vec<Directory>> {
+        if !self.client.has_feature(feature::CLOSURE_GET) {
+            return super::directory::closure_by_levels(self, root).await;
+        }
+        self.closure_up_to(root, usize::MAX).await
+    }
+
+    /// One all-or-nothing call.
+    async fn put_closure(&self, dirs: Vec<Directory>) -> Result<B3Digest> {
+        self.put_closure_call(dirs).await
     }
 }
 
@@ -470,9 +507,9 @@ impl RemoteStore {
             return Err(not_offered("deleting objects"));
         }
         let req = proto::DeleteObjectRequest {
-            kind: crate::rpc::kind_to_proto(kind) as i32,
+            kind: wire::kind_to_proto(kind) as i32,
             digest: digest_bytes(digest),
-            cutoff_unix_nanos: cutoff.map_or(0, crate::rpc::to_nanos),
+            cutoff_unix_nanos: cutoff.map_or(0, wire::to_nanos),
             unconditional: cutoff.is_none(),
         };
         // Retrying is safe: a second delete of a deleted object reports false.
@@ -504,7 +541,7 @@ impl Maintenance for RemoteStore {
         if !self.client.has_feature(feature::MAINTENANCE) {
             return Err(not_offered("listing objects"));
         }
-        let k = crate::rpc::kind_to_proto(kind) as i32;
+        let k = wire::kind_to_proto(kind) as i32;
         let entries = self
             .client
             .call("list objects", true, |mut api| async move {
@@ -526,7 +563,7 @@ impl Maintenance for RemoteStore {
                     kind,
                     digest: B3Digest::try_from(&e.digest[..])?,
                     stored_bytes: e.stored_bytes,
-                    modified: crate::rpc::from_nanos(e.modified_unix_nanos),
+                    modified: wire::from_nanos(e.modified_unix_nanos),
                 })
             })
             .collect()
@@ -549,7 +586,7 @@ impl Maintenance for RemoteStore {
         if !self.client.has_feature(feature::MAINTENANCE) {
             return Err(not_offered("sweeping temp files"));
         }
-        let c = crate::rpc::to_nanos(cutoff);
+        let c = wire::to_nanos(cutoff);
         self.client
             .call("sweep temp", true, |mut api| async move {
                 Ok(api

@@ -16,8 +16,8 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Request, Status};
 
-use super::feature;
-use super::proto::{self, granary_client::GranaryClient};
+use super::wire::feature;
+use super::wire::proto::{self, granary_client::GranaryClient};
 use crate::castore::B3Digest;
 use crate::chunking::ChunkParams;
 use crate::chunking::MAX_CHUNK;
@@ -322,8 +322,8 @@ impl Client {
             }
         };
         let mut api = GranaryClient::with_interceptor(channel, self.inner.bearer.clone())
-            .max_decoding_message_size(super::MAX_MESSAGE)
-            .max_encoding_message_size(super::MAX_MESSAGE);
+            .max_decoding_message_size(super::wire::MAX_MESSAGE)
+            .max_encoding_message_size(super::wire::MAX_MESSAGE);
         // The handshake is the first call on every connection.
         let resp = api
             .handshake(proto::HandshakeRequest {
@@ -488,7 +488,7 @@ impl Client {
         &self,
         digests: &[B3Digest],
     ) -> Result<Vec<Option<Bytes>>, StoreError> {
-        let wanted: Vec<Bytes> = digests.iter().map(super::digest_bytes).collect();
+        let wanted: Vec<Bytes> = digests.iter().map(super::wire::digest_bytes).collect();
         self.call("read chunks", true, |mut api| {
             let wanted = wanted.clone();
             async move {
@@ -577,8 +577,8 @@ impl Client {
                         single_chunk,
                     })),
                 }];
-                for off in (0..data.len()).step_by(super::FRAME_BYTES) {
-                    let end = (off + super::FRAME_BYTES).min(data.len());
+                for off in (0..data.len()).step_by(super::wire::FRAME_BYTES) {
+                    let end = (off + super::wire::FRAME_BYTES).min(data.len());
                     frames.push(proto::PutBlobFrame {
                         frame: Some(Frame::Data(data.slice(off..end))),
                     });
