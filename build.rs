@@ -1,6 +1,6 @@
 //! Compiles the `.proto` files with protox (pure Rust), so a fresh machine needs no `protoc`.
 //! `castore.proto` gives plain messages; `granary/v1/granary.proto` adds the daemon's gRPC
-//! service (tonic), reusing the castore messages from `crate::castore::proto`.
+//! service (tonic), reusing the castore messages from `crate::model::castore::proto`.
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = ["proto/castore.proto", "proto/granary/v1/granary.proto"];
     for p in protos {
@@ -17,7 +17,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut config = prost_build::Config::new();
     config.bytes(["."]);
     tonic_prost_build::configure()
-        .extern_path(".granary.castore.v1", "crate::castore::proto")
+        .extern_path(".granary.castore.v1", "crate::model::castore::proto")
         .compile_fds_with_config(rpc, config)?;
     Ok(())
 }

@@ -178,7 +178,7 @@ fn main() {
         };
         let url = field("URL: ");
         let (n, nar) = get(port, &format!("/{url}"), true);
-        let got = granary::nar::NarHash(Sha256::digest(&nar).into());
+        let got = granary::views::nar::NarHash(Sha256::digest(&nar).into());
         assert_eq!(got.to_typed_nix32(), field("NarHash: "), "{p}");
         std::fs::write(cache_dir.join(&url), &nar).unwrap();
         std::fs::write(cache_dir.join(format!("{}.narinfo", &p[..32])), &info).unwrap();

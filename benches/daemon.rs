@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use granary::castore::B3Digest;
+use granary::model::castore::B3Digest;
 use granary::store::remote::RemoteStore;
 use granary::store::BlobService;
 

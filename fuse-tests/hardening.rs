@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::Command;
 
 use common::*;
-use granary::castore::BlobIndex;
+use granary::model::castore::BlobIndex;
 
 /// Digest (hex) of the one multi-chunk file `name` under root `root`.
 fn file_digest(ts: &TestStore, root_and_path: &str) -> String {

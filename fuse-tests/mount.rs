@@ -329,7 +329,7 @@ fn corrupt_chunk_fails_only_its_range() {
     let blob = blake3::hash(&std::fs::read(src.join("victim.bin")).unwrap());
     let hex = blob.to_hex().to_string();
     let idx_bytes = store.object("blobs", &hex);
-    let idx = granary::castore::BlobIndex::decode_valid(&idx_bytes).unwrap();
+    let idx = granary::model::castore::BlobIndex::decode_valid(&idx_bytes).unwrap();
     let k = idx.chunks.len() / 2;
     let start: u64 = idx.chunks[..k].iter().map(|c| c.size).sum();
     let len = idx.chunks[k].size;

@@ -1,30 +1,20 @@
 //! granary: a content-addressed, chunk-deduplicating store for file trees, and a read-only
-//! FUSE filesystem that exposes it. See DESIGN.md for the architecture.
+//! FUSE filesystem that exposes it. `ARCHITECTURE.md` has the module map; in layers, each
+//! using only those before it:
 //!
-//! - [`castore`]: the data model (digests, directories, roots), no I/O
-//! - [`chunking`]: FastCDC with per-store parameters
-//! - [`store`]: the blob, directory and root services and their backends
-//! - [`import`] / [`tree`]: trees in and out
-//! - [`fs`]: the read-only FUSE mount
-//! - [`nar`]: Nix compatibility: NAR in and out, NAR hashes, store paths, narinfo
-//! - [`sandbox`]: run a command inside a stored tree (overlayfs, namespaces)
-//! - [`binary_cache`]: the store as a Nix binary cache over HTTP
-//! - [`dedup`]: what each chunking strategy would save on some data
+//! - [`model`]: the data model (digests, directories, roots, blob indexes) and chunking
+//! - [`store`]: the services whose traits are the contract, and their backends
+//! - [`trees`]: whole trees in and out, gc, verify
+//! - [`views`]: the FUSE mount, the daemon's service, the Nix binary cache, NARs
+//! - [`tools`]: sandboxes and the dedup report
 //! - [`cli`]: the `granary` command, a thin layer over the above
+//!
+//! [`units`] parses sizes and durations for all of them.
 
-pub mod binary_cache;
-pub mod castore;
-pub mod chunking;
 pub mod cli;
-pub mod dedup;
-pub mod fs;
-pub mod gc;
-pub mod import;
-pub mod nar;
-pub mod net_guard;
-pub mod rpc;
-pub mod sandbox;
+pub mod model;
 pub mod store;
-pub mod tree;
+pub mod tools;
+pub mod trees;
 pub mod units;
-pub mod verify;
+pub mod views;

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{assert_same_tree, free_port, gen_tree, granary_bin, noise, write, write_big, Daemon};
-use granary::castore::{
+use granary::model::castore::{
     B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord, SymlinkEntry,
 };
 use granary::store::{self, BlobService, DirectoryService, RootService, Store};
@@ -232,9 +232,10 @@ fn library_store_over_daemon() {
 /// Imports a tree through the local store and returns its blobs' chunk digests.
 async fn seed_store(url: &str, src: &Path) -> (Node, Vec<B3Digest>, Vec<B3Digest>) {
     let s = store::open(url).await.unwrap();
-    let node = granary::import::import_path(&s, src, &Default::default(), Default::default())
-        .await
-        .unwrap();
+    let node =
+        granary::trees::import::import_path(&s, src, &Default::default(), Default::default())
+            .await
+            .unwrap();
     // Staged objects become visible to other processes (the daemon) once flushed.
     s.flush().await.unwrap();
     let mut blobs = Vec::new();
@@ -783,7 +784,7 @@ fn fault_injecting_proxy() {
             for _ in 0..3 {
                 let t = Instant::now();
                 let mut out = Vec::new();
-                let r = granary::tree::write_blob(&s, &blob, want.len() as u64, &mut out).await;
+                let r = granary::trees::write_blob(&s, &blob, want.len() as u64, &mut out).await;
                 // Each chunk read has its own deadline; a whole-blob read is several.
                 assert!(
                     t.elapsed() < (timeout + slack) * 8,

@@ -630,7 +630,7 @@ fn verify_names_every_kind_of_damage() {
 
 #[test]
 fn a_size_that_disagrees_with_its_blob_is_refused_everywhere() {
-    use granary::castore::{Directory, FileEntry, Node, RootRecord};
+    use granary::model::castore::{Directory, FileEntry, Node, RootRecord};
     let s = TestStore::new();
     let hello = b"hello\n";
     let hex = blake3::hash(hello).to_hex().to_string();
@@ -638,7 +638,7 @@ fn a_size_that_disagrees_with_its_blob_is_refused_everywhere() {
     for (name, recorded) in [("small", 2u64), ("huge", 1_000_000_000_000u64)] {
         rt.block_on(async {
             let store = granary::store::open(&s.url()).await.unwrap();
-            let d = granary::castore::B3Digest::of(hello);
+            let d = granary::model::castore::B3Digest::of(hello);
             store
                 .blobs
                 .put_chunk(d, bytes::Bytes::from_static(hello))

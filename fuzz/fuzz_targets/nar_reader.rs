@@ -22,9 +22,9 @@ fuzz_target!(|data: &[u8]| {
         let store = granary::store::open("memory://")
             .await
             .expect("memory store");
-        if let Ok(imp) = granary::nar::import_nar(&store, data).await {
+        if let Ok(imp) = granary::views::nar::import_nar(&store, data).await {
             let mut out = Vec::new();
-            let sum = granary::nar::write_nar(&store, &imp.node, &mut out)
+            let sum = granary::views::nar::write_nar(&store, &imp.node, &mut out)
                 .await
                 .expect("an imported NAR renders");
             assert!(out == data, "accepted NAR does not render back identically");

@@ -1,4 +1,4 @@
-//! `granary serve-cache`: the store as a Nix binary cache over HTTP ([`crate::binary_cache`]).
+//! `granary serve-cache`: the store as a Nix binary cache over HTTP ([`crate::views::binary_cache`]).
 //! A subcommand of its own rather than a `daemon --http` flag: it speaks a different protocol
 //! to different clients, with its own auth and signing options.
 
@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::binary_cache::sign::NixSigningKey;
-use crate::binary_cache::{serve, BinaryCache, CacheOptions};
 use crate::store::Store;
+use crate::views::binary_cache::sign::NixSigningKey;
+use crate::views::binary_cache::{serve, BinaryCache, CacheOptions};
 
 #[derive(clap::Args, Debug)]
 pub struct ServeCacheArgs {
@@ -96,7 +96,7 @@ pub async fn cmd_serve_cache(store: Store, args: ServeCacheArgs) -> Result<ExitC
     let public = sign_key.as_ref().map(|k| k.public());
     let upstream = args
         .substitute
-        .build(&store, crate::nar::store_path::DEFAULT_STORE_DIR)?;
+        .build(&store, crate::views::nar::store_path::DEFAULT_STORE_DIR)?;
     let cache = BinaryCache::with_upstream(
         store,
         CacheOptions {

@@ -13,12 +13,12 @@ use anyhow::{bail, Context, Result};
 use futures::StreamExt;
 use tonic::transport::Server;
 
-use crate::castore::Node;
-use crate::rpc::ingest::{Limits, Sessions};
-use crate::rpc::server::{Auth, Daemon};
+use crate::model::castore::Node;
 use crate::store::remote::wire::proto::granary_server::GranaryServer;
 use crate::store::{IngestService, IngestStatus, Store};
 use crate::units::parse_duration;
+use crate::views::rpc::ingest::{Limits, Sessions};
+use crate::views::rpc::server::{Auth, Daemon};
 
 #[derive(clap::Args, Debug)]
 pub struct DaemonArgs {
@@ -212,8 +212,8 @@ pub async fn cmd_daemon(store: Store, args: DaemonArgs) -> Result<ExitCode> {
     };
     // Connections open at once, and how long they may be silent: one gate for TCP, one for
     // Unix sockets, so a flood over the network cannot lock out the socket's owner.
-    let tcp_gate = crate::net_guard::Gate::new(crate::net_guard::default_cap() / 2);
-    let unix_gate = crate::net_guard::Gate::new(crate::net_guard::default_cap() / 2);
+    let tcp_gate = crate::views::net_guard::Gate::new(crate::views::net_guard::default_cap() / 2);
+    let unix_gate = crate::views::net_guard::Gate::new(crate::views::net_guard::default_cap() / 2);
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let mut sockets = SocketFiles(Vec::new());

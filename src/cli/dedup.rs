@@ -1,5 +1,5 @@
 //! `granary dedup`: argument handling and presentation (table, JSON, CSV, SVG plot) of the
-//! report computed by [`crate::dedup`].
+//! report computed by [`crate::tools::dedup`].
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,9 +9,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use indicatif::{BinaryBytes, DecimalBytes};
 
-use crate::dedup::{self, DedupOptions, Report, Strategy, StrategyReport};
-use crate::import::Progress;
 use crate::store::{self, StoreConfig};
+use crate::tools::dedup::{self, DedupOptions, Report, Strategy, StrategyReport};
+use crate::trees::import::Progress;
 
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -462,7 +462,7 @@ async fn unpack_nars(
         let file = tokio::fs::File::open(p)
             .await
             .with_context(|| format!("{}: cannot open", p.display()))?;
-        let imported = crate::nar::reader::import_nar(store, file)
+        let imported = crate::views::nar::reader::import_nar(store, file)
             .await
             .with_context(|| p.display().to_string())?;
         // Named after the NAR (its input name in the report), numbered to stay unique.
@@ -474,7 +474,7 @@ async fn unpack_nars(
         let dest = dir.path().join(format!("{i}")).join(stem);
         std::fs::create_dir_all(dest.parent().unwrap_or(dir.path()))
             .with_context(|| format!("unpacking {}", p.display()))?;
-        crate::tree::export(store, &imported.node, &dest)
+        crate::trees::export(store, &imported.node, &dest)
             .await
             .with_context(|| format!("unpacking {}", p.display()))?;
         out.push(dest);

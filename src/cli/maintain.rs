@@ -27,7 +27,7 @@ pub async fn rm(store: &Store, roots: &[String]) -> Result<ExitCode> {
 }
 
 pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<ExitCode> {
-    let r = crate::gc::gc(store, grace, dry_run).await?;
+    let r = crate::trees::gc::gc(store, grace, dry_run).await?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -48,7 +48,7 @@ pub async fn verify(
     roots: &[String],
     repair_from: Option<&str>,
 ) -> Result<ExitCode> {
-    let mut problems = crate::verify::verify(store, roots).await?;
+    let mut problems = crate::trees::verify::verify(store, roots).await?;
     let mut out = std::io::stdout().lock();
     for p in &problems {
         writeln!(out, "{p}")?;
@@ -70,10 +70,10 @@ pub async fn verify(
     let mut fixed = 0;
     let mut reasons = Vec::new();
     for _ in 0..MAX_REPAIR_PASSES {
-        let pass = crate::verify::repair(store, &donor, &problems).await?;
+        let pass = crate::trees::verify::repair(store, &donor, &problems).await?;
         fixed += pass.fixed;
         reasons = pass.left;
-        let again = crate::verify::verify(store, roots).await?;
+        let again = crate::trees::verify::verify(store, roots).await?;
         let progress = pass.fixed > 0;
         problems = again;
         if problems.is_empty() || !progress {

@@ -11,10 +11,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::castore::{validate_root_name, Node, RootRecord};
-use crate::import::{self, ImportOptions, Progress};
+use crate::model::castore::{validate_root_name, Node, RootRecord};
 use crate::store::{self, Store};
-use crate::tree;
+use crate::trees;
+use crate::trees::import::{self, ImportOptions, Progress};
 
 mod cache;
 mod cache_http;
@@ -214,7 +214,7 @@ enum Command {
     /// private mount and PID namespaces); exits with CMD's status. Needs root.
     Sandbox(sandbox::SandboxArgs),
     /// (internal) The shared FUSE server of `granary sandbox`.
-    #[command(name = crate::sandbox::SERVE_SUBCOMMAND, hide = true)]
+    #[command(name = crate::tools::sandbox::SERVE_SUBCOMMAND, hide = true)]
     SandboxServe {
         #[arg(long)]
         digest: String,
@@ -230,15 +230,18 @@ enum Command {
 pub fn main() -> ExitCode {
     // The sandbox process must stay single-threaded: no runtime, no logging setup.
     let mut argv = std::env::args_os();
-    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(crate::sandbox::EXEC_SUBCOMMAND)) {
+    if argv.nth(1).as_deref() == Some(std::ffi::OsStr::new(crate::tools::sandbox::EXEC_SUBCOMMAND))
+    {
         let spec = argv.next().unwrap_or_default();
-        let code = crate::sandbox::exec::exec_main(&spec.to_string_lossy());
+        let code = crate::tools::sandbox::exec::exec_main(&spec.to_string_lossy());
         return ExitCode::from(u8::try_from(code).unwrap_or(255));
     }
     let mut argv = std::env::args_os().skip(1);
-    if argv.next().as_deref() == Some(std::ffi::OsStr::new(crate::fs::reaper::SUBCOMMAND)) {
+    if argv.next().as_deref() == Some(std::ffi::OsStr::new(crate::views::fs::reaper::SUBCOMMAND)) {
         let args: Vec<_> = argv.collect();
-        return ExitCode::from(u8::try_from(crate::fs::reaper::reap_main(&args)).unwrap_or(1));
+        return ExitCode::from(
+            u8::try_from(crate::views::fs::reaper::reap_main(&args)).unwrap_or(1),
+        );
     }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
@@ -248,7 +251,7 @@ pub fn main() -> ExitCode {
             let fail = e.use_stderr() && sandbox;
             let _ = e.print();
             return if fail {
-                ExitCode::from(crate::sandbox::EXIT_SETUP as u8)
+                ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8)
             } else {
                 ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
             };
@@ -339,7 +342,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Ok(s) => s,
         Err(e) if matches!(cli.command, Command::Sandbox(_)) => {
             eprintln!("granary: error: {}", format!("{e:#}").replace('\n', " "));
-            return Ok(ExitCode::from(crate::sandbox::EXIT_SETUP as u8));
+            return Ok(ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8));
         }
         Err(e) => return Err(e),
     };
@@ -375,12 +378,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Ls { path, long } => cmd_ls(&store, &path, long).await,
         Command::Cat { path } => {
-            let node = tree::resolve(&store, &path).await?;
+            let node = trees::resolve(&store, &path).await?;
             let Node::File { digest, size, .. } = node else {
                 bail!("{path}: not a regular file");
             };
             let mut out = tokio::io::BufWriter::with_capacity(1 << 20, tokio::io::stdout());
-            tree::write_blob(&store, &digest, size, &mut out)
+            trees::write_blob(&store, &digest, size, &mut out)
                 .await
                 .with_context(|| path.clone())?;
             tokio::io::AsyncWriteExt::flush(&mut out)
@@ -389,14 +392,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { path, dest } => {
-            let node = tree::resolve(&store, &path).await?;
+            let node = trees::resolve(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
                 bail!(
                     "{}: already exists; export needs a new path",
                     dest.display()
                 );
             }
-            tree::export(&store, &node, &dest)
+            trees::export(&store, &node, &dest)
                 .await
                 .with_context(|| format!("exporting {path} to {}", dest.display()))?;
             Ok(ExitCode::SUCCESS)
@@ -412,11 +415,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(code) => Ok(code),
             Err(e) => {
                 eprintln!("granary: error: {}", format!("{e:#}").replace('\n', " "));
-                Ok(ExitCode::from(crate::sandbox::EXIT_SETUP as u8))
+                Ok(ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8))
             }
         },
         Command::SandboxServe { digest, dir } => {
-            crate::sandbox::share::serve(&store, &digest, &dir).await
+            crate::tools::sandbox::share::serve(&store, &digest, &dir).await
         }
         Command::ImportNar {
             file,
@@ -577,19 +580,19 @@ fn describe(node: &Node) -> (char, &'static str, u64, String) {
             'l',
             "rwxrwxrwx",
             target.len() as u64,
-            format!("-> {}", tree::escape_name(target)),
+            format!("-> {}", trees::escape_name(target)),
         ),
     }
 }
 
 async fn cmd_ls(store: &Store, path: &str, long: bool) -> Result<ExitCode> {
-    let node = tree::resolve(store, path).await?;
+    let node = trees::resolve(store, path).await?;
     let mut out = std::io::stdout().lock();
-    for l in tree::list(store, &node).await? {
+    for l in trees::list(store, &node).await? {
         let name = if l.name.is_empty() {
             path.rsplit('/').next().unwrap_or(path).to_string()
         } else {
-            tree::escape_name(&l.name)
+            trees::escape_name(&l.name)
         };
         if long {
             let (t, mode, size, what) = describe(&l.node);
@@ -606,8 +609,8 @@ async fn cmd_info(store: &Store, json: bool, dedup: bool) -> Result<ExitCode> {
     let mut logical = 0u64;
     let names = store.roots.list().await?;
     for name in &names {
-        let r = tree::get_root(store, name).await?;
-        logical += tree::logical_size(store, &r.node, &mut memo)
+        let r = trees::get_root(store, name).await?;
+        logical += trees::logical_size(store, &r.node, &mut memo)
             .await
             .with_context(|| format!("root {name}"))?;
     }

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::castore::{Node, RootRecord};
-use crate::fs::{self, MountOptions, Top};
-use crate::import::{self, ImportOptions, Progress};
+use crate::model::castore::{Node, RootRecord};
 use crate::store::Store;
-use crate::tree;
+use crate::trees;
+use crate::trees::import::{self, ImportOptions, Progress};
 use crate::units::parse_size;
+use crate::views::fs::{self, MountOptions, Top};
 
 #[derive(clap::Args, Debug)]
 #[command(
@@ -179,7 +179,7 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
     }
     import_first(store, &args.import).await?;
     let top = match &args.root {
-        Some(r) => match tree::resolve_root(store, r).await? {
+        Some(r) => match trees::resolve_root(store, r).await? {
             node @ Node::Directory { .. } => Top::Tree(node),
             _ => bail!("--root {r}: not a directory; a mount needs a directory"),
         },
@@ -201,10 +201,10 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
     let substituting;
     let store = match args
         .substitute
-        .build(store, crate::nar::store_path::DEFAULT_STORE_DIR)?
+        .build(store, crate::views::nar::store_path::DEFAULT_STORE_DIR)?
     {
         Some(sub) => {
-            substituting = crate::binary_cache::substitute::layer(store, sub);
+            substituting = crate::views::binary_cache::substitute::layer(store, sub);
             &substituting
         }
         None => store,
@@ -239,8 +239,8 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         Top::Tree(node) => node.digest(),
         Top::Roots { .. } => None,
     };
-    let _registration = crate::sandbox::registry::register(
-        &crate::sandbox::runtime_dir(),
+    let _registration = crate::tools::sandbox::registry::register(
+        &crate::tools::sandbox::runtime_dir(),
         &store.url,
         &mountpoint,
         tree_digest.as_ref(),

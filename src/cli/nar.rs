@@ -1,5 +1,5 @@
 //! The Nix subcommands: `import-nar`, `export-nar`, `import-store`, `narinfo`. Thin: parse,
-//! call into [`crate::nar`], print.
+//! call into [`crate::views::nar`], print.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -11,12 +11,12 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 
-use crate::castore::{NixInfo, RootRecord};
-use crate::nar::store_dir::{import_store_dir, StoreDirProgress};
-use crate::nar::store_path::{parse_basename, to_basename, DEFAULT_STORE_DIR};
-use crate::nar::{import_nar, narinfo, write_nar, NarHash, NarImport};
+use crate::model::castore::{NixInfo, RootRecord};
 use crate::store::Store;
-use crate::tree;
+use crate::trees;
+use crate::views::nar::store_dir::{import_store_dir, StoreDirProgress};
+use crate::views::nar::store_path::{parse_basename, to_basename, DEFAULT_STORE_DIR};
+use crate::views::nar::{import_nar, narinfo, write_nar, NarHash, NarImport};
 
 /// Nix metadata given on the command line for `import-nar`.
 pub struct NixArgs {
@@ -107,7 +107,7 @@ pub async fn cmd_import_nar(
 }
 
 pub async fn cmd_export_nar(store: &Store, root: &str, output: Option<&Path>) -> Result<ExitCode> {
-    let node = tree::resolve_root(store, root).await?;
+    let node = trees::resolve_root(store, root).await?;
     let recorded = store
         .roots
         .get(root)
@@ -115,7 +115,7 @@ pub async fn cmd_export_nar(store: &Store, root: &str, output: Option<&Path>) ->
         .ok()
         .flatten()
         .and_then(|r| r.nix);
-    let check = |got: &crate::nar::NarSummary| -> Result<()> {
+    let check = |got: &crate::views::nar::NarSummary| -> Result<()> {
         if let Some(nix) = &recorded {
             if nix.nar_sha256[..] != got.nar_sha256.0 || nix.nar_size != got.nar_size {
                 bail!(
@@ -177,7 +177,7 @@ impl DbChoice {
             (Some(p), _) => DbChoice::Given(p),
             (None, true) => DbChoice::None,
             (None, false) => {
-                crate::nar::nix_db::find_db(dir).map_or(DbChoice::None, DbChoice::Found)
+                crate::views::nar::nix_db::find_db(dir).map_or(DbChoice::None, DbChoice::Found)
             }
         }
     }
@@ -195,9 +195,10 @@ pub async fn cmd_import_store(
         DbChoice::Given(p) | DbChoice::Found(p) => {
             let sd = store_dir.trim_end_matches('/').to_string();
             let path = p.clone();
-            let read = tokio::task::spawn_blocking(move || crate::nar::nix_db::read_db(&path, &sd))
-                .await
-                .context("reading Nix's database")??;
+            let read =
+                tokio::task::spawn_blocking(move || crate::views::nar::nix_db::read_db(&path, &sd))
+                    .await
+                    .context("reading Nix's database")??;
             eprintln!(
                 "granary: taking metadata of {} paths from {}",
                 read.len(),
@@ -240,7 +241,7 @@ pub async fn cmd_import_store(
 }
 
 pub async fn cmd_nix_db(store: &Store, roots: &[String], store_dir: &str) -> Result<ExitCode> {
-    use crate::nar::registration;
+    use crate::views::nar::registration;
     let paths = registration::closure(store, roots).await?;
     let text = registration::render(&paths, store_dir.trim_end_matches('/'))?;
     let mut out = std::io::stdout().lock();
@@ -251,7 +252,7 @@ pub async fn cmd_nix_db(store: &Store, roots: &[String], store_dir: &str) -> Res
 }
 
 pub async fn cmd_narinfo(store: &Store, root: &str, store_dir: &str) -> Result<ExitCode> {
-    let r = tree::get_root(store, root).await?;
+    let r = trees::get_root(store, root).await?;
     let Some(nix) = &r.nix else {
         bail!("{root}: root has no Nix metadata (import it with import-nar or import-store)");
     };

@@ -8,10 +8,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 
-use crate::castore::Node;
-use crate::sandbox::{self, registry, share, Bind, ExecSpec, Lower, Placement};
+use crate::model::castore::Node;
 use crate::store::Store;
-use crate::tree;
+use crate::tools::sandbox::{self, registry, share, Bind, ExecSpec, Lower, Placement};
+use crate::trees;
 
 #[derive(clap::Args, Debug)]
 pub struct SandboxArgs {
@@ -85,7 +85,7 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     if store.url.starts_with("memory:") {
         bail!("a memory:// store lives in one process; a sandbox needs a store other processes can open (file:// or grpc+...)");
     }
-    let digest = match tree::resolve_root(store, &args.root)
+    let digest = match trees::resolve_root(store, &args.root)
         .await
         .with_context(|| format!("--root {}", args.root))?
     {

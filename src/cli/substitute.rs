@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use crate::binary_cache::substitute::{SubstituteOptions, Substituter};
 use crate::store::Store;
+use crate::views::binary_cache::substitute::{SubstituteOptions, Substituter};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct SubstituteArgs {

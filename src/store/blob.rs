@@ -21,7 +21,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 
 use super::Result;
-use crate::castore::{B3Digest, BlobIndex, ModelError};
+use crate::model::castore::{B3Digest, BlobIndex, ModelError};
 
 /// One chunk of a blob: its digest and uncompressed length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl BlobMeta {
             chunks: self
                 .chunks
                 .iter()
-                .map(|c| crate::castore::proto::blob_index::Chunk {
+                .map(|c| crate::model::castore::proto::blob_index::Chunk {
                     digest: Bytes::copy_from_slice(c.digest.as_bytes()),
                     size: c.size,
                 })

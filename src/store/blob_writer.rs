@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 
 use super::outboard::TreeHasher;
 use super::{BlobService, ChunkRef, Result, Store, StoreError};
-use crate::castore::{B3Digest, BlobIndex};
-use crate::chunking::Chunker;
+use crate::model::castore::{B3Digest, BlobIndex};
+use crate::model::chunking::Chunker;
 
 /// Chunk puts in flight per blob by default: enough that one large blob keeps several cores
 /// busy compressing, few enough to bound memory at a few chunks.

@@ -40,7 +40,7 @@ use super::{
     BlobMeta, BlobService, DirectoryService, Maintenance, ObjectInfo, ObjectKind as Kind, Result,
     RootService, Store, StoreConfig, StoreError, Usage,
 };
-use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 
 /// A hit refreshes an entry's mtime only if it is older than this (saves a syscall per hit).
 const TOUCH_AFTER: Duration = Duration::from_secs(60);
@@ -457,7 +457,7 @@ impl DiskCache {
         let raw = self.read_entry(&path)?;
         match BlobIndex::decode_valid(&raw).and_then(|i| {
             BlobMeta::from_index(&i)
-                .map_err(|e| crate::castore::ModelError::BlobIndex(e.to_string()))
+                .map_err(|e| crate::model::castore::ModelError::BlobIndex(e.to_string()))
         }) {
             Ok(m) if !m.chunks.is_empty() => Some(m),
             Ok(_) => {

@@ -7,8 +7,8 @@ use std::io::Read;
 use bytes::Bytes;
 
 use super::{Result, StoreError};
-use crate::castore::B3Digest;
-use crate::chunking::MAX_CHUNK;
+use crate::model::castore::B3Digest;
+use crate::model::chunking::MAX_CHUNK;
 
 /// Decompresses a stored chunk, never allocating more than [`MAX_CHUNK`], and checks its digest.
 pub fn decode_chunk(digest: &B3Digest, compressed: &[u8]) -> Result<Bytes> {

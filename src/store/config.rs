@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::chunking::ChunkParams;
+use crate::model::chunking::ChunkParams;
 
 /// The store format this build writes and understands: 1 = one file per object, 2 = objects
 /// may also be in pack files (`packs/`), which a format-1 granary would not see.

@@ -3,9 +3,9 @@
 use bytes::Bytes;
 
 use super::{open, BlobReader, Store, StoreError};
-use crate::castore::{B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord};
-use crate::chunking::chunk_all;
-use crate::import::{import_path, ImportOptions};
+use crate::model::castore::{B3Digest, Directory, DirectoryEntry, FileEntry, Node, RootRecord};
+use crate::model::chunking::chunk_all;
+use crate::trees::import::{import_path, ImportOptions};
 
 fn noise(n: usize, seed: u64) -> Vec<u8> {
     let mut s = seed | 1;

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use async_trait::async_trait;
 
 use super::{Result, StoreError};
-use crate::castore::{B3Digest, Directory};
+use crate::model::castore::{B3Digest, Directory};
 
 /// Directories asked for at once by the default batch and closure reads.
 const BATCH_CONCURRENCY: usize = 16;

@@ -8,7 +8,7 @@ use std::path::Path;
 use async_trait::async_trait;
 
 use super::Result;
-use crate::castore::Node;
+use crate::model::castore::Node;
 
 /// Where an ingest session is.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -16,7 +16,7 @@ use futures::stream::{self, StreamExt};
 
 use super::outboard::{self, BLOCK};
 use super::{BlobMeta, BlobService, ChunkRef, Result, StoreError};
-use crate::castore::B3Digest;
+use crate::model::castore::B3Digest;
 
 /// Chunks fetched at once when a blob without an outboard is hashed whole to make one.
 const HASH_CONCURRENCY: usize = 8;

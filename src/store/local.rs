@@ -39,10 +39,10 @@ use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,
     Maintenance, ObjectInfo, Result, RootService, Store, StoreConfig, StoreError, Usage,
 };
-use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 
 /// Largest chunk we will decompress: FastCDC's largest allowed maximum.
-pub use crate::chunking::MAX_CHUNK;
+pub use crate::model::chunking::MAX_CHUNK;
 
 const TMP_PREFIX: &str = ".tmp-";
 

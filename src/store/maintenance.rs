@@ -11,7 +11,7 @@
 use async_trait::async_trait;
 
 use super::{Result, StoreError};
-use crate::castore::B3Digest;
+use crate::model::castore::B3Digest;
 
 /// The kinds of content-addressed object a store holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

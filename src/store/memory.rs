@@ -11,7 +11,7 @@ use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
     ObjectInfo, ObjectKind, Result, RootService, Store, StoreConfig, StoreError, Usage,
 };
-use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 
 #[derive(Default)]
 pub struct MemoryStore {

@@ -15,8 +15,8 @@
 
 use std::sync::Arc;
 
-use crate::castore::{B3Digest, ModelError};
-use crate::chunking::ChunkParams;
+use crate::model::castore::{B3Digest, ModelError};
+use crate::model::chunking::ChunkParams;
 
 pub mod blob;
 pub mod blob_writer;

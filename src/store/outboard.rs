@@ -18,7 +18,7 @@ use blake3::hazmat::{
     left_subtree_len, merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
 };
 
-use crate::castore::B3Digest;
+use crate::model::castore::B3Digest;
 
 /// Bytes per outboard block: 16 KiB = 16 BLAKE3 chunks, the default minimum CDC chunk, so a
 /// block straddles at most two chunks of a default store.

@@ -20,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{ObjectKind, Result, StoreError};
-use crate::castore::B3Digest;
+use crate::model::castore::B3Digest;
 
 pub const PACK_DIR: &str = "packs";
 pub const PACK_MAGIC: &[u8; 8] = b"GRNPACK1";

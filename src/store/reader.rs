@@ -9,7 +9,7 @@ use futures::stream::Stream;
 
 use super::layout::{fetch_chunk, stream_blob, BlobLayout};
 use super::{BlobMeta, BlobService, ChunkRef, Result, StoreError};
-use crate::castore::B3Digest;
+use crate::model::castore::B3Digest;
 
 /// Chunks fetched at once while streaming a whole blob.
 pub const STREAM_CONCURRENCY: usize = 8;

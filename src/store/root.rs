@@ -1,6 +1,6 @@
 //! The root service: named roots. This file is the contract every backend keeps.
 //!
-//! - A root is a name (see [`crate::castore::validate_root_name`]) pointing at one node,
+//! - A root is a name (see [`crate::model::castore::validate_root_name`]) pointing at one node,
 //!   with optional Nix metadata. A backend stores and returns the record as given; a record
 //!   that cannot be read is an error naming the root, never a silently missing root.
 //! - A put makes everything put before it durable first (so a root never points at objects
@@ -10,7 +10,7 @@
 use async_trait::async_trait;
 
 use super::{Result, StoreError};
-use crate::castore::RootRecord;
+use crate::model::castore::RootRecord;
 
 /// Named roots.
 #[async_trait]

@@ -49,8 +49,8 @@ use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
     ObjectInfo, ObjectKind as Kind, Result, RootService, Store, StoreConfig, StoreError, Usage,
 };
-use crate::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
-use crate::chunking::MAX_CHUNK;
+use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::model::chunking::MAX_CHUNK;
 
 /// Requests issued by this process to S3 stores, by kind.
 static GETS: AtomicU64 = AtomicU64::new(0);

@@ -18,9 +18,9 @@ use tonic::{Code, Request, Status};
 
 use super::wire::feature;
 use super::wire::proto::{self, granary_client::GranaryClient};
-use crate::castore::B3Digest;
-use crate::chunking::ChunkParams;
-use crate::chunking::MAX_CHUNK;
+use crate::model::castore::B3Digest;
+use crate::model::chunking::ChunkParams;
+use crate::model::chunking::MAX_CHUNK;
 use crate::store::StoreError;
 
 /// Where the daemon listens.

@@ -17,7 +17,7 @@ use super::{
     BlobMeta, BlobService, DirectoryService, Maintenance, Result, RootService, Store, StoreConfig,
     StoreError, Usage,
 };
-use crate::castore::{self, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::model::castore::{self, B3Digest, BlobIndex, Directory, RootRecord};
 use client::{Client, ClientConfig};
 use wire::{digest_bytes, feature, proto, root_from_proto, root_to_proto};
 

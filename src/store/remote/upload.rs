@@ -13,7 +13,7 @@ use super::client::Client;
 use super::wire::node_from_proto;
 use super::wire::proto::{self, ingest_entry::Kind, ingest_frame::Frame};
 use super::wire::FRAME_BYTES;
-use crate::castore::Node;
+use crate::model::castore::Node;
 use crate::store::{IngestService, IngestStatus, StoreError};
 
 /// One entry of the walked tree.

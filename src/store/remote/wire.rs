@@ -1,11 +1,11 @@
 //! The remote protocol's wire (DESIGN.md §5): generated gRPC code and what the daemon's
 //! server and this client share (features, frame sizes, conversions). The server
-//! (`crate::rpc`) sits above the store and uses these; the client sits here, below it.
+//! (`crate::views::rpc`) sits above the store and uses these; the client sits here, below it.
 
 use bytes::Bytes;
 use prost::Message;
 
-use crate::castore::{self, B3Digest, Node, RootRecord};
+use crate::model::castore::{self, B3Digest, Node, RootRecord};
 
 /// The generated messages and service (`proto/granary/v1/granary.proto`).
 #[allow(clippy::all, clippy::pedantic)]
@@ -48,7 +48,7 @@ pub const FRAME_BYTES: usize = 1 << 20;
 
 /// Largest gRPC message either side accepts: the largest directory the model allows plus
 /// room for its envelope (tonic's 4 MiB default would refuse large directories).
-pub const MAX_MESSAGE: usize = crate::castore::MAX_DIRECTORY_BYTES + (1 << 20);
+pub const MAX_MESSAGE: usize = crate::model::castore::MAX_DIRECTORY_BYTES + (1 << 20);
 
 /// Largest blob whose bytes a stat answer carries inline.
 pub const MAX_INLINE: u64 = 64 << 10;

@@ -27,10 +27,10 @@ use futures::StreamExt;
 use prost::encoding::encoded_len_varint;
 use serde::Serialize;
 
-use crate::castore::{B3Digest, Directory, Node};
-use crate::chunking::{ChunkParams, Chunker};
-use crate::import::Progress;
+use crate::model::castore::{B3Digest, Directory, Node};
+use crate::model::chunking::{ChunkParams, Chunker};
 use crate::store::{empty_blob, BlobReader, Store, StoreError};
+use crate::trees::import::Progress;
 use crate::units::parse_size;
 
 #[derive(Debug, thiserror::Error)]
@@ -94,10 +94,10 @@ impl Strategy {
             ("store", None) => Ok(Strategy::Store(store)),
             ("fixed", Some(a)) => {
                 let n: u32 = parse_size(a).map_err(bad)?;
-                if n == 0 || n as usize > crate::chunking::MAX_CHUNK {
+                if n == 0 || n as usize > crate::model::chunking::MAX_CHUNK {
                     return Err(bad(format!(
                         "size must be in 1..={}",
-                        crate::chunking::MAX_CHUNK
+                        crate::model::chunking::MAX_CHUNK
                     )));
                 }
                 Ok(Strategy::Fixed(n))
@@ -1361,7 +1361,7 @@ pub async fn store_figures(store: &Store) -> Result<StrategyReport, DedupError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::castore::BlobIndex;
+    use crate::model::castore::BlobIndex;
 
     #[test]
     fn index_length_matches_prost() {
@@ -1373,7 +1373,7 @@ mod tests {
             let idx = BlobIndex {
                 chunks: sizes
                     .iter()
-                    .map(|&s| crate::castore::proto::blob_index::Chunk {
+                    .map(|&s| crate::model::castore::proto::blob_index::Chunk {
                         digest: Bytes::from(vec![7u8; 32]),
                         size: s,
                     })

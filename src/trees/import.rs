@@ -23,7 +23,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
-use crate::castore::{validate_name, B3Digest, Directory, Node, SymlinkEntry};
+use crate::model::castore::{validate_name, B3Digest, Directory, Node, SymlinkEntry};
 use crate::store::blob_writer::{BlobWriter, PUTS_IN_FLIGHT};
 use crate::store::{Store, StoreError};
 

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use futures::{StreamExt, TryStreamExt};
 use tokio::sync::{Mutex, RwLock};
 
-use crate::nar::store_path::parse_basename;
-use crate::nar::NarHash;
 use crate::store::{Store, StoreError};
+use crate::views::nar::store_path::parse_basename;
+use crate::views::nar::NarHash;
 
 /// Shortest time between two refreshes triggered by misses.
 pub const MIN_REFRESH: Duration = Duration::from_secs(1);

@@ -15,7 +15,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tonic::{Status, Streaming};
 
-use crate::castore::{
+use crate::model::castore::{
     self, validate_name, validate_root_name, Directory, Node, RootRecord, SymlinkEntry,
 };
 use crate::store::blob_writer::{self, BlobWriter};

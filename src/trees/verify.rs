@@ -13,7 +13,7 @@ use std::fmt;
 
 use futures::StreamExt;
 
-use crate::castore::{B3Digest, Directory, Node};
+use crate::model::castore::{B3Digest, Directory, Node};
 use crate::store::{BlobMeta, BlobReader, ObjectKind, Result, Store, StoreError};
 
 /// What a problem is about.

@@ -32,9 +32,9 @@ use fuser::{
 use futures::stream::{self, StreamExt};
 use lru::LruCache;
 
-use crate::castore::{validate_root_name, B3Digest, Node};
-use crate::nar::store_path::parse_basename;
+use crate::model::castore::{validate_root_name, B3Digest, Node};
 use crate::store::{Store, StoreError};
+use crate::views::nar::store_path::parse_basename;
 use chunk_cache::{ChunkCache, Layout};
 use inode::{DirView, Inode, InodeTable, Kind, ROOT_INO};
 
@@ -263,7 +263,7 @@ impl Inner {
     fn keep_view(
         &self,
         digest: B3Digest,
-        dir: &crate::castore::Directory,
+        dir: &crate::model::castore::Directory,
     ) -> Result<Arc<DirView>, Errno> {
         let what = || format!("directory {digest}");
         let view = Arc::new(DirView::new(digest, dir).map_err(|e| eio(&what(), e))?);
@@ -733,7 +733,7 @@ impl GranaryFs {
         let (kind, view, listable) = match &opts.top {
             Top::Roots { listable } => (Kind::Roots, None, *listable),
             Top::Tree(node @ Node::Directory { digest, .. }) => {
-                let dir = crate::tree::get_dir(&store, digest).await?;
+                let dir = crate::trees::get_dir(&store, digest).await?;
                 let view = DirView::new(*digest, &dir).map_err(StoreError::from)?;
                 (Kind::Node(node.clone()), Some(Arc::new(view)), true)
             }
@@ -772,7 +772,7 @@ impl GranaryFs {
             gid,
             nix: opts.nix,
             empty_view: {
-                let empty = crate::castore::Directory::default();
+                let empty = crate::model::castore::Directory::default();
                 Arc::new(DirView::new(empty.digest(), &empty).map_err(StoreError::from)?)
             },
             store,

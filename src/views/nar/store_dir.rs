@@ -25,7 +25,7 @@ use super::nix_db::DbPath;
 use super::refs::RefScanner;
 use super::store_path::{parse_basename, HASH_PART_LEN};
 use super::{import_nar, NarError, NarImport};
-use crate::castore::{NixInfo, RootRecord};
+use crate::model::castore::{NixInfo, RootRecord};
 use crate::store::Store;
 
 /// Counters for progress display.

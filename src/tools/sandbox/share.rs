@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::castore::{B3Digest, Node};
-use crate::fs::{self, MountOptions, Top};
+use crate::model::castore::{B3Digest, Node};
 use crate::store::Store;
+use crate::views::fs::{self, MountOptions, Top};
 
 /// How long to wait for another sandbox's join, or for a server to come up.
 const JOIN_WAIT: Duration = Duration::from_secs(60);

@@ -15,7 +15,7 @@ use futures::future::{BoxFuture, FutureExt, Shared};
 use futures::stream::{self, StreamExt, TryStreamExt};
 use lru::LruCache;
 
-use crate::castore::B3Digest;
+use crate::model::castore::B3Digest;
 use crate::store::layout::BlobLayout;
 use crate::store::{BlobService, ChunkRef, StoreError};
 
@@ -500,7 +500,7 @@ mod tests {
         async fn put_blob_index(
             &self,
             b: B3Digest,
-            i: &crate::castore::BlobIndex,
+            i: &crate::model::castore::BlobIndex,
         ) -> crate::store::Result<()> {
             self.inner.put_blob_index(b, i).await
         }
@@ -628,7 +628,7 @@ mod tests {
         async fn put_blob_index(
             &self,
             b: B3Digest,
-            i: &crate::castore::BlobIndex,
+            i: &crate::model::castore::BlobIndex,
         ) -> crate::store::Result<()> {
             self.0.put_blob_index(b, i).await
         }

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 
-use crate::castore::{B3Digest, Node};
+use crate::model::castore::{B3Digest, Node};
 use crate::store::{ObjectKind, Result, Store, StoreError};
 
 /// The objects reachable from a set of roots.
@@ -57,7 +57,7 @@ pub async fn mark_node(store: &Store, node: &Node, marks: &mut Marks) -> Result<
         if !marks.dirs.insert(d) {
             continue;
         }
-        let dir = crate::tree::get_dir(store, &d).await?;
+        let dir = crate::trees::get_dir(store, &d).await?;
         for e in &dir.directories {
             todo.push(B3Digest::try_from(&e.digest[..])?);
         }

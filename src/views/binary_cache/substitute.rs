@@ -33,10 +33,10 @@ use tokio_util::io::StreamReader;
 
 use super::narinfo::{self, UploadedNarInfo, MAX_NARINFO_BYTES};
 use super::sign;
-use crate::castore::{NixInfo, RootRecord};
-use crate::nar::store_path::{parse_basename, HASH_PART_LEN};
-use crate::nar::{import_nar, NarHash};
+use crate::model::castore::{NixInfo, RootRecord};
 use crate::store::{Result as StoreResult, RootService, Store, StoreError};
+use crate::views::nar::store_path::{parse_basename, HASH_PART_LEN};
+use crate::views::nar::{import_nar, NarHash};
 
 /// How substitution behaves; see `granary mount --help`.
 #[derive(Debug, Clone)]
@@ -314,7 +314,7 @@ impl Substituter {
         &self,
         cache: &Cache,
         info: &UploadedNarInfo,
-    ) -> Result<crate::castore::Node, SubstituteError> {
+    ) -> Result<crate::model::castore::Node, SubstituteError> {
         let err = |why: String| {
             SubstituteError(format!(
                 "{}/{}: {} ({why}); nothing recorded",

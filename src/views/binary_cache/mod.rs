@@ -42,11 +42,11 @@ use tokio_util::io::{ReaderStream, StreamReader};
 
 use self::index::RootIndex;
 use self::sign::NixSigningKey;
-use crate::castore::{NixInfo, Node, RootRecord};
-use crate::nar::hash::{is_nix32_char, nix32_decode};
-use crate::nar::store_path::HASH_PART_LEN;
-use crate::nar::{import_nar, write_nar, NarError, NarHash, NarImport, NarSummary};
+use crate::model::castore::{NixInfo, Node, RootRecord};
 use crate::store::{Store, StoreError};
+use crate::views::nar::hash::{is_nix32_char, nix32_decode};
+use crate::views::nar::store_path::HASH_PART_LEN;
+use crate::views::nar::{import_nar, write_nar, NarError, NarHash, NarImport, NarSummary};
 
 /// How the cache behaves; see `granary serve-cache --help`.
 #[derive(Debug)]
@@ -69,7 +69,7 @@ pub struct CacheOptions {
 impl Default for CacheOptions {
     fn default() -> Self {
         Self {
-            store_dir: crate::nar::store_path::DEFAULT_STORE_DIR.to_string(),
+            store_dir: crate::views::nar::store_path::DEFAULT_STORE_DIR.to_string(),
             priority: 40,
             sign_key: None,
             token: None,
@@ -194,7 +194,8 @@ impl BinaryCache {
             })?;
             nix.signatures.push(key.sign(&fp));
         }
-        crate::nar::narinfo::render(name, &nix, &self.opts.store_dir).map_err(HttpError::internal)
+        crate::views::nar::narinfo::render(name, &nix, &self.opts.store_dir)
+            .map_err(HttpError::internal)
     }
 }
 
@@ -215,9 +216,9 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> io::Result<()> {
-    let guarded = crate::net_guard::GuardedListener {
+    let guarded = crate::views::net_guard::GuardedListener {
         inner: listener,
-        gate: crate::net_guard::Gate::new(crate::net_guard::default_cap()),
+        gate: crate::views::net_guard::Gate::new(crate::views::net_guard::default_cap()),
     };
     axum::serve(guarded, router(cache))
         .with_graceful_shutdown(shutdown)

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::castore::B3Digest;
-use crate::fs::XATTR_DIGEST;
+use crate::model::castore::B3Digest;
+use crate::views::fs::XATTR_DIGEST;
 
 /// How long a digest check on a registered mount may take before the mount is passed over.
 const CHECK_WAIT: Duration = Duration::from_secs(5);
@@ -82,7 +82,7 @@ pub fn find(runtime: &Path, store_url: &str, digest: &B3Digest, name: &str) -> O
         if entry.store != store_url {
             continue;
         }
-        if crate::fs::mount_device(&entry.mountpoint).is_none() {
+        if crate::views::fs::mount_device(&entry.mountpoint).is_none() {
             continue;
         }
         let candidate = match &entry.tree {

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::hash::NarHash;
-use crate::castore::NixInfo;
+use crate::model::castore::NixInfo;
 
 /// Renders the `.narinfo` of store path `basename` under `store_dir`.
 pub fn render(basename: &str, nix: &NixInfo, store_dir: &str) -> Result<String, String> {

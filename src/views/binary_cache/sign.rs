@@ -6,8 +6,8 @@
 use data_encoding::BASE64;
 use ed25519_dalek::{Signer, SigningKey, Verifier, VerifyingKey};
 
-use crate::castore::NixInfo;
-use crate::nar::NarHash;
+use crate::model::castore::NixInfo;
+use crate::views::nar::NarHash;
 
 /// Why a key file could not be used.
 #[derive(Debug, thiserror::Error)]

@@ -16,8 +16,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::castore::{B3Digest, Directory, ModelError, Node};
-use crate::tree::entry_node;
+use crate::model::castore::{B3Digest, Directory, ModelError, Node};
+use crate::trees::entry_node;
 
 /// The inode number of the mount's root.
 pub const ROOT_INO: u64 = 1;

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::task::JoinHandle;
 
 use super::{padding, NarError, NarHash, MAGIC, MAX_KEYWORD_LEN};
-use crate::castore::{
+use crate::model::castore::{
     validate_name, B3Digest, Directory, Node, MAX_DIRECTORY_BYTES, MAX_NAME_LEN, MAX_TARGET_LEN,
 };
 use crate::store::blob_writer::{BlobWriter, PutQueue};
@@ -422,7 +422,7 @@ async fn stream_contents<R: AsyncBufRead + Unpin>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nar::write_nar;
+    use crate::views::nar::write_nar;
 
     /// A NAR string, built independently of the writer.
     fn s(b: &[u8]) -> Vec<u8> {

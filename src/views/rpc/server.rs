@@ -12,8 +12,8 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ingest::Sessions;
-use crate::castore::{self, B3Digest, Directory, Node};
-use crate::chunking::MAX_CHUNK;
+use crate::model::castore::{self, B3Digest, Directory, Node};
+use crate::model::chunking::MAX_CHUNK;
 use crate::store::blob_writer::{self, BlobWriter};
 use crate::store::remote::wire::proto::{self, granary_server::Granary};
 use crate::store::remote::wire::{

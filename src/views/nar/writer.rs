@@ -13,9 +13,9 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::{padding, NarError, NarHash, MAGIC};
-use crate::castore::{B3Digest, Directory, Node};
+use crate::model::castore::{B3Digest, Directory, Node};
 use crate::store::{BlobReader, Store, StoreError};
-use crate::tree::entry_node;
+use crate::trees::entry_node;
 
 /// Size and SHA-256 of a NAR that was written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +182,7 @@ fn walk(store: Store, node: Node) -> impl Stream<Item = Result<Piece, NarError>>
                         return Ok(Some((file, (work, store, buf))));
                     }
                     Step::Node(Node::Directory { digest, .. }) => {
-                        let dir: Directory = crate::tree::get_dir(&store, &digest)
+                        let dir: Directory = crate::trees::get_dir(&store, &digest)
                             .await
                             .map_err(store_err)?;
                         put_node_start(&mut buf, b"directory");

@@ -8,9 +8,9 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use crate::castore::NixInfo;
-use crate::nar::NarHash;
+use crate::model::castore::NixInfo;
 use crate::store::{Store, StoreError};
+use crate::views::nar::NarHash;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistrationError {
@@ -103,7 +103,7 @@ pub fn render(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::castore::{Node, RootRecord};
+    use crate::model::castore::{Node, RootRecord};
 
     fn nix(refs: &[&str], deriver: &str) -> NixInfo {
         NixInfo {

@@ -3,8 +3,8 @@
 //! store directory, hashes are SHA-256, sizes are numbers, and no field appears twice (except
 //! `Sig`). Unknown fields are ignored, as Nix does.
 
-use crate::nar::store_path::{parse_basename, to_basename};
-use crate::nar::NarHash;
+use crate::views::nar::store_path::{parse_basename, to_basename};
+use crate::views::nar::NarHash;
 
 /// Largest narinfo accepted (Nix's are a few hundred bytes; a path with thousands of
 /// references stays far below this).
