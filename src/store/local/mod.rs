@@ -107,13 +107,13 @@ mod staging;
 mod tests;
 
 #[allow(unused_imports)]
-use maintenance::*;
+pub use maintenance::*;
 #[allow(unused_imports)]
-use objects::*;
+pub use objects::*;
 #[allow(unused_imports)]
-use roots::*;
+pub use roots::*;
 #[allow(unused_imports)]
-use staging::*;
+pub use staging::*;
 impl LocalStore {
     /// Opens the store at `path`, creating it (with default parameters) if it does not exist.
     pub async fn open(url: &str, path: &Path) -> Result<Store> {

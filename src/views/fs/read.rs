@@ -1,0 +1,127 @@
+//! File content for the mount: per-inode read state, reads through the chunk cache, prefetch of what a reader is likely to read next, and xattrs.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl Inner {
+    /// The read state of a file inode. It is kept per inode rather than per open handle, so
+    /// it also serves kernels that skip `open` (`FUSE_NO_OPEN_SUPPORT`); it goes with the
+    /// inode on `forget`.
+    pub(super) fn open_file(&self, ino: u64) -> Result<Arc<OpenFile>, Errno> {
+        if let Some(f) = lock(&self.files).get(&ino) {
+            return Ok(f.clone());
+        }
+        let (digest, size) = {
+            let table = lock(&self.table);
+            match &table.get(ino).ok_or(Errno::ENOENT)?.kind {
+                Kind::Node(Node::File { digest, size, .. }) => (*digest, *size),
+                Kind::Node(Node::Directory { .. }) | Kind::Roots => return Err(Errno::EISDIR),
+                Kind::Node(Node::Symlink { .. }) => return Err(Errno::ELOOP),
+            }
+        };
+        let file = Arc::new(OpenFile {
+            digest,
+            size,
+            layout: tokio::sync::OnceCell::new(),
+            next: AtomicU64::new(u64::MAX),
+        });
+        Ok(lock(&self.files).entry(ino).or_insert(file).clone())
+    }
+
+    /// Whole-tree readers (tar, cp -r, rsync) read a directory's files one after another:
+    /// when a file is first read, fetch the next few siblings' first chunks in the background.
+    pub(super) fn prefetch_siblings(&self, ino: u64) {
+        let found = {
+            let table = lock(&self.table);
+            let Some(parent) = table.get(ino).map(|i| i.parent) else {
+                return;
+            };
+            let Some((view, first)) = table.get(parent).and_then(|p| p.dir.as_ref()) else {
+                return;
+            };
+            ino.checked_sub(*first)
+                .map(|i| (view.clone(), i as usize + 1))
+        };
+        if let Some((view, from)) = found {
+            self.prefetch_files(&view, from, SIBLING_PREFETCH);
+        }
+    }
+
+    /// Starts fetching the first chunks of the files among the `n` entries of `view` from
+    /// index `from`.
+    pub(super) fn prefetch_files(&self, view: &DirView, from: usize, n: usize) {
+        let blobs: Vec<_> = view
+            .entries
+            .iter()
+            .skip(from)
+            .take(n)
+            .filter_map(|(_, node)| match node {
+                Node::File { digest, size, .. } if *size > 0 => Some((*digest, *size)),
+                _ => None,
+            })
+            .collect();
+        if !blobs.is_empty() {
+            self.chunks.prefetch_blobs(blobs);
+        }
+    }
+
+    pub(super) async fn read(
+        &self,
+        ino: u64,
+        file: Arc<OpenFile>,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, Errno> {
+        if offset == 0 {
+            self.prefetch_siblings(ino);
+        }
+        let _permit = self.reads.acquire().await.map_err(|_| Errno::EIO)?;
+        let layout = file
+            .layout
+            .get_or_try_init(|| self.chunks.layout(&file.digest, file.size))
+            .await
+            .map_err(|_| Errno::EIO)?
+            .clone();
+        let data = self
+            .chunks
+            .read(&layout, offset, size as usize)
+            .await
+            .map_err(|_| Errno::EIO)?;
+        let end = offset + data.len() as u64;
+        let prev = file.next.swap(end, Ordering::Relaxed);
+        if prev == offset && end < file.size {
+            self.chunks.prefetch(layout, end);
+        }
+        Ok(data)
+    }
+
+    pub(super) fn xattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        let table = lock(&self.table);
+        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+        if name.as_bytes() == XATTR_DIGEST.as_bytes() {
+            if let Kind::Node(n) = &inode.kind {
+                if let Some(d) = n.digest() {
+                    return Ok(d.to_hex().into_bytes());
+                }
+            }
+        } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
+            return Ok(table.len().to_string().into_bytes());
+        }
+        Err(Errno::NO_XATTR)
+    }
+
+    pub(super) fn xattr_names(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let table = lock(&self.table);
+        let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+        let mut out = Vec::new();
+        if let Kind::Node(Node::Directory { .. } | Node::File { .. }) = &inode.kind {
+            out.extend_from_slice(XATTR_DIGEST.as_bytes());
+            out.push(0);
+        }
+        if ino == ROOT_INO {
+            out.extend_from_slice(XATTR_INODES.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+}
