@@ -1,0 +1,97 @@
+//! Whole-bucket operations: usage, listing, age-checked deletion.
+
+#[allow(unused_imports)]
+use super::*;
+
+#[async_trait]
+impl Maintenance for S3Store {
+    async fn usage(&self) -> Result<Usage> {
+        let mut u = Usage::default();
+        for kind in Kind::ALL {
+            let objs = Maintenance::list(self, kind).await?;
+            u.stored_bytes += objs.iter().map(|o| o.stored_bytes).sum::<u64>();
+            let n = objs.len() as u64;
+            match kind {
+                Kind::Chunk => {
+                    u.chunks = n;
+                    let sizes: Vec<Option<u64>> = futures::stream::iter(objs)
+                        .map(|o| async move { self.chunk_size(&o.digest).await })
+                        .buffer_unordered(USAGE_CONCURRENCY)
+                        .try_collect()
+                        .await?;
+                    u.chunk_bytes = sizes.into_iter().flatten().sum();
+                }
+                Kind::BlobIndex => u.blob_indexes = n,
+                Kind::Directory => u.directories = n,
+            }
+        }
+        u.roots = RootService::list(self).await?.len() as u64;
+        Ok(u)
+    }
+
+    async fn list(&self, kind: Kind) -> Result<Vec<ObjectInfo>> {
+        let mut out: Vec<ObjectInfo> = self
+            .list_under(kind.dir())
+            .await?
+            .into_iter()
+            .filter_map(|m| {
+                let digest = m.location.filename()?.parse::<B3Digest>().ok()?;
+                Some(ObjectInfo {
+                    kind,
+                    digest,
+                    stored_bytes: m.size,
+                    modified: SystemTime::from(m.last_modified),
+                })
+            })
+            .collect();
+        let loose: HashSet<B3Digest> = out.iter().map(|o| o.digest).collect();
+        let mut st = self.packs.lock().await;
+        self.scan_packs(&mut st).await?;
+        for ((k, digest), (id, e)) in &st.map {
+            if *k == kind && !loose.contains(digest) {
+                out.push(ObjectInfo {
+                    kind,
+                    digest: *digest,
+                    stored_bytes: e.len as u64,
+                    modified: st.packs.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the object if its LastModified is before `cutoff`. S3 offers no atomic
+    /// check-and-delete and no touch-on-reuse, so this is only as safe as the module docs say.
+    async fn delete_if_older(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        cutoff: SystemTime,
+    ) -> Result<bool> {
+        // Packed objects stay (see the module docs).
+        let key = self.object_key(kind, digest);
+        let Some(m) = self.head(&key).await? else {
+            return Ok(false);
+        };
+        if SystemTime::from(m.last_modified) >= cutoff {
+            return Ok(false);
+        }
+        self.delete_key(&key).await?;
+        self.forget(kind, digest);
+        Ok(true)
+    }
+
+    async fn remove(&self, kind: Kind, digest: &B3Digest) -> Result<()> {
+        self.forget(kind, digest);
+        self.delete_key(&self.object_key(kind, digest)).await
+    }
+
+    /// S3 puts are atomic: there are no partial writes to sweep.
+    async fn sweep_temp(&self, _cutoff: SystemTime) -> Result<u64> {
+        Ok(0)
+    }
+
+    async fn counters(&self) -> Result<Vec<(&'static str, u64)>> {
+        Ok(request_counts())
+    }
+}

@@ -1,0 +1,357 @@
+//! `s3://BUCKET[/PREFIX]?endpoint=URL&region=R[&allow_http=true][&timeout=30s]`: the store kept
+//! in an S3-compatible object store, through the `object_store` crate.
+//!
+//! The key layout is the `file://` store's (config.toml, chunks/ab/<hex> zstd-compressed,
+//! blobs/ab/<hex>, dirs/ab/<hex>, roots/<name>), under PREFIX, so a `file://` store copied
+//! into a bucket with any S3 tool is a valid `s3://` store, and the other way round.
+//! Credentials come from the usual AWS environment variables (`AWS_ACCESS_KEY_ID`,
+//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, ...).
+//!
+//! - Objects are written with one PUT each (S3 PUTs are atomic), after a HEAD that skips
+//!   objects already there: concurrent puts of one object both succeed and leave one copy.
+//! - Root puts are conditional (`If-Match` on the version seen, `If-None-Match: *` for a new
+//!   root) where the server supports it, so a put never silently replaces a version it did not
+//!   see; on servers without conditional puts they are last-writer-wins per root.
+//! - Every call has a deadline (`timeout`, default 30 s, with a 5 s connect timeout and a few
+//!   retries inside it): a missing bucket, wrong credentials or a dead endpoint give a one-line
+//!   error, never a hang.
+//! - Pack files (`packs/<id>.pack` + `.idx`, see [`super::pack`]) of a `file://` store copied
+//!   into the bucket are read: an object not found under its own key is looked up in the
+//!   packs' indexes (listed on the first such miss, and again at most every
+//!   [`PACK_RESCAN`]) and fetched with a ranged GET. Objects are written one PUT each, never
+//!   packed, and gc here does not rewrite packs: run it on the `file://` side for those.
+//! - gc: S3 cannot refresh an object's LastModified without rewriting it, so reuse by an import
+//!   does not "touch" objects here. gc's grace rule on `s3://` is therefore based on
+//!   LastModified (the object's upload time) alone: run `gc` on an S3 store only while no
+//!   import writes to it, or with a grace longer than any import.
+//!
+//! Requests are counted process-wide ([`request_counts`]); `granary info` shows them and
+//! `GRANARY_S3_STATS=1` prints them to stderr when the command ends.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::{AmazonS3, AmazonS3Builder};
+use object_store::path::Path as Key;
+use object_store::{
+    ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, PutMode, PutOptions,
+    PutPayload, RetryConfig, UpdateVersion,
+};
+
+use super::codec::decode_chunk;
+use super::pack::{self, IndexEntry};
+use super::{
+    check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
+    ObjectInfo, ObjectKind as Kind, Result, RootService, Store, StoreConfig, StoreError, Usage,
+};
+use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
+use crate::model::chunking::MAX_CHUNK;
+
+/// Requests issued by this process to S3 stores, by kind.
+static GETS: AtomicU64 = AtomicU64::new(0);
+static PUTS: AtomicU64 = AtomicU64::new(0);
+static HEADS: AtomicU64 = AtomicU64::new(0);
+static LISTS: AtomicU64 = AtomicU64::new(0);
+static DELETES: AtomicU64 = AtomicU64::new(0);
+static GET_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// `(name, count)` of the S3 requests this process made so far.
+pub fn request_counts() -> Vec<(&'static str, u64)> {
+    vec![
+        ("s3 GET requests", GETS.load(Ordering::Relaxed)),
+        ("s3 GET bytes", GET_BYTES.load(Ordering::Relaxed)),
+        ("s3 HEAD requests", HEADS.load(Ordering::Relaxed)),
+        ("s3 PUT requests", PUTS.load(Ordering::Relaxed)),
+        ("s3 LIST requests", LISTS.load(Ordering::Relaxed)),
+        ("s3 DELETE requests", DELETES.load(Ordering::Relaxed)),
+    ]
+}
+
+/// Whether any S3 request was made (so the stats line is worth printing).
+pub fn any_requests() -> bool {
+    request_counts().iter().any(|(_, n)| *n > 0)
+}
+
+/// Default deadline of one call (retries included).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Ranged GETs issued at once when `usage` reads chunk headers.
+const USAGE_CONCURRENCY: usize = 32;
+/// Bytes of a zstd frame header that hold the content size.
+const ZSTD_HEADER: u64 = 18;
+
+/// What an `s3://` URL says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Url {
+    pub bucket: String,
+    /// Key prefix without leading or trailing '/' (empty for the bucket's top).
+    pub prefix: String,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    pub allow_http: bool,
+    pub timeout: Duration,
+}
+
+impl S3Url {
+    pub fn parse(url: &str) -> std::result::Result<Self, String> {
+        let rest = url
+            .strip_prefix("s3://")
+            .ok_or_else(|| "not an s3:// URL".to_string())?;
+        let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (bucket, prefix) = path.split_once('/').unwrap_or((path, ""));
+        if bucket.is_empty() {
+            return Err("s3:// needs a bucket name".into());
+        }
+        let mut u = S3Url {
+            bucket: bucket.to_string(),
+            prefix: prefix.trim_matches('/').to_string(),
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            timeout: DEFAULT_TIMEOUT,
+        };
+        for kv in query.split('&').filter(|s| !s.is_empty()) {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            match k {
+                "endpoint" => u.endpoint = Some(v.to_string()),
+                "region" => u.region = Some(v.to_string()),
+                "allow_http" => {
+                    u.allow_http = match v {
+                        "true" | "1" | "" => true,
+                        "false" | "0" => false,
+                        _ => return Err(format!("allow_http={v}: want true or false")),
+                    }
+                }
+                "timeout" => {
+                    u.timeout = crate::units::parse_positive_duration(v)
+                        .map_err(|e| format!("timeout={v}: {e}"))?;
+                    if u.timeout.is_zero() {
+                        return Err("timeout must be positive".into());
+                    }
+                }
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {k:?} (want endpoint, region, allow_http, timeout)"
+                    ))
+                }
+            }
+        }
+        if let Some(ep) = &u.endpoint {
+            if ep.starts_with("http://") && !u.allow_http {
+                return Err(format!("endpoint {ep} is plain http: add allow_http=true"));
+            }
+        }
+        Ok(u)
+    }
+}
+
+/// The S3 store. Cheap to clone.
+#[derive(Clone)]
+pub struct S3Store {
+    os: Arc<AmazonS3>,
+    loc: Arc<S3Url>,
+    config: StoreConfig,
+    /// Objects this process stored or found stored: later puts skip the HEAD.
+    known: Arc<Mutex<HashSet<(Kind, B3Digest)>>>,
+    /// Chunks fetched whole by `stat` (of a single-chunk blob), kept for the read that
+    /// usually follows, so a small file costs one GET instead of three.
+    stash: Arc<Mutex<lru::LruCache<B3Digest, Bytes>>>,
+    packs: Arc<tokio::sync::Mutex<S3Packs>>,
+}
+
+/// Chunks kept in the stash.
+const STASH: usize = 64;
+
+/// Least time between two listings of `packs/` prompted by misses.
+const PACK_RESCAN: Duration = Duration::from_secs(5);
+
+/// The packs of the bucket, as last listed: object → (pack id, entry), newest pack winning.
+#[derive(Default)]
+struct S3Packs {
+    map: std::collections::HashMap<(Kind, B3Digest), (String, IndexEntry)>,
+    /// Pack id → its LastModified.
+    packs: std::collections::HashMap<String, SystemTime>,
+    scanned: Option<std::time::Instant>,
+}
+
+/// One line from an object_store error (they can span lines and be long).
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string().replace(['\n', '\r'], " ");
+    let s = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.len() > 400 {
+        let mut end = 400;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        format!("{}...", &s[..end])
+    } else {
+        s
+    }
+}
+
+fn is_not_found(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotFound { .. }) && !one_line(e).contains("NoSuchBucket")
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+mod maintenance;
+mod objects;
+mod requests;
+mod roots;
+#[cfg(test)]
+mod tests;
+
+#[allow(unused_imports)]
+pub use maintenance::*;
+#[allow(unused_imports)]
+pub use objects::*;
+#[allow(unused_imports)]
+pub use requests::*;
+#[allow(unused_imports)]
+pub use roots::*;
+impl S3Store {
+    /// Opens the store a URL names, creating its config.toml (default parameters) if the
+    /// bucket holds none under the prefix.
+    pub async fn open(url: &str) -> Result<Store> {
+        Self::open_with(url, StoreConfig::default(), None).await
+    }
+
+    /// As [`S3Store::open`]; a new store is created with `create_with`. With `offline`, a
+    /// config.toml that cannot be read because the endpoint is unreachable is replaced by that
+    /// config (a cache in front of the store remembered it), so cached objects stay readable.
+    pub async fn open_with(
+        url: &str,
+        create_with: StoreConfig,
+        offline: Option<StoreConfig>,
+    ) -> Result<Store> {
+        let s3 = Self::connect(url)?;
+        let config = match s3.read_config(create_with).await {
+            Ok(c) => c,
+            Err(e) => match offline {
+                Some(c) if !matches!(e, StoreError::Config { .. }) => {
+                    tracing::warn!("{e}; using the cached store parameters");
+                    c
+                }
+                _ => return Err(e),
+            },
+        };
+        let s3 = Arc::new(S3Store { config, ..s3 });
+        Ok(Store {
+            url: url.to_string(),
+            config,
+            blobs: s3.clone(),
+            dirs: s3.clone(),
+            roots: s3.clone(),
+            maintenance: Some(s3),
+            ingest: None,
+        })
+    }
+
+    /// Builds the client; no request is made.
+    pub fn connect(url: &str) -> Result<Self> {
+        let bad = |reason: String| StoreError::Config {
+            url: url.to_string(),
+            reason,
+        };
+        let loc = S3Url::parse(url).map_err(bad)?;
+        let mut b = AmazonS3Builder::from_env()
+            .with_bucket_name(&loc.bucket)
+            .with_allow_http(loc.allow_http)
+            .with_client_options(
+                ClientOptions::new()
+                    .with_allow_http(loc.allow_http)
+                    .with_timeout(loc.timeout)
+                    .with_connect_timeout(CONNECT_TIMEOUT.min(loc.timeout)),
+            )
+            .with_retry(RetryConfig {
+                max_retries: 3,
+                retry_timeout: loc.timeout,
+                ..RetryConfig::default()
+            });
+        if let Some(ep) = &loc.endpoint {
+            b = b.with_endpoint(ep);
+        }
+        match &loc.region {
+            Some(r) => b = b.with_region(r),
+            None if std::env::var_os("AWS_REGION").is_none()
+                && std::env::var_os("AWS_DEFAULT_REGION").is_none() =>
+            {
+                b = b.with_region("us-east-1")
+            }
+            None => {}
+        }
+        let os = b.build().map_err(|e| bad(one_line(&e)))?;
+        Ok(S3Store {
+            os: Arc::new(os),
+            loc: Arc::new(loc),
+            config: StoreConfig::default(),
+            known: Arc::default(),
+            stash: Arc::new(Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(STASH).unwrap_or(std::num::NonZeroUsize::MIN),
+            ))),
+            packs: Arc::default(),
+        })
+    }
+
+    /// Reads config.toml, creating it if absent.
+    async fn read_config(&self, create_with: StoreConfig) -> Result<StoreConfig> {
+        let key = self.key("config.toml");
+        let bad = |reason: String| StoreError::Config {
+            url: self.where_(),
+            reason,
+        };
+        if let Some(raw) = self.get_raw(&key, None).await? {
+            let text = String::from_utf8(raw.to_vec())
+                .map_err(|_| bad("config.toml is not UTF-8".into()))?;
+            return StoreConfig::from_toml(&text).map_err(|r| bad(format!("config.toml: {r}")));
+        }
+        create_with
+            .chunking
+            .validate()
+            .map_err(|e| bad(e.to_string()))?;
+        let body = Bytes::from(create_with.to_toml());
+        // Create only if absent: a store being created by another process at the same moment
+        // keeps its parameters. Servers without conditional puts fall back to a plain put.
+        match self.put_raw(&key, body.clone(), PutMode::Create).await? {
+            Ok(_) => {}
+            Err(object_store::Error::AlreadyExists { .. })
+            | Err(object_store::Error::Precondition { .. }) => {}
+            Err(object_store::Error::NotImplemented { .. })
+            | Err(object_store::Error::NotSupported { .. }) => {
+                if let Err(e) = self.put_raw(&key, body, PutMode::Overwrite).await? {
+                    return Err(self.fail("creating config.toml", &e));
+                }
+            }
+            Err(e) => return Err(self.fail("creating config.toml", &e)),
+        }
+        let raw = self
+            .get_raw(&key, None)
+            .await?
+            .ok_or_else(|| bad("config.toml vanished right after it was written".into()))?;
+        let text =
+            String::from_utf8(raw.to_vec()).map_err(|_| bad("config.toml is not UTF-8".into()))?;
+        StoreConfig::from_toml(&text).map_err(|r| bad(format!("config.toml: {r}")))
+    }
+}

@@ -1,0 +1,258 @@
+//! Objects in the bucket: each under its own key or inside a pack (read with ranged GETs), and the blob and directory services over them.
+
+#[allow(unused_imports)]
+use super::*;
+
+impl S3Store {
+    pub(super) fn root_key(&self, name: &str) -> Result<Key> {
+        validate_root_name(name)?;
+        Ok(self.key(&format!("roots/{name}")))
+    }
+
+    /// An object's stored bytes (or the first `prefix` of them): under its own key, else in a
+    /// pack. `Ok(None)` if neither has it.
+    pub(super) async fn get_object(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        prefix: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let range = prefix.map(|n| GetRange::Bounded(0..n));
+        if let Some(b) = self.get_raw(&self.object_key(kind, digest), range).await? {
+            return Ok(Some(b));
+        }
+        self.get_packed(kind, digest, prefix).await
+    }
+
+    pub(super) async fn get_packed(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+        prefix: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let Some((id, e)) = self.find_packed(kind, digest).await? else {
+            return Ok(None);
+        };
+        let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
+        if len == 0 {
+            // An empty directory encodes to no bytes, and S3 has no empty range.
+            return Ok(Some(Bytes::new()));
+        }
+        let key = self.key(&format!("{}/{id}.pack", pack::PACK_DIR));
+        let got = self
+            .get_raw(&key, Some(GetRange::Bounded(e.offset..e.offset + len)))
+            .await?;
+        Ok(got.filter(|b| b.len() as u64 == len))
+    }
+
+    /// Where a packed object is, listing the packs first if they were never listed or a
+    /// miss comes [`PACK_RESCAN`] after the last listing.
+    pub(super) async fn find_packed(
+        &self,
+        kind: Kind,
+        digest: &B3Digest,
+    ) -> Result<Option<(String, IndexEntry)>> {
+        let mut st = self.packs.lock().await;
+        if let Some(hit) = st.map.get(&(kind, *digest)) {
+            return Ok(Some(hit.clone()));
+        }
+        if st.scanned.is_some_and(|t| t.elapsed() < PACK_RESCAN) {
+            return Ok(None);
+        }
+        self.scan_packs(&mut st).await?;
+        Ok(st.map.get(&(kind, *digest)).cloned())
+    }
+
+    /// Lists `packs/` and reads the indexes not read before (all of them again if a pack
+    /// went away).
+    pub(super) async fn scan_packs(&self, st: &mut S3Packs) -> Result<()> {
+        let listed = self.list_under(pack::PACK_DIR).await?;
+        let mut sizes = std::collections::HashMap::new();
+        let mut times = std::collections::HashMap::new();
+        let mut ids = Vec::new();
+        for m in &listed {
+            let Some(name) = m.location.filename() else {
+                continue;
+            };
+            if let Some(id) = name.strip_suffix(".pack").filter(|id| pack::is_id(id)) {
+                sizes.insert(id.to_string(), m.size);
+                times.insert(id.to_string(), SystemTime::from(m.last_modified));
+            } else if let Some(id) = name.strip_suffix(".idx").filter(|id| pack::is_id(id)) {
+                ids.push(id.to_string());
+            }
+        }
+        ids.retain(|id| sizes.contains_key(id));
+        ids.sort();
+        if st.packs.keys().any(|id| !sizes.contains_key(id)) {
+            *st = S3Packs::default();
+        }
+        ids.retain(|id| !st.packs.contains_key(id));
+        for id in &ids {
+            let key = self.key(&format!("{}/{id}.idx", pack::PACK_DIR));
+            let Some(raw) = self.get_raw(&key, None).await? else {
+                continue;
+            };
+            let size = sizes.get(id).copied().unwrap_or(0);
+            for e in pack::decode_index(id, &raw, size)? {
+                let newer = st
+                    .map
+                    .get(&(e.kind, e.digest))
+                    .is_none_or(|(held, _)| held.as_str() <= id.as_str());
+                if newer {
+                    st.map.insert((e.kind, e.digest), (id.clone(), e));
+                }
+            }
+            let t = times.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH);
+            st.packs.insert(id.clone(), t);
+        }
+        st.scanned = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    /// GETs and verifies one chunk.
+    pub(super) async fn fetch_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
+        let Some(raw) = self.get_object(Kind::Chunk, chunk, None).await? else {
+            return Ok(None);
+        };
+        let d = *chunk;
+        tokio::task::spawn_blocking(move || decode_chunk(&d, &raw))
+            .await
+            .map_err(|e| StoreError::Backend(format!("decode task failed: {e}")))?
+            .map(Some)
+    }
+
+    /// Uncompressed size of a stored chunk, from its zstd frame header (one ranged GET).
+    pub(super) async fn chunk_size(&self, digest: &B3Digest) -> Result<Option<u64>> {
+        let Some(head) = self
+            .get_object(Kind::Chunk, digest, Some(ZSTD_HEADER))
+            .await?
+        else {
+            return Ok(None);
+        };
+        match zstd::zstd_safe::get_frame_content_size(&head) {
+            Ok(Some(s)) if s as usize <= MAX_CHUNK => Ok(Some(s)),
+            // No size in the header: decode it (verifies too).
+            _ => Ok(self.read_chunk(digest).await?.map(|b| b.len() as u64)),
+        }
+    }
+}
+#[async_trait]
+impl BlobService for S3Store {
+    async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
+        if *blob == empty_blob() {
+            return Ok(Some(BlobMeta::default()));
+        }
+        // Most blobs are small, single-chunk ones: fetch the chunk itself (verified, and kept
+        // for the read that follows); only if there is none look for a blob index.
+        if let Some(data) = self.fetch_chunk(blob).await? {
+            let size = data.len() as u64;
+            if let Ok(mut st) = self.stash.lock() {
+                st.put(*blob, data);
+            }
+            return Ok(Some(BlobMeta {
+                size,
+                chunks: vec![ChunkRef {
+                    digest: *blob,
+                    size,
+                }],
+                outboard: Bytes::new(),
+            }));
+        }
+        let Some(raw) = self.get_object(Kind::BlobIndex, blob, None).await? else {
+            return Ok(None);
+        };
+        let idx = BlobIndex::decode_valid(&raw)
+            .map_err(|e| StoreError::corrupt("blob index", blob, e.to_string()))?;
+        BlobMeta::from_index(&idx).map(Some)
+    }
+
+    async fn read_chunk(&self, chunk: &B3Digest) -> Result<Option<Bytes>> {
+        let stashed = self.stash.lock().ok().and_then(|mut st| st.pop(chunk));
+        if let Some(b) = stashed {
+            return Ok(Some(b));
+        }
+        self.fetch_chunk(chunk).await
+    }
+
+    async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
+        if self.is_known(Kind::Chunk, chunk) {
+            return Ok(true);
+        }
+        Ok(self
+            .head(&self.object_key(Kind::Chunk, chunk))
+            .await?
+            .is_some()
+            || self.find_packed(Kind::Chunk, chunk).await?.is_some())
+    }
+
+    async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
+        if self.is_known(Kind::Chunk, &digest) {
+            return Ok(());
+        }
+        let level = self.config.zstd_level;
+        let compressed = tokio::task::spawn_blocking(move || {
+            let actual = B3Digest::of(&data);
+            if actual != digest {
+                return Err(StoreError::corrupt(
+                    "chunk",
+                    &digest,
+                    format!("content hashes to {actual}"),
+                ));
+            }
+            crate::store::codec::encode_chunk(&data, level)
+                .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))
+        })
+        .await
+        .map_err(|e| StoreError::Backend(format!("compress task failed: {e}")))??;
+        self.put_object(Kind::Chunk, &digest, Bytes::from(compressed))
+            .await
+    }
+
+    async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {
+        index.validate()?;
+        let bytes = index.encode_sealed();
+        self.put_object(Kind::BlobIndex, &blob, Bytes::from(bytes))
+            .await
+    }
+}
+
+#[async_trait]
+impl DirectoryService for S3Store {
+    async fn get(&self, digest: &B3Digest) -> Result<Option<Directory>> {
+        let Some(raw) = self.get_object(Kind::Directory, digest, None).await? else {
+            return Ok(None);
+        };
+        let actual = B3Digest::of(&raw);
+        if actual != *digest {
+            return Err(StoreError::corrupt(
+                "directory",
+                digest,
+                format!("digest mismatch (content hashes to {actual})"),
+            ));
+        }
+        Directory::decode_valid(&raw)
+            .map(Some)
+            .map_err(|e| StoreError::corrupt("directory", digest, e.to_string()))
+    }
+
+    async fn put(&self, dir: &Directory) -> Result<B3Digest> {
+        dir.validate()?;
+        check_children(self, dir).await?;
+        let bytes = dir.encode_canonical();
+        let digest = B3Digest::of(&bytes);
+        self.put_object(Kind::Directory, &digest, Bytes::from(bytes))
+            .await?;
+        Ok(digest)
+    }
+
+    async fn has(&self, digest: &B3Digest) -> Result<bool> {
+        if self.is_known(Kind::Directory, digest) {
+            return Ok(true);
+        }
+        Ok(self
+            .head(&self.object_key(Kind::Directory, digest))
+            .await?
+            .is_some()
+            || self.find_packed(Kind::Directory, digest).await?.is_some())
+    }
+}
