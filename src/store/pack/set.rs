@@ -1,0 +1,377 @@
+//! The committed packs of a store as one in-memory index from object to location: loaded once in the background, rescanned when another process commits or a gc rewrites packs, each pack file kept open.
+
+#[allow(unused_imports)]
+use super::*;
+
+/// One committed pack this process knows.
+pub(super) struct KnownPack {
+    id: String,
+    path: PathBuf,
+    /// Its index, in index order.
+    entries: Vec<IndexEntry>,
+    /// Opened on first read and kept: a gc that replaces the pack unlinks it, and reads through
+    /// an open descriptor still see its bytes.
+    file: std::sync::Mutex<Option<std::sync::Arc<std::fs::File>>>,
+}
+
+impl PackState {
+    /// The newest pack holding an object, and where in it: a binary search per pack.
+    pub(super) fn find(
+        &self,
+        kind: ObjectKind,
+        digest: &B3Digest,
+    ) -> Option<(&KnownPack, IndexEntry)> {
+        let key = (digest.as_bytes(), kind_code(kind));
+        self.packs.iter().rev().find_map(|p| {
+            p.entries
+                .binary_search_by(|e| (e.digest.as_bytes(), kind_code(e.kind)).cmp(&key))
+                .ok()
+                .map(|i| (p, p.entries[i]))
+        })
+    }
+}
+
+#[derive(Default)]
+pub(super) struct PackState {
+    /// Oldest first (ids sort by age).
+    packs: Vec<KnownPack>,
+    /// The packs directory's mtime at the last scan, and when that scan ran.
+    seen: Option<(std::time::SystemTime, std::time::SystemTime)>,
+    /// Indexes that could not be read at the last scan: (id, reason).
+    bad: Vec<(String, String)>,
+}
+
+/// The committed packs of a directory, as an in-memory index from object to location.
+/// Rescanned when the directory changes (another process committed or a gc replaced packs).
+pub struct PackSet {
+    dir: PathBuf,
+    state: std::sync::RwLock<PackState>,
+    /// Pack files held open; past [`MAX_OPEN_PACKS`] further packs are opened per read, so
+    /// a store of very many packs cannot exhaust the process's descriptors.
+    open: std::sync::atomic::AtomicUsize,
+    /// Whether the indexes were read once (it is done on first use, not at open: a store of
+    /// a million objects takes a while to index, and a mount's first stat needs none).
+    loaded: std::sync::atomic::AtomicBool,
+    load: std::sync::Mutex<()>,
+    /// Damaged packs already reported in the log.
+    warned: std::sync::Mutex<std::collections::HashSet<String>>,
+}
+
+pub(super) const MAX_OPEN_PACKS: usize = 256;
+
+impl PackSet {
+    pub fn new(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            state: Default::default(),
+            open: Default::default(),
+            loaded: Default::default(),
+            load: Default::default(),
+            warned: Default::default(),
+        }
+    }
+
+    /// Reads every index, once; concurrent first users wait for the one that does it.
+    pub fn ensure_loaded(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        if self.loaded.load(Acquire) {
+            return Ok(());
+        }
+        let _g = self
+            .load
+            .lock()
+            .map_err(|_| StoreError::Backend("pack load lock poisoned".into()))?;
+        if !self.loaded.load(Acquire) {
+            self.refresh(true)?;
+            self.loaded.store(true, Release);
+        }
+        Ok(())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub(super) fn read_state(&self) -> Result<std::sync::RwLockReadGuard<'_, PackState>> {
+        self.state
+            .read()
+            .map_err(|_| StoreError::Backend("pack index lock poisoned".into()))
+    }
+
+    pub(super) fn write_state(&self) -> Result<std::sync::RwLockWriteGuard<'_, PackState>> {
+        self.state
+            .write()
+            .map_err(|_| StoreError::Backend("pack index lock poisoned".into()))
+    }
+
+    pub fn contains(&self, kind: ObjectKind, digest: &B3Digest) -> bool {
+        // A failed load shows up as "absent" here and as its error on the read that follows.
+        let _ = self.ensure_loaded();
+        self.state
+            .read()
+            .is_ok_and(|s| s.find(kind, digest).is_some())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        let _ = self.ensure_loaded();
+        self.state
+            .read()
+            .map_or(true, |s| s.packs.iter().all(|p| p.entries.is_empty()))
+    }
+
+    /// The committed packs' ids, oldest first, as of the last scan.
+    pub fn ids(&self) -> Vec<String> {
+        self.state
+            .read()
+            .map(|s| s.packs.iter().map(|p| p.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    pub fn pack_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.pack"))
+    }
+
+    pub fn index_path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.idx"))
+    }
+
+    /// The path of the newest pack holding an object.
+    pub fn path_of(&self, kind: ObjectKind, digest: &B3Digest) -> Option<PathBuf> {
+        self.ensure_loaded().ok()?;
+        let st = self.state.read().ok()?;
+        st.find(kind, digest).map(|(p, _)| p.path.clone())
+    }
+
+    /// Reads an object's stored bytes (the first `prefix` bytes only, if given). `Ok(None)`
+    /// if no known pack holds it, or its pack is gone (replaced by a gc: the caller rescans
+    /// and looks again). Lookup and pack are taken under one lock, so a concurrent rescan
+    /// cannot pair a location with another pack.
+    pub fn read(
+        &self,
+        kind: ObjectKind,
+        digest: &B3Digest,
+        prefix: Option<usize>,
+    ) -> Result<Option<Vec<u8>>> {
+        self.ensure_loaded()?;
+        let (file, path, mut e) = {
+            let st = self.read_state()?;
+            let Some((p, entry)) = st.find(kind, digest) else {
+                return Ok(None);
+            };
+            let mut slot = p
+                .file
+                .lock()
+                .map_err(|_| StoreError::Backend("pack file lock poisoned".into()))?;
+            let file = match &*slot {
+                Some(f) => f.clone(),
+                None => match std::fs::File::open(&p.path) {
+                    Ok(f) => {
+                        let f = std::sync::Arc::new(f);
+                        use std::sync::atomic::Ordering::Relaxed;
+                        if self.open.fetch_add(1, Relaxed) < MAX_OPEN_PACKS {
+                            *slot = Some(f.clone());
+                        } else {
+                            self.open.fetch_sub(1, Relaxed);
+                        }
+                        f
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                    Err(e) => {
+                        return Err(StoreError::io(format!("opening {}", p.path.display()), e))
+                    }
+                },
+            };
+            (file, p.path.clone(), entry)
+        };
+        if let Some(n) = prefix {
+            e.len = e.len.min(n as u32);
+        }
+        read_at(&file, &path, &e).map(Some)
+    }
+
+    /// Rescans the directory if it changed since the last scan (or `force`). Returns whether
+    /// anything changed.
+    pub fn refresh(&self, force: bool) -> Result<bool> {
+        if !force && !self.loaded.load(std::sync::atomic::Ordering::Acquire) {
+            self.ensure_loaded()?;
+            return Ok(true);
+        }
+        let mtime = match std::fs::metadata(&self.dir) {
+            Ok(m) => m.modified().ok(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(StoreError::io(format!("stat {}", self.dir.display()), e)),
+        };
+        let Some(mtime) = mtime else {
+            return Ok(false);
+        };
+        let now = std::time::SystemTime::now();
+        if !force {
+            // Directory times are coarse (a few ms): a scan that ran well after the last
+            // change saw everything up to it; one that ran in the same moment may not have.
+            if let Some((seen, at)) = self.read_state()?.seen {
+                let settled = at
+                    .duration_since(seen)
+                    .is_ok_and(|d| d > std::time::Duration::from_millis(100));
+                if seen == mtime && settled {
+                    return Ok(false);
+                }
+            }
+        }
+        let mut names: Vec<String> = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(StoreError::io(format!("listing {}", self.dir.display()), e)),
+        };
+        names.sort();
+        let have: std::collections::HashSet<&str> = names.iter().map(String::as_str).collect();
+        let mut ids: Vec<String> = names
+            .iter()
+            .filter_map(|n| n.strip_suffix(".idx"))
+            .filter(|id| is_id(id) && have.contains(format!("{id}.pack").as_str()))
+            .map(str::to_string)
+            .collect();
+        let mut st = self.write_state()?;
+        // A pack this process committed after the listing above is still there.
+        for p in &st.packs {
+            if !ids.contains(&p.id) && self.index_path(&p.id).exists() {
+                ids.push(p.id.clone());
+            }
+        }
+        ids.sort();
+        st.seen = Some((mtime, now));
+        let listed: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        // Damaged indexes are judged afresh: one set aside (or repaired) is no longer listed.
+        st.bad.retain(|(id, _)| listed.contains(id.as_str()));
+        if st.packs.iter().all(|p| listed.contains(p.id.as_str())) {
+            // Only additions (the common case: another import committed): load just those.
+            let known: std::collections::HashSet<String> =
+                st.packs.iter().map(|p| p.id.clone()).collect();
+            let mut changed = false;
+            for id in ids.iter().filter(|id| !known.contains(id.as_str())) {
+                let Some(entries) = self.entries_or_skip(id, &mut st.bad) else {
+                    continue;
+                };
+                st.packs.push(self.known(id, entries));
+                changed = true;
+            }
+            st.packs.sort_by(|a, b| a.id.cmp(&b.id));
+            return Ok(changed);
+        }
+        // Some pack went away (a gc rewrote it): rebuild.
+        let mut old: std::collections::HashMap<String, KnownPack> =
+            st.packs.drain(..).map(|p| (p.id.clone(), p)).collect();
+        let mut fresh = PackState {
+            seen: st.seen,
+            ..Default::default()
+        };
+        for id in &ids {
+            let Some(entries) = self.entries_or_skip(id, &mut fresh.bad) else {
+                continue;
+            };
+            let known = match old.remove(id) {
+                Some(k) => KnownPack {
+                    entries: sorted(entries),
+                    ..k
+                },
+                None => self.known(id, entries),
+            };
+            fresh.packs.push(known);
+        }
+        let open = fresh
+            .packs
+            .iter()
+            .filter(|p| p.file.lock().is_ok_and(|f| f.is_some()))
+            .count();
+        self.open.store(open, std::sync::atomic::Ordering::Relaxed);
+        *st = fresh;
+        Ok(true)
+    }
+
+    pub(super) fn known(&self, id: &str, entries: Vec<IndexEntry>) -> KnownPack {
+        KnownPack {
+            id: id.to_string(),
+            path: self.pack_path(id),
+            entries: sorted(entries),
+            file: Default::default(),
+        }
+    }
+
+    /// A pack's entries; `None` if it went away meanwhile (a gc) or its index is unreadable
+    /// (recorded in `bad`, for gc and verify to report).
+    pub(super) fn entries_or_skip(
+        &self,
+        id: &str,
+        bad: &mut Vec<(String, String)>,
+    ) -> Option<Vec<IndexEntry>> {
+        match self.entries_of(id) {
+            Ok(e) => Some(e),
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => {
+                // Once per pack per process: every rescan meets it again.
+                if self
+                    .warned
+                    .lock()
+                    .is_ok_and(|mut w| w.insert(id.to_string()))
+                {
+                    tracing::warn!("{e}");
+                }
+                if !bad.iter().any(|(b, _)| b == id) {
+                    bad.push((id.to_string(), e.to_string()));
+                }
+                None
+            }
+        }
+    }
+
+    /// Reads and checks one pack's index.
+    pub fn entries_of(&self, id: &str) -> Result<Vec<IndexEntry>> {
+        let idx = self.index_path(id);
+        let pack = self.pack_path(id);
+        let raw = std::fs::read(&idx)
+            .map_err(|e| StoreError::io(format!("reading {}", idx.display()), e))?;
+        let len = std::fs::metadata(&pack)
+            .map_err(|e| StoreError::io(format!("stat {}", pack.display()), e))?
+            .len();
+        decode_index(id, &raw, len)
+    }
+
+    /// Indexes the last scan could not read.
+    pub fn bad(&self) -> Vec<(String, String)> {
+        self.state.read().map(|s| s.bad.clone()).unwrap_or_default()
+    }
+
+    /// Every object of one kind in the known packs, with its pack's id.
+    pub fn objects(&self, kind: ObjectKind) -> Vec<(IndexEntry, String)> {
+        let Ok(st) = self.state.read() else {
+            return Vec::new();
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for p in st.packs.iter().rev() {
+            for e in p.entries.iter().filter(|e| e.kind == kind) {
+                if seen.insert(e.digest) {
+                    out.push((*e, p.id.clone()));
+                }
+            }
+        }
+        out
+    }
+}
+
+impl PackSet {
+    /// Makes a pack this process just committed known without rescanning the directory.
+    pub fn add(&self, id: &str, entries: &[IndexEntry]) -> Result<()> {
+        let mut st = self.write_state()?;
+        if !st.packs.iter().any(|p| p.id == id) {
+            let known = self.known(id, entries.to_vec());
+            st.packs.push(known);
+            st.packs.sort_by(|a, b| a.id.cmp(&b.id));
+        }
+        Ok(())
+    }
+}
