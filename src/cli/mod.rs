@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::model::castore::{validate_root_name, Node, RootRecord};
+use crate::model::castore::{validate_root_name, Node};
 use crate::store::{self, Store};
 use crate::trees;
 use crate::trees::import::{self, ImportOptions, Progress};
@@ -525,33 +525,18 @@ async fn cmd_import(
     let names = root_names(paths, name, named)?;
     let progress = Arc::new(Progress::default());
     let bar = spawn_progress(progress.clone());
-    let mut results = Vec::new();
-    for p in paths {
-        let node = import::import_path(store, p, opts, progress.clone()).await;
-        results.push(node?);
-    }
-    store.flush().await.context("making the import durable")?;
+    let named: Vec<(PathBuf, Option<String>)> = paths.iter().cloned().zip(names).collect();
+    let nodes = import::import_named(store, &named, opts, progress.clone()).await;
     drop(progress);
     if let Some(b) = bar {
         let _ = b.await;
     }
     let mut out = std::io::stdout().lock();
-    for ((p, node), name) in paths.iter().zip(&results).zip(names) {
-        if let Some(name) = name {
-            store
-                .roots
-                .put(&RootRecord {
-                    name: name.clone(),
-                    node: node.clone(),
-                    nix: None,
-                })
-                .await
-                .with_context(|| format!("recording root {name:?}"))?;
-        }
+    for (p, node) in paths.iter().zip(nodes?) {
         let shown = match node {
             Node::Directory { digest, .. } | Node::File { digest, .. } => digest.to_hex(),
             Node::Symlink { target } => {
-                format!("symlink -> {}", String::from_utf8_lossy(target))
+                format!("symlink -> {}", String::from_utf8_lossy(&target))
             }
         };
         writeln!(out, "{shown}\t{}", p.display())?;
@@ -605,27 +590,7 @@ async fn cmd_ls(store: &Store, path: &str, long: bool) -> Result<ExitCode> {
 }
 
 async fn cmd_info(store: &Store, json: bool, dedup: bool) -> Result<ExitCode> {
-    let mut memo = std::collections::HashMap::new();
-    let mut logical = 0u64;
-    let names = store.roots.list().await?;
-    for name in &names {
-        let r = trees::get_root(store, name).await?;
-        logical += trees::logical_size(store, &r.node, &mut memo)
-            .await
-            .with_context(|| format!("root {name}"))?;
-    }
-    let usage = match &store.maintenance {
-        Some(m) => Some(m.usage().await?),
-        None => None,
-    };
-    let ratio = |u: &store::Usage| {
-        if u.chunk_bytes == 0 {
-            1.0
-        } else {
-            logical as f64 / u.chunk_bytes as f64
-        }
-    };
-    let p = store.params();
+    let info = trees::info::store_info(store).await?;
     let figures = if dedup {
         Some(dedup::info_figures(store).await?)
     } else {
@@ -633,69 +598,62 @@ async fn cmd_info(store: &Store, json: bool, dedup: bool) -> Result<ExitCode> {
     };
     let mut out = std::io::stdout().lock();
     if json {
-        let u = usage.clone().unwrap_or_default();
-        let extra = match &figures {
-            Some(f) => format!(",\"dedup\":{}", serde_json::to_string(f)?),
-            None => String::new(),
+        let mut v = serde_json::to_value(&info)?;
+        if let (Some(f), Some(obj)) = (&figures, v.as_object_mut()) {
+            obj.insert("dedup".into(), serde_json::to_value(f)?);
+        }
+        writeln!(out, "{v}")?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let c = &info.chunking;
+    writeln!(out, "store              {}", info.store)?;
+    writeln!(out, "chunking (fastcdc) {}/{}/{}", c.min, c.avg, c.max)?;
+    writeln!(out, "roots              {}", info.roots)?;
+    writeln!(out, "logical bytes      {}", info.logical_bytes)?;
+    if info.counted {
+        writeln!(out, "chunks             {}", info.chunks)?;
+        writeln!(out, "blob indexes       {}", info.blob_indexes)?;
+        writeln!(out, "directories        {}", info.directories)?;
+        writeln!(out, "unique chunk bytes {}", info.unique_chunk_bytes)?;
+        writeln!(out, "stored bytes       {}", info.stored_bytes)?;
+        writeln!(out, "dedup ratio        {:.3}", info.dedup_ratio)?;
+        let comp = if info.stored_bytes == 0 {
+            1.0
+        } else {
+            info.logical_bytes as f64 / info.stored_bytes as f64
         };
+        writeln!(out, "logical / stored   {comp:.3}")?;
+    }
+    for (k, v) in &info.counters {
+        writeln!(out, "{k:<18} {v}")?;
+    }
+    if let Some(f) = &figures {
         writeln!(
             out,
-            "{{\"store\":{:?},\"chunking\":{{\"min\":{},\"avg\":{},\"max\":{}}},\"roots\":{},\"chunks\":{},\"blob_indexes\":{},\"directories\":{},\"logical_bytes\":{},\"unique_chunk_bytes\":{},\"stored_bytes\":{},\"dedup_ratio\":{:.4}{extra}}}",
-            store.url, p.min, p.avg, p.max, names.len(), u.chunks, u.blob_indexes, u.directories,
-            logical, u.chunk_bytes, u.stored_bytes, ratio(&u)
+            "reachable from the roots (as `granary dedup` counts the store strategy):"
         )?;
-    } else {
-        writeln!(out, "store              {}", store.url)?;
-        writeln!(out, "chunking (fastcdc) {}/{}/{}", p.min, p.avg, p.max)?;
-        writeln!(out, "roots              {}", names.len())?;
-        writeln!(out, "logical bytes      {logical}")?;
-        if let Some(u) = usage {
-            writeln!(out, "chunks             {}", u.chunks)?;
-            writeln!(out, "blob indexes       {}", u.blob_indexes)?;
-            writeln!(out, "directories        {}", u.directories)?;
-            writeln!(out, "unique chunk bytes {}", u.chunk_bytes)?;
-            writeln!(out, "stored bytes       {}", u.stored_bytes)?;
-            writeln!(out, "dedup ratio        {:.3}", ratio(&u))?;
-            let comp = if u.stored_bytes == 0 {
-                1.0
-            } else {
-                logical as f64 / u.stored_bytes as f64
-            };
-            writeln!(out, "logical / stored   {comp:.3}")?;
-        }
-        if let Some(m) = &store.maintenance {
-            for (k, v) in m.counters().await? {
-                writeln!(out, "{k:<18} {v}")?;
-            }
-        }
-        if let Some(f) = &figures {
+        writeln!(out, "  unique chunks      {}", f.unique_chunks)?;
+        writeln!(out, "  unique chunk bytes {}", f.unique_bytes)?;
+        writeln!(out, "  dedup ratio        {:.3}", f.dedup_ratio)?;
+        writeln!(out, "  chunk size mean    {}", f.mean_chunk)?;
+        writeln!(out, "  chunk size median  {}", f.median_chunk)?;
+        writeln!(out, "  chunk size p99     {}", f.p99_chunk)?;
+        writeln!(
+            out,
+            "  blob indexes       {} ({} bytes)",
+            f.blob_indexes, f.blob_index_bytes
+        )?;
+        writeln!(
+            out,
+            "  directories        {} ({} bytes)",
+            f.directories, f.directory_bytes
+        )?;
+        for m in &f.marginal {
             writeln!(
                 out,
-                "reachable from the roots (as `granary dedup` counts the store strategy):"
+                "  root {} adds {} unique chunk bytes of {} logical",
+                m.input, m.unique_bytes, m.logical_bytes
             )?;
-            writeln!(out, "  unique chunks      {}", f.unique_chunks)?;
-            writeln!(out, "  unique chunk bytes {}", f.unique_bytes)?;
-            writeln!(out, "  dedup ratio        {:.3}", f.dedup_ratio)?;
-            writeln!(out, "  chunk size mean    {}", f.mean_chunk)?;
-            writeln!(out, "  chunk size median  {}", f.median_chunk)?;
-            writeln!(out, "  chunk size p99     {}", f.p99_chunk)?;
-            writeln!(
-                out,
-                "  blob indexes       {} ({} bytes)",
-                f.blob_indexes, f.blob_index_bytes
-            )?;
-            writeln!(
-                out,
-                "  directories        {} ({} bytes)",
-                f.directories, f.directory_bytes
-            )?;
-            for m in &f.marginal {
-                writeln!(
-                    out,
-                    "  root {} adds {} unique chunk bytes of {} logical",
-                    m.input, m.unique_bytes, m.logical_bytes
-                )?;
-            }
         }
     }
     Ok(ExitCode::SUCCESS)

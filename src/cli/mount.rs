@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::model::castore::{Node, RootRecord};
+use crate::model::castore::Node;
 use crate::store::Store;
 use crate::trees;
 use crate::trees::import::{self, ImportOptions, Progress};
@@ -146,23 +146,16 @@ async fn import_first(store: &Store, paths: &[PathBuf]) -> Result<()> {
     for p in paths {
         let name = import::default_root_name(p)
             .with_context(|| format!("{}: basename is not a valid root name", p.display()))?;
-        named.push((p, name));
+        named.push((p.clone(), Some(name)));
     }
     let opts = ImportOptions::default();
-    for (p, name) in named {
-        let node = import::import_path(store, p, &opts, Arc::new(Progress::default()))
-            .await
-            .with_context(|| format!("importing {}", p.display()))?;
-        store
-            .roots
-            .put(&RootRecord {
-                name: name.clone(),
-                node,
-                nix: None,
-            })
-            .await
-            .with_context(|| format!("recording root {name:?}"))?;
-        eprintln!("granary: imported {} as {name}", p.display());
+    import::import_named(store, &named, &opts, Arc::new(Progress::default())).await?;
+    for (p, name) in &named {
+        eprintln!(
+            "granary: imported {} as {}",
+            p.display(),
+            name.as_deref().unwrap_or("")
+        );
     }
     Ok(())
 }
@@ -225,55 +218,43 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let fs::Served {
-        mut serving,
-        mut unmounter,
-    } = fs::mount_and_serve(store, &opts, &mountpoint).await?;
-    // Should this process be killed outright, a helper detaches the mount (best effort).
-    let _reaper = std::env::current_exe()
-        .and_then(|exe| fs::reaper::spawn(&exe, &mountpoint))
-        .map_err(|e| tracing::warn!("a SIGKILL would leave the mount dead: {e}"))
-        .ok();
-    // Announce the mount so `granary sandbox` can reuse it (best effort).
-    let tree_digest = match &opts_top {
-        Top::Tree(node) => node.digest(),
-        Top::Roots { .. } => None,
-    };
-    let _registration = crate::tools::sandbox::registry::register(
-        &crate::tools::sandbox::runtime_dir(),
-        &store.url,
-        &mountpoint,
-        tree_digest.as_ref(),
-    )
-    .map_err(|e| tracing::warn!("not announcing the mount to sandboxes: {e}"))
-    .ok();
-    eprintln!(
-        "granary: {} mounted at {}; stop with Ctrl-C or SIGTERM",
-        store.url,
-        mountpoint.display()
-    );
-    tokio::select! {
-        res = &mut serving => {
-            // Unmounted from outside (umount, fusermount3 -u): a normal end.
-            res.context("mount task")?.context("serving the mount")?;
-            return Ok(ExitCode::SUCCESS);
+    let shutdown = async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    let mp = mountpoint.clone();
-    tokio::task::spawn_blocking(move || match unmounter.unmount() {
-        // Files still open keep the mount busy: detach it now; it ends when we exit.
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => fs::detach(&mp),
-        other => other,
-    })
-    .await
-    .context("unmount task")?
-    .with_context(|| format!("unmounting {}", mountpoint.display()))?;
-    // Open files can keep a lazily detached mount's session alive; exiting closes the FUSE
-    // device, which ends it.
-    if let Ok(res) = tokio::time::timeout(Duration::from_secs(5), serving).await {
-        res.context("mount task")?.context("serving the mount")?;
-    }
+    };
+    let exe = std::env::current_exe().ok();
+    // Announced, once mounted, so `granary sandbox` can reuse the mount (best effort).
+    let mut registration = None;
+    let on_mounted = || {
+        let tree_digest = match &opts_top {
+            Top::Tree(node) => node.digest(),
+            Top::Roots { .. } => None,
+        };
+        registration = crate::tools::sandbox::registry::register(
+            &crate::tools::sandbox::runtime_dir(),
+            &store.url,
+            &mountpoint,
+            tree_digest.as_ref(),
+        )
+        .map_err(|e| tracing::warn!("not announcing the mount to sandboxes: {e}"))
+        .ok();
+        eprintln!(
+            "granary: {} mounted at {}; stop with Ctrl-C or SIGTERM",
+            store.url,
+            mountpoint.display()
+        );
+    };
+    fs::mount_session(
+        store,
+        &opts,
+        &mountpoint,
+        exe.as_deref(),
+        on_mounted,
+        shutdown,
+    )
+    .await?;
+    drop(registration);
     Ok(ExitCode::SUCCESS)
 }

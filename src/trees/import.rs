@@ -408,6 +408,42 @@ pub async fn import_path(
     put_tree(store, &walked, &results).await
 }
 
+/// Imports each path and records it as a root where a name is given: everything made
+/// durable first, then the roots. Returns the node of each path, in order.
+pub async fn import_named(
+    store: &Store,
+    paths: &[(PathBuf, Option<String>)],
+    opts: &ImportOptions,
+    progress: Arc<Progress>,
+) -> Result<Vec<Node>, ImportError> {
+    let mut nodes = Vec::with_capacity(paths.len());
+    for (p, _) in paths {
+        nodes.push(import_path(store, p, opts, progress.clone()).await?);
+    }
+    store.flush().await.map_err(|e| ImportError::Store {
+        path: PathBuf::from("<store>"),
+        source: e,
+    })?;
+    for ((p, name), node) in paths.iter().zip(&nodes) {
+        if let Some(name) = name {
+            let root = crate::model::castore::RootRecord {
+                name: name.clone(),
+                node: node.clone(),
+                nix: None,
+            };
+            store
+                .roots
+                .put(&root)
+                .await
+                .map_err(|e| ImportError::Store {
+                    path: p.clone(),
+                    source: e,
+                })?;
+        }
+    }
+    Ok(nodes)
+}
+
 /// Imports every file, `parallelism` at a time; results in job order.
 async fn import_files(
     store: &Store,

@@ -4,6 +4,7 @@
 pub mod export;
 pub mod gc;
 pub mod import;
+pub mod info;
 pub mod read;
 pub mod verify;
 

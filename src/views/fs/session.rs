@@ -49,6 +49,60 @@ pub async fn mount_and_serve(
     Ok(Served { serving, unmounter })
 }
 
+/// A whole mount session: mounts `store` at `mountpoint`, arranges for a helper to detach it
+/// should this process be killed outright (`reaper`, if given the binary to run), calls
+/// `on_mounted` once the kernel is served, and serves until unmounted from outside (a normal
+/// end) or until `shutdown` completes, which unmounts (detaching if files are still open).
+pub async fn mount_session(
+    store: &Store,
+    opts: &MountOptions,
+    mountpoint: &Path,
+    reaper: Option<&Path>,
+    on_mounted: impl FnOnce(),
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), MountError> {
+    let failed = |what: &str, e: String| MountError::Mount {
+        path: mountpoint.display().to_string(),
+        source: io::Error::other(format!("{what}: {e}")),
+    };
+    let Served {
+        mut serving,
+        mut unmounter,
+    } = mount_and_serve(store, opts, mountpoint).await?;
+    // Should this process be killed outright, a helper detaches the mount (best effort).
+    let _reaper = reaper.and_then(|exe| {
+        super::reaper::spawn(exe, mountpoint)
+            .map_err(|e| tracing::warn!("a SIGKILL would leave the mount dead: {e}"))
+            .ok()
+    });
+    on_mounted();
+    tokio::select! {
+        res = &mut serving => {
+            // Unmounted from outside (umount, fusermount3 -u): a normal end.
+            return res
+                .map_err(|e| failed("mount task", e.to_string()))?
+                .map_err(|e| failed("serving the mount", e.to_string()));
+        }
+        _ = shutdown => {}
+    }
+    let mp = mountpoint.to_path_buf();
+    tokio::task::spawn_blocking(move || match unmounter.unmount() {
+        // Files still open keep the mount busy: detach it now; it ends when we exit.
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => detach(&mp),
+        other => other,
+    })
+    .await
+    .map_err(|e| failed("unmount task", e.to_string()))?
+    .map_err(|e| failed("unmounting", e.to_string()))?;
+    // Open files can keep a lazily detached mount's session alive; the caller's exit closes
+    // the FUSE device, which ends it.
+    if let Ok(res) = tokio::time::timeout(Duration::from_secs(5), serving).await {
+        res.map_err(|e| failed("mount task", e.to_string()))?
+            .map_err(|e| failed("serving the mount", e.to_string()))?;
+    }
+    Ok(())
+}
+
 impl Unmounter {
     pub fn unmount(&mut self) -> io::Result<()> {
         self.0.unmount()

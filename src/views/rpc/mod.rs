@@ -3,4 +3,5 @@
 //! [`crate::store::remote`].
 
 pub mod ingest;
+pub mod serve;
 pub mod server;
