@@ -70,7 +70,9 @@ pub async fn open(url: &str, dir: &Path, max: u64) -> Result<Store> {
     let cache = blocking(move || DiskCache::open(&d, max)).await??;
     let store_dir = cache.store_dir(&u);
     let cfg_path = store_dir.join("config.toml");
-    let remembered = std::fs::read_to_string(&cfg_path)
+    let p = cfg_path.clone();
+    let remembered = blocking(move || std::fs::read_to_string(p))
+        .await?
         .ok()
         .and_then(|t| StoreConfig::from_toml(&t).ok());
     let inner = if url.starts_with("s3://") {
@@ -79,9 +81,12 @@ pub async fn open(url: &str, dir: &Path, max: u64) -> Result<Store> {
         super::open(url).await?
     };
     if remembered != Some(inner.config) {
-        std::fs::create_dir_all(&store_dir)
-            .map_err(io_err(format!("creating {}", store_dir.display())))?;
-        cache.write_file(&cfg_path, inner.config.to_toml().as_bytes())?;
+        let (c, d, toml) = (cache.clone(), store_dir.clone(), inner.config.to_toml());
+        blocking(move || {
+            std::fs::create_dir_all(&d).map_err(io_err(format!("creating {}", d.display())))?;
+            c.write_file(&cfg_path, toml.as_bytes())
+        })
+        .await??;
     }
     Ok(wrap(inner, cache, store_dir))
 }
@@ -113,26 +118,40 @@ impl Cached {
         Ok(self.store_dir.join("roots").join(name))
     }
 
-    fn remember_root(&self, root: &RootRecord) {
-        if let Ok(p) = self.root_path(&root.name) {
+    /// Keeps the record last read of a root (in the background: best effort, off the runtime).
+    async fn remember_root(&self, root: &RootRecord) {
+        let Ok(p) = self.root_path(&root.name) else {
+            return;
+        };
+        let (cache, raw) = (self.cache.clone(), root.encode());
+        let done = blocking(move || {
             if let Some(parent) = p.parent() {
                 let _ = std::fs::create_dir_all(parent);
             }
-            if let Err(e) = self.cache.write_file(&p, &root.encode()) {
-                tracing::warn!("cache: {e}");
-            }
+            cache.write_file(&p, &raw)
+        })
+        .await;
+        match done {
+            Ok(Err(e)) | Err(e) => tracing::warn!("cache: {e}"),
+            Ok(Ok(())) => {}
         }
     }
 
-    fn forget_root(&self, name: &str) {
+    async fn forget_root(&self, name: &str) {
         if let Ok(p) = self.root_path(name) {
-            let _ = std::fs::remove_file(p);
+            let _ = blocking(move || std::fs::remove_file(p)).await;
         }
     }
 
-    fn remembered_root(&self, name: &str) -> Option<RootRecord> {
-        let raw = std::fs::read(self.root_path(name).ok()?).ok()?;
+    async fn remembered_root(&self, name: &str) -> Option<RootRecord> {
+        let p = self.root_path(name).ok()?;
+        let raw = blocking(move || std::fs::read(p)).await.ok()?.ok()?;
         RootRecord::decode(&raw).ok().filter(|r| r.name == name)
+    }
+
+    async fn forget_entry(&self, kind: Kind, digest: &B3Digest) {
+        let p = self.cache.entry_path(kind, digest);
+        let _ = blocking(move || std::fs::remove_file(p)).await;
     }
 }
 
@@ -241,14 +260,14 @@ impl RootService for Cached {
     async fn get(&self, name: &str) -> Result<Option<RootRecord>> {
         match self.inner.roots.get(name).await {
             Ok(Some(r)) => {
-                self.remember_root(&r);
+                self.remember_root(&r).await;
                 Ok(Some(r))
             }
             Ok(None) => {
-                self.forget_root(name);
+                self.forget_root(name).await;
                 Ok(None)
             }
-            Err(e) => match self.remembered_root(name) {
+            Err(e) => match self.remembered_root(name).await {
                 Some(r) if !matches!(e, StoreError::Corrupt { .. }) => {
                     tracing::warn!("{e}; using root {name:?} as last read into the cache");
                     Ok(Some(r))
@@ -260,7 +279,7 @@ impl RootService for Cached {
 
     async fn put(&self, root: &RootRecord) -> Result<()> {
         self.inner.roots.put(root).await?;
-        self.remember_root(root);
+        self.remember_root(root).await;
         Ok(())
     }
 
@@ -269,15 +288,21 @@ impl RootService for Cached {
             Ok(names) => Ok(names),
             Err(e) => {
                 let dir = self.store_dir.join("roots");
-                let Ok(rd) = std::fs::read_dir(&dir) else {
+                let listed = blocking(move || {
+                    std::fs::read_dir(&dir).map(|rd| {
+                        let mut names: Vec<String> = rd
+                            .flatten()
+                            .filter_map(|e| e.file_name().into_string().ok())
+                            .collect();
+                        names.sort();
+                        names
+                    })
+                })
+                .await?;
+                let Ok(names) = listed else {
                     return Err(e);
                 };
                 tracing::warn!("{e}; listing the roots last read into the cache");
-                let mut names: Vec<String> = rd
-                    .flatten()
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect();
-                names.sort();
                 Ok(names)
             }
         }
@@ -285,7 +310,7 @@ impl RootService for Cached {
 
     async fn delete(&self, name: &str) -> Result<bool> {
         let r = self.inner.roots.delete(name).await?;
-        self.forget_root(name);
+        self.forget_root(name).await;
         Ok(r)
     }
 }
@@ -309,13 +334,13 @@ impl Maintenance for Cached {
     ) -> Result<bool> {
         let r = self.maint()?.delete_if_older(kind, digest, cutoff).await?;
         if r {
-            let _ = std::fs::remove_file(self.cache.entry_path(kind, digest));
+            self.forget_entry(kind, digest).await;
         }
         Ok(r)
     }
 
     async fn remove(&self, kind: Kind, digest: &B3Digest) -> Result<()> {
-        let _ = std::fs::remove_file(self.cache.entry_path(kind, digest));
+        self.forget_entry(kind, digest).await;
         self.maint()?.remove(kind, digest).await
     }
 

@@ -233,61 +233,57 @@ impl PackSet {
             .filter(|id| is_id(id) && have.contains(format!("{id}.pack").as_str()))
             .map(str::to_string)
             .collect();
-        let mut st = self.write_state()?;
-        // A pack this process committed after the listing above is still there.
-        for p in &st.packs {
-            if !ids.contains(&p.id) && self.index_path(&p.id).exists() {
-                ids.push(p.id.clone());
+        // What is known now, and packs this process committed after the listing above (still
+        // there, even if the listing missed them).
+        let known: std::collections::HashSet<String> = {
+            let st = self.read_state()?;
+            for p in &st.packs {
+                if !ids.contains(&p.id) && self.index_path(&p.id).exists() {
+                    ids.push(p.id.clone());
+                }
             }
-        }
+            st.packs.iter().map(|p| p.id.clone()).collect()
+        };
         ids.sort();
-        st.seen = Some((mtime, now));
+        // New indexes are read with no lock held: readers go on meanwhile.
+        let mut bad = Vec::new();
+        let loaded: Vec<(String, Vec<IndexEntry>)> = ids
+            .iter()
+            .filter(|id| !known.contains(id.as_str()))
+            .filter_map(|id| Some((id.clone(), self.entries_or_skip(id, &mut bad)?)))
+            .collect();
         let listed: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+        let mut st = self.write_state()?;
+        st.seen = Some((mtime, now));
         // Damaged indexes are judged afresh: one set aside (or repaired) is no longer listed.
         st.bad.retain(|(id, _)| listed.contains(id.as_str()));
-        if st.packs.iter().all(|p| listed.contains(p.id.as_str())) {
-            // Only additions (the common case: another import committed): load just those.
-            let known: std::collections::HashSet<String> =
-                st.packs.iter().map(|p| p.id.clone()).collect();
-            let mut changed = false;
-            for id in ids.iter().filter(|id| !known.contains(id.as_str())) {
-                let Some(entries) = self.entries_or_skip(id, &mut st.bad) else {
-                    continue;
-                };
-                st.packs.push(self.known(id, entries));
-                changed = true;
+        for b in bad {
+            if !st.bad.iter().any(|(id, _)| *id == b.0) {
+                st.bad.push(b);
             }
-            st.packs.sort_by(|a, b| a.id.cmp(&b.id));
-            return Ok(changed);
         }
-        // Some pack went away (a gc rewrote it): rebuild.
-        let mut old: std::collections::HashMap<String, KnownPack> =
-            st.packs.drain(..).map(|p| (p.id.clone(), p)).collect();
-        let mut fresh = PackState {
-            seen: st.seen,
-            ..Default::default()
-        };
-        for id in &ids {
-            let Some(entries) = self.entries_or_skip(id, &mut fresh.bad) else {
+        let gone = st.packs.iter().any(|p| !listed.contains(p.id.as_str()));
+        if gone {
+            // Some pack went away (a gc rewrote it): drop it, keep the rest as known.
+            st.packs.retain(|p| listed.contains(p.id.as_str()));
+            let open = st
+                .packs
+                .iter()
+                .filter(|p| p.file.lock().is_ok_and(|f| f.is_some()))
+                .count();
+            self.open.store(open, std::sync::atomic::Ordering::Relaxed);
+        }
+        let mut changed = gone;
+        for (id, entries) in loaded {
+            // Another thread may have added it meanwhile.
+            if st.packs.iter().any(|p| p.id == id) {
                 continue;
-            };
-            let known = match old.remove(id) {
-                Some(k) => KnownPack {
-                    entries: sorted(entries),
-                    ..k
-                },
-                None => self.known(id, entries),
-            };
-            fresh.packs.push(known);
+            }
+            st.packs.push(self.known(&id, entries));
+            changed = true;
         }
-        let open = fresh
-            .packs
-            .iter()
-            .filter(|p| p.file.lock().is_ok_and(|f| f.is_some()))
-            .count();
-        self.open.store(open, std::sync::atomic::Ordering::Relaxed);
-        *st = fresh;
-        Ok(true)
+        st.packs.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(changed)
     }
 
     pub(super) fn known(&self, id: &str, entries: Vec<IndexEntry>) -> KnownPack {
