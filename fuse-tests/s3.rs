@@ -11,116 +11,17 @@
 //! sharing a cache dir read concurrently and both get right bytes.
 
 mod common;
+#[path = "../tests/moto/mod.rs"]
+mod moto;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use moto::{set_credentials, Moto};
 
-/// A `moto_server` on a free loopback port; killed on drop.
-struct Moto {
-    child: Option<Child>,
-    port: u16,
-}
-
-impl Moto {
-    fn start() -> Moto {
-        Self::start_with_env(&[])
-    }
-
-    /// With `INITIAL_NO_AUTH_ACTION_COUNT=0` moto checks credentials like S3 does.
-    fn start_with_env(env: &[(&str, &str)]) -> Moto {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let child = Command::new("moto_server")
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("moto_server must be installed (pip install 'moto[server]')");
-        let m = Moto {
-            child: Some(child),
-            port,
-        };
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            // With authentication on, an unsigned request is refused: any answer means up.
-            if matches!(m.http("GET", "/", &[]), Ok((code, _)) if code != 0) {
-                return m;
-            }
-            assert!(
-                Instant::now() < end,
-                "moto_server did not come up on {port}"
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-
-    /// One plain HTTP/1.1 request (moto does not check signatures); returns status and body.
-    fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            self.port,
-            body.len()
-        )?;
-        s.write_all(body)?;
-        let mut resp = Vec::new();
-        s.read_to_end(&mut resp)?;
-        let text = String::from_utf8_lossy(&resp);
-        let status = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body_at = text.find("\r\n\r\n").map_or(resp.len(), |i| i + 4);
-        Ok((status, resp[body_at..].to_vec()))
-    }
-
-    fn create_bucket(&self, bucket: &str) {
-        let (status, body) = self
-            .http("PUT", &format!("/{bucket}"), &[])
-            .expect("PUT bucket");
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    }
-
-    fn url(&self, bucket_and_prefix: &str) -> String {
-        format!(
-            "s3://{bucket_and_prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true&timeout=10s",
-            self.port
-        )
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// moto accepts any credentials, but the client needs some.
-fn set_credentials() {
-    std::env::set_var("AWS_ACCESS_KEY_ID", "testing");
-    std::env::set_var("AWS_SECRET_ACCESS_KEY", "testing");
-    std::env::remove_var("AWS_SESSION_TOKEN");
-    std::env::remove_var("AWS_PROFILE");
-}
 
 fn granary(url: &str, args: &[&str]) -> Output {
     let mut c = Command::new(granary_bin());

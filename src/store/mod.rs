@@ -167,5 +167,4 @@ pub async fn open(url: &str) -> Result<Store> {
     }
 }
 
-#[cfg(test)]
-mod conformance;
+pub mod conformance;
