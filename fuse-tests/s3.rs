@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use moto::{set_credentials, Moto};
 
-
 fn granary(url: &str, args: &[&str]) -> Output {
     let mut c = Command::new(granary_bin());
     c.arg("--store").arg(url).args(args).stdin(Stdio::null());

@@ -56,16 +56,25 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         "an absent blob stats as present"
     );
     ensure!(
-        ok("read of an absent chunk", store.blobs.read_chunk(&missing).await)?.is_none(),
+        ok(
+            "read of an absent chunk",
+            store.blobs.read_chunk(&missing).await
+        )?
+        .is_none(),
         "an absent chunk reads as present"
     );
     ensure!(
         ok("get of an absent directory", store.dirs.get(&missing).await)?.is_none(),
         "an absent directory reads as present"
     );
-    let empty = ok("stat of the empty blob", store.blobs.stat(&B3Digest::of(b"")).await)?;
+    let empty = ok(
+        "stat of the empty blob",
+        store.blobs.stat(&B3Digest::of(b"")).await,
+    )?;
     ensure!(
-        empty.as_ref().is_some_and(|m| m.size == 0 && m.chunks.is_empty()),
+        empty
+            .as_ref()
+            .is_some_and(|m| m.size == 0 && m.chunks.is_empty()),
         "the empty blob is not present-and-empty: {empty:?}"
     );
 
@@ -90,8 +99,16 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         st.chunks.len(),
         st.outboard.len()
     );
-    let r = ok("opening the large blob", BlobReader::open(store.blobs.clone(), d_big).await)?;
-    for (off, len) in [(0u64, 10usize), (65_530, 200_000), (1_499_990, 100), (2_000_000, 5)] {
+    let r = ok(
+        "opening the large blob",
+        BlobReader::open(store.blobs.clone(), d_big).await,
+    )?;
+    for (off, len) in [
+        (0u64, 10usize),
+        (65_530, 200_000),
+        (1_499_990, 100),
+        (2_000_000, 5),
+    ] {
         let got = ok("read_at", r.read_at(off, len).await)?;
         let end = (off as usize + len).min(big.len());
         let want = if (off as usize) < big.len() {
@@ -111,7 +128,10 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
     }
     ok("flush", store.flush().await)?;
     let back = ok("reading it", store.blobs.read_chunk(&d_same).await)?;
-    ensure!(back.as_deref() == Some(&same[..]), "concurrently put chunk reads back wrong");
+    ensure!(
+        back.as_deref() == Some(&same[..]),
+        "concurrently put chunk reads back wrong"
+    );
 
     // Directories: children first, sizes checked.
     let leaf = Directory {
@@ -136,7 +156,10 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         "a directory was stored before its child"
     );
     let d_leaf = ok("putting a leaf", store.dirs.put(&leaf).await)?;
-    ensure!(d_leaf == leaf.digest(), "a leaf stored under another digest");
+    ensure!(
+        d_leaf == leaf.digest(),
+        "a leaf stored under another digest"
+    );
     ensure!(
         store.dirs.put(&parent(5)).await.is_err(),
         "a child's wrong size was accepted"
@@ -151,7 +174,10 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         ok("get", store.dirs.get(&d_parent).await)?.as_ref() == Some(&parent(1)),
         "a directory reads back different"
     );
-    ensure!(ok("has", store.dirs.has(&d_leaf).await)?, "has says a stored leaf is absent");
+    ensure!(
+        ok("has", store.dirs.has(&d_leaf).await)?,
+        "has says a stored leaf is absent"
+    );
     let many: Vec<Option<Directory>> = store
         .dirs
         .get_many(vec![d_parent, missing, d_leaf])
@@ -170,12 +196,19 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         "closure is not root first"
     );
     ensure!(
-        ok("get_closure of an absent root", store.dirs.get_closure(&missing).await)?.is_empty(),
+        ok(
+            "get_closure of an absent root",
+            store.dirs.get_closure(&missing).await
+        )?
+        .is_empty(),
         "the closure of an absent directory is not empty"
     );
     let top = ok(
         "put_closure",
-        store.dirs.put_closure(closure.into_iter().rev().collect()).await,
+        store
+            .dirs
+            .put_closure(closure.into_iter().rev().collect())
+            .await,
     )?;
     ensure!(top == d_parent, "put_closure returned {top}, not its root");
 
@@ -234,12 +267,18 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         ok("root get", store.roots.get("a").await)? == Some(rec("a", 3)),
         "a replaced root reads back old"
     );
-    ensure!(ok("root delete", store.roots.delete("a").await)?, "delete found no root");
+    ensure!(
+        ok("root delete", store.roots.delete("a").await)?,
+        "delete found no root"
+    );
     ensure!(
         !ok("second delete", store.roots.delete("a").await)?,
         "a deleted root was deleted again"
     );
-    ensure!(ok("root get", store.roots.get("a").await)?.is_none(), "a deleted root reads back");
+    ensure!(
+        ok("root get", store.roots.get("a").await)?.is_none(),
+        "a deleted root reads back"
+    );
     ensure!(
         store.roots.put(&rec("bad/name", 1)).await.is_err(),
         "a root named with '/' was accepted"

@@ -1,0 +1,164 @@
+//! The one store contract suite (`granary::store::conformance::check`) run against every
+//! backend and layer, each opened by URL as a user would: `memory://`, a local store with
+//! packs and one with loose objects, the disk cache in front of a local store, the real daemon
+//! over a Unix socket, and `s3://` against a real moto server. Where the test can reach the
+//! backend's storage it damages objects behind the store's back and the suite checks that
+//! reads fail naming the object.
+
+mod common;
+mod moto;
+
+use std::path::Path;
+
+use common::*;
+use granary::model::castore::B3Digest;
+use granary::store::{self, conformance, ObjectKind, StoreConfig};
+
+/// Flips one byte in the middle of a stored object of the local store at `dir`.
+fn damage_local(dir: &Path, kind: ObjectKind, d: &B3Digest) {
+    tamper(dir, kind.dir(), &d.to_hex(), |raw| {
+        let mid = raw.len() / 2;
+        raw[mid] ^= 0x5a;
+    });
+}
+
+fn run(store: &store::Store, corrupt: Option<conformance::Corrupt<'_>>) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    if let Err(e) = rt.block_on(conformance::check(store, corrupt)) {
+        panic!("{}: {e}", store.url);
+    }
+}
+
+fn open(url: &str) -> store::Store {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(store::open(url))
+        .unwrap_or_else(|e| panic!("{url}: {e}"))
+}
+
+#[test]
+fn memory() {
+    run(&open("memory://"), None);
+}
+
+#[test]
+fn local_with_packs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let s = open(&format!("file://{}", path.display()));
+    assert!(s.config.packs, "a new local store packs its objects");
+    run(&s, Some(&|k, d| damage_local(&path, k, d)));
+    assert!(
+        !packed_entries(&path).is_empty(),
+        "the suite's objects went into packs"
+    );
+}
+
+#[test]
+fn local_loose() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    std::fs::create_dir_all(&path).unwrap();
+    std::fs::write(path.join("config.toml"), StoreConfig::loose().to_toml()).unwrap();
+    let s = open(&format!("file://{}", path.display()));
+    assert!(!s.config.packs);
+    run(&s, Some(&|k, d| damage_local(&path, k, d)));
+    assert!(
+        walk_files(&path.join("chunks")).len() > 3,
+        "the suite's chunks are loose files"
+    );
+}
+
+#[test]
+fn disk_cache_over_local() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s");
+    let url = format!("file://{}", path.display());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let s = rt
+        .block_on(store::cache::open(
+            &url,
+            &dir.path().join("cache"),
+            64 << 20,
+        ))
+        .unwrap();
+    drop(rt);
+    // Damage both copies: the cache's (it drops it and refetches) and the store's.
+    let cache = dir.path().join("cache");
+    run(
+        &s,
+        Some(&|k, d| {
+            damage_local(&path, k, d);
+            let hex = d.to_hex();
+            let entry = cache.join(k.dir()).join(&hex[..2]).join(&hex);
+            if let Ok(mut raw) = std::fs::read(&entry) {
+                let mid = raw.len() / 2;
+                raw[mid] ^= 0x5a;
+                std::fs::write(&entry, raw).unwrap();
+            }
+        }),
+    );
+}
+
+#[test]
+fn daemon_over_unix_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path(), &[]);
+    let path = dir.path().join("store");
+    let s = open(&daemon.unix_url());
+    run(&s, Some(&|k, d| damage_local(&path, k, d)));
+    daemon.kill9();
+}
+
+/// The key of an object in an `s3://` store under `prefix` (the `file://` loose layout).
+fn s3_key(bucket_prefix: &str, kind: ObjectKind, d: &B3Digest) -> String {
+    let hex = d.to_hex();
+    format!("{bucket_prefix}/{}/{}/{hex}", kind.dir(), &hex[..2])
+}
+
+#[test]
+fn s3_against_moto() {
+    moto::set_credentials();
+    let m = moto::Moto::start();
+    m.create_bucket("conf");
+    let s = open(&m.url("conf/p"));
+    let bucket = object_store::aws::AmazonS3Builder::new()
+        .with_bucket_name("conf")
+        .with_endpoint(format!("http://127.0.0.1:{}", m.port))
+        .with_region("us-east-1")
+        .with_allow_http(true)
+        .with_access_key_id("testing")
+        .with_secret_access_key("testing")
+        .build()
+        .unwrap();
+    // Damage is done with signed requests of its own, on a thread of its own (the suite calls
+    // this from inside its runtime).
+    let damage = |k: ObjectKind, d: &B3Digest| {
+        use object_store::{ObjectStore, ObjectStoreExt};
+        let key = object_store::path::Path::from(s3_key("p", k, d));
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let rt = tokio::runtime::Runtime::new().unwrap();
+                rt.block_on(async {
+                    let mut body = bucket
+                        .get(&key)
+                        .await
+                        .unwrap()
+                        .bytes()
+                        .await
+                        .unwrap()
+                        .to_vec();
+                    let mid = body.len() / 2;
+                    body[mid] ^= 0x5a;
+                    bucket.put(&key, body.into()).await.unwrap();
+                });
+            })
+            .join()
+            .unwrap()
+        });
+    };
+    run(&s, Some(&damage));
+}
