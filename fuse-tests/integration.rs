@@ -123,6 +123,32 @@ fn mount_over_daemon_round_trip_kill_and_restart() {
     let m = Mount::start(&d.unix_url(), &["--root", "t"]);
     assert_same_tree(&src, m.path());
     drop(m);
+    // The mount fetched file contents in batches: many chunks per ReadChunks call.
+    let info = Command::new(granary_bin())
+        .args(["--store", &d.unix_url(), "info"])
+        .output()
+        .unwrap();
+    let info = String::from_utf8_lossy(&info.stdout).to_string();
+    let figure = |name: &str| -> u64 {
+        info.lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .and_then(|rest| {
+                rest.trim_start_matches([':', ' '])
+                    .split_whitespace()
+                    .next()
+            })
+            .and_then(|n| n.replace(',', "").parse().ok())
+            .unwrap_or_else(|| panic!("no {name:?} in {info}"))
+    };
+    let (calls, chunks) = (
+        figure("daemon chunk read calls"),
+        figure("daemon chunks read"),
+    );
+    eprintln!("batching: {chunks} chunks in {calls} ReadChunks calls");
+    assert!(
+        chunks >= 100 && chunks >= 4 * calls,
+        "{chunks} chunks in {calls} ReadChunks calls: not batched"
+    );
 
     // A fresh mount (empty chunk cache) for the failure part.
     let m = Mount::start(&d.unix_url(), &["--root", "t", "--timeout", "3"]);

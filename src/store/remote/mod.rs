@@ -626,6 +626,8 @@ impl Maintenance for RemoteStore {
             ("daemon bytes out", s.bytes_out),
             ("daemon in flight", s.in_flight),
             ("daemon connections", s.connections),
+            ("daemon chunk read calls", s.chunk_read_calls),
+            ("daemon chunks read", s.chunks_read),
             ("sessions started", s.sessions_started),
             ("sessions running", s.sessions_running),
             ("sessions done", s.sessions_done),

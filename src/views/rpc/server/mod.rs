@@ -34,6 +34,8 @@ pub struct Counters {
     pub bytes_out: AtomicU64,
     pub in_flight: AtomicU64,
     pub connections: AtomicU64,
+    pub chunk_read_calls: AtomicU64,
+    pub chunks_read: AtomicU64,
 }
 
 /// Counts a call as in flight until dropped.

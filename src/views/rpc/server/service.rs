@@ -100,6 +100,12 @@ impl Granary for Daemon {
                 .collect::<Result<Vec<_>, _>>()
         })();
         let digests = self.fail(r)?;
+        self.counters
+            .chunk_read_calls
+            .fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .chunks_read
+            .fetch_add(digests.len() as u64, Ordering::Relaxed);
         let blobs = self.store.blobs.clone();
         let counters = self.counters.clone();
         let stream = futures::stream::iter(digests)
@@ -329,6 +335,8 @@ impl Granary for Daemon {
             // This call itself is not counted as in flight.
             in_flight: c.in_flight.load(Ordering::Relaxed).saturating_sub(1),
             connections: c.connections.load(Ordering::Relaxed),
+            chunk_read_calls: c.chunk_read_calls.load(Ordering::Relaxed),
+            chunks_read: c.chunks_read.load(Ordering::Relaxed),
             sessions_started: s.started,
             sessions_running: s.running,
             sessions_done: s.done,
