@@ -1,7 +1,7 @@
 //! The one store contract suite (`granary::store::conformance::check`) run against every
 //! backend and layer, each opened by URL as a user would: `memory://`, a local store with
-//! packs and one with loose objects, the disk cache in front of a local store, the real daemon
-//! over a Unix socket, and `s3://` against a real moto server. Where the test can reach the
+//! packs and one with loose objects, the disk cache in front of a local store, an in-process daemon
+//! (`views::rpc::serve`) over a Unix socket, and `s3://` against a real moto server. Where the test can reach the
 //! backend's storage it damages objects behind the store's back and the suite checks that
 //! reads fail naming the object.
 
@@ -104,13 +104,51 @@ fn disk_cache_over_local() {
 }
 
 #[test]
-fn daemon_over_unix_socket() {
+fn in_process_daemon_over_unix_socket() {
+    use granary::views::rpc::serve::{serve, Listen, ServeConfig};
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start(dir.path(), &[]);
     let path = dir.path().join("store");
-    let s = open(&daemon.unix_url());
+    let sock = dir.path().join("d.sock");
+    let cfg = ServeConfig {
+        listens: vec![Listen::Unix(sock.clone())],
+        token: None,
+        read_only: None,
+        allow_unauthenticated_tcp: false,
+        drain: std::time::Duration::from_secs(5),
+        session_retention: std::time::Duration::from_secs(60),
+        spool_dir: dir.path().to_path_buf(),
+        max_ingest: 1 << 30,
+        disabled_features: vec![],
+    };
+    // The daemon runs on a runtime of its own, in this process, until told to stop.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let local = rt
+        .block_on(store::open(&format!("file://{}", path.display())))
+        .unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (up_tx, up_rx) = std::sync::mpsc::channel();
+    let server = rt.spawn(serve(
+        local,
+        cfg,
+        move |addr| {
+            let _ = up_tx.send(addr.to_string());
+        },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let addr = up_rx
+        .recv_timeout(std::time::Duration::from_secs(20))
+        .expect("daemon listening");
+    assert!(addr.contains("d.sock"), "{addr}");
+    let s = open(&format!("grpc+unix://{}", sock.display()));
+    assert!(s.ingest.is_some(), "a daemon store takes uploads");
     run(&s, Some(&|k, d| damage_local(&path, k, d)));
-    daemon.kill9();
+    drop(s);
+    let _ = stop.send(());
+    let (counters, drained) = rt.block_on(server).unwrap().unwrap();
+    assert!(drained, "the daemon drained");
+    assert!(counters.chunk_read_calls.load(std::sync::atomic::Ordering::Relaxed) > 0);
 }
 
 /// The key of an object in an `s3://` store under `prefix` (the `file://` loose layout).
