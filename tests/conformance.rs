@@ -175,7 +175,7 @@ fn s3_against_moto() {
     // Damage is done with signed requests of its own, on a thread of its own (the suite calls
     // this from inside its runtime).
     let damage = |k: ObjectKind, d: &B3Digest| {
-        use object_store::{ObjectStore, ObjectStoreExt};
+        use object_store::ObjectStoreExt;
         let key = object_store::path::Path::from(s3_key("p", k, d));
         std::thread::scope(|t| {
             t.spawn(|| {

@@ -276,8 +276,9 @@ pub fn main() -> ExitCode {
         }
     };
     let res = rt.block_on(run(cli));
-    if std::env::var_os("GRANARY_S3_STATS").is_some() && store::s3::any_requests() {
-        let counts: Vec<String> = store::s3::request_counts()
+    let requests = store::request_counts();
+    if std::env::var_os("GRANARY_S3_STATS").is_some() && !requests.is_empty() {
+        let counts: Vec<String> = requests
             .iter()
             .map(|(k, v)| format!("{}={v}", k.trim_start_matches("s3 ").replace(' ', "_")))
             .collect();

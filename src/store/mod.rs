@@ -140,6 +140,15 @@ pub fn default_url() -> String {
     format!("file://{}", base.join("granary").display())
 }
 
+/// Requests this process made to remote object storage (`s3://`), by kind; empty if none.
+pub fn request_counts() -> Vec<(&'static str, u64)> {
+    if s3::any_requests() {
+        s3::request_counts()
+    } else {
+        Vec::new()
+    }
+}
+
 /// Opens the store a URL names, creating a `file://` store on first use.
 pub async fn open(url: &str) -> Result<Store> {
     let bad = |reason: &str| StoreError::Config {

@@ -1,9 +1,7 @@
 //! Unit tests of the chunk cache.
 
 use super::*;
-use crate::store::memory::MemoryStore;
 use crate::store::BlobMeta;
-use crate::store::StoreConfig;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// A blob service that counts chunk reads and can be slowed down.
@@ -39,7 +37,7 @@ impl BlobService for Counting {
 }
 
 async fn setup(delay: Duration, n: usize) -> (Arc<Counting>, Vec<ChunkRef>) {
-    let store = MemoryStore::new_store("memory://", StoreConfig::default());
+    let store = crate::store::open("memory://").await.unwrap();
     let mut refs = Vec::new();
     for i in 0..n {
         let data = Bytes::from(vec![i as u8; 1000 + i]);
@@ -222,7 +220,7 @@ async fn a_slow_batch_times_out_and_its_chunks_fail() {
 async fn local_store_batches_hand_over_every_chunk_verified() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let store = crate::store::local::LocalStore::open(&url, dir.path())
+    let store = crate::store::open(&url)
         .await
         .unwrap()
         .blobs;
