@@ -463,27 +463,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-/// A progress bar on stderr when it is a terminal, fed from the import's counters.
-pub(crate) fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
+/// A progress bar on stderr when it is a terminal, redrawn from `progress` by `update` every
+/// 100 ms until the bar holds the last reference to it.
+pub(crate) fn spawn_bar<T: Send + Sync + 'static>(
+    progress: Arc<T>,
+    template: &str,
+    update: fn(&indicatif::ProgressBar, &T),
+) -> Option<tokio::task::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     Some(tokio::spawn(async move {
         loop {
-            bar.set_length(progress.bytes_total.load(Ordering::Relaxed));
-            bar.set_position(progress.bytes_done.load(Ordering::Relaxed));
-            bar.set_message(format!(
-                "{}/{} files",
-                progress.files_done.load(Ordering::Relaxed),
-                progress.files_total.load(Ordering::Relaxed)
-            ));
+            update(&bar, &progress);
             tokio::time::sleep(Duration::from_millis(100)).await;
             if Arc::strong_count(&progress) == 1 {
                 bar.finish_and_clear();
@@ -491,6 +488,23 @@ pub(crate) fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::Joi
             }
         }
     }))
+}
+
+/// The import's bar: bytes and files.
+pub(crate) fn spawn_progress(progress: Arc<Progress>) -> Option<tokio::task::JoinHandle<()>> {
+    spawn_bar(
+        progress,
+        "{spinner} [{elapsed_precise}] {bytes}/{total_bytes} ({bytes_per_sec}) {msg}",
+        |bar, p| {
+            bar.set_length(p.bytes_total.load(Ordering::Relaxed));
+            bar.set_position(p.bytes_done.load(Ordering::Relaxed));
+            bar.set_message(format!(
+                "{}/{} files",
+                p.files_done.load(Ordering::Relaxed),
+                p.files_total.load(Ordering::Relaxed)
+            ));
+        },
+    )
 }
 
 /// The root name of each path, decided before anything is imported so a bad one fails early.

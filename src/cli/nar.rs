@@ -1,12 +1,11 @@
 //! The Nix subcommands: `import-nar`, `export-nar`, `import-store`, `narinfo`. Thin: parse,
 //! call into [`crate::views::nar`], print.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
@@ -264,31 +263,18 @@ pub async fn cmd_narinfo(store: &Store, root: &str, store_dir: &str) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
-/// A progress bar on stderr when it is a terminal.
+/// The store import's bar: store paths and NAR bytes.
 fn spawn_progress(progress: Arc<StoreDirProgress>) -> Option<tokio::task::JoinHandle<()>> {
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let bar = indicatif::ProgressBar::new(0);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {pos}/{len} store paths {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    Some(tokio::spawn(async move {
-        loop {
-            bar.set_length(progress.entries_total.load(Ordering::Relaxed));
-            bar.set_position(progress.entries_done.load(Ordering::Relaxed));
+    super::spawn_bar(
+        progress,
+        "{spinner} [{elapsed_precise}] {pos}/{len} store paths {msg}",
+        |bar, p| {
+            bar.set_length(p.entries_total.load(Ordering::Relaxed));
+            bar.set_position(p.entries_done.load(Ordering::Relaxed));
             bar.set_message(format!(
                 "({} of NAR)",
-                indicatif::HumanBytes(progress.nar_bytes.load(Ordering::Relaxed))
+                indicatif::HumanBytes(p.nar_bytes.load(Ordering::Relaxed))
             ));
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            if Arc::strong_count(&progress) == 1 {
-                bar.finish_and_clear();
-                return;
-            }
-        }
-    }))
+        },
+    )
 }
