@@ -148,7 +148,12 @@ fn in_process_daemon_over_unix_socket() {
     let _ = stop.send(());
     let (counters, drained) = rt.block_on(server).unwrap().unwrap();
     assert!(drained, "the daemon drained");
-    assert!(counters.chunk_read_calls.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(
+        counters
+            .chunk_read_calls
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
 }
 
 /// The key of an object in an `s3://` store under `prefix` (the `file://` loose layout).

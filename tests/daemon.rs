@@ -149,6 +149,7 @@ fn library_store_over_daemon() {
                     size: 0,
                 },
                 nix: None,
+                times: None,
             })
             .await
             .unwrap_err();
@@ -235,7 +236,8 @@ async fn seed_store(url: &str, src: &Path) -> (Node, Vec<B3Digest>, Vec<B3Digest
     let node =
         granary::trees::import::import_path(&s, src, &Default::default(), Default::default())
             .await
-            .unwrap();
+            .unwrap()
+            .node;
     // Staged objects become visible to other processes (the daemon) once flushed.
     s.flush().await.unwrap();
     let mut blobs = Vec::new();
@@ -294,6 +296,7 @@ fn large_directories_cross_the_wire() {
                     size: dir.size().unwrap(),
                 },
                 nix: None,
+                times: None,
             })
             .await
             .unwrap();
@@ -386,6 +389,7 @@ fn many_concurrent_clients() {
                                     name: "shared".into(),
                                     node: node.clone(),
                                     nix: None,
+                                    times: None,
                                 },
                             )
                             .await

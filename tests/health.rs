@@ -658,6 +658,7 @@ fn a_size_that_disagrees_with_its_blob_is_refused_everywhere() {
                 name: name.into(),
                 node: Node::Directory { digest, size: 1 },
                 nix: None,
+                times: None,
             };
             store.roots.put(&root).await.unwrap();
         });

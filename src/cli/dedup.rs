@@ -474,7 +474,7 @@ async fn unpack_nars(
         let dest = dir.path().join(format!("{i}")).join(stem);
         std::fs::create_dir_all(dest.parent().unwrap_or(dir.path()))
             .with_context(|| format!("unpacking {}", p.display()))?;
-        crate::trees::export(store, &imported.node, &dest)
+        crate::trees::export(store, &imported.node, None, &dest)
             .await
             .with_context(|| format!("unpacking {}", p.display()))?;
         out.push(dest);

@@ -82,6 +82,11 @@ enum Command {
         /// waiting for the import to finish (see `granary ingest-status`).
         #[arg(long)]
         no_wait: bool,
+        /// Record no modification times: the tree then shows mtime 1 in mounts and exports,
+        /// as a Nix store path does. By default each entry's mtime (to the nanosecond) is
+        /// kept in a table beside the tree; digests and dedup are the same either way.
+        #[arg(long)]
+        no_times: bool,
     },
     /// Serve the store over gRPC to other granary clients (grpc+tcp:// and grpc+unix:// URLs).
     Daemon(daemon::DaemonArgs),
@@ -220,6 +225,8 @@ enum Command {
         digest: String,
         #[arg(long)]
         dir: PathBuf,
+        #[arg(long)]
+        times: Option<String>,
     },
     /// Inspect or empty a disk cache (--cache-dir DIR).
     #[command(subcommand)]
@@ -355,6 +362,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             skip_special,
             jobs,
             no_wait,
+            no_times,
         } => {
             if let Some(ingest) = &store.ingest {
                 let names = root_names(&paths, name, named)?;
@@ -367,6 +375,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let opts = ImportOptions {
                 skip_special,
                 parallelism: jobs,
+                no_times,
             };
             cmd_import(&store, &paths, name, named, &opts).await
         }
@@ -393,14 +402,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Export { path, dest } => {
-            let node = trees::resolve(&store, &path).await?;
+            let (node, times) = trees::resolve_timed(&store, &path).await?;
             if dest.symlink_metadata().is_ok() {
                 bail!(
                     "{}: already exists; export needs a new path",
                     dest.display()
                 );
             }
-            trees::export(&store, &node, &dest)
+            trees::export(&store, &node, times, &dest)
                 .await
                 .with_context(|| format!("exporting {path} to {}", dest.display()))?;
             Ok(ExitCode::SUCCESS)
@@ -419,8 +428,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8))
             }
         },
-        Command::SandboxServe { digest, dir } => {
-            crate::tools::sandbox::share::serve(&store, &digest, &dir).await
+        Command::SandboxServe { digest, dir, times } => {
+            crate::tools::sandbox::share::serve(&store, &digest, times.as_deref(), &dir).await
         }
         Command::ImportNar {
             file,
@@ -547,8 +556,8 @@ async fn cmd_import(
         let _ = b.await;
     }
     let mut out = std::io::stdout().lock();
-    for (p, node) in paths.iter().zip(nodes?) {
-        let shown = match node {
+    for (p, imported) in paths.iter().zip(nodes?) {
+        let shown = match imported.node {
             Node::Directory { digest, .. } | Node::File { digest, .. } => digest.to_hex(),
             Node::Symlink { target } => {
                 format!("symlink -> {}", String::from_utf8_lossy(&target))

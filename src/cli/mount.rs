@@ -172,8 +172,8 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
     }
     import_first(store, &args.import).await?;
     let top = match &args.root {
-        Some(r) => match trees::resolve_root(store, r).await? {
-            node @ Node::Directory { .. } => Top::Tree(node),
+        Some(r) => match trees::resolve_root_timed(store, r).await? {
+            (node @ Node::Directory { .. }, at) => Top::Tree(node, at),
             _ => bail!("--root {r}: not a directory; a mount needs a directory"),
         },
         None => Top::Roots {
@@ -229,7 +229,7 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
     let mut registration = None;
     let on_mounted = || {
         let tree_digest = match &opts_top {
-            Top::Tree(node) => node.digest(),
+            Top::Tree(node, _) => node.digest(),
             Top::Roots { .. } => None,
         };
         registration = crate::tools::sandbox::registry::register(

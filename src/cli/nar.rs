@@ -93,6 +93,7 @@ pub async fn cmd_import_nar(
             signatures: args.signatures,
             ca: args.ca.unwrap_or_default(),
         }),
+        times: None,
     };
     store
         .roots

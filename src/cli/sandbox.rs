@@ -85,11 +85,11 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     if store.url.starts_with("memory:") {
         bail!("a memory:// store lives in one process; a sandbox needs a store other processes can open (file:// or grpc+...)");
     }
-    let digest = match trees::resolve_root(store, &args.root)
+    let (digest, times) = match trees::resolve_root_timed(store, &args.root)
         .await
         .with_context(|| format!("--root {}", args.root))?
     {
-        Node::Directory { digest, .. } => digest,
+        (Node::Directory { digest, .. }, at) => (digest, at.map(|(t, _)| t)),
         _ => bail!(
             "--root {}: not a directory; a sandbox needs a directory",
             args.root
@@ -134,7 +134,8 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         None
     } else {
         let (rt, url, root) = (runtime.clone(), store.url.clone(), args.root.clone());
-        tokio::task::spawn_blocking(move || registry::find(&rt, &url, &digest, &root))
+        let t = times.map(|t| t.digest);
+        tokio::task::spawn_blocking(move || registry::find(&rt, &url, &digest, t.as_ref(), &root))
             .await
             .context("looking for a running granary mount")?
     };
@@ -143,7 +144,7 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         None => {
             let (exe, rt, url) = (exe.clone(), runtime.clone(), store.url.clone());
             let (pid, path, lease) =
-                tokio::task::spawn_blocking(move || share::join(&exe, &rt, &url, &digest))
+                tokio::task::spawn_blocking(move || share::join(&exe, &rt, &url, &digest, times))
                     .await
                     .context("joining the shared FUSE mount")??;
             (Lower::Server { pid, path }, Some(lease))

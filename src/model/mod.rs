@@ -3,3 +3,4 @@
 
 pub mod castore;
 pub mod chunking;
+pub mod times;

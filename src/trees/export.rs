@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use futures::StreamExt;
 
-use super::read::{entry_node, get_dir};
+use super::read::{entry_node, get_dir, TimesAt};
 use crate::model::castore::{B3Digest, Directory, Node};
+use crate::model::times::{self, TimesPos, TimesRef};
 use crate::store::{BlobReader, Result, Store, StoreError};
 
 /// Writes a blob's content to `out`, every piece checked against the blob digest before it
@@ -45,8 +46,9 @@ pub const EXPORT_CONCURRENCY: usize = 16;
 /// symlinks. Runs of zeros are left as holes, so a sparse file stays sparse.
 ///
 /// Directories are fetched a level at a time and files written [`EXPORT_CONCURRENCY`] at a
-/// time (each file's chunks are themselves fetched ahead concurrently).
-pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
+/// time (each file's chunks are themselves fetched ahead concurrently). With `times` (where
+/// the node's recorded times are), every entry gets its recorded mtime; without, mtime 1.
+pub async fn export(store: &Store, node: &Node, times: TimesAt, dest: &Path) -> Result<()> {
     let parent = dest
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -60,7 +62,7 @@ pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
         std::process::id(),
         rand::random::<u32>()
     ));
-    let res = export_into(store, node, &tmp).await;
+    let res = export_into(store, node, times, &tmp).await;
     let res = match res {
         Ok(()) => {
             let (t, d) = (tmp.clone(), dest.to_path_buf());
@@ -95,13 +97,28 @@ pub async fn export(store: &Store, node: &Node, dest: &Path) -> Result<()> {
     res
 }
 
-async fn export_into(store: &Store, node: &Node, dest: &Path) -> Result<()> {
+async fn export_into(store: &Store, node: &Node, times: TimesAt, dest: &Path) -> Result<()> {
     let mut files: Vec<(PathBuf, B3Digest, u64, bool)> = Vec::new();
-    let mut level: Vec<(PathBuf, B3Digest)> = Vec::new();
+    let mut level: Vec<(PathBuf, B3Digest, Option<TimesPos>)> = Vec::new();
+    let table = match times {
+        Some((t, pos)) => Some((load_times(store, &t).await?, pos)),
+        None => None,
+    };
+    let record = |pos: Option<TimesPos>| -> Result<i64> {
+        match (&table, pos) {
+            (Some((recs, _)), Some(p)) => recs.get(p.index as usize).copied().ok_or_else(|| {
+                StoreError::Backend("the tree's times table is shorter than the tree".into())
+            }),
+            _ => Ok(times::UNRECORDED_NS),
+        }
+    };
+    let top_pos = table.as_ref().map(|(_, p)| *p);
+    // Every path written and its time, set once everything is in place.
+    let mut stamps: Vec<(PathBuf, i64)> = vec![(dest.to_path_buf(), record(top_pos)?)];
     match node {
         Node::Directory { digest, .. } => {
             create_dir(dest).await?;
-            level.push((dest.to_path_buf(), *digest));
+            level.push((dest.to_path_buf(), *digest, top_pos));
         }
         Node::File {
             digest,
@@ -111,20 +128,30 @@ async fn export_into(store: &Store, node: &Node, dest: &Path) -> Result<()> {
         Node::Symlink { target } => symlink(target, dest).await?,
     }
     while !level.is_empty() {
-        let dirs: Vec<(PathBuf, Directory)> = futures::stream::iter(level.drain(..))
-            .map(|(path, digest)| async move { Ok((path, get_dir(store, &digest).await?)) })
-            .buffered(EXPORT_CONCURRENCY)
-            .collect::<Vec<Result<_>>>()
-            .await
-            .into_iter()
-            .collect::<Result<_>>()?;
-        for (path, dir) in dirs {
-            for e in dir.entries() {
-                let p = path.join(std::ffi::OsStr::from_bytes(e.name()));
-                match entry_node(e)? {
+        let dirs: Vec<(PathBuf, Directory, Option<TimesPos>)> =
+            futures::stream::iter(level.drain(..))
+                .map(|(path, digest, pos)| async move {
+                    Ok((path, get_dir(store, &digest).await?, pos))
+                })
+                .buffered(EXPORT_CONCURRENCY)
+                .collect::<Vec<Result<_>>>()
+                .await
+                .into_iter()
+                .collect::<Result<_>>()?;
+        for (path, dir, pos) in dirs {
+            let entries = dir
+                .entries()
+                .map(|e| Ok((e.name().clone(), entry_node(e)?)))
+                .collect::<Result<Vec<_>>>()?;
+            let kids = pos.map(|p| p.children(entries.iter().map(|(_, n)| n)));
+            for (i, (name, node)) in entries.into_iter().enumerate() {
+                let p = path.join(std::ffi::OsStr::from_bytes(&name));
+                let cpos = kids.as_ref().map(|k| k[i]);
+                stamps.push((p.clone(), record(cpos)?));
+                match node {
                     Node::Directory { digest, .. } => {
                         create_dir(&p).await?;
-                        level.push((p, digest));
+                        level.push((p, digest, cpos));
                     }
                     Node::File {
                         digest,
@@ -142,7 +169,54 @@ async fn export_into(store: &Store, node: &Node, dest: &Path) -> Result<()> {
     while let Some(r) = writes.next().await {
         r?;
     }
-    Ok(())
+    set_times(stamps).await
+}
+
+/// A whole table of times (a tree's, checked by the caller to fit it).
+async fn load_times(store: &Store, t: &TimesRef) -> Result<Vec<i64>> {
+    let reader = BlobReader::open_sized(store.blobs.clone(), t.digest, t.size).await?;
+    let len = usize::try_from(t.size)
+        .map_err(|_| StoreError::Backend(format!("times table {}: too large", t.digest)))?;
+    let bytes = reader.read_at(0, len).await?;
+    if bytes.len() < times::HEADER as usize || &bytes[..8] != times::MAGIC {
+        return Err(StoreError::corrupt(
+            "times table",
+            &t.digest,
+            "no GRNTIME1 header",
+        ));
+    }
+    Ok(times::decode_records(&bytes[times::HEADER as usize..]))
+}
+
+/// Sets each path's mtime (and atime), not following symlinks.
+async fn set_times(stamps: Vec<(PathBuf, i64)>) -> Result<()> {
+    tokio::task::spawn_blocking(move || {
+        for (p, ns) in stamps.iter().rev() {
+            let (sec, nsec) = times::split(*ns);
+            let t = rustix::fs::Timespec {
+                tv_sec: sec,
+                tv_nsec: nsec as _,
+            };
+            rustix::fs::utimensat(
+                rustix::fs::CWD,
+                p,
+                &rustix::fs::Timestamps {
+                    last_access: t,
+                    last_modification: t,
+                },
+                rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| {
+                StoreError::io(
+                    format!("setting the time of {}", p.display()),
+                    std::io::Error::from_raw_os_error(e.raw_os_error()),
+                )
+            })?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StoreError::Backend(format!("export task failed: {e}")))?
 }
 
 async fn create_dir(p: &Path) -> Result<()> {

@@ -71,6 +71,21 @@ pub async fn mark_node(store: &Store, node: &Node, marks: &mut Marks) -> Result<
     Ok(())
 }
 
+/// Marks everything a root keeps: its tree and its table of times.
+pub async fn mark_root(
+    store: &Store,
+    root: &crate::model::castore::RootRecord,
+    marks: &mut Marks,
+) -> Result<()> {
+    mark_node(store, &root.node, marks).await?;
+    if let Some(t) = &root.times {
+        mark_blob(store, &t.digest, marks)
+            .await
+            .map_err(|e| StoreError::Backend(format!("times table: {e}")))?;
+    }
+    Ok(())
+}
+
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GcReport {
     pub kept: u64,
@@ -100,7 +115,7 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcRepor
         let Some(root) = store.roots.get(&name).await? else {
             continue;
         };
-        mark_node(store, &root.node, &mut marks)
+        mark_root(store, &root, &mut marks)
             .await
             .map_err(|e| StoreError::Backend(format!("root {name}: {e}; not collecting")))?;
     }

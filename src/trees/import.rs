@@ -24,7 +24,8 @@ use bytes::Bytes;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 
 use crate::model::castore::{validate_name, B3Digest, Directory, Node, SymlinkEntry};
-use crate::store::blob_writer::{BlobWriter, PUTS_IN_FLIGHT};
+use crate::model::times::{self, TimesRef};
+use crate::store::blob_writer::{write_all, BlobWriter, PUTS_IN_FLIGHT};
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -56,6 +57,8 @@ pub struct ImportOptions {
     pub skip_special: bool,
     /// Files imported at once (default: twice the number of cores).
     pub parallelism: Option<usize>,
+    /// Record no modification times (the tree then shows mtime 1, like a Nix store path).
+    pub no_times: bool,
 }
 
 /// Counters an import updates as it goes, for progress display.
@@ -67,9 +70,9 @@ pub struct Progress {
     pub files_done: AtomicU64,
 }
 
-/// The tree as walked: metadata only.
+/// The tree as walked: metadata only. Each entry has its name and mtime (ns since the epoch).
 enum Walked {
-    Dir(Vec<(Bytes, Walked)>),
+    Dir(Vec<(Bytes, i64, Walked)>),
     File {
         executable: bool,
         /// Index into the file job list.
@@ -228,27 +231,46 @@ impl Walker<'_> {
                     ));
                 }
             };
-            children.push((Bytes::copy_from_slice(name), node));
+            let mtime = mtime_ns(st.st_mtime as i64, st.st_mtime_nsec as i64);
+            children.push((Bytes::copy_from_slice(name), mtime, node));
         }
         children.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Walked::Dir(children))
     }
 }
 
+fn mtime_ns(secs: i64, nsec: i64) -> i64 {
+    secs.saturating_mul(1_000_000_000).saturating_add(nsec)
+}
+
+/// The tree as walked, ready to import.
+struct WalkResult {
+    walked: Walked,
+    /// The top's own mtime.
+    mtime: i64,
+    top: Option<Top>,
+    files: Vec<FileJob>,
+    bytes: u64,
+}
+
 /// Walks the tree at `path`: its top (not followed if a symlink), and below it.
-fn walk(
-    path: &Path,
-    opts: &ImportOptions,
-) -> Result<(Walked, Option<Top>, Vec<FileJob>, u64), ImportError> {
+fn walk(path: &Path, opts: &ImportOptions) -> Result<WalkResult, ImportError> {
     let meta = std::fs::symlink_metadata(path)
         .map_err(|e| ImportError::path(path, format!("cannot stat: {e}")))?;
     let ft = meta.file_type();
     use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+    let mtime = mtime_ns(meta.mtime(), meta.mtime_nsec());
     if ft.is_symlink() {
         let target = std::fs::read_link(path)
             .map_err(|e| ImportError::path(path, format!("cannot read link: {e}")))?;
         let t = check_target(path, target.as_os_str().as_bytes())?;
-        return Ok((Walked::Symlink(t), None, Vec::new(), 0));
+        return Ok(WalkResult {
+            walked: Walked::Symlink(t),
+            mtime,
+            top: None,
+            files: Vec::new(),
+            bytes: 0,
+        });
     }
     if ft.is_file() || ft.is_dir() {
         // The top of a file import is its directory: the file is opened below it like any other.
@@ -282,7 +304,13 @@ fn walk(
                 executable: meta.permissions().mode() & 0o100 != 0,
                 job: 0,
             };
-            return Ok((walked, Some(top), vec![job], meta.len()));
+            return Ok(WalkResult {
+                walked,
+                mtime,
+                top: Some(top),
+                files: vec![job],
+                bytes: meta.len(),
+            });
         }
         let mut w = Walker {
             opts,
@@ -290,9 +318,15 @@ fn walk(
             files: Vec::new(),
             bytes: 0,
         };
-        let t = w.walk_dir(Path::new(""), path, meta.dev(), meta.ino())?;
+        let walked = w.walk_dir(Path::new(""), path, meta.dev(), meta.ino())?;
         let (files, bytes) = (w.files, w.bytes);
-        return Ok((t, Some(top), files, bytes));
+        return Ok(WalkResult {
+            walked,
+            mtime,
+            top: Some(top),
+            files,
+            bytes,
+        });
     }
     let kind = if ft.is_fifo() {
         "fifo"
@@ -389,8 +423,14 @@ pub async fn import_path(
     path: &Path,
     opts: &ImportOptions,
     progress: Arc<Progress>,
-) -> Result<Node, ImportError> {
-    let (walked, top, files, bytes) = {
+) -> Result<Imported, ImportError> {
+    let WalkResult {
+        walked,
+        mtime,
+        top,
+        files,
+        bytes,
+    } = {
         let path = path.to_path_buf();
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || walk(&path, &opts))
@@ -405,17 +445,60 @@ pub async fn import_path(
         Some(top) => import_files(store, Arc::new(top), files, opts, progress).await?,
         None => Vec::new(),
     };
-    put_tree(store, &walked, &results).await
+    let node = put_tree(store, &walked, &results).await?;
+    let times = if opts.no_times {
+        None
+    } else {
+        let table = times::encode(&times_table(mtime, &walked));
+        let w = write_all(store, &table)
+            .await
+            .map_err(|e| ImportError::Store {
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        Some(TimesRef {
+            digest: w.digest,
+            size: w.size,
+        })
+    };
+    Ok(Imported { node, times })
+}
+
+/// What an import made: the tree's node, and its table of times unless told not to record
+/// them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Imported {
+    pub node: Node,
+    pub times: Option<TimesRef>,
+}
+
+/// The mtimes of a walked tree in the table's order ([`crate::model::times`]): the top, then
+/// each directory's entries as one block, directories depth first.
+fn times_table(top: i64, walked: &Walked) -> Vec<i64> {
+    let mut out = vec![top];
+    let mut stack: Vec<&[(Bytes, i64, Walked)]> = Vec::new();
+    if let Walked::Dir(children) = walked {
+        stack.push(children);
+    }
+    while let Some(children) = stack.pop() {
+        out.extend(children.iter().map(|(_, t, _)| *t));
+        for (_, _, w) in children.iter().rev() {
+            if let Walked::Dir(grand) = w {
+                stack.push(grand);
+            }
+        }
+    }
+    out
 }
 
 /// Imports each path and records it as a root where a name is given: everything made
-/// durable first, then the roots. Returns the node of each path, in order.
+/// durable first, then the roots. Returns what each path became, in order.
 pub async fn import_named(
     store: &Store,
     paths: &[(PathBuf, Option<String>)],
     opts: &ImportOptions,
     progress: Arc<Progress>,
-) -> Result<Vec<Node>, ImportError> {
+) -> Result<Vec<Imported>, ImportError> {
     let mut nodes = Vec::with_capacity(paths.len());
     for (p, _) in paths {
         nodes.push(import_path(store, p, opts, progress.clone()).await?);
@@ -428,8 +511,9 @@ pub async fn import_named(
         if let Some(name) = name {
             let root = crate::model::castore::RootRecord {
                 name: name.clone(),
-                node: node.clone(),
+                node: node.node.clone(),
                 nix: None,
+                times: node.times,
             };
             store
                 .roots
@@ -503,7 +587,7 @@ async fn put_dir(
     files: &[(B3Digest, u64)],
 ) -> Result<(B3Digest, u64), ImportError> {
     struct Frame<'a> {
-        children: &'a [(Bytes, Walked)],
+        children: &'a [(Bytes, i64, Walked)],
         next: usize,
         dir: Directory,
     }
@@ -536,7 +620,7 @@ async fn put_dir(
             }
             continue;
         }
-        let (name, child) = &frame.children[frame.next];
+        let (name, _, child) = &frame.children[frame.next];
         frame.next += 1;
         match child {
             Walked::Dir(grand) => stack.push(Frame {

@@ -4,6 +4,7 @@
 use bytes::Bytes;
 
 use crate::model::castore::{B3Digest, Directory, Entry, Node, RootRecord};
+use crate::model::times::{TimesPos, TimesRef};
 use crate::store::{Result, Store, StoreError};
 
 /// Finds a root by name, or takes a digest naming a directory or blob.
@@ -61,11 +62,33 @@ pub async fn get_dir(store: &Store, digest: &B3Digest) -> Result<Directory> {
 
 /// Resolves `ROOT[/PATH...]` (symlinks inside the tree are not followed).
 pub async fn resolve(store: &Store, spec: &str) -> Result<Node> {
+    Ok(resolve_timed(store, spec).await?.0)
+}
+
+/// Where a node's recorded times are: its root's table and the node's place in it.
+pub type TimesAt = Option<(TimesRef, TimesPos)>;
+
+/// A root by name or digest, with its table of times if it has one that fits its tree.
+pub async fn resolve_root_timed(store: &Store, root: &str) -> Result<(Node, TimesAt)> {
+    if crate::model::castore::validate_root_name(root).is_ok() {
+        if let Some(r) = store.roots.get(root).await? {
+            let at = r
+                .times
+                .filter(|t| t.fits(&r.node))
+                .map(|t| (t, TimesPos::TOP));
+            return Ok((r.node, at));
+        }
+    }
+    Ok((resolve_root(store, root).await?, None))
+}
+
+/// [`resolve`], keeping track of where the node's times are.
+pub async fn resolve_timed(store: &Store, spec: &str) -> Result<(Node, TimesAt)> {
     let mut parts = spec.split('/').filter(|p| !p.is_empty());
     let root = parts
         .next()
         .ok_or_else(|| StoreError::Backend("empty path".into()))?;
-    let mut node = resolve_root(store, root).await?;
+    let (mut node, mut at) = resolve_root_timed(store, root).await?;
     let mut walked = root.to_string();
     for part in parts {
         let Node::Directory { digest, .. } = &node else {
@@ -74,13 +97,23 @@ pub async fn resolve(store: &Store, spec: &str) -> Result<Node> {
         let name = unescape_name(part)
             .map_err(|why| StoreError::Backend(format!("{walked}/{part}: {why}")))?;
         let dir = get_dir(store, digest).await?;
-        let e = dir
-            .lookup(&name)
+        let mut entries = dir
+            .entries()
+            .map(entry_node_named)
+            .collect::<Result<Vec<_>>>()?;
+        let index = entries
+            .iter()
+            .position(|(n, _)| n[..] == name[..])
             .ok_or_else(|| StoreError::Backend(format!("{walked}/{part}: no such entry")))?;
-        node = entry_node(e)?;
+        at = at.map(|(t, pos)| (t, pos.children(entries.iter().map(|(_, n)| n))[index]));
+        node = entries.swap_remove(index).1;
         walked = format!("{walked}/{part}");
     }
-    Ok(node)
+    Ok((node, at))
+}
+
+fn entry_node_named(e: Entry<'_>) -> Result<(Bytes, Node)> {
+    Ok((e.name().clone(), entry_node(e)?))
 }
 
 /// A name as `granary ls` prints it and `ROOT/PATH` arguments take it back: printable text as

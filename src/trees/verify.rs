@@ -245,6 +245,22 @@ pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
             Node::File { digest, size, .. } => files.push((*digest, *size)),
             Node::Symlink { .. } => {}
         }
+        // The table of times is checked like a file of the tree, and must fit the tree.
+        if let Some(t) = &root.times {
+            if !t.fits(&root.node) {
+                f.add(
+                    Subject::Root(name.clone()),
+                    format!(
+                        "times table {} is {} bytes, not the {} of its tree",
+                        t.digest,
+                        t.size,
+                        crate::model::times::TimesRef::expected_size(&root.node).unwrap_or(0)
+                    ),
+                    None,
+                );
+            }
+            files.push((t.digest, t.size));
+        }
         while let Some(d) = todo.pop() {
             let dir = match store.dirs.get(&d).await {
                 Ok(Some(dir)) => dir,

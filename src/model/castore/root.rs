@@ -3,6 +3,8 @@
 use bytes::Bytes;
 use prost::Message;
 
+use crate::model::times::TimesRef;
+
 use super::{
     decode_bounded, directory::validate_target, proto, show, validate_name, B3Digest,
     DirectoryEntry, FileEntry, ModelError, SymlinkEntry,
@@ -76,6 +78,8 @@ pub struct RootRecord {
     pub name: String,
     pub node: Node,
     pub nix: Option<NixInfo>,
+    /// The tree's recorded modification times, if its import recorded them.
+    pub times: Option<TimesRef>,
 }
 
 impl RootRecord {
@@ -106,6 +110,10 @@ impl RootRecord {
             name,
             node: Some(node),
             nix: self.nix.clone(),
+            times: self.times.map(|t| proto::Times {
+                digest: Bytes::copy_from_slice(t.digest.as_bytes()),
+                size: t.size,
+            }),
         }
         .encode_to_vec()
     }
@@ -134,10 +142,18 @@ impl RootRecord {
                 )));
             }
         }
+        let times = match r.times {
+            Some(t) => Some(TimesRef {
+                digest: B3Digest::try_from(&t.digest[..])?,
+                size: t.size,
+            }),
+            None => None,
+        };
         Ok(RootRecord {
             name,
             node,
             nix: r.nix,
+            times,
         })
     }
 }
@@ -166,8 +182,17 @@ mod tests {
                 name: "abc".into(),
                 node,
                 nix: None,
+                times: None,
             };
             assert_eq!(RootRecord::decode(&r.encode()).unwrap(), r);
+            let timed = RootRecord {
+                times: Some(TimesRef {
+                    digest: B3Digest::of(b"t"),
+                    size: 24,
+                }),
+                ..r
+            };
+            assert_eq!(RootRecord::decode(&timed.encode()).unwrap(), timed);
         }
         let bad = RootRecord {
             name: "a/b".into(),
@@ -175,6 +200,7 @@ mod tests {
                 target: Bytes::from_static(b"x"),
             },
             nix: None,
+            times: None,
         };
         assert!(RootRecord::decode(&bad.encode()).is_err());
         assert!(RootRecord::decode(&[0xff, 0xff]).is_err());

@@ -1,7 +1,8 @@
 //! Running `granary mount`s announce themselves in `RUNTIME/mounts/PID.json` so a sandbox can
 //! reuse one of the same store instead of starting its own FUSE server. An entry counts only
 //! while its process lives and its mount point is still mounted; the tree found there is
-//! checked by digest (xattr), so a root replaced since does not slip in.
+//! checked by digest and by its table of times (xattrs), so a root replaced since does not
+//! slip in.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -11,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::model::castore::B3Digest;
-use crate::views::fs::XATTR_DIGEST;
+use crate::views::fs::{XATTR_DIGEST, XATTR_TIMES};
 
 /// How long a digest check on a registered mount may take before the mount is passed over.
 const CHECK_WAIT: Duration = Duration::from_secs(5);
@@ -62,10 +63,17 @@ pub fn register(
     Ok(Registration { path })
 }
 
-/// A directory of a running `granary mount` of `store_url` showing tree `digest` (reached
-/// by `name` if the mount lists named roots).
-pub fn find(runtime: &Path, store_url: &str, digest: &B3Digest, name: &str) -> Option<PathBuf> {
+/// A directory of a running `granary mount` of `store_url` showing tree `digest` with the
+/// times of table `times` (reached by `name` if the mount lists named roots).
+pub fn find(
+    runtime: &Path,
+    store_url: &str,
+    digest: &B3Digest,
+    times: Option<&B3Digest>,
+    name: &str,
+) -> Option<PathBuf> {
     let want = digest.to_hex();
+    let want_times = times.map(B3Digest::to_hex);
     let entries = std::fs::read_dir(runtime.join("mounts")).ok()?;
     for e in entries.flatten() {
         let Ok(bytes) = std::fs::read(e.path()) else {
@@ -90,25 +98,33 @@ pub fn find(runtime: &Path, store_url: &str, digest: &B3Digest, name: &str) -> O
             Some(_) => continue,
             None => entry.mountpoint.join(name),
         };
-        if digest_of(candidate.clone()).as_deref() == Some(want.as_str()) {
+        let Some((d, t)) = xattrs_of(candidate.clone()) else {
+            continue;
+        };
+        if d.as_deref() == Some(want.as_str()) && t == want_times {
             return Some(candidate);
         }
     }
     None
 }
 
-/// The digest xattr of `path`, read on a thread so a stalled mount cannot stall us.
-fn digest_of(path: PathBuf) -> Option<String> {
+/// The digest and times xattrs of `path`, read on a thread so a stalled mount cannot stall
+/// us; `None` if that took too long.
+type Xattrs = (Option<String>, Option<String>);
+fn xattrs_of(path: PathBuf) -> Option<Xattrs> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(read_xattr(&path));
+        let _ = tx.send((
+            read_xattr(&path, XATTR_DIGEST),
+            read_xattr(&path, XATTR_TIMES),
+        ));
     });
-    rx.recv_timeout(CHECK_WAIT).ok().flatten()
+    rx.recv_timeout(CHECK_WAIT).ok()
 }
 
-fn read_xattr(path: &Path) -> Option<String> {
+fn read_xattr(path: &Path, name: &str) -> Option<String> {
     let p = CString::new(path.as_os_str().as_bytes()).ok()?;
-    let n = CString::new(XATTR_DIGEST).ok()?;
+    let n = CString::new(name).ok()?;
     let mut buf = [0u8; 256];
     // SAFETY: valid strings and a buffer of the given length.
     let len = unsafe { libc::getxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };

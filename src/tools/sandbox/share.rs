@@ -20,6 +20,7 @@ use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::model::castore::{B3Digest, Node};
+use crate::model::times::{TimesPos, TimesRef};
 use crate::store::Store;
 use crate::views::fs::{self, MountOptions, Top};
 
@@ -49,12 +50,21 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ShareError + '_ {
     }
 }
 
-/// The state directory of the shared mount of `digest` from `store_url`.
-pub fn share_dir(runtime: &Path, store_url: &str, digest: &B3Digest) -> PathBuf {
+/// The state directory of the shared mount of `digest` (with the times of `times`) from
+/// `store_url`.
+pub fn share_dir(
+    runtime: &Path,
+    store_url: &str,
+    digest: &B3Digest,
+    times: Option<&TimesRef>,
+) -> PathBuf {
     let mut h = blake3::Hasher::new();
     h.update(store_url.as_bytes());
     h.update(b"\0");
     h.update(digest.as_bytes());
+    if let Some(t) = times {
+        h.update(t.digest.as_bytes());
+    }
     let key = h.finalize().to_hex();
     runtime.join("sandbox").join(&key.as_str()[..24])
 }
@@ -120,8 +130,9 @@ pub fn join(
     runtime: &Path,
     store_url: &str,
     digest: &B3Digest,
+    times: Option<TimesRef>,
 ) -> Result<(u32, PathBuf, Lease), ShareError> {
-    let dir = share_dir(runtime, store_url, digest);
+    let dir = share_dir(runtime, store_url, digest, times.as_ref());
     let tree = dir.join("tree");
     std::fs::create_dir_all(&tree).map_err(io_at(&tree))?;
     let state = open_lock(&dir.join("state.lock"))?;
@@ -133,7 +144,7 @@ pub fn join(
     )?;
     let pid = match live_server(&dir) {
         Some(pid) => pid,
-        None => start_server(exe, &dir, store_url, digest)?,
+        None => start_server(exe, &dir, store_url, digest, times)?,
     };
     let users = open_lock(&dir.join("users.lock"))?;
     lock(
@@ -151,6 +162,7 @@ fn start_server(
     dir: &Path,
     store_url: &str,
     digest: &B3Digest,
+    times: Option<TimesRef>,
 ) -> Result<u32, ShareError> {
     let log_path = dir.join("server.log");
     let log = File::create(&log_path).map_err(io_at(&log_path))?;
@@ -162,6 +174,7 @@ fn start_server(
         .arg(digest.to_hex())
         .arg("--dir")
         .arg(dir)
+        .args(times.map(|t| format!("--times={}:{}", t.digest.to_hex(), t.size)))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -225,9 +238,24 @@ fn start_server(
 
 /// The server: mounts `digest` at `dir/tree` (in the private namespace it was started in),
 /// reports ready, and serves until no sandbox holds the lease, or SIGTERM/SIGINT.
-pub async fn serve(store: &Store, digest: &str, dir: &Path) -> anyhow::Result<ExitCode> {
+pub async fn serve(
+    store: &Store,
+    digest: &str,
+    times: Option<&str>,
+    dir: &Path,
+) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     let digest: B3Digest = digest.parse().context("--digest")?;
+    let times = match times {
+        None => None,
+        Some(t) => {
+            let (d, size) = t.split_once(':').context("--times: want DIGEST:SIZE")?;
+            Some(TimesRef {
+                digest: d.parse().context("--times")?,
+                size: size.parse().context("--times")?,
+            })
+        }
+    };
     let dirnode = store
         .dirs
         .get(&digest)
@@ -237,8 +265,9 @@ pub async fn serve(store: &Store, digest: &str, dir: &Path) -> anyhow::Result<Ex
         digest,
         size: dirnode.size()?,
     };
+    let at = times.filter(|t| t.fits(&node)).map(|t| (t, TimesPos::TOP));
     let opts = MountOptions {
-        top: Top::Tree(node),
+        top: Top::Tree(node, at),
         // Sandboxes may switch users; root's mount must not refuse them.
         allow_other: true,
         ..MountOptions::default()

@@ -186,6 +186,7 @@ pub(super) async fn put_file(
             signatures: info.signatures,
             ca: info.ca,
         }),
+        times: None,
     };
     c.store.roots.put(&root).await?;
     c.index.insert(&name, info.nar_hash).await;

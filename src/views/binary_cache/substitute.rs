@@ -294,6 +294,7 @@ impl Substituter {
             name: info.basename.clone(),
             node,
             nix: Some(nix),
+            times: None,
         };
         self.store
             .roots

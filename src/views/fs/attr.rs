@@ -40,7 +40,9 @@ impl Inner {
         if let (Some(nix), Kind::Roots) = (&self.nix, &inode.kind) {
             (uid, gid, perm) = (0, nix.gid, 0o1775);
         }
-        let time = UNIX_EPOCH + Duration::from_secs(1);
+        // Recorded at import where the root has a table; mtime 1 (as in a Nix store) where
+        // not. Nothing here changes, so ctime and atime are the same.
+        let time = crate::model::times::system_time(inode.stamp.mtime);
         FileAttr {
             ino: INodeNo(ino),
             size,

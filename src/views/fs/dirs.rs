@@ -200,7 +200,8 @@ impl Inner {
                     if name[..] == *NIX_LINKS {
                         let (node, view) = self.links_entry();
                         let mut table = lock(&self.table);
-                        let ino = table.lookup_top(&name, node, Some(view));
+                        let ino =
+                            table.lookup_top(&name, node, Some(view), inode::Stamp::default());
                         let inode = table.get(ino).ok_or(Errno::ENOENT)?;
                         return Ok((self.attr(ino, inode), TOP_TTL));
                     }
@@ -214,14 +215,16 @@ impl Inner {
                     .await?
                     .ok_or(Errno::ENOENT)?;
                 let view = self.view_of(&rec.node).await?;
+                let stamp = self.root_stamp(&rec).await?;
                 let mut table = lock(&self.table);
-                let ino = table.lookup_top(&name, rec.node, view);
+                let ino = table.lookup_top(&name, rec.node, view, stamp);
                 let inode = table.get(ino).ok_or(Errno::ENOENT)?;
                 Ok((self.attr(ino, inode), TOP_TTL))
             }
             Parent::Dir(pview) => {
                 let index = pview.find(&name).ok_or(Errno::ENOENT)?;
                 let view = self.view_of(&pview.entries[index].1).await?;
+                self.block_times(parent).await?;
                 let mut table = lock(&self.table);
                 let ino = table
                     .lookup_child(parent, index, view)
@@ -240,8 +243,11 @@ impl Inner {
         let recs: Vec<_> = stream::iter(names)
             .map(|n| async move {
                 let what = || format!("root {n:?}");
-                let r = self.deadline(what, self.store.roots.get(&n)).await?;
-                Ok::<_, Errno>(r.map(|r| (Bytes::from(n.into_bytes()), r.node)))
+                let Some(r) = self.deadline(what, self.store.roots.get(&n)).await? else {
+                    return Ok(None);
+                };
+                self.root_stamp(&r).await?;
+                Ok::<_, Errno>(Some((Bytes::from(n.into_bytes()), r.node)))
             })
             .buffered(DIR_CONCURRENCY)
             .collect()

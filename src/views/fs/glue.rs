@@ -275,6 +275,11 @@ impl Filesystem for GranaryFs {
                 .filter_map(|v| v.clone().ok().flatten())
                 .collect();
             inner.prefetch_views(&loaded);
+            if let Listing::Dir(..) = listing {
+                if let Err(e) = inner.block_times(ino.0).await {
+                    return reply.error(e);
+                }
+            }
             let mut table = lock(&inner.table);
             let self_attr = match table.get(ino.0) {
                 Some(i) => inner.attr(ino.0, i),
@@ -304,7 +309,10 @@ impl Filesystem for GranaryFs {
                 };
                 let (name, node) = &entries[i];
                 let (child, ttl) = match &listing {
-                    Listing::Roots(..) => (table.lookup_top(name, node.clone(), view), TOP_TTL),
+                    Listing::Roots(..) => {
+                        let stamp = inner.known_root_stamp(name);
+                        (table.lookup_top(name, node.clone(), view, stamp), TOP_TTL)
+                    }
                     Listing::Dir(..) => match table.lookup_child(ino.0, i, view) {
                         Some(c) => (c, TREE_TTL),
                         None => break,

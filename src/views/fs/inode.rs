@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use crate::model::castore::{B3Digest, Directory, ModelError, Node};
+use crate::model::times::{TimesPos, TimesRef, UNRECORDED_NS};
 use crate::trees::entry_node;
 
 /// The inode number of the mount's root.
@@ -76,6 +77,30 @@ fn model(e: crate::store::StoreError) -> ModelError {
     }
 }
 
+/// An inode's recorded time, and where the times of a directory's entries are (a root's
+/// table and this directory's place in it), if its tree has a table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub mtime: i64,
+    pub at: Option<(TimesRef, TimesPos)>,
+}
+
+impl Default for Stamp {
+    fn default() -> Self {
+        Self {
+            mtime: UNRECORDED_NS,
+            at: None,
+        }
+    }
+}
+
+/// The times of one directory's entries, in entry order, and each entry's place in the table.
+#[derive(Debug)]
+pub struct BlockTimes {
+    pub mtimes: Vec<i64>,
+    pub children: Vec<TimesPos>,
+}
+
 /// What an inode stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -98,6 +123,9 @@ pub struct Inode {
     pub dir: Option<(Arc<DirView>, u64)>,
     /// The name under the top level, so it can be unmapped when forgotten.
     top_name: Option<Bytes>,
+    pub stamp: Stamp,
+    /// For directories with a table: their entries' times, once loaded.
+    pub block: Option<Arc<BlockTimes>>,
 }
 
 impl Inode {
@@ -117,7 +145,7 @@ pub struct InodeTable {
 
 impl InodeTable {
     /// A table holding only the root inode, which is never forgotten.
-    pub fn new(root: Kind, root_view: Option<Arc<DirView>>) -> Self {
+    pub fn new(root: Kind, root_view: Option<Arc<DirView>>, stamp: Stamp) -> Self {
         let mut t = Self {
             inodes: HashMap::new(),
             top: HashMap::new(),
@@ -133,6 +161,8 @@ impl InodeTable {
                 children: 0,
                 dir,
                 top_name: None,
+                stamp,
+                block: None,
             },
         );
         t
@@ -187,9 +217,19 @@ impl InodeTable {
             }
             return Some(ino);
         }
-        let node = {
-            let (pview, _) = self.inodes.get(&parent)?.dir.as_ref()?;
-            pview.entries.get(index)?.1.clone()
+        let (node, stamp) = {
+            let p = self.inodes.get(&parent)?;
+            let (pview, _) = p.dir.as_ref()?;
+            // A child's time comes from its parent's block (loaded by the caller when the
+            // tree has a table).
+            let stamp = match (&p.stamp.at, &p.block) {
+                (Some((table, _)), Some(b)) => Stamp {
+                    mtime: *b.mtimes.get(index)?,
+                    at: Some((*table, *b.children.get(index)?)),
+                },
+                _ => Stamp::default(),
+            };
+            (pview.entries.get(index)?.1.clone(), stamp)
         };
         let dir = view.map(|v| self.reserve(v));
         self.inodes.insert(
@@ -201,6 +241,8 @@ impl InodeTable {
                 children: 0,
                 dir,
                 top_name: None,
+                stamp,
+                block: None,
             },
         );
         if let Some(p) = self.inodes.get_mut(&parent) {
@@ -216,10 +258,16 @@ impl InodeTable {
 
     /// Records one kernel reference to the named root `name` showing `node`. A root that was
     /// replaced by a different node gets a fresh inode; the old one lives until forgotten.
-    pub fn lookup_top(&mut self, name: &Bytes, node: Node, view: Option<Arc<DirView>>) -> u64 {
+    pub fn lookup_top(
+        &mut self,
+        name: &Bytes,
+        node: Node,
+        view: Option<Arc<DirView>>,
+        stamp: Stamp,
+    ) -> u64 {
         if let Some(&ino) = self.top.get(name) {
             if let Some(inode) = self.inodes.get_mut(&ino) {
-                if inode.kind == Kind::Node(node.clone()) {
+                if inode.kind == Kind::Node(node.clone()) && inode.stamp == stamp {
                     inode.nlookup += 1;
                     return ino;
                 }
@@ -237,6 +285,8 @@ impl InodeTable {
                 children: 0,
                 dir,
                 top_name: Some(name.clone()),
+                stamp,
+                block: None,
             },
         );
         self.top.insert(name.clone(), ino);
@@ -244,6 +294,20 @@ impl InodeTable {
             p.children += 1;
         }
         ino
+    }
+
+    /// Sets the stamp of inode `ino` (the root's, once its record is read).
+    pub fn set_stamp(&mut self, ino: u64, stamp: Stamp) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.stamp = stamp;
+        }
+    }
+
+    /// Keeps the loaded times of directory `ino`'s entries.
+    pub fn set_block(&mut self, ino: u64, block: Arc<BlockTimes>) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.block.get_or_insert(block);
+        }
     }
 
     /// Drops `n` kernel references; removes the inode (and, in turn, parents that were only
@@ -314,7 +378,7 @@ mod tests {
     #[test]
     fn identical_files_get_distinct_inodes() {
         let root = view(vec![file("a", b"same"), file("b", b"same")]);
-        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root));
+        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root), Stamp::default());
         let a = t.lookup_child(ROOT_INO, 0, None).unwrap();
         let b = t.lookup_child(ROOT_INO, 1, None).unwrap();
         assert_ne!(a, b);
@@ -327,7 +391,7 @@ mod tests {
     #[test]
     fn lookups_are_counted_and_forget_releases() {
         let root = view(vec![file("a", b"x")]);
-        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root));
+        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root), Stamp::default());
         assert_eq!(t.len(), 1);
         let a = t.lookup_child(ROOT_INO, 0, None).unwrap();
         assert_eq!(t.lookup_child(ROOT_INO, 0, None), Some(a));
@@ -348,7 +412,7 @@ mod tests {
     #[test]
     fn parents_stay_while_children_live_and_go_after() {
         let root = view(vec![(Bytes::from_static(b"d"), dir_node())]);
-        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root));
+        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root), Stamp::default());
         let d = t
             .lookup_child(ROOT_INO, 0, Some(view(vec![file("f", b"1")])))
             .unwrap();
@@ -365,7 +429,7 @@ mod tests {
     #[test]
     fn a_directory_reloaded_gets_a_new_block() {
         let root = view(vec![(Bytes::from_static(b"d"), dir_node())]);
-        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root));
+        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(root), Stamp::default());
         let d = t
             .lookup_child(ROOT_INO, 0, Some(view(vec![file("f", b"1")])))
             .unwrap();
@@ -382,13 +446,13 @@ mod tests {
 
     #[test]
     fn top_level_by_name_and_replaced_roots() {
-        let mut t = InodeTable::new(Kind::Roots, None);
+        let mut t = InodeTable::new(Kind::Roots, None, Stamp::default());
         let name = Bytes::from_static(b"r");
         let n1 = file("r", b"one").1;
         let n2 = file("r", b"two").1;
-        let a = t.lookup_top(&name, n1.clone(), None);
-        assert_eq!(t.lookup_top(&name, n1, None), a);
-        let b = t.lookup_top(&name, n2, None);
+        let a = t.lookup_top(&name, n1.clone(), None, Stamp::default());
+        assert_eq!(t.lookup_top(&name, n1, None, Stamp::default()), a);
+        let b = t.lookup_top(&name, n2, None, Stamp::default());
         assert_ne!(a, b, "a replaced root is a new inode");
         assert_eq!(t.top_ino(b"r"), Some(b));
         t.forget(a, 2);
@@ -408,7 +472,11 @@ mod tests {
         let entries: Vec<_> = (0..10_000)
             .map(|i| file(&format!("f{i:05}"), b"x"))
             .collect();
-        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(view(entries)));
+        let mut t = InodeTable::new(
+            Kind::Node(dir_node()),
+            Some(view(entries)),
+            Stamp::default(),
+        );
         let inos: Vec<u64> = (0..10_000)
             .map(|i| t.lookup_child(ROOT_INO, i, None).unwrap())
             .collect();

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Context;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use fuser::{
@@ -33,6 +33,7 @@ use futures::stream::{self, StreamExt};
 use lru::LruCache;
 
 use crate::model::castore::{validate_root_name, B3Digest, Node};
+use crate::model::times::{TimesPos, TimesRef};
 use crate::store::{Store, StoreError};
 use crate::views::nar::store_path::parse_basename;
 use chunk_cache::{ChunkCache, Layout};
@@ -40,6 +41,9 @@ use inode::{DirView, Inode, InodeTable, Kind, ROOT_INO};
 
 /// The xattr holding a file's blob digest or a directory's digest (hex).
 pub const XATTR_DIGEST: &str = "user.granary.digest";
+/// The xattr of a tree's top holding the digest of its table of recorded times (hex), when it
+/// has one: two mounts of one tree agree on times only if this agrees too.
+pub const XATTR_TIMES: &str = "user.granary.times";
 /// The xattr on the mount root holding the number of live inodes (for tests and debugging).
 pub const XATTR_INODES: &str = "user.granary.inodes";
 
@@ -65,8 +69,8 @@ const DIR_CACHE_BYTES: usize = 64 << 20;
 pub enum Top {
     /// The store's named roots; `listable: false` refuses to list them (lookups still work).
     Roots { listable: bool },
-    /// One stored directory.
-    Tree(Node),
+    /// One stored directory, and where its times are (its root's table and its place there).
+    Tree(Node, Option<(TimesRef, TimesPos)>),
 }
 
 /// Settings of one mount.
@@ -182,6 +186,8 @@ struct Inner {
     nix: Option<NixTop>,
     /// The empty directory (Nix's `.links`), answered without asking the store.
     empty_view: Arc<DirView>,
+    /// Stamps of named roots as last read, for the top-level listing.
+    root_stamps: Mutex<HashMap<Bytes, inode::Stamp>>,
 }
 
 /// The filesystem handed to fuser.
@@ -216,6 +222,7 @@ mod dirs;
 mod glue;
 mod read;
 mod session;
+mod times;
 
 #[allow(unused_imports)]
 pub use attr::*;
@@ -237,14 +244,14 @@ impl GranaryFs {
         opts: &MountOptions,
         rt: tokio::runtime::Handle,
     ) -> Result<Self, MountError> {
-        let (kind, view, listable) = match &opts.top {
-            Top::Roots { listable } => (Kind::Roots, None, *listable),
-            Top::Tree(node @ Node::Directory { digest, .. }) => {
+        let (kind, view, listable, top_times) = match &opts.top {
+            Top::Roots { listable } => (Kind::Roots, None, *listable, None),
+            Top::Tree(node @ Node::Directory { digest, .. }, at) => {
                 let dir = crate::trees::get_dir(&store, digest).await?;
                 let view = DirView::new(*digest, &dir).map_err(StoreError::from)?;
-                (Kind::Node(node.clone()), Some(Arc::new(view)), true)
+                (Kind::Node(node.clone()), Some(Arc::new(view)), true, *at)
             }
-            Top::Tree(other) => {
+            Top::Tree(other, _) => {
                 return Err(MountError::NotDirectory(match other.digest() {
                     Some(d) => format!("blob {d}"),
                     None => "a symlink".into(),
@@ -261,7 +268,7 @@ impl GranaryFs {
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let inner = Inner {
-            table: Mutex::new(InodeTable::new(kind, view)),
+            table: Mutex::new(InodeTable::new(kind, view, inode::Stamp::default())),
             chunks,
             dirs: Mutex::new((LruCache::unbounded(), 0)),
             dir_prefetch: Arc::new(tokio::sync::Semaphore::new(2)),
@@ -282,9 +289,16 @@ impl GranaryFs {
                 let empty = crate::model::castore::Directory::default();
                 Arc::new(DirView::new(empty.digest(), &empty).map_err(StoreError::from)?)
             },
+            root_stamps: Mutex::new(HashMap::new()),
             store,
             rt,
         };
+        // The top's own time: read now, so a table that cannot be read fails the mount.
+        let stamp = inner
+            .top_stamp(top_times)
+            .await
+            .map_err(|e| StoreError::Backend(format!("reading the tree's times: {e:?}")))?;
+        lock(&inner.table).set_stamp(ROOT_INO, stamp);
         Ok(Self {
             inner: Arc::new(inner),
             max_reads: opts.max_reads,

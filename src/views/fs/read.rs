@@ -104,6 +104,10 @@ impl Inner {
                     return Ok(d.to_hex().into_bytes());
                 }
             }
+        } else if name.as_bytes() == XATTR_TIMES.as_bytes() {
+            if let Some((table, _)) = inode.stamp.at {
+                return Ok(table.digest.to_hex().into_bytes());
+            }
         } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
             return Ok(table.len().to_string().into_bytes());
         }
@@ -116,6 +120,10 @@ impl Inner {
         let mut out = Vec::new();
         if let Kind::Node(Node::Directory { .. } | Node::File { .. }) = &inode.kind {
             out.extend_from_slice(XATTR_DIGEST.as_bytes());
+            out.push(0);
+        }
+        if inode.stamp.at.is_some() {
+            out.extend_from_slice(XATTR_TIMES.as_bytes());
             out.push(0);
         }
         if ino == ROOT_INO {

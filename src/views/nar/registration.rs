@@ -121,6 +121,7 @@ mod tests {
             name: name.into(),
             node,
             nix: info,
+            times: None,
         };
         store.roots.put(&rec).await.unwrap();
     }

@@ -268,6 +268,7 @@ async fn import_one(
         name: name.clone(),
         node: imp.node.clone(),
         nix: Some(nix),
+        times: None,
     };
     Ok((imp, references, root))
 }

@@ -350,6 +350,7 @@ impl Sessions {
                     name: root_name.clone(),
                     node,
                     nix: None,
+                    times: None,
                 };
                 if !root_name.is_empty() {
                     rt.block_on(store.roots.put(&rec))?;

@@ -220,10 +220,7 @@ async fn a_slow_batch_times_out_and_its_chunks_fail() {
 async fn local_store_batches_hand_over_every_chunk_verified() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("file://{}", dir.path().display());
-    let store = crate::store::open(&url)
-        .await
-        .unwrap()
-        .blobs;
+    let store = crate::store::open(&url).await.unwrap().blobs;
     let mut refs = Vec::new();
     // Enough bytes for several groups of the local batch reader, incompressible.
     let mut x = 0x9e37_79b9_7f4a_7c15u64;

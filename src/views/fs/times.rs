@@ -1,0 +1,101 @@
+//! Recorded modification times for the mount: a directory's entries' times read from its
+//! root's table (just that directory's block, through the chunk cache, verified like any file
+//! content) the first time they are needed, and a root's own time.
+
+#[allow(unused_imports)]
+use super::*;
+
+use crate::model::castore::RootRecord;
+use crate::model::times::{self, TimesPos, TimesRef};
+use inode::{BlockTimes, Stamp};
+
+impl Inner {
+    /// Records `index..index + n` of `table`.
+    async fn read_times(&self, table: &TimesRef, index: u64, n: u64) -> Result<Vec<i64>, Errno> {
+        let what = || format!("times table {}", table.digest);
+        let len = n
+            .checked_mul(times::RECORD)
+            .and_then(|l| usize::try_from(l).ok())
+            .ok_or_else(|| eio(&what(), "block too large"))?;
+        let layout = self
+            .chunks
+            .layout(&table.digest, table.size)
+            .await
+            .map_err(|e| eio(&what(), e))?;
+        let bytes = self
+            .chunks
+            .read(&layout, times::offset_of(index), len)
+            .await
+            .map_err(|e| eio(&what(), e))?;
+        if bytes.len() != len {
+            return Err(eio(&what(), "shorter than its tree"));
+        }
+        Ok(times::decode_records(&bytes))
+    }
+
+    /// The times of directory `ino`'s entries: `None` if its tree has no table.
+    pub(super) async fn block_times(&self, ino: u64) -> Result<Option<Arc<BlockTimes>>, Errno> {
+        let (at, view) = {
+            let table = lock(&self.table);
+            let inode = table.get(ino).ok_or(Errno::ENOENT)?;
+            if let Some(b) = &inode.block {
+                return Ok(Some(b.clone()));
+            }
+            match (inode.stamp.at, &inode.dir) {
+                (Some(at), Some((view, _))) => (at, view.clone()),
+                _ => return Ok(None),
+            }
+        };
+        let (table, pos) = at;
+        let n = view.entries.len() as u64;
+        let mtimes = self.read_times(&table, pos.block, n).await?;
+        let block = Arc::new(BlockTimes {
+            mtimes,
+            children: pos.children(view.entries.iter().map(|(_, node)| node)),
+        });
+        lock(&self.table).set_block(ino, block.clone());
+        Ok(Some(block))
+    }
+
+    /// The stamp of a tree's top at `pos` of `table` (checked by the caller to fit the root).
+    pub(super) async fn top_stamp(&self, at: Option<(TimesRef, TimesPos)>) -> Result<Stamp, Errno> {
+        let Some((table, pos)) = at else {
+            return Ok(Stamp::default());
+        };
+        let mtime = self.read_times(&table, pos.index, 1).await?;
+        Ok(Stamp {
+            mtime: mtime.first().copied().unwrap_or(times::UNRECORDED_NS),
+            at: Some((table, pos)),
+        })
+    }
+
+    /// The stamp of a named root, remembered for the top-level listing.
+    pub(super) async fn root_stamp(&self, rec: &RootRecord) -> Result<Stamp, Errno> {
+        let at = rec.times.filter(|t| fits(t, &rec.node));
+        let stamp = self.top_stamp(at.map(|t| (t, TimesPos::TOP))).await?;
+        lock(&self.root_stamps).insert(Bytes::from(rec.name.clone().into_bytes()), stamp);
+        Ok(stamp)
+    }
+
+    /// The remembered stamp of the named root `name`.
+    pub(super) fn known_root_stamp(&self, name: &[u8]) -> Stamp {
+        lock(&self.root_stamps)
+            .get(name)
+            .copied()
+            .unwrap_or_default()
+    }
+}
+
+/// Whether a root's table fits its tree; a table that does not is ignored (mtime 1), said once
+/// per table in the log.
+pub(super) fn fits(table: &TimesRef, node: &Node) -> bool {
+    if table.fits(node) {
+        return true;
+    }
+    tracing::warn!(
+        "times table {} ({} bytes) does not fit its tree; showing mtime 1",
+        table.digest,
+        table.size
+    );
+    false
+}
