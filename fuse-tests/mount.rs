@@ -91,6 +91,12 @@ fn mounted_tree_matches_source() {
             std::fs::symlink_metadata(mnt.join(rel)).unwrap(),
         );
         assert_eq!(a.file_type(), b.file_type(), "{rel:?}");
+        // Recorded at import (the default): the source's mtime to the nanosecond.
+        assert_eq!(
+            (b.mtime(), b.mtime_nsec(), b.ctime()),
+            (a.mtime(), a.mtime_nsec(), a.mtime()),
+            "{rel:?}"
+        );
         assert!(
             inodes.insert(b.ino()),
             "inode {} shown twice ({rel:?})",
@@ -103,7 +109,6 @@ fn mounted_tree_matches_source() {
             assert_eq!(b.nlink(), 1);
             let exec = a.permissions().mode() & 0o100 != 0;
             assert_eq!(mode, if exec { 0o555 } else { 0o444 }, "{rel:?}");
-            assert_eq!(b.mtime(), 1);
             if rel.starts_with("sizes") || rel.starts_with("multi") || rel == Path::new("hello.txt")
             {
                 let want = blake3::hash(&std::fs::read(&p).unwrap())
@@ -698,4 +703,153 @@ fn nix_mount_shows_what_nix_expects_of_its_store_directory() {
     // Still read-only.
     let e = std::fs::create_dir(m.path().join(".links/x")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::EROFS));
+}
+
+/// Sets a path's mtime (and atime) to `ns` nanoseconds since the epoch, links not followed.
+fn set_mtime(p: &Path, ns: i64) {
+    let t = rustix::fs::Timespec {
+        tv_sec: ns.div_euclid(1_000_000_000),
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        p,
+        &rustix::fs::Timestamps {
+            last_access: t,
+            last_modification: t,
+        },
+        rustix::fs::AtFlags::SYMLINK_NOFOLLOW,
+    )
+    .unwrap();
+}
+
+fn mtime_of(p: &Path) -> (i64, i64) {
+    let m = std::fs::symlink_metadata(p).unwrap();
+    (m.mtime(), m.mtime_nsec())
+}
+
+#[test]
+fn recorded_times_round_trip_without_changing_digests_or_dedup() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    // Files, directories and symlinks at distinct times (one before 1970, one with ns).
+    write(&src.join("d/f"), b"file in d", false);
+    write(&src.join("d/sub/g"), b"deeper", true);
+    write(&src.join("x"), b"top file", true);
+    std::fs::create_dir_all(src.join("e")).unwrap();
+    std::os::unix::fs::symlink("d/f", src.join("l")).unwrap();
+    let paths = ["d/f", "d/sub/g", "d/sub", "d", "x", "e", "l", ""];
+    let base: i64 = 1_600_000_000_000_000_000;
+    for (i, rel) in paths.iter().enumerate() {
+        let ns = if *rel == "x" {
+            -86_400_000_000_000 + 123
+        } else {
+            base + i as i64 * 86_400_000_000_000 + 987_654_321
+        };
+        set_mtime(&src.join(rel), ns);
+    }
+    let want: Vec<(&str, (i64, i64))> =
+        paths.iter().map(|r| (*r, mtime_of(&src.join(r)))).collect();
+
+    let timed = import_named(&store, &src, "timed");
+    let plain = store.ok(&[
+        "import",
+        "--no-times",
+        "--name",
+        "plain",
+        src.to_str().unwrap(),
+    ]);
+    let plain = String::from_utf8(plain.stdout).unwrap();
+    assert!(
+        plain.starts_with(&timed),
+        "the digest depends on recorded times: {timed} vs {plain}"
+    );
+    let before: HashSet<String> = packed_entries(&store.path())
+        .into_iter()
+        .map(|(_, e)| e.hex)
+        .collect();
+
+    // The same tree with every time changed: a second import shares every chunk and
+    // directory; the only new object is its table of times.
+    for (i, rel) in paths.iter().enumerate() {
+        set_mtime(&src.join(rel), base / 2 + i as i64);
+    }
+    assert_eq!(import_named(&store, &src, "retimed"), timed);
+    let new: Vec<(u8, String)> = packed_entries(&store.path())
+        .into_iter()
+        .filter(|(_, e)| !before.contains(&e.hex))
+        .map(|(_, e)| (e.kind, e.hex))
+        .collect();
+
+    // An independent digest of the same tree: Nix's own NAR of it, imported.
+    let nar_name = "0123456789abcdfghijklmnpqrsvwxyz-src";
+    let nix = have_nix_tool("nix-store", "the NAR digest check");
+    if nix {
+        let dump = Command::new("nix-store")
+            .arg("--dump")
+            .arg(&src)
+            .output()
+            .unwrap();
+        assert!(dump.status.success());
+        let nar = store.dir.path().join("src.nar");
+        std::fs::write(&nar, &dump.stdout).unwrap();
+        store.ok(&["import-nar", "--name", nar_name, nar.to_str().unwrap()]);
+    }
+
+    let m = Mount::start(&store.url(), &[]);
+    let retimed_table = getfattr_value(&m.path().join("retimed"), "user.granary.times");
+    assert_eq!(
+        new,
+        vec![(0u8, retimed_table.clone())],
+        "a re-import with other times stored more than its table of times"
+    );
+    assert_ne!(
+        getfattr_value(&m.path().join("timed"), "user.granary.times"),
+        retimed_table
+    );
+    for (rel, t) in &want {
+        let p = m.path().join("timed").join(rel);
+        assert_eq!(mtime_of(&p), *t, "mounted {rel:?}");
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        assert_eq!((meta.ctime(), meta.ctime_nsec()), *t, "ctime of {rel:?}");
+        let plain = std::fs::symlink_metadata(m.path().join("plain").join(rel)).unwrap();
+        assert_eq!(
+            (plain.mtime(), plain.mtime_nsec()),
+            (1, 0),
+            "untimed {rel:?}"
+        );
+    }
+    assert_eq!(getfattr_digest(&m.path().join("timed")), timed);
+    if nix {
+        assert_eq!(getfattr_digest(&m.path().join(nar_name)), timed);
+        let nar_top = std::fs::metadata(m.path().join(nar_name)).unwrap();
+        assert_eq!(nar_top.mtime(), 1, "a NAR import records no times");
+    }
+    drop(m);
+
+    // export restores them, for the whole tree and for a subtree.
+    let out = store.dir.path().join("out");
+    store.ok(&["export", "timed", out.to_str().unwrap()]);
+    for (rel, t) in &want {
+        assert_eq!(mtime_of(&out.join(rel)), *t, "exported {rel:?}");
+    }
+    let sub = store.dir.path().join("sub");
+    store.ok(&["export", "timed/d", sub.to_str().unwrap()]);
+    assert_eq!(mtime_of(&sub), want[3].1);
+    assert_eq!(mtime_of(&sub.join("sub/g")), want[1].1);
+    // A mount of one root with --root shows its times too.
+    let m = Mount::start(&store.url(), &["--root", "timed"]);
+    assert_eq!(mtime_of(&m.path().join("d/sub/g")), want[1].1);
+    assert_eq!(mtime_of(m.path()), want[7].1);
+}
+
+fn getfattr_value(path: &Path, name: &str) -> String {
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-h", "-n", name])
+        .arg(path)
+        .output()
+        .expect("run getfattr (package attr)");
+    assert!(out.status.success(), "getfattr {name} {}", path.display());
+    String::from_utf8(out.stdout).unwrap()
 }
