@@ -227,6 +227,8 @@ enum Command {
         dir: PathBuf,
         #[arg(long)]
         times: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        keep_warm_ms: u64,
     },
     /// Inspect or empty a disk cache (--cache-dir DIR).
     #[command(subcommand)]
@@ -244,7 +246,18 @@ pub fn main() -> ExitCode {
         return ExitCode::from(u8::try_from(code).unwrap_or(255));
     }
     let mut argv = std::env::args_os().skip(1);
-    if argv.next().as_deref() == Some(std::ffi::OsStr::new(crate::views::fs::reaper::SUBCOMMAND)) {
+    let first = argv.next();
+    if first.as_deref()
+        == Some(std::ffi::OsStr::new(
+            crate::tools::sandbox::share::REAP_SUBCOMMAND,
+        ))
+    {
+        let args: Vec<_> = argv.collect();
+        return ExitCode::from(
+            u8::try_from(crate::tools::sandbox::share::reap_main(&args)).unwrap_or(1),
+        );
+    }
+    if first.as_deref() == Some(std::ffi::OsStr::new(crate::views::fs::reaper::SUBCOMMAND)) {
         let args: Vec<_> = argv.collect();
         return ExitCode::from(
             u8::try_from(crate::views::fs::reaper::reap_main(&args)).unwrap_or(1),
@@ -428,8 +441,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8))
             }
         },
-        Command::SandboxServe { digest, dir, times } => {
-            crate::tools::sandbox::share::serve(&store, &digest, times.as_deref(), &dir).await
+        Command::SandboxServe {
+            digest,
+            dir,
+            times,
+            keep_warm_ms,
+        } => {
+            let keep = Duration::from_millis(keep_warm_ms);
+            crate::tools::sandbox::share::serve(&store, &digest, times.as_deref(), &dir, keep).await
         }
         Command::ImportNar {
             file,

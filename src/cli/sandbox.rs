@@ -41,6 +41,11 @@ pub struct SandboxArgs {
     /// store is running.
     #[arg(long)]
     pub no_reuse: bool,
+    /// How long the shared FUSE server stays after the last sandbox of the tree exits, so
+    /// the next job starts with its caches warm (e.g. 30s, 5m; 0 = exit with the last
+    /// sandbox). It then exits and leaves nothing behind.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::units::parse_duration)]
+    pub keep_warm: std::time::Duration,
     /// A capability CMD keeps (e.g. sys_ptrace), repeatable; replaces the default set: chown,
     /// dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service, net_raw,
     /// sys_chroot, mknod, audit_write, setfcap (what container runtimes grant; no mounting,
@@ -143,10 +148,14 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
         Some(path) => (Lower::Path(path), None),
         None => {
             let (exe, rt, url) = (exe.clone(), runtime.clone(), store.url.clone());
-            let (pid, path, lease) =
-                tokio::task::spawn_blocking(move || share::join(&exe, &rt, &url, &digest, times))
-                    .await
-                    .context("joining the shared FUSE mount")??;
+            let settings = share::ServerSettings {
+                keep_warm: args.keep_warm,
+            };
+            let (pid, path, lease) = tokio::task::spawn_blocking(move || {
+                share::join(&exe, &rt, &url, &digest, times, settings)
+            })
+            .await
+            .context("joining the shared FUSE mount")??;
             (Lower::Server { pid, path }, Some(lease))
         }
     };

@@ -9,7 +9,12 @@
 //!
 //! The server (`granary __sandbox-serve`) is started in its own private mount namespace, so
 //! its FUSE mount never appears on the host and dies with it; sandboxes clone it from there.
-//! It exits once it can take `users.lock` exclusively while no one is joining.
+//! Once it can take `users.lock` exclusively while no one is joining, it stays warm for the
+//! keep-warm time (so the next job finds its caches full) and then exits, removing the whole
+//! directory under `state.lock`; a sandbox that waited on that lock finds its file unlinked
+//! and starts over. If the server is killed outright, a helper (`granary __sandbox-reap`,
+//! started beside it, holding the other end of a pipe only the server writes to) removes the
+//! directory when the pipe closes.
 
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Write};
@@ -26,6 +31,8 @@ use crate::views::fs::{self, MountOptions, Top};
 
 /// How long to wait for another sandbox's join, or for a server to come up.
 const JOIN_WAIT: Duration = Duration::from_secs(60);
+/// How often a warm server looks whether a sandbox joined.
+const IDLE_POLL: Duration = Duration::from_millis(100);
 /// The line the server prints once its mount is served.
 const READY: &str = "ready";
 
@@ -123,6 +130,58 @@ fn live_server(dir: &Path) -> Option<u32> {
         .then_some(pid)
 }
 
+/// Whether `file` is still the file at `path` (not unlinked by an exiting server).
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// Takes the state lock of `dir`, creating the directory if needed; retried while an exiting
+/// server removes the directory under us.
+fn lock_state(dir: &Path) -> Result<File, ShareError> {
+    let start = Instant::now();
+    let path = dir.join("state.lock");
+    loop {
+        let tree = dir.join("tree");
+        let state = std::fs::create_dir_all(&tree)
+            .map_err(io_at(&tree))
+            .and_then(|()| open_lock(&path));
+        match state {
+            Ok(state) => {
+                lock(
+                    &state,
+                    libc::LOCK_EX,
+                    JOIN_WAIT,
+                    "the shared mount's state lock",
+                )?;
+                if still_at(&state, &path) && tree.is_dir() {
+                    return Ok(state);
+                }
+            }
+            // Removed between creating and opening: go round.
+            Err(ShareError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        if start.elapsed() > JOIN_WAIT {
+            return Err(ShareError::Timeout(
+                JOIN_WAIT,
+                "the shared mount's directory".into(),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// How a shared server is started.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSettings {
+    /// How long the server stays after its last sandbox exits (0: it exits with it).
+    pub keep_warm: Duration,
+}
+
 /// Joins the shared mount of `digest`, starting its server if none runs. Returns the
 /// server's pid, the mount's path inside the server's namespace, and the lease.
 pub fn join(
@@ -131,20 +190,14 @@ pub fn join(
     store_url: &str,
     digest: &B3Digest,
     times: Option<TimesRef>,
+    settings: ServerSettings,
 ) -> Result<(u32, PathBuf, Lease), ShareError> {
     let dir = share_dir(runtime, store_url, digest, times.as_ref());
     let tree = dir.join("tree");
-    std::fs::create_dir_all(&tree).map_err(io_at(&tree))?;
-    let state = open_lock(&dir.join("state.lock"))?;
-    lock(
-        &state,
-        libc::LOCK_EX,
-        JOIN_WAIT,
-        "the shared mount's state lock",
-    )?;
+    let state = lock_state(&dir)?;
     let pid = match live_server(&dir) {
         Some(pid) => pid,
-        None => start_server(exe, &dir, store_url, digest, times)?,
+        None => start_server(exe, &dir, store_url, digest, times, settings)?,
     };
     let users = open_lock(&dir.join("users.lock"))?;
     lock(
@@ -163,9 +216,14 @@ fn start_server(
     store_url: &str,
     digest: &B3Digest,
     times: Option<TimesRef>,
+    settings: ServerSettings,
 ) -> Result<u32, ShareError> {
     let log_path = dir.join("server.log");
     let log = File::create(&log_path).map_err(io_at(&log_path))?;
+    // The reaper's pipe: the server holds the write end (as fd 3) and never writes; the
+    // reaper reads until the kernel closes it, i.e. until the server is gone.
+    let (pipe_r, pipe_w) = rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC)
+        .map_err(|e| ShareError::Start(format!("pipe: {e}")))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
         .arg(store_url)
@@ -175,6 +233,7 @@ fn start_server(
         .arg("--dir")
         .arg(dir)
         .args(times.map(|t| format!("--times={}:{}", t.digest.to_hex(), t.size)))
+        .arg(format!("--keep-warm-ms={}", settings.keep_warm.as_millis()))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -183,11 +242,16 @@ fn start_server(
         cmd.env("RUST_LOG", "warn,fuser=error");
     }
     let root = c"/";
+    let w_fd = std::os::fd::AsRawFd::as_raw_fd(&pipe_w);
     // SAFETY: only async-signal-safe syscalls between fork and exec. The server gets its own
     // session (a terminal's Ctrl-C is for the sandbox, not for it) and a private mount
-    // namespace, so its FUSE mount is never on the host.
+    // namespace, so its FUSE mount is never on the host; fd 3 is the reaper's pipe (dup2
+    // clears close-on-exec on the copy).
     unsafe {
         cmd.pre_exec(move || {
+            if libc::dup2(w_fd, 3) < 0 {
+                return Err(io::Error::last_os_error());
+            }
             libc::setsid();
             if libc::unshare(libc::CLONE_NEWNS) != 0 {
                 return Err(io::Error::last_os_error());
@@ -213,6 +277,25 @@ fn start_server(
         };
         ShareError::Start(format!("{e}{hint}"))
     })?;
+    drop(pipe_w);
+    // The reaper runs on the host's side (not in the server's namespace), in its own session.
+    let mut reap = Command::new(exe);
+    reap.arg(REAP_SUBCOMMAND)
+        .arg(dir)
+        .current_dir("/")
+        .stdin(Stdio::from(File::from(pipe_r)))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe.
+    unsafe {
+        reap.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    if let Err(e) = reap.spawn() {
+        tracing::warn!("starting the shared server's reaper: {e}");
+    }
     let Some(out) = child.stdout.take() else {
         return Err(ShareError::Start("no pipe to the server".into()));
     };
@@ -237,14 +320,19 @@ fn start_server(
 }
 
 /// The server: mounts `digest` at `dir/tree` (in the private namespace it was started in),
-/// reports ready, and serves until no sandbox holds the lease, or SIGTERM/SIGINT.
+/// reports ready, and serves until no sandbox has held the lease for `keep_warm`, or
+/// SIGTERM/SIGINT; then removes `dir`.
 pub async fn serve(
     store: &Store,
     digest: &str,
     times: Option<&str>,
     dir: &Path,
+    keep_warm: Duration,
 ) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
+    // fd 3 is the reaper's pipe: kept open for our whole life, passed to no child.
+    // SAFETY: fcntl on a descriptor number; harmless if it is not open.
+    unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
     let digest: B3Digest = digest.parse().context("--digest")?;
     let times = match times {
         None => None,
@@ -297,8 +385,10 @@ pub async fn serve(
     }
     let users = open_lock(&dir.join("users.lock"))?;
     let state = open_lock(&dir.join("state.lock"))?;
-    let idle = tokio::task::spawn_blocking(move || wait_idle(&users, &state).map(|()| state));
-    let _state = tokio::select! {
+    let idle = tokio::task::spawn_blocking(move || {
+        wait_idle_for(&users, &state, keep_warm).map(|()| (users, state))
+    });
+    let held = tokio::select! {
         res = &mut serving => {
             res.context("mount task")?.context("serving the mount")?;
             None
@@ -312,13 +402,112 @@ pub async fn serve(
     {
         let _ = std::fs::remove_file(&pid_path);
     }
+    let t = tree.clone();
     let _ = tokio::task::spawn_blocking(move || match unmounter.unmount() {
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => fs::detach(&tree),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => fs::detach(&t),
         other => other,
     })
     .await;
+    // Idle (not signalled): nobody uses the directory and nobody is joining; remove it.
+    if let Some((_users, state)) = held {
+        remove_share(dir, &state);
+    }
     // Exiting closes the FUSE device, which ends the session whatever still holds it.
     Ok(ExitCode::SUCCESS)
+}
+
+/// Removes a share's directory. The caller holds its state lock (so nobody is joining) and
+/// knows no sandbox uses it; a sandbox that waits on the lock finds the file unlinked and
+/// starts over in a new directory.
+fn remove_share(dir: &Path, _state: &File) {
+    for f in ["server.pid", "server.log", "users.lock"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    let _ = std::fs::remove_dir(dir.join("tree"));
+    let _ = std::fs::remove_file(dir.join("state.lock"));
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// The hidden subcommand that runs [`reap_main`].
+pub const REAP_SUBCOMMAND: &str = "__sandbox-reap";
+
+/// `granary __sandbox-reap DIR`, started beside a shared server with stdin the read end of a
+/// pipe only the server holds open: waits for the server to be gone, then for its sandboxes
+/// to leave, and removes the directory if no new server has taken it over. Single-threaded.
+pub fn reap_main(args: &[std::ffi::OsString]) -> i32 {
+    use std::io::Read;
+    let Some(dir) = args.first().map(PathBuf::from) else {
+        return 2;
+    };
+    let mut buf = [0u8; 64];
+    loop {
+        match io::stdin().lock().read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    let state_path = dir.join("state.lock");
+    // Gone already: the server removed it on its way out.
+    let Ok(state) = std::fs::OpenOptions::new().read(true).open(&state_path) else {
+        return 0;
+    };
+    let Ok(users) = std::fs::OpenOptions::new()
+        .read(true)
+        .open(dir.join("users.lock"))
+    else {
+        return 0;
+    };
+    // Sandboxes still inside a dead server's tree leave (their reads fail) before we go on.
+    // SAFETY: flock on a descriptor we own; blocking is the point.
+    while unsafe { libc::flock(users.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return 1;
+        }
+    }
+    if lock(&state, libc::LOCK_EX, JOIN_WAIT, "state lock").is_err() {
+        return 1;
+    }
+    if still_at(&state, &state_path) && live_server(&dir).is_none() {
+        remove_share(&dir, &state);
+    }
+    0
+}
+
+/// [`wait_idle`], then the keep-warm time with nobody joining; returns holding both locks.
+fn wait_idle_for(users: &File, state: &File, keep_warm: Duration) -> Result<(), ShareError> {
+    let try_lock = |f: &File| {
+        // SAFETY: flock on a descriptor we own, non-blocking.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    };
+    let unlock = |f: &File| {
+        // SAFETY: as above.
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_UN) };
+    };
+    'idle: loop {
+        wait_idle(users, state)?;
+        if keep_warm.is_zero() {
+            return Ok(());
+        }
+        unlock(state);
+        unlock(users);
+        let since = Instant::now();
+        while since.elapsed() < keep_warm {
+            std::thread::sleep(IDLE_POLL.min(keep_warm - since.elapsed()));
+            // A sandbox holds the users lock: back to waiting for it to leave.
+            if !try_lock(users) {
+                continue 'idle;
+            }
+            unlock(users);
+        }
+        if try_lock(state) {
+            if try_lock(users) {
+                return Ok(());
+            }
+            unlock(state);
+        }
+    }
 }
 
 /// Blocks until no sandbox holds `users` and none is joining; returns holding `state`.
