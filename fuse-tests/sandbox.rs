@@ -169,11 +169,16 @@ impl Drop for Watched {
     }
 }
 
+/// `granary sandbox ARGS`; unless ARGS say otherwise, with `--keep-warm 0` (the server
+/// exits with the last sandbox, so each test can check that nothing is left).
 fn sandbox_cmd(store: &TestStore, args: &[&str]) -> Command {
     let mut c = store.cmd();
     c.env("GRANARY_RUNTIME_DIR", runtime_dir(store))
-        .arg("sandbox")
-        .args(args)
+        .arg("sandbox");
+    if !args.iter().any(|a| a.starts_with("--keep-warm")) {
+        c.arg("--keep-warm=0");
+    }
+    c.args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -665,7 +670,7 @@ fn terminal_ctrl_c_reaches_cmd_once() {
     std::fs::write(
         &run,
         format!(
-            "#!/bin/sh\nexec env GRANARY_RUNTIME_DIR='{}' '{}' --store '{}' sandbox --root rootfs --as-root -- \
+            "#!/bin/sh\nexec env GRANARY_RUNTIME_DIR='{}' '{}' --store '{}' sandbox --keep-warm=0 --root rootfs --as-root -- \
              /bin/sh -c 'n=0; trap \"n=$((n+1))\" INT; echo ready; sleep 1; sleep 1; echo n=$n; exit 3'\n",
             runtime_dir(&store).display(),
             granary_bin().display(),
@@ -892,5 +897,299 @@ fn a_fuse_view_that_dies_under_cmd_fails_the_sandbox() {
         "{}",
         text(&out.stderr)
     );
+    assert_servers_gone(&store);
+}
+
+/// What is left of shared servers in the runtime directory: state directories, and the
+/// servers and reapers of this store.
+fn leftovers(store: &TestStore) -> (Vec<PathBuf>, Vec<u32>, Vec<u32>) {
+    let dirs: Vec<PathBuf> = std::fs::read_dir(runtime_dir(store).join("sandbox"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let rt = runtime_dir(store).to_string_lossy().into_owned();
+    let reapers: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| {
+                let c = String::from_utf8_lossy(&c).into_owned();
+                c.contains("__sandbox-reap") && c.contains(&rt)
+            })
+        })
+        .collect();
+    (dirs, servers_of(store), reapers)
+}
+
+#[test]
+fn sequential_sandboxes_reuse_a_warm_server_that_then_leaves_nothing() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let run = || {
+        let out = sh(&store, &["--keep-warm", "3s"], "cat /etc/motd");
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "from the store\n");
+    };
+    run();
+    let first = servers_of(&store);
+    assert_eq!(first.len(), 1, "one server stays warm after the sandbox");
+    for _ in 0..2 {
+        run();
+        assert_eq!(
+            servers_of(&store),
+            first,
+            "a later job started another server"
+        );
+    }
+    // Past the keep-warm time: no server, no reaper, no state directory, no mount.
+    wait_until("the warm server to leave", Duration::from_secs(20), || {
+        leftovers(&store) == (vec![], vec![], vec![])
+    });
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+
+    // SIGKILL of the server while it is warm: its reaper removes what it left.
+    run();
+    let server = servers_of(&store);
+    assert_eq!(server.len(), 1);
+    assert_eq!(
+        leftovers(&store).2.len(),
+        1,
+        "a reaper runs beside the server"
+    );
+    // SAFETY: kill of a process this test started (through granary).
+    unsafe { libc::kill(server[0] as i32, libc::SIGKILL) };
+    wait_until(
+        "the killed server's leftovers to go",
+        Duration::from_secs(20),
+        || leftovers(&store) == (vec![], vec![], vec![]),
+    );
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+    // And the next job simply starts a new one.
+    run();
+    assert_eq!(servers_of(&store).len(), 1);
+    for pid in servers_of(&store) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    wait_until(
+        "the server to stop on SIGTERM",
+        Duration::from_secs(20),
+        || leftovers(&store).1.is_empty(),
+    );
+}
+
+#[test]
+fn setup_failures_exit_125_with_one_line() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--root", "nosuch", "--as-root", "--", "/bin/true"],
+            "no root named",
+        ),
+        (
+            &["--root", "rootfs", "--", "/bin/true"],
+            "--as-root or --at",
+        ),
+        (
+            &[
+                "--root",
+                "rootfs",
+                "--at",
+                "/nonexistent-at",
+                "--",
+                "/bin/true",
+            ],
+            "/nonexistent-at",
+        ),
+        (
+            &[
+                "--root",
+                "rootfs",
+                "--as-root",
+                "--bind",
+                "/nonexistent-src:/x",
+                "--",
+                "/bin/true",
+            ],
+            "/nonexistent-src",
+        ),
+        (
+            &[
+                "--root",
+                "rootfs",
+                "--as-root",
+                "--cap",
+                "not_a_cap",
+                "--",
+                "/bin/true",
+            ],
+            "not_a_cap",
+        ),
+        (
+            &[
+                "--root",
+                "rootfs",
+                "--as-root",
+                "--keep-warm",
+                "soon",
+                "--",
+                "/bin/true",
+            ],
+            "soon",
+        ),
+        (
+            &[
+                "--root",
+                "rootfs",
+                "--as-root",
+                "--no-such-flag",
+                "--",
+                "/bin/true",
+            ],
+            "--no-such-flag",
+        ),
+        (&["--root", "rootfs", "--as-root"], "CMD"),
+    ];
+    for (args, needle) in cases {
+        let out = Watched::spawn(sandbox_cmd(&store, args)).output();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+        assert_eq!(
+            err.trim_end().lines().count(),
+            1,
+            "{args:?}: not one line: {err}"
+        );
+    }
+    assert_eq!(leftovers(&store), (vec![], vec![], vec![]));
+}
+
+/// A root filesystem holding the host's python3 with what `import json` needs (and the
+/// bytecode of it), copied with its times; `None` where the host has no python3.
+fn python_rootfs(dest: &Path) -> Option<PathBuf> {
+    let list = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, os, importlib.util, json\n\
+             print(os.path.realpath(sys.executable))\n\
+             for m in list(sys.modules.values()):\n\
+             \x20   f = getattr(m, '__file__', None)\n\
+             \x20   if f:\n\
+             \x20       print(f)\n\
+             \x20       if f.endswith('.py'):\n\
+             \x20           print(importlib.util.cache_from_source(f))\n",
+        ])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())?;
+    let text = String::from_utf8(list.stdout).ok()?;
+    let mut lines = text.lines();
+    let exe = PathBuf::from(lines.next()?);
+    let mut files: Vec<PathBuf> = vec![exe.clone()];
+    files.extend(lines.map(PathBuf::from).filter(|p| p.exists()));
+    files.sort();
+    files.dedup();
+    // The shared libraries of the interpreter and of every extension module.
+    let mut libs = Vec::new();
+    for f in &files {
+        if f == &exe || f.extension().is_some_and(|e| e == "so") {
+            let out = Command::new("ldd").arg(f).output().ok()?;
+            for l in String::from_utf8_lossy(&out.stdout).lines() {
+                let path = l.split("=>").last().unwrap_or(l).split_whitespace().next();
+                if let Some(p) = path.filter(|p| p.starts_with('/')) {
+                    libs.push(PathBuf::from(p));
+                }
+            }
+        }
+    }
+    let copy = |args: &[&str], paths: &[PathBuf]| {
+        // From /: GNU cp 9.1 fails to set the attributes of --parents directories of
+        // absolute sources otherwise.
+        let st = Command::new("cp")
+            .current_dir("/")
+            .args(args)
+            .args(paths)
+            .arg(dest)
+            .status()
+            .unwrap();
+        assert!(st.success(), "cp {args:?}");
+    };
+    std::fs::create_dir_all(dest.join("tmp")).unwrap();
+    // With their times (-a), so each .pyc matches its source.
+    copy(&["-a", "--parents"], &files);
+    libs.sort();
+    libs.dedup();
+    copy(&["-L", "--parents"], &libs);
+    // Bytecode the host lacks is made now, against the copied (time-kept) sources.
+    let lib = files
+        .iter()
+        .find(|f| f.ends_with("json/__init__.py"))?
+        .parent()?
+        .parent()?
+        .to_path_buf();
+    let inside = dest.join(lib.strip_prefix("/").ok()?);
+    let st = Command::new("python3")
+        .args(["-m", "compileall", "-q"])
+        .arg(&inside)
+        .status()
+        .ok()?;
+    assert!(st.success());
+    Some(exe)
+}
+
+#[test]
+fn python_in_a_sandbox_uses_its_shipped_bytecode() {
+    require_sandbox!();
+    let store = TestStore::new();
+    let root = store.dir.path().join("py");
+    let Some(python) = python_rootfs(&root) else {
+        eprintln!("skipping: no python3 on this host");
+        return;
+    };
+    store.ok(&["import", "--name", "py", root.to_str().unwrap()]);
+    store.ok(&[
+        "import",
+        "--no-times",
+        "--name",
+        "py-untimed",
+        root.to_str().unwrap(),
+    ]);
+    let run = |name: &str| {
+        let out = Watched::spawn(sandbox_cmd(
+            &store,
+            &[
+                "--root",
+                name,
+                "--as-root",
+                "--",
+                python.to_str().unwrap(),
+                "-v",
+                "-c",
+                "import json; print(json.dumps([1]))",
+            ],
+        ))
+        .output();
+        let err = text(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        assert_eq!(text(&out.stdout), "[1]\n");
+        err
+    };
+    let log = run("py");
+    let json_pyc = log
+        .lines()
+        .filter(|l| l.contains("json/__pycache__") && l.contains(" matches "))
+        .count();
+    assert!(json_pyc >= 3, "json's bytecode was not used:\n{log}");
+    assert!(
+        !log.contains("bytecode is stale") && !log.contains("# wrote "),
+        "bytecode was found stale and rewritten:\n{log}"
+    );
+    // The same tree imported without times (mtime 1): every module's bytecode is stale.
+    let log = run("py-untimed");
+    assert!(log.contains("bytecode is stale"), "{log}");
     assert_servers_gone(&store);
 }

@@ -266,15 +266,28 @@ pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
-            // `granary sandbox` with bad arguments is a setup failure too (status 125).
-            let sandbox = std::env::args().nth(1).as_deref() == Some("sandbox");
-            let fail = e.use_stderr() && sandbox;
+            // `granary sandbox` with bad arguments is a setup failure too (status 125, one
+            // line, like its other setup failures).
+            let sandbox = <Cli as clap::CommandFactory>::command()
+                .ignore_errors(true)
+                .try_get_matches()
+                .is_ok_and(|m| m.subcommand_name() == Some("sandbox"));
+            if e.use_stderr() && sandbox {
+                // The message is the rendering's first paragraph (usage and tips follow).
+                let text = e.render().to_string();
+                let first: Vec<&str> = text
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                eprintln!(
+                    "granary: {} (see granary sandbox --help)",
+                    first.join(" ").trim_end_matches('.')
+                );
+                return ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8);
+            }
             let _ = e.print();
-            return if fail {
-                ExitCode::from(crate::tools::sandbox::EXIT_SETUP as u8)
-            } else {
-                ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
-            };
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     tracing_subscriber::fmt()
