@@ -800,3 +800,46 @@ fn repair_rebuilds_lost_and_damaged_packs_and_walks_below_what_it_restores() {
         "{text}"
     );
 }
+
+#[test]
+fn long_runs_print_progress_lines_when_stderr_is_not_a_terminal() {
+    let s = TestStore::new();
+    let src = s.dir.path().join("src");
+    gen_tree(&src, 3 << 20);
+    let run = |args: &[&str], secs: &str| {
+        let out = s
+            .cmd()
+            .args(args)
+            .env("GRANARY_PROGRESS_SECS", secs)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A tiny interval stands for "a long run": every command reports, in single lines.
+    let err = run(&["import", "--name", "t", src.to_str().unwrap()], "0.001");
+    let last = err
+        .lines()
+        .filter(|l| l.starts_with("granary: import: "))
+        .last()
+        .unwrap_or_else(|| panic!("no progress line: {err:?}"));
+    assert!(
+        last.ends_with("(done)") && last.contains("(100%)"),
+        "{last}"
+    );
+    let err = run(&["verify"], "0.001");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("granary: verify: roots 1/1")),
+        "{err:?}"
+    );
+    let err = run(&["gc"], "0.001");
+    assert!(
+        err.lines().any(|l| l.starts_with("granary: gc: ")),
+        "{err:?}"
+    );
+    // The default interval keeps short runs quiet, and 0 turns progress off.
+    assert_eq!(run(&["import", src.to_str().unwrap()], "10"), "");
+    assert_eq!(run(&["verify"], "0"), "");
+}

@@ -127,7 +127,7 @@ pub async fn cmd_dedup(store_url: Option<&str>, args: &DedupArgs) -> Result<Exit
         jobs: args.jobs,
     };
     let progress = Arc::new(Progress::default());
-    let bar = super::spawn_progress(progress.clone());
+    let bar = super::spawn_progress(progress.clone(), "dedup");
     let report = match &store {
         Some(s) => dedup::analyse_store(s, &opts, progress.clone()).await,
         None => {

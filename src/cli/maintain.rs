@@ -27,7 +27,14 @@ pub async fn rm(store: &Store, roots: &[String]) -> Result<ExitCode> {
 }
 
 pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<ExitCode> {
-    let r = crate::trees::gc::gc(store, grace, dry_run).await?;
+    let steps = std::sync::Arc::new(crate::trees::Steps::default());
+    let bar = super::spawn_steps(steps.clone(), "gc");
+    let r = crate::trees::gc::gc_with(store, grace, dry_run, &steps).await;
+    drop(steps);
+    if let Some(b) = bar {
+        let _ = b.await;
+    }
+    let r = r?;
     let verb = if dry_run { "would delete" } else { "deleted" };
     let mut out = std::io::stdout().lock();
     writeln!(
@@ -48,7 +55,14 @@ pub async fn verify(
     roots: &[String],
     repair_from: Option<&str>,
 ) -> Result<ExitCode> {
-    let mut problems = crate::trees::verify::verify(store, roots).await?;
+    let steps = std::sync::Arc::new(crate::trees::Steps::default());
+    let bar = super::spawn_steps(steps.clone(), "verify");
+    let problems = crate::trees::verify::verify_with(store, roots, &steps).await;
+    drop(steps);
+    if let Some(b) = bar {
+        let _ = b.await;
+    }
+    let mut problems = problems?;
     let mut out = std::io::stdout().lock();
     for p in &problems {
         writeln!(out, "{p}")?;

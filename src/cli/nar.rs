@@ -268,6 +268,7 @@ pub async fn cmd_narinfo(store: &Store, root: &str, store_dir: &str) -> Result<E
 fn spawn_progress(progress: Arc<StoreDirProgress>) -> Option<tokio::task::JoinHandle<()>> {
     super::spawn_bar(
         progress,
+        "import-store",
         "{spinner} [{elapsed_precise}] {pos}/{len} store paths {msg}",
         |bar, p| {
             bar.set_length(p.entries_total.load(Ordering::Relaxed));

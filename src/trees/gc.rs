@@ -98,6 +98,16 @@ pub struct GcReport {
 
 /// Runs a gc. With `dry_run`, only reports what would be deleted.
 pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcReport> {
+    gc_with(store, grace, dry_run, &super::Steps::default()).await
+}
+
+/// [`gc`], counting roots marked and then objects swept in `steps`.
+pub async fn gc_with(
+    store: &Store,
+    grace: Duration,
+    dry_run: bool,
+    steps: &super::Steps,
+) -> Result<GcReport> {
     let maint = store.maintenance.as_ref().ok_or_else(|| {
         StoreError::Backend(format!(
             "{}: this backend cannot list its objects",
@@ -110,7 +120,10 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcRepor
         .unwrap_or(SystemTime::UNIX_EPOCH)
         .min(mark_start);
     let mut marks = Marks::default();
-    for name in store.roots.list().await? {
+    let names = store.roots.list().await?;
+    steps.start("marking roots", names.len() as u64);
+    for name in names {
+        steps.step();
         // A root deleted since the listing is simply not marked.
         let Some(root) = store.roots.get(&name).await? else {
             continue;
@@ -120,8 +133,10 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<GcRepor
             .map_err(|e| StoreError::Backend(format!("root {name}: {e}; not collecting")))?;
     }
     let mut report = GcReport::default();
+    steps.start("sweeping objects", 0);
     for kind in ObjectKind::ALL {
         for obj in maint.list(kind).await? {
+            steps.step();
             if marks.contains(kind, &obj.digest) {
                 report.kept += 1;
             } else if obj.modified >= cutoff {

@@ -205,12 +205,22 @@ async fn check_content(store: &Store, blob: &B3Digest, meta: BlobMeta) -> Option
 /// Verifies the named roots (all roots if empty), then — when no roots were named and the
 /// backend can list its objects — the store's storage units and every stored object.
 pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
+    verify_with(store, only, &super::Steps::default()).await
+}
+
+/// [`verify`], counting the roots checked in `steps`.
+pub async fn verify_with(
+    store: &Store,
+    only: &[String],
+    steps: &super::Steps,
+) -> Result<Vec<Problem>> {
     let mut f = Findings::default();
     let names = if only.is_empty() {
         store.roots.list().await?
     } else {
         only.to_vec()
     };
+    steps.start("roots", names.len() as u64);
     if only.is_empty() {
         if let Some(m) = &store.maintenance {
             for (unit, why) in m.damage().await? {
@@ -222,6 +232,7 @@ pub async fn verify(store: &Store, only: &[String]) -> Result<Vec<Problem>> {
     let mut dirs_ok: HashSet<B3Digest> = HashSet::new();
     let mut chunks_seen: HashSet<B3Digest> = HashSet::new();
     for name in &names {
+        steps.step();
         let root = match store.roots.get(name).await {
             Ok(Some(r)) => r,
             Ok(None) if !only.is_empty() => {
