@@ -821,8 +821,8 @@ fn long_runs_print_progress_lines_when_stderr_is_not_a_terminal() {
     let err = run(&["import", "--name", "t", src.to_str().unwrap()], "0.001");
     let last = err
         .lines()
-        .filter(|l| l.starts_with("granary: import: "))
-        .last()
+        .rev()
+        .find(|l| l.starts_with("granary: import: "))
         .unwrap_or_else(|| panic!("no progress line: {err:?}"));
     assert!(
         last.ends_with("(done)") && last.contains("(100%)"),
