@@ -142,7 +142,7 @@ cp -a /etc/. "$host/etc/" 2>/dev/null || true
 mkdir -p "$job/proj"
 printf '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n' >"$job/hello.c"
 for i in $(seq 50); do
-  printf '#include <stdio.h>\n#include <string.h>\n#include <stdlib.h>\nint f%d(int x) { char b[64]; snprintf(b, sizeof b, "%%d", x); return (int)strlen(b) + atoi(b); }\n' "$i" "$i" >"$job/proj/f$i.c"
+  printf '#include <stdio.h>\n#include <string.h>\n#include <stdlib.h>\nint f%d(int x) { char b[64]; snprintf(b, sizeof b, "%%d", x); return (int)strlen(b) + atoi(b); }\n' "$i" >"$job/proj/f$i.c"
 done
 printf 'int main(void) { return 0; }\n' >"$job/proj/main.c"
 printf 'SRC := $(wildcard *.c)\nprog: $(SRC:.c=.o)\n\t$(CC) -o $@ $^\n%%.o: %%.c\n\t$(CC) -O2 -c -o $@ $<\n' >"$job/proj/Makefile"
