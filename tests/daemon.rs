@@ -955,6 +955,7 @@ fn ingest_rejects_bad_framing() {
             } else {
                 Default::default()
             },
+            mtime_ns: None,
         })
     };
     let header = || {
@@ -1192,4 +1193,61 @@ fn other_users_cannot_change_the_store_through_the_default_listeners() {
     }
     let full_url = format!("{}?token_file={}", d.tcp_url(), full.display());
     ok(&full_url, &["rm", "t"]);
+}
+
+/// Every entry's (mtime s, ns) below `root`, by relative path.
+fn mtimes_below(root: &Path) -> Vec<(std::path::PathBuf, (i64, i64))> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        out.push((
+            p.strip_prefix(root).unwrap().to_path_buf(),
+            (m.mtime(), m.mtime_nsec()),
+        ));
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn import_through_a_daemon_records_times_like_a_local_import() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 0);
+    let d = Daemon::start(tmp.path(), &[]);
+    let url = d.unix_url();
+    ok(&url, &["import", "--name", "timed", src.to_str().unwrap()]);
+    ok(
+        &url,
+        &[
+            "import",
+            "--no-times",
+            "--name",
+            "plain",
+            src.to_str().unwrap(),
+        ],
+    );
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    ok(&url, &["export", "timed", a.to_str().unwrap()]);
+    ok(&url, &["export", "plain", b.to_str().unwrap()]);
+    let want = mtimes_below(&src);
+    assert_eq!(mtimes_below(&a), want, "times through an ingest session");
+    assert!(
+        mtimes_below(&b).iter().all(|(_, t)| *t == (1, 0)),
+        "--no-times through the daemon recorded times"
+    );
+    // The same table as a local import of the tree writes (same digest: same records).
+    let local = tmp.path().join("local");
+    let l = format!("file://{}", local.display());
+    ok(&l, &["import", "--name", "timed", src.to_str().unwrap()]);
+    let c = tmp.path().join("c");
+    ok(&l, &["export", "timed", c.to_str().unwrap()]);
+    assert_eq!(mtimes_below(&c), want);
 }

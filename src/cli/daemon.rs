@@ -124,14 +124,14 @@ pub async fn cmd_import_remote(
     ingest: &dyn IngestService,
     paths: &[PathBuf],
     names: Vec<Option<String>>,
-    skip_special: bool,
+    opts: crate::store::IngestOptions,
     no_wait: bool,
 ) -> Result<ExitCode> {
     let tty = std::io::stderr().is_terminal();
     let mut out = std::io::stdout().lock();
     for (p, name) in paths.iter().zip(names) {
         let token = ingest
-            .start(p, name.as_deref(), skip_special)
+            .start(p, name.as_deref(), opts)
             .await
             .with_context(|| format!("uploading {}", p.display()))?;
         if no_wait {

@@ -392,8 +392,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             if let Some(ingest) = &store.ingest {
                 let names = root_names(&paths, name, named)?;
-                return daemon::cmd_import_remote(&**ingest, &paths, names, skip_special, no_wait)
-                    .await;
+                let opts = crate::store::IngestOptions {
+                    skip_special,
+                    no_times,
+                };
+                return daemon::cmd_import_remote(&**ingest, &paths, names, opts, no_wait).await;
             }
             if no_wait {
                 bail!("--no-wait needs a daemon store offering ingest sessions");

@@ -18,17 +18,27 @@ pub enum IngestStatus {
     Failed(String),
 }
 
+/// How an upload is checked and what it records.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IngestOptions {
+    /// Leave out devices, fifos and sockets (with a warning) instead of refusing the tree.
+    pub skip_special: bool,
+    /// Record no modification times (the tree gets no times table).
+    pub no_times: bool,
+}
+
 /// Uploads of whole trees.
 #[async_trait]
 pub trait IngestService: Send + Sync {
     /// Uploads the tree at `path` (checked as `granary import` checks it: no special files
-    /// unless `skip_special`), to be recorded as root `root_name` if given. Returns as soon
-    /// as the store has accepted the upload, with the session's token.
+    /// unless `opts.skip_special`), to be recorded as root `root_name` if given, with its
+    /// times unless `opts.no_times`. Returns as soon as the store has accepted the upload,
+    /// with the session's token.
     async fn start(
         &self,
         path: &Path,
         root_name: Option<&str>,
-        skip_special: bool,
+        opts: IngestOptions,
     ) -> Result<String>;
 
     /// A session's state. An unknown (or forgotten) token is an error.

@@ -39,7 +39,7 @@ pub mod s3;
 pub use blob::{empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink};
 pub use config::StoreConfig;
 pub use directory::{check_children, DirectoryService};
-pub use ingest::{IngestService, IngestStatus};
+pub use ingest::{IngestOptions, IngestService, IngestStatus};
 pub use maintenance::{Maintenance, ObjectInfo, ObjectKind, Usage};
 pub use reader::BlobReader;
 pub use root::{decode_root, RootService};

@@ -14,7 +14,7 @@ use super::wire::node_from_proto;
 use super::wire::proto::{self, ingest_entry::Kind, ingest_frame::Frame};
 use super::wire::FRAME_BYTES;
 use crate::model::castore::Node;
-use crate::store::{IngestService, IngestStatus, StoreError};
+use crate::store::{IngestOptions, IngestService, IngestStatus, StoreError};
 
 /// One entry of the walked tree.
 struct Walked {
@@ -24,6 +24,7 @@ struct Walked {
     size: u64,
     target: Bytes,
     path: PathBuf,
+    mtime: i64,
 }
 
 fn walk(top: &Path, skip_special: bool) -> Result<Vec<Walked>, String> {
@@ -33,6 +34,11 @@ fn walk(top: &Path, skip_special: bool) -> Result<Vec<Walked>, String> {
         let meta = std::fs::symlink_metadata(&path)
             .map_err(|e| format!("{}: cannot stat: {e}", path.display()))?;
         let ft = meta.file_type();
+        use std::os::unix::fs::MetadataExt;
+        let mtime = meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec());
         let mut w = Walked {
             rel: rel.clone(),
             kind: Kind::File,
@@ -40,6 +46,7 @@ fn walk(top: &Path, skip_special: bool) -> Result<Vec<Walked>, String> {
             size: 0,
             target: Bytes::new(),
             path: path.clone(),
+            mtime,
         };
         if ft.is_symlink() {
             let t = std::fs::read_link(&path)
@@ -92,9 +99,10 @@ async fn start(
     client: &Client,
     top: &Path,
     root_name: Option<&str>,
-    skip_special: bool,
+    opts: IngestOptions,
 ) -> Result<String, StoreError> {
     let top_owned = top.to_path_buf();
+    let skip_special = opts.skip_special;
     let entries = tokio::task::spawn_blocking(move || walk(&top_owned, skip_special))
         .await
         .map_err(|e| StoreError::Backend(format!("walk task failed: {e}")))?
@@ -123,6 +131,7 @@ async fn start(
                 executable: e.executable,
                 size: e.size,
                 target: e.target.clone(),
+                mtime_ns: (!opts.no_times).then_some(e.mtime),
             }))?;
             if e.kind != Kind::File || e.size == 0 {
                 continue;
@@ -206,9 +215,9 @@ impl IngestService for super::RemoteStore {
         &self,
         path: &Path,
         root_name: Option<&str>,
-        skip_special: bool,
+        opts: IngestOptions,
     ) -> Result<String, StoreError> {
-        start(self.client(), path, root_name, skip_special).await
+        start(self.client(), path, root_name, opts).await
     }
 
     async fn status(&self, token: &str) -> Result<IngestStatus, StoreError> {

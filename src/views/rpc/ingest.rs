@@ -18,6 +18,7 @@ use tonic::{Status, Streaming};
 use crate::model::castore::{
     self, validate_name, validate_root_name, Directory, Node, RootRecord, SymlinkEntry,
 };
+use crate::model::times::{self, TimesRef};
 use crate::store::blob_writer::{self, BlobWriter};
 use crate::store::remote::wire::proto::{self, ingest_entry::Kind, ingest_frame::Frame};
 use crate::store::remote::wire::root_to_proto;
@@ -95,6 +96,7 @@ struct Spooled {
     size: u64,
     target: Bytes,
     offset: u64,
+    mtime: Option<i64>,
 }
 
 fn bad(msg: impl Into<String>) -> Status {
@@ -285,6 +287,7 @@ impl Sessions {
                         size: e.size,
                         target: e.target,
                         offset: written,
+                        mtime: e.mtime_ns,
                     });
                 }
                 Some(Frame::Data(data)) => {
@@ -346,13 +349,26 @@ impl Sessions {
         // Not tied to the client's call: the import finishes whether or not it is still there.
         tokio::task::spawn_blocking(move || {
             let outcome = build_tree(&rt, &store, &entries, &spool, &session).and_then(|node| {
+                let times = match times_table(&entries) {
+                    Some(t) => {
+                        let mut w = BlobWriter::new(&store, blob_writer::PUTS_IN_FLIGHT);
+                        w.write_blocking(&times::encode(&t))?;
+                        let done = w.finish_blocking()?;
+                        Some(TimesRef {
+                            digest: done.digest,
+                            size: done.size,
+                        })
+                    }
+                    None => None,
+                };
                 let rec = RootRecord {
                     name: root_name.clone(),
                     node,
                     nix: None,
-                    times: None,
+                    times,
                 };
                 if !root_name.is_empty() {
+                    rt.block_on(store.flush())?;
                     rt.block_on(store.roots.put(&rec))?;
                 }
                 Ok(rec)
@@ -403,6 +419,47 @@ fn check_entry_path(
     Ok(())
 }
 
+/// Each directory's entries (by index), in name order.
+fn children_of(entries: &[Spooled]) -> HashMap<&[u8], Vec<usize>> {
+    let mut children: HashMap<&[u8], Vec<usize>> = HashMap::new();
+    for (i, e) in entries.iter().enumerate().skip(1) {
+        let parent = match e.path.iter().rposition(|&b| b == b'/') {
+            Some(k) => &e.path[..k],
+            None => &e.path[..0],
+        };
+        children.entry(parent).or_default().push(i);
+    }
+    // Siblings share their parent's prefix, so path order is name order.
+    for kids in children.values_mut() {
+        kids.sort_by(|&a, &b| entries[a].path.cmp(&entries[b].path));
+    }
+    children
+}
+
+/// The mtimes of an uploaded tree in the times table's order ([`crate::model::times`]), if
+/// every entry came with one.
+fn times_table(entries: &[Spooled]) -> Option<Vec<i64>> {
+    let mtimes = entries
+        .iter()
+        .map(|e| e.mtime)
+        .collect::<Option<Vec<i64>>>()?;
+    let children = children_of(entries);
+    let mut out = vec![*mtimes.first()?];
+    let mut stack = vec![0usize];
+    while let Some(d) = stack.pop() {
+        let Some(kids) = children.get(&entries[d].path[..]) else {
+            continue;
+        };
+        out.extend(kids.iter().map(|&k| mtimes[k]));
+        for &k in kids.iter().rev() {
+            if entries[k].kind == Kind::Directory {
+                stack.push(k);
+            }
+        }
+    }
+    Some(out)
+}
+
 /// Imports a spooled tree (on a blocking thread): files chunked with the store's
 /// parameters, then directories leaves first. Returns the top node.
 fn build_tree(
@@ -413,14 +470,7 @@ fn build_tree(
     session: &Session,
 ) -> Result<Node, StoreError> {
     let mut nodes: Vec<Option<Node>> = vec![None; entries.len()];
-    let mut children: HashMap<&[u8], Vec<usize>> = HashMap::new();
-    for (i, e) in entries.iter().enumerate().skip(1) {
-        let parent = match e.path.iter().rposition(|&b| b == b'/') {
-            Some(k) => &e.path[..k],
-            None => &e.path[..0],
-        };
-        children.entry(parent).or_default().push(i);
-    }
+    let children = children_of(entries);
     let mut buf = vec![0u8; crate::store::remote::wire::FRAME_BYTES];
     for (i, e) in entries.iter().enumerate() {
         match e.kind {
@@ -458,8 +508,7 @@ fn build_tree(
             continue;
         }
         let mut dir = Directory::default();
-        let mut kids = children.get(&e.path[..]).cloned().unwrap_or_default();
-        kids.sort_by(|&a, &b| entries[a].path.cmp(&entries[b].path));
+        let kids = children.get(&e.path[..]).cloned().unwrap_or_default();
         for k in kids {
             let name = match entries[k].path.iter().rposition(|&b| b == b'/') {
                 Some(p) => entries[k].path.slice(p + 1..),
