@@ -48,7 +48,12 @@ cleanup() {
 }
 trap cleanup EXIT
 
-rm -rf "$work"
+# KEEP=1 keeps the host root filesystem (and the store holding it) from an earlier run.
+if [[ ${KEEP:-0} == 1 ]]; then
+  rm -rf "$work/rootfs" "$work/mnt" "$work/scratch" "$work/rt"
+else
+  rm -rf "$work"
+fi
 mkdir -p "$work/rootfs"/{bin,etc,proc,dev,tmp,root,usr/bin} "$work/mnt" "$work/scratch"
 cp "$bb" "$work/rootfs/bin/busybox"
 for a in $("$bb" --list); do [[ $a == busybox ]] || ln -s busybox "$work/rootfs/bin/$a"; done
@@ -134,11 +139,14 @@ fi
 job_runs=${JOB_RUNS:-5}
 host=$work/host-rootfs
 job=$work/job
-echo "building a root filesystem from the host's /usr ($(du -sh /usr | cut -f1)) ..."
-mkdir -p "$host"/{proc,dev,tmp,root,job,etc}
-cp -a /usr "$host/"
-for l in bin lib lib64 sbin; do [[ -L /$l ]] && ln -s "$(readlink /$l)" "$host/$l"; done
-cp -a /etc/. "$host/etc/" 2>/dev/null || true
+if [[ ! -d $host/usr ]]; then
+  echo "building a root filesystem from the host's /usr ($(du -sh /usr | cut -f1)) ..."
+  mkdir -p "$host"/{proc,dev,tmp,root,job,etc}
+  cp -a /usr "$host/"
+  for l in bin lib lib64 sbin; do [[ -L /$l ]] && ln -s "$(readlink /$l)" "$host/$l"; done
+  cp -a /etc/. "$host/etc/" 2>/dev/null || true
+fi
+rm -rf "$job"
 mkdir -p "$job/proj"
 printf '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n' >"$job/hello.c"
 for i in $(seq 50); do
