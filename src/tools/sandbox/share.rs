@@ -435,19 +435,10 @@ pub const REAP_SUBCOMMAND: &str = "__sandbox-reap";
 /// pipe only the server holds open: waits for the server to be gone, then for its sandboxes
 /// to leave, and removes the directory if no new server has taken it over. Single-threaded.
 pub fn reap_main(args: &[std::ffi::OsString]) -> i32 {
-    use std::io::Read;
     let Some(dir) = args.first().map(PathBuf::from) else {
         return 2;
     };
-    let mut buf = [0u8; 64];
-    loop {
-        match io::stdin().lock().read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
+    fs::reaper::wait_for_eof();
     let state_path = dir.join("state.lock");
     // Gone already: the server removed it on its way out.
     let Ok(state) = std::fs::OpenOptions::new().read(true).open(&state_path) else {

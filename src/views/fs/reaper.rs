@@ -49,6 +49,20 @@ pub fn spawn(exe: &Path, mountpoint: &Path) -> io::Result<Reaper> {
     })
 }
 
+/// Blocks until stdin (a pipe whose write end only the watched process holds, and never
+/// writes to) reaches EOF: the kernel closes it when that process is gone, however it died.
+pub fn wait_for_eof() {
+    let mut buf = [0u8; 64];
+    loop {
+        match io::stdin().lock().read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return,
+        }
+    }
+}
+
 /// The helper: `granary __reap-mount MOUNTPOINT MOUNT_ID`. Single-threaded, no runtime.
 pub fn reap_main(args: &[OsString]) -> i32 {
     let (Some(path), Some(id)) = (args.first(), args.get(1)) else {
@@ -60,16 +74,7 @@ pub fn reap_main(args: &[OsString]) -> i32 {
         eprintln!("granary: error: {SUBCOMMAND}: bad mount ID {id:?}");
         return 2;
     };
-    // The server never writes: this returns at EOF, when its last copy of the pipe closes.
-    let mut buf = [0u8; 64];
-    loop {
-        match io::stdin().lock().read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
+    wait_for_eof();
     if super::mount_id(&path) != Some(id) {
         return 0;
     }
