@@ -303,6 +303,13 @@ impl InodeTable {
         }
     }
 
+    /// Forgets where directory `ino`'s times are (its table could not be read).
+    pub fn drop_times(&mut self, ino: u64) {
+        if let Some(i) = self.inodes.get_mut(&ino) {
+            i.stamp.at = None;
+        }
+    }
+
     /// Keeps the loaded times of directory `ino`'s entries.
     pub fn set_block(&mut self, ino: u64, block: Arc<BlockTimes>) {
         if let Some(i) = self.inodes.get_mut(&ino) {

@@ -1,6 +1,7 @@
 //! Recorded modification times for the mount: a directory's entries' times read from its
 //! root's table (just that directory's block, through the chunk cache, verified like any file
-//! content) the first time they are needed, and a root's own time.
+//! content) the first time they are needed, and a root's own time. A table that cannot be read
+//! leaves mtime 1 (with a warning) rather than an error: times are not content.
 
 #[allow(unused_imports)]
 use super::*;
@@ -48,7 +49,20 @@ impl Inner {
         };
         let (table, pos) = at;
         let n = view.entries.len() as u64;
-        let mtimes = self.read_times(&table, pos.block, n).await?;
+        let mtimes = match self.read_times(&table, pos.block, n).await {
+            Ok(m) => m,
+            // Times are not content: a table that cannot be read (a backend that is gone, an
+            // offline cache that never saw it) leaves this directory's entries at mtime 1
+            // rather than making them unreachable. Said once; not retried for this inode.
+            Err(_) => {
+                tracing::warn!(
+                    "times table {}: unreadable; entries of this directory show mtime 1",
+                    table.digest
+                );
+                lock(&self.table).drop_times(ino);
+                return Ok(None);
+            }
+        };
         let block = Arc::new(BlockTimes {
             mtimes,
             children: pos.children(view.entries.iter().map(|(_, node)| node)),
@@ -62,11 +76,19 @@ impl Inner {
         let Some((table, pos)) = at else {
             return Ok(Stamp::default());
         };
-        let mtime = self.read_times(&table, pos.index, 1).await?;
-        Ok(Stamp {
-            mtime: mtime.first().copied().unwrap_or(times::UNRECORDED_NS),
-            at: Some((table, pos)),
-        })
+        match self.read_times(&table, pos.index, 1).await {
+            Ok(mtime) => Ok(Stamp {
+                mtime: mtime.first().copied().unwrap_or(times::UNRECORDED_NS),
+                at: Some((table, pos)),
+            }),
+            Err(_) => {
+                tracing::warn!(
+                    "times table {}: unreadable; this tree shows mtime 1",
+                    table.digest
+                );
+                Ok(Stamp::default())
+            }
+        }
     }
 
     /// The stamp of a named root, remembered for the top-level listing.
