@@ -461,6 +461,60 @@ fn inode_table_shrinks_after_kernel_forgets() {
     );
 }
 
+/// The mount's request counts (the root's `user.granary.ops`), as `kind -> count`.
+fn ops(mnt: &Path) -> std::collections::HashMap<String, u64> {
+    getfattr_value(mnt, "user.granary.ops")
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let (kind, n) = (w.next()?, w.next()?.parse().ok()?);
+            Some((kind.to_string(), n))
+        })
+        .collect()
+}
+
+#[test]
+fn a_walk_costs_one_readdirplus_per_reply_no_lookups_and_no_chunk_reads() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    // One directory far bigger than a kernel readdir reply, and ten small ones.
+    for i in 0..3000 {
+        write(
+            &src.join(format!("big/file-with-a-longish-name-{i:05}")),
+            b"x",
+            false,
+        );
+    }
+    for d in 0..10 {
+        let content: Vec<u8> = (0..100_000u32).map(|i| (i * 7 + d) as u8).collect();
+        write(&src.join(format!("small/d{d}/f")), &content, false);
+    }
+    import_named(&store, &src, "w");
+    let m = Mount::start(&store.url(), &[]);
+    let out = Command::new("find")
+        .arg(m.path().join("w"))
+        .args(["-printf", "%s %m %T@\n"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        out.stdout.split(|&b| b == b'\n').count() - 1,
+        3000 + 10 * 2 + 3
+    );
+    let ops = ops(m.path());
+    // Every entry's attributes came with its listing: the only lookups are of `w` itself.
+    assert!(ops.get("lookup").copied().unwrap_or(0) <= 1, "{ops:?}");
+    assert_eq!(ops.get("readdir"), None, "{ops:?}");
+    // 13 directories: one reply each plus an empty one at the end, and `big` in batches.
+    let plus = ops.get("readdirplus").copied().unwrap_or(0);
+    assert!((26..=26 + 3000 / 20).contains(&plus), "{ops:?}");
+    // Listing reads no file contents (1 MB of them); the tree's table of times (8 bytes an
+    // entry) is read.
+    let cached = ops.get("chunk_cache_bytes").copied().unwrap_or(u64::MAX);
+    assert!(cached < 100_000, "{ops:?}");
+}
+
 /// A store whose root `r` holds one file, `a`, containing "a".
 fn store_with_one_file() -> TestStore {
     let store = TestStore::new();

@@ -44,6 +44,8 @@ impl Inner {
             return Ok(v.clone());
         }
         let what = || format!("directory {digest}");
+        Stats::add(&self.stats.dir_calls, 1);
+        Stats::add(&self.stats.dirs_loaded, 1);
         let dir = self
             .deadline(what, self.store.dirs.get(&digest))
             .await?
@@ -101,6 +103,8 @@ impl Inner {
             return out;
         }
         let digests: Vec<B3Digest> = missing.iter().map(|(_, d)| *d).collect();
+        Stats::add(&self.stats.dir_calls, 1);
+        Stats::add(&self.stats.dirs_loaded, digests.len());
         let got = match tokio::time::timeout(self.deadline, self.store.dirs.get_many(digests)).await
         {
             Ok(got) if got.len() == missing.len() => got,
@@ -149,6 +153,8 @@ impl Inner {
         let this = self.clone();
         tokio::spawn(async move {
             let _permit = permit;
+            Stats::add(&this.stats.prefetch_calls, 1);
+            Stats::add(&this.stats.dirs_prefetched, wanted.len());
             let fetch = this.store.dirs.get_many(wanted.clone());
             // Failures are met (and reported) again by the listing that needs the directory.
             if let Ok(got) = tokio::time::timeout(this.deadline, fetch).await {

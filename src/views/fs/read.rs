@@ -110,6 +110,8 @@ impl Inner {
             }
         } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
             return Ok(table.len().to_string().into_bytes());
+        } else if name.as_bytes() == XATTR_OPS.as_bytes() && ino == ROOT_INO {
+            return Ok(self.stats.render(self.chunks.cached_bytes()).into_bytes());
         }
         Err(Errno::NO_XATTR)
     }
@@ -128,6 +130,8 @@ impl Inner {
         }
         if ino == ROOT_INO {
             out.extend_from_slice(XATTR_INODES.as_bytes());
+            out.push(0);
+            out.extend_from_slice(XATTR_OPS.as_bytes());
             out.push(0);
         }
         Ok(out)
