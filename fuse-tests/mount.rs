@@ -907,3 +907,186 @@ fn getfattr_value(path: &Path, name: &str) -> String {
     assert!(out.status.success(), "getfattr {name} {}", path.display());
     String::from_utf8(out.stdout).unwrap()
 }
+
+/// The files of the file-cache tests: two above the cache's smallest size, one below.
+fn store_for_file_cache() -> (TestStore, std::path::PathBuf) {
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    write_big(&src.join("big"), 3 << 20, 7);
+    write_big(&src.join("mid"), 600 << 10, 8);
+    write_big(&src.join("small"), 10 << 10, 9);
+    import_named(&store, &src, "t");
+    (store, src)
+}
+
+/// The file's bytes as seen through a shared read-only mapping.
+fn mapped(path: &Path) -> Vec<u8> {
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    // SAFETY: a private read-only mapping of a file we hold open, read within its length and
+    // unmapped before returning.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            std::os::fd::AsRawFd::as_raw_fd(&f),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "mmap {}", path.display());
+        let out = std::slice::from_raw_parts(p as *const u8, len).to_vec();
+        libc::munmap(p, len);
+        out
+    }
+}
+
+#[test]
+fn cached_files_are_passed_through_identical_after_a_remount_and_never_when_tampered() {
+    require_fuse!();
+    let (store, src) = store_for_file_cache();
+    let cache = store.dir.path().join("file-cache");
+    let cache_arg = cache.to_str().unwrap();
+    let args = ["--file-cache", cache_arg, "--file-cache-min", "256K"];
+    let names = ["big", "mid", "small"];
+    let want: Vec<Vec<u8>> = names
+        .iter()
+        .map(|n| std::fs::read(src.join(n)).unwrap())
+        .collect();
+    let cached_files = || {
+        std::fs::read_dir(&cache)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    {
+        let m = Mount::start(&store.url(), &args);
+        for (n, w) in names.iter().zip(&want) {
+            assert!(
+                std::fs::read(m.path().join("t").join(n)).unwrap() == *w,
+                "{n}"
+            );
+        }
+        // The two files above the smallest size are copied in, the small one is not.
+        assert!(eventually(|| cached_files() == 2), "{:?}", ops(m.path()));
+        for (n, w) in names.iter().zip(&want) {
+            let p = m.path().join("t").join(n);
+            assert!(std::fs::read(&p).unwrap() == *w, "{n} passed through");
+            assert!(mapped(&p) == *w, "{n} mapped");
+        }
+        let o = ops(m.path());
+        assert!(o["passthrough_opens"] >= 4, "{o:?}");
+        assert_eq!(o["file_cache_filled"], 2, "{o:?}");
+    }
+    // A remount (a new process) re-verifies and passes the cached files through.
+    {
+        let m = Mount::start(&store.url(), &args);
+        for (n, w) in names.iter().zip(&want) {
+            let p = m.path().join("t").join(n);
+            assert!(std::fs::read(&p).unwrap() == *w, "{n} after remount");
+            assert!(mapped(&p) == *w, "{n} mapped after remount");
+        }
+        let o = ops(m.path());
+        assert!(o["passthrough_opens"] >= 2, "{o:?}");
+        assert_eq!(o["file_cache_rejected"], 0, "{o:?}");
+    }
+    // A byte changed in a cached file: never served, removed, and copied in again.
+    let victim = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| std::fs::metadata(p).unwrap().len() == 3 << 20)
+        .expect("big is cached");
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&victim)
+        .unwrap();
+    f.write_all_at(&[want[0][12345] ^ 0x40], 12345).unwrap();
+    drop(f);
+    let m = Mount::start(&store.url(), &args);
+    let p = m.path().join("t/big");
+    assert!(
+        std::fs::read(&p).unwrap() == want[0],
+        "tampered cache file served"
+    );
+    assert!(mapped(&p) == want[0], "tampered cache file mapped");
+    assert_eq!(ops(m.path())["file_cache_rejected"], 1);
+    assert!(
+        eventually(|| std::fs::read(&victim).is_ok_and(|b| b == want[0])),
+        "not refilled"
+    );
+}
+
+#[test]
+fn the_file_cache_keeps_its_bound_and_the_mount_works_without_passthrough() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    for i in 0..6 {
+        write_big(&src.join(format!("f{i}")), 700 << 10, 20 + i);
+    }
+    import_named(&store, &src, "t");
+    let cache = store.dir.path().join("file-cache");
+    let cache_arg = cache.to_str().unwrap();
+    let bound = 2u64 << 20;
+    {
+        let m = Mount::start(
+            &store.url(),
+            &[
+                "--file-cache",
+                cache_arg,
+                "--file-cache-size",
+                "2M",
+                "--file-cache-min",
+                "100K",
+            ],
+        );
+        for i in 0..6 {
+            let name = format!("f{i}");
+            let got = std::fs::read(m.path().join("t").join(&name)).unwrap();
+            assert!(got == std::fs::read(src.join(&name)).unwrap(), "{name}");
+            // Let this file's copy finish before the next, so each one meets a full cache.
+            assert!(eventually(|| ops(m.path())["file_cache_filled"] == i + 1));
+            let held: u64 = std::fs::read_dir(&cache)
+                .unwrap()
+                .flatten()
+                .map(|e| e.metadata().unwrap().len())
+                .sum();
+            assert!(held <= bound, "{held} bytes in a cache of {bound}");
+        }
+    }
+    // Forced off (as on a kernel without passthrough): reads still right, nothing passed through.
+    let empty = store.dir.path().join("cache-2");
+    let m = Mount::start(
+        &store.url(),
+        &["--file-cache", empty.to_str().unwrap(), "--no-passthrough"],
+    );
+    for i in 0..6 {
+        let name = format!("f{i}");
+        let p = m.path().join("t").join(&name);
+        let want = std::fs::read(src.join(&name)).unwrap();
+        assert!(
+            std::fs::read(&p).unwrap() == want && mapped(&p) == want,
+            "{name}"
+        );
+    }
+    assert_eq!(ops(m.path())["passthrough_opens"], 0);
+    drop(m);
+    // A cache directory that cannot be made is refused in one line naming it.
+    let bad = src.join("f0").join("cache");
+    let err = Mount::try_start(
+        &store.url(),
+        &["--file-cache", bad.to_str().unwrap()],
+        Duration::from_secs(30),
+    )
+    .err()
+    .expect("a file as the cache's parent is refused");
+    assert!(
+        err.contains("file cache") && err.contains("f0/cache"),
+        "{err}"
+    );
+}

@@ -30,10 +30,23 @@ impl Filesystem for GranaryFs {
                 tracing::debug!("kernel lacks {flag:?}");
             }
         }
+        // Passthrough needs an answer to every open, so it excludes no-open. A stacking depth
+        // of 1 lets the backing files be on any plain filesystem and an overlay (the sandbox)
+        // go on top of this mount.
+        let passthrough = self.inner.passthrough_wanted
+            && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok();
+        if self.inner.passthrough_wanted && !passthrough {
+            tracing::info!(
+                "the kernel offers no FUSE passthrough; files are read through the mount"
+            );
+        }
+        self.inner.passthrough.store(passthrough, Ordering::Relaxed);
         self.inner.no_open.store(
-            config
-                .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
-                .is_ok(),
+            !passthrough
+                && config
+                    .add_capabilities(InitFlags::FUSE_NO_OPEN_SUPPORT)
+                    .is_ok(),
             Ordering::Relaxed,
         );
         self.inner.no_opendir.store(
@@ -101,14 +114,26 @@ impl Filesystem for GranaryFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        self.inner.stats.count(Op::Open);
         if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            self.inner.stats.count(Op::Open);
             return reply.error(Errno::EROFS);
+        }
+        if !self.inner.passthrough.load(Ordering::Relaxed) {
+            self.inner.stats.count(Op::Open);
         }
         match self.inner.open_file(ino.0) {
             Err(e) => reply.error(e),
             Ok(_) if self.inner.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok(file) if self.inner.passthrough.load(Ordering::Relaxed) => {
+                let inner = self.inner.clone();
+                self.run(Op::Open, async move {
+                    inner.open_through_cache(ino.0, file, reply).await;
+                });
+            }
+            Ok(_) => {
+                self.inner.note_open(ino.0);
+                reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE)
+            }
         }
     }
 
@@ -155,13 +180,14 @@ impl Filesystem for GranaryFs {
     fn release(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
+        ino: INodeNo,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.inner.note_release(ino.0, fh.0);
         reply.ok();
     }
 

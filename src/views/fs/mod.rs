@@ -8,6 +8,7 @@
 //! only. Nothing here writes: every modifying operation is `EROFS`.
 
 pub mod chunk_cache;
+pub mod file_cache;
 pub mod inode;
 pub mod reaper;
 
@@ -37,6 +38,8 @@ use crate::model::times::{TimesPos, TimesRef};
 use crate::store::{Store, StoreError};
 use crate::views::nar::store_path::parse_basename;
 use chunk_cache::{ChunkCache, Layout};
+use file_cache::FileCache;
+pub use file_cache::FileCacheOptions;
 use inode::{DirView, Inode, InodeTable, Kind, ROOT_INO};
 
 /// The xattr holding a file's blob digest or a directory's digest (hex).
@@ -90,6 +93,11 @@ pub struct MountOptions {
     pub readahead: u64,
     /// Present the top level as Nix's local store expects it (see [`NixTop`]).
     pub nix: Option<NixTop>,
+    /// Whole files kept verified on local disk and handed to the kernel (FUSE passthrough),
+    /// so their reads and `mmap`s go to the local file's page cache.
+    pub file_cache: Option<FileCacheOptions>,
+    /// Use passthrough where the kernel offers it (false: never, as on a kernel without it).
+    pub passthrough: bool,
 }
 
 /// What a mount at `/nix/store` shows so that an unmodified Nix opens it as its local store:
@@ -126,6 +134,8 @@ impl Default for MountOptions {
             max_reads: 64,
             readahead: chunk_cache::PREFETCH_BYTES,
             nix: None,
+            file_cache: None,
+            passthrough: true,
         }
     }
 }
@@ -189,7 +199,28 @@ struct Inner {
     /// Stamps of named roots as last read, for the top-level listing.
     root_stamps: Mutex<HashMap<Bytes, inode::Stamp>>,
     stats: Arc<Stats>,
+    file_cache: Option<Arc<FileCache>>,
+    /// Passthrough was asked for (a file cache and not `passthrough: false`)...
+    passthrough_wanted: bool,
+    /// ... and the kernel agreed, and it has not failed since.
+    passthrough: std::sync::atomic::AtomicBool,
+    /// How the kernel has each file inode open (it refuses to mix modes on one inode).
+    io_modes: Mutex<HashMap<u64, IoMode>>,
+    /// Files being copied into the file cache at once.
+    fills: Arc<tokio::sync::Semaphore>,
 }
+
+/// The open handles of one file inode: through the mount's own reads, or passed through to a
+/// cached file (all sharing one backing id).
+#[derive(Default)]
+struct IoMode {
+    cached: u32,
+    pass: Option<(Arc<fuser::BackingId>, u32)>,
+}
+
+/// File handles: which kind of open a `release` ends.
+const FH_CACHED: u64 = 0;
+const FH_PASSTHROUGH: u64 = 1;
 
 /// The filesystem handed to fuser.
 pub struct GranaryFs {
@@ -232,6 +263,7 @@ fn dispatch(
 mod attr;
 mod dirs;
 mod glue;
+mod passthrough;
 mod read;
 mod session;
 mod stats;
@@ -306,6 +338,16 @@ impl GranaryFs {
             },
             root_stamps: Mutex::new(HashMap::new()),
             stats: Arc::default(),
+            file_cache: match &opts.file_cache {
+                Some(o) => Some(Arc::new(FileCache::open(o.clone()).map_err(|e| {
+                    StoreError::Backend(format!("file cache {}: {e}", o.dir.display()))
+                })?)),
+                None => None,
+            },
+            passthrough_wanted: opts.file_cache.is_some() && opts.passthrough,
+            passthrough: Default::default(),
+            io_modes: Mutex::new(HashMap::new()),
+            fills: Arc::new(tokio::sync::Semaphore::new(2)),
             store,
             rt,
         };

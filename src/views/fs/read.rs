@@ -111,7 +111,18 @@ impl Inner {
         } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
             return Ok(table.len().to_string().into_bytes());
         } else if name.as_bytes() == XATTR_OPS.as_bytes() && ino == ROOT_INO {
-            return Ok(self.stats.render(self.chunks.cached_bytes()).into_bytes());
+            let extra: Vec<(&str, u64)> = match &self.file_cache {
+                Some(c) => vec![
+                    ("file_cache_filled", c.stats.filled.load(Ordering::Relaxed)),
+                    (
+                        "file_cache_rejected",
+                        c.stats.rejected.load(Ordering::Relaxed),
+                    ),
+                ],
+                None => Vec::new(),
+            };
+            let text = self.stats.render(self.chunks.cached_bytes(), &extra);
+            return Ok(text.into_bytes());
         }
         Err(Errno::NO_XATTR)
     }

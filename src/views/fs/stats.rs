@@ -50,6 +50,8 @@ pub(crate) struct Stats {
     /// Background batches of directories loaded ahead of a walk, and directories they loaded.
     pub prefetch_calls: AtomicU64,
     pub dirs_prefetched: AtomicU64,
+    /// Opens answered with FUSE passthrough to a cached file.
+    pub passthrough_opens: AtomicU64,
 }
 
 impl Stats {
@@ -69,7 +71,7 @@ impl Stats {
 
     /// One line per kind with requests, `kind count [waited N for T ms]`, then directory loads
     /// and the bytes in the chunk cache.
-    pub(crate) fn render(&self, cached_bytes: usize) -> String {
+    pub(crate) fn render(&self, cached_bytes: usize, extra: &[(&str, u64)]) -> String {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         let mut out = String::new();
         for (name, op) in OPS {
@@ -94,6 +96,13 @@ impl Stats {
             get(&self.prefetch_calls)
         ));
         out.push_str(&format!("chunk_cache_bytes {cached_bytes}\n"));
+        out.push_str(&format!(
+            "passthrough_opens {}\n",
+            get(&self.passthrough_opens)
+        ));
+        for (name, n) in extra {
+            out.push_str(&format!("{name} {n}\n"));
+        }
         out
     }
 }
@@ -111,11 +120,12 @@ mod tests {
         s.waited(Op::Read, Instant::now());
         Stats::add(&s.dirs_loaded, 3);
         Stats::add(&s.dir_calls, 1);
-        let text = s.render(7);
+        let text = s.render(7, &[("extra", 9)]);
         assert!(text.contains("lookup 2\n"), "{text}");
         assert!(text.contains("read 1 waited 1 for"), "{text}");
         assert!(!text.contains("getattr"), "{text}");
         assert!(text.contains("directory loads 3 in 1 calls"), "{text}");
-        assert!(text.ends_with("chunk_cache_bytes 7\n"), "{text}");
+        assert!(text.contains("chunk_cache_bytes 7\n"), "{text}");
+        assert!(text.ends_with("extra 9\n"), "{text}");
     }
 }
