@@ -1193,3 +1193,53 @@ fn python_in_a_sandbox_uses_its_shipped_bytecode() {
     assert!(log.contains("bytecode is stale"), "{log}");
     assert_servers_gone(&store);
 }
+
+#[test]
+fn a_file_cache_outlives_the_server_and_serves_the_next_one_identical_bytes() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let cache = store.dir.path().join("file-cache");
+    let cache_arg = cache.to_str().unwrap().to_string();
+    let busybox = std::fs::read(busybox().unwrap()).unwrap();
+    let want = format!("{}\n", busybox.len());
+    let job = |keep: &str| {
+        let out = sh(
+            &store,
+            &["--file-cache", &cache_arg, "--keep-warm", keep],
+            "wc -c < /bin/busybox; cat /bin/busybox > /tmp/copy; cmp /tmp/copy /bin/busybox && echo same",
+        );
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), format!("{want}same\n"));
+    };
+    let cached = || -> Vec<Vec<u8>> {
+        std::fs::read_dir(&cache)
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The warm server copies busybox (above the cache's smallest size) into the cache.
+    job("5s");
+    wait_until("busybox in the file cache", Duration::from_secs(20), || {
+        cached().contains(&busybox)
+    });
+    for pid in servers_of(&store) {
+        // SAFETY: a server this test started (through granary).
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    }
+    wait_until("the server to leave", Duration::from_secs(20), || {
+        leftovers(&store) == (vec![], vec![], vec![])
+    });
+    // A new server serves the cached copy: same bytes, the cache unchanged, nothing left.
+    job("0");
+    assert_eq!(cached(), vec![busybox]);
+    wait_until(
+        "the second server to leave",
+        Duration::from_secs(20),
+        || leftovers(&store) == (vec![], vec![], vec![]),
+    );
+    assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
+}

@@ -231,6 +231,8 @@ enum Command {
         times: Option<String>,
         #[arg(long, default_value_t = 0)]
         keep_warm_ms: u64,
+        #[arg(long)]
+        file_cache: Option<PathBuf>,
     },
     /// Inspect or empty a disk cache (--cache-dir DIR).
     #[command(subcommand)]
@@ -464,9 +466,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             dir,
             times,
             keep_warm_ms,
+            file_cache,
         } => {
             let keep = Duration::from_millis(keep_warm_ms);
-            crate::tools::sandbox::share::serve(&store, &digest, times.as_deref(), &dir, keep).await
+            let times = times.as_deref();
+            crate::tools::sandbox::share::serve(&store, &digest, times, &dir, keep, file_cache)
+                .await
         }
         Command::ImportNar {
             file,

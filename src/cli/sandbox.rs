@@ -46,6 +46,12 @@ pub struct SandboxArgs {
     /// sandbox). It then exits and leaves nothing behind.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = crate::units::parse_duration)]
     pub keep_warm: std::time::Duration,
+    /// A file cache for the shared FUSE server (as `granary mount --file-cache`): binaries
+    /// and libraries a job reads are kept verified on local disk and read by the kernel
+    /// directly in every later job, also after the server has exited (e.g.
+    /// /var/cache/granary/files; at most 4G, files of 256K and more).
+    #[arg(long, value_name = "DIR")]
+    pub file_cache: Option<PathBuf>,
     /// A capability CMD keeps (e.g. sys_ptrace), repeatable; replaces the default set: chown,
     /// dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service, net_raw,
     /// sys_chroot, mknod, audit_write, setfcap (what container runtimes grant; no mounting,
@@ -150,6 +156,7 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             let (exe, rt, url) = (exe.clone(), runtime.clone(), store.url.clone());
             let settings = share::ServerSettings {
                 keep_warm: args.keep_warm,
+                file_cache: args.file_cache.clone(),
             };
             let (pid, path, lease) = tokio::task::spawn_blocking(move || {
                 share::join(&exe, &rt, &url, &digest, times, settings)

@@ -176,10 +176,12 @@ fn lock_state(dir: &Path) -> Result<File, ShareError> {
 }
 
 /// How a shared server is started.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ServerSettings {
     /// How long the server stays after its last sandbox exits (0: it exits with it).
     pub keep_warm: Duration,
+    /// The server's file cache (see `granary mount --file-cache`), if any.
+    pub file_cache: Option<PathBuf>,
 }
 
 /// Joins the shared mount of `digest`, starting its server if none runs. Returns the
@@ -234,6 +236,12 @@ fn start_server(
         .arg(dir)
         .args(times.map(|t| format!("--times={}:{}", t.digest.to_hex(), t.size)))
         .arg(format!("--keep-warm-ms={}", settings.keep_warm.as_millis()))
+        .args(
+            settings
+                .file_cache
+                .iter()
+                .flat_map(|d| [std::ffi::OsStr::new("--file-cache"), d.as_os_str()]),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(log);
@@ -328,6 +336,7 @@ pub async fn serve(
     times: Option<&str>,
     dir: &Path,
     keep_warm: Duration,
+    file_cache: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     // fd 3 is the reaper's pipe: kept open for our whole life, passed to no child.
@@ -358,6 +367,7 @@ pub async fn serve(
         top: Top::Tree(node, at),
         // Sandboxes may switch users; root's mount must not refuse them.
         allow_other: true,
+        file_cache: file_cache.map(fs::FileCacheOptions::at),
         ..MountOptions::default()
     };
     let tree = dir.join("tree");

@@ -27,6 +27,21 @@ pub struct FileCacheOptions {
     pub min_size: u64,
 }
 
+/// The bound and the smallest file of a file cache when not told otherwise.
+pub const DEFAULT_LIMIT: u64 = 4 << 30;
+pub const DEFAULT_MIN_SIZE: u64 = 256 << 10;
+
+impl FileCacheOptions {
+    /// A cache in `dir` with the default bound and smallest size.
+    pub fn at(dir: PathBuf) -> Self {
+        Self {
+            dir,
+            limit: DEFAULT_LIMIT,
+            min_size: DEFAULT_MIN_SIZE,
+        }
+    }
+}
+
 /// Temporary files of a writer that died are removed after this long.
 const STALE_TMP: Duration = Duration::from_secs(600);
 const TMP_PREFIX: &str = ".tmp-";
@@ -147,13 +162,17 @@ impl FileCache {
         !lock(&self.verified).contains_key(digest) && lock(&self.filling).insert(*digest)
     }
 
-    /// A temporary file to fill, in the cache directory (so the final rename is atomic).
-    pub fn create_tmp(&self, digest: &B3Digest) -> io::Result<(PathBuf, File)> {
-        let tmp = self.opts.dir.join(format!(
+    fn tmp_path(&self, digest: &B3Digest) -> PathBuf {
+        self.opts.dir.join(format!(
             "{TMP_PREFIX}{}-{}",
             std::process::id(),
             digest.to_hex()
-        ));
+        ))
+    }
+
+    /// A temporary file to fill, in the cache directory (so the final rename is atomic).
+    pub fn create_tmp(&self, digest: &B3Digest) -> io::Result<(PathBuf, File)> {
+        let tmp = self.tmp_path(digest);
         let file = std::fs::OpenOptions::new()
             .write(true)
             .read(true)
@@ -235,6 +254,15 @@ impl FileCache {
                     .sum()
             })
             .unwrap_or(0)
+    }
+}
+
+impl Drop for FileCache {
+    /// Copies cut short (the mount is going away) leave no temporary file behind.
+    fn drop(&mut self) {
+        for digest in lock(&self.filling).iter() {
+            let _ = std::fs::remove_file(self.tmp_path(digest));
+        }
     }
 }
 
