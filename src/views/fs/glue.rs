@@ -88,7 +88,9 @@ impl Filesystem for GranaryFs {
             table.get(ino.0).is_none()
         };
         if gone {
-            lock(&self.inner.files).remove(&ino.0);
+            let mut files = lock(&self.inner.files);
+            files.remove(&ino.0);
+            inode::shrink_if_sparse(&mut files);
         }
     }
 

@@ -320,6 +320,16 @@ impl InodeTable {
     /// Drops `n` kernel references; removes the inode (and, in turn, parents that were only
     /// kept for it) once nothing refers to it.
     pub fn forget(&mut self, ino: u64, n: u64) {
+        self.drop_refs(ino, n);
+        shrink_if_sparse(&mut self.inodes);
+    }
+
+    /// Table slots held (for tests).
+    pub fn capacity(&self) -> usize {
+        self.inodes.capacity()
+    }
+
+    fn drop_refs(&mut self, ino: u64, n: u64) {
         let Some(inode) = self.inodes.get_mut(&ino) else {
             return;
         };
@@ -345,6 +355,15 @@ impl InodeTable {
             }
             cur = parent;
         }
+    }
+}
+
+/// Gives memory back once a map is mostly empty (the kernel forgot what a walk made it hold:
+/// 122,755 inodes took 55 MB of table). Shrinks to twice the entries left, so the next shrink
+/// waits until half of those are gone too: amortised O(1) per removal.
+pub fn shrink_if_sparse<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 1024 && map.len() * 4 < map.capacity() {
+        map.shrink_to(map.len() * 2);
     }
 }
 
@@ -414,6 +433,30 @@ mod tests {
         assert_eq!(t.len(), 1);
         // The number is stable for the path position while the parent lives.
         assert_eq!(t.lookup_child(ROOT_INO, 0, None), Some(a));
+    }
+
+    #[test]
+    fn the_table_gives_memory_back_when_the_kernel_forgets() {
+        let files: Vec<_> = (0..20_000)
+            .map(|i| file(&format!("f{i:05}"), b"x"))
+            .collect();
+        let mut t = InodeTable::new(Kind::Node(dir_node()), Some(view(files)), Stamp::default());
+        let inos: Vec<u64> = (0..20_000)
+            .map(|i| t.lookup_child(ROOT_INO, i, None).unwrap())
+            .collect();
+        let full = t.capacity();
+        assert!(full >= 20_000);
+        for &ino in &inos[..19_900] {
+            t.forget(ino, 1);
+        }
+        assert_eq!(t.len(), 101);
+        assert!(
+            t.capacity() <= 2048,
+            "{} slots for 101 inodes",
+            t.capacity()
+        );
+        // What is left still works.
+        assert_eq!(t.lookup_child(ROOT_INO, 19_950, None), Some(inos[19_950]));
     }
 
     #[test]
