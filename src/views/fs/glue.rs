@@ -116,22 +116,23 @@ impl Filesystem for GranaryFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
-            self.inner.stats.count(Op::Open);
-            return reply.error(Errno::EROFS);
-        }
-        if !self.inner.passthrough.load(Ordering::Relaxed) {
-            self.inner.stats.count(Op::Open);
-        }
-        match self.inner.open_file(ino.0) {
-            Err(e) => reply.error(e),
-            Ok(_) if self.inner.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
-            Ok(file) if self.inner.passthrough.load(Ordering::Relaxed) => {
-                let inner = self.inner.clone();
-                self.run(Op::Open, async move {
+        let file = if flags.0 & libc::O_ACCMODE != libc::O_RDONLY {
+            Err(Errno::EROFS)
+        } else {
+            self.inner.open_file(ino.0)
+        };
+        if let Ok(file) = &file {
+            if self.inner.passthrough.load(Ordering::Relaxed) {
+                let (inner, file) = (self.inner.clone(), file.clone());
+                return self.run(Op::Open, async move {
                     inner.open_through_cache(ino.0, file, reply).await;
                 });
             }
+        }
+        self.inner.stats.count(Op::Open);
+        match file {
+            Err(e) => reply.error(e),
+            Ok(_) if self.inner.no_open.load(Ordering::Relaxed) => reply.error(Errno::ENOSYS),
             Ok(_) => {
                 self.inner.note_open(ino.0);
                 reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE)

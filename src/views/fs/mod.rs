@@ -243,7 +243,7 @@ fn eio(what: &str, e: impl std::fmt::Display) -> Errno {
 /// Counted in `stats` as one request of kind `op`, and as one that waited if it had to.
 fn dispatch(
     rt: &tokio::runtime::Handle,
-    stats: Arc<Stats>,
+    stats: &Arc<Stats>,
     op: Op,
     fut: impl Future<Output = ()> + Send + 'static,
 ) {
@@ -253,6 +253,7 @@ fn dispatch(
     let mut fut = Box::pin(fut);
     let mut cx = Context::from_waker(futures::task::noop_waker_ref());
     if fut.as_mut().poll(&mut cx).is_pending() {
+        let stats = stats.clone();
         rt.spawn(async move {
             fut.await;
             stats.waited(op, since);
@@ -364,6 +365,6 @@ impl GranaryFs {
     }
 
     fn run(&self, op: Op, fut: impl Future<Output = ()> + Send + 'static) {
-        dispatch(&self.inner.rt, self.inner.stats.clone(), op, fut)
+        dispatch(&self.inner.rt, &self.inner.stats, op, fut)
     }
 }
