@@ -121,17 +121,31 @@ impl LocalStore {
             if self.lock_staged()?.packed.contains_key(&(kind, *digest)) {
                 return Ok(true);
             }
-            if let Some(path) = self.packs.path_of(kind, digest) {
-                // A pack a gc has moved aside is not there to touch: write the object again.
-                return touch(&path);
-            }
-            return Ok(false);
+            return self.touch_packed(kind, digest);
         }
         let path = self.object_path(kind, digest);
         if self.lock_staged()?.objects.contains_key(&path) {
             return Ok(true);
         }
         touch(&path)
+    }
+
+    /// True if a pack holding the object is still there (its time is refreshed). A pack a gc
+    /// has removed since this process indexed it is not: the packs are looked at again, since
+    /// the gc may have copied the object into a new one; if none has it, the caller writes
+    /// it again rather than trust the stale index.
+    pub(super) fn touch_packed(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {
+        let Some(path) = self.packs.path_of(kind, digest) else {
+            return Ok(false);
+        };
+        if touch(&path)? {
+            return Ok(true);
+        }
+        self.packs.refresh(true)?;
+        match self.packs.path_of(kind, digest) {
+            Some(path) => touch(&path),
+            None => Ok(false),
+        }
     }
 
     pub(super) fn object_exists(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {

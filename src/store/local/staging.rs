@@ -51,8 +51,9 @@ impl LocalStore {
         if self.config.packs {
             let full = {
                 let mut st = self.lock_staged()?;
-                // Another thread may have staged it, or staged and flushed it, since `reuse`.
-                if st.packed.contains_key(&(kind, *digest)) || self.packs.contains(kind, digest) {
+                // Another thread may have staged it, or staged and flushed it, since `reuse`
+                // (the index alone is not proof: its pack may be one a gc has removed).
+                if st.packed.contains_key(&(kind, *digest)) || self.touch_packed(kind, digest)? {
                     return Ok(());
                 }
                 let writer = match &mut st.pack {

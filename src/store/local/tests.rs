@@ -185,3 +185,28 @@ fn a_corrupt_pack_index_is_reported_by_name() {
     let id = idx.file_stem().unwrap().to_str().unwrap();
     assert!(e.contains(id) && e.contains("checksum mismatch"), "{e}");
 }
+
+#[test]
+fn a_put_through_a_handle_that_indexed_a_pack_gc_removed_stores_the_object_again() {
+    let d = tempfile::tempdir().unwrap();
+    let gc = open(d.path());
+    let noise: Vec<u8> = (0..20_000).map(|_| rand::random::<u8>()).collect();
+    let junk = put(&gc, &noise);
+    gc.flush_blocking().unwrap();
+    // An importer opens the store (and indexes the pack) before the gc removes it.
+    let importer = open(d.path());
+    assert!(importer.object_exists(Kind::Chunk, &junk).unwrap());
+    let cutoff = SystemTime::now() + Duration::from_secs(60);
+    assert!(gc
+        .delete_if_older_blocking(Kind::Chunk, &junk, cutoff)
+        .unwrap());
+    gc.sweep_temp_blocking(cutoff).unwrap();
+    assert!(pack_files(d.path()).is_empty());
+    // The importer's put finds the pack gone and must write the object, not trust its
+    // stale index.
+    put(&importer, &noise);
+    importer.flush_blocking().unwrap();
+    let got = importer.read_chunk_blocking(&junk).unwrap();
+    assert!(got.as_deref() == Some(&noise[..]), "the object was lost");
+    assert!(open(d.path()).read_chunk_blocking(&junk).unwrap().is_some());
+}
