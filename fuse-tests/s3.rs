@@ -609,3 +609,194 @@ fn wrong_credentials_fail_clearly() {
     assert_eq!(e.trim_end().lines().count(), 1, "{e}");
     assert!(t.elapsed() < Duration::from_secs(30), "{:?}", t.elapsed());
 }
+
+/// Runs granary with `GRANARY_S3_STATS` and returns its output and the request counts it
+/// printed (`GET_requests`, `PUT_bytes`, ...).
+fn counted(url: &str, args: &[&str]) -> (Output, std::collections::HashMap<String, u64>) {
+    let mut c = Command::new(granary_bin());
+    c.arg("--store")
+        .arg(url)
+        .args(args)
+        .env("GRANARY_S3_STATS", "1")
+        .stdin(Stdio::null());
+    let out = run_bounded(c, Duration::from_secs(120));
+    assert!(
+        out.status.success(),
+        "granary {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    let line = err
+        .lines()
+        .find_map(|l| l.strip_prefix("granary: s3 requests: "))
+        .unwrap_or_else(|| panic!("no request counts in: {err}"));
+    let counts = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.parse().unwrap()))
+        .collect();
+    (out, counts)
+}
+
+/// Keys under `prefix` in a moto bucket.
+fn bucket_keys(moto: &Moto, bucket: &str, prefix: &str) -> Vec<String> {
+    let (status, body) = moto
+        .http(
+            "GET",
+            &format!("/{bucket}?list-type=2&prefix={prefix}&max-keys=1000"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(status, 200);
+    let body = String::from_utf8_lossy(&body);
+    body.split("<Key>")
+        .skip(1)
+        .filter_map(|s| s.split_once("</Key>").map(|(k, _)| k.to_string()))
+        .collect()
+}
+
+/// A tree of `big` incompressible 1 MiB-ish files and many small ones.
+fn packed_tree(dir: &Path, big: usize) {
+    for i in 0..big {
+        write_big(
+            &dir.join(format!("big{i:02}.bin")),
+            (1 << 20) + i * 4099,
+            70 + i as u64,
+        );
+    }
+    for i in 0..200 {
+        write(
+            &dir.join(format!("small/{:02}/f{i}.txt", i % 10)),
+            format!("small file {i}\n").repeat(i + 1).as_bytes(),
+            false,
+        );
+    }
+}
+
+#[test]
+fn imports_write_packs_with_few_requests_and_a_second_import_writes_no_data() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("packs");
+    let url = moto.url("packs/p");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    packed_tree(&src, 40);
+
+    let (_, first) = counted(&url, &["import", "--name", "a", src.to_str().unwrap()]);
+    let stored = first["PUT_bytes"];
+    assert!(stored > 40 << 20, "{first:?}");
+    // One PUT per 4 MiB stored at most, plus each pack's index, the config and the root.
+    let packs = bucket_keys(&moto, "packs", "p/packs/")
+        .iter()
+        .filter(|k| k.ends_with(".pack"))
+        .count() as u64;
+    assert!(
+        packs >= 1 && packs <= stored.div_ceil(32 << 20) + 1,
+        "{packs} packs"
+    );
+    assert!(
+        first["PUT_requests"] <= stored / (4 << 20) + packs + 2,
+        "{first:?}"
+    );
+    // No HEAD per object: only the root's conditional put looks first.
+    assert!(first["HEAD_requests"] <= 2, "{first:?}");
+    assert!(
+        bucket_keys(&moto, "packs", "p/chunks/").is_empty(),
+        "nothing loose"
+    );
+
+    // The same tree again: every object is found in the packs' indexes.
+    let (_, second) = counted(&url, &["import", "--name", "b", src.to_str().unwrap()]);
+    let packs_after = bucket_keys(&moto, "packs", "p/packs/")
+        .iter()
+        .filter(|k| k.ends_with(".pack"))
+        .count() as u64;
+    assert_eq!(packs_after, packs, "a second import wrote a pack");
+    // The root, and the keep marker naming what it reused (see store::s3::gc).
+    assert!(second["PUT_requests"] <= 2, "{second:?}");
+    assert!(second["PUT_bytes"] < 64 << 10, "{second:?}");
+
+    ok(&url, &["verify"]);
+    let dest = tmp.path().join("dest");
+    ok(&url, &["export", "b", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+}
+
+#[test]
+fn two_processes_import_overlapping_trees_into_one_bucket_at_once() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("both");
+    let url = moto.url("both");
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    packed_tree(&a, 12);
+    packed_tree(&b, 12);
+    // Half of b differs from a.
+    for i in 0..6 {
+        write_big(&b.join(format!("big{i:02}.bin")), 1 << 20, 900 + i as u64);
+    }
+    let spawn = |name: &str, dir: &Path| {
+        Command::new(granary_bin())
+            .args(["--store", &url, "import", "--name", name])
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (pa, pb) = (spawn("a", &a), spawn("b", &b));
+    for (name, p) in [("a", pa), ("b", pb)] {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "import {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    ok(&url, &["verify"]);
+    for (name, dir) in [("a", &a), ("b", &b)] {
+        let dest = tmp.path().join(format!("out-{name}"));
+        ok(&url, &["export", name, dest.to_str().unwrap()]);
+        assert_same_tree(dir, &dest);
+    }
+}
+
+#[test]
+fn a_cold_mount_reads_a_file_of_many_chunks_with_few_gets() {
+    require_fuse!();
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("cold");
+    let url = moto.url("cold");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_big(&src.join("big.bin"), 24 << 20, 4242);
+    ok(&url, &["import", "--name", "t", src.to_str().unwrap()]);
+
+    let m = Mount::start(&url, &["--root", "t", "--timeout", "20"]);
+    let got = std::fs::read(m.path().join("big.bin")).unwrap();
+    assert!(
+        got == std::fs::read(src.join("big.bin")).unwrap(),
+        "wrong bytes"
+    );
+    let out = Command::new("getfattr")
+        .args(["--only-values", "-h", "-n", "user.granary.ops"])
+        .arg(m.path())
+        .output()
+        .expect("run getfattr (package attr)");
+    assert!(out.status.success());
+    let ops = String::from_utf8(out.stdout).unwrap();
+    let count = |name: &str| -> u64 {
+        ops.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {ops}"))
+    };
+    let gets = count("s3_get_requests");
+    // 24 MiB in ≈ 370 chunks of ≈ 64 KiB: at most one GET per MiB (plus the listing's index
+    // reads, the config and the root).
+    assert!(gets <= 24 + 6, "{gets} GETs for 24 MiB:\n{ops}");
+    drop(m);
+}

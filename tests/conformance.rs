@@ -156,12 +156,6 @@ fn in_process_daemon_over_unix_socket() {
     );
 }
 
-/// The key of an object in an `s3://` store under `prefix` (the `file://` loose layout).
-fn s3_key(bucket_prefix: &str, kind: ObjectKind, d: &B3Digest) -> String {
-    let hex = d.to_hex();
-    format!("{bucket_prefix}/{}/{}/{hex}", kind.dir(), &hex[..2])
-}
-
 #[test]
 fn s3_against_moto() {
     moto::set_credentials();
@@ -180,23 +174,48 @@ fn s3_against_moto() {
     // Damage is done with signed requests of its own, on a thread of its own (the suite calls
     // this from inside its runtime).
     let damage = |k: ObjectKind, d: &B3Digest| {
-        use object_store::ObjectStoreExt;
-        let key = object_store::path::Path::from(s3_key("p", k, d));
+        use futures::TryStreamExt;
+        use object_store::{ObjectStore, ObjectStoreExt};
         std::thread::scope(|t| {
             t.spawn(|| {
                 let rt = tokio::runtime::Runtime::new().unwrap();
                 rt.block_on(async {
-                    let mut body = bucket
-                        .get(&key)
+                    // Puts go into packs: find the object through the packs' indexes.
+                    let listed: Vec<_> = bucket
+                        .list(Some(&object_store::path::Path::from("p/packs")))
+                        .try_collect()
                         .await
-                        .unwrap()
-                        .bytes()
-                        .await
-                        .unwrap()
-                        .to_vec();
-                    let mid = body.len() / 2;
-                    body[mid] ^= 0x5a;
-                    bucket.put(&key, body.into()).await.unwrap();
+                        .unwrap();
+                    for m in &listed {
+                        let name = m.location.filename().unwrap().to_string();
+                        let Some(id) = name.strip_suffix(".idx") else {
+                            continue;
+                        };
+                        let idx = bucket
+                            .get(&m.location)
+                            .await
+                            .unwrap()
+                            .bytes()
+                            .await
+                            .unwrap();
+                        let entries = store::pack::decode_index(id, &idx, u64::MAX).unwrap();
+                        let Some(e) = entries.iter().find(|e| e.kind == k && e.digest == *d) else {
+                            continue;
+                        };
+                        let key = object_store::path::Path::from(format!("p/packs/{id}.pack"));
+                        let mut body = bucket
+                            .get(&key)
+                            .await
+                            .unwrap()
+                            .bytes()
+                            .await
+                            .unwrap()
+                            .to_vec();
+                        body[(e.offset + e.len as u64 / 2) as usize] ^= 0x5a;
+                        bucket.put(&key, body.into()).await.unwrap();
+                        return;
+                    }
+                    panic!("{} {d} is in no pack", k.what());
                 });
             })
             .join()
@@ -204,4 +223,68 @@ fn s3_against_moto() {
         });
     };
     run(&s, Some(&damage));
+}
+
+/// gc on S3 beside an import whose view of the packs is older than gc's record: the import
+/// reuses an object gc found dead, and the next gc keeps it (from the import's keep marker)
+/// while deleting the rest of the garbage and the old pack.
+#[test]
+fn s3_gc_keeps_what_an_import_with_an_old_view_reused() {
+    use granary::model::castore::{Node, RootRecord};
+    moto::set_credentials();
+    let m = moto::Moto::start();
+    m.create_bucket("gcrace");
+    let url = m.url("gcrace");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let root = |name: &str, d: B3Digest, size: u64| RootRecord {
+            name: name.into(),
+            node: Node::File {
+                digest: d,
+                size,
+                executable: false,
+            },
+            nix: None,
+            times: None,
+        };
+        let put = |s: &store::Store, data: Vec<u8>| {
+            let s = s.clone();
+            async move {
+                let d = B3Digest::of(&data);
+                s.blobs.put_chunk(d, data.into()).await.unwrap();
+                d
+            }
+        };
+        let first = store::open(&url).await.unwrap();
+        let (kept, garbage) = (conformance::noise(40_000, 1), conformance::noise(40_000, 2));
+        let x = put(&first, kept.clone()).await;
+        let y = put(&first, garbage.clone()).await;
+        first.roots.put(&root("old", x, 40_000)).await.unwrap();
+        first.roots.put(&root("older", y, 40_000)).await.unwrap();
+        first.roots.delete("old").await.unwrap();
+        first.roots.delete("older").await.unwrap();
+
+        // An importer lists the packs now, before gc records anything.
+        let importer = store::open(&url).await.unwrap();
+        assert!(importer.blobs.has_chunk(&x).await.unwrap());
+        let gc = store::open(&url).await.unwrap();
+        let zero = std::time::Duration::ZERO;
+        let r = granary::trees::gc::gc(&gc, zero, false).await.unwrap();
+        assert!(r.deleted >= 2, "{r:?}");
+        // The importer reuses x from the pack gc has doomed, and commits a root to it.
+        put(&importer, kept.clone()).await;
+        importer.roots.put(&root("new", x, 40_000)).await.unwrap();
+
+        granary::trees::gc::gc(&gc, zero, false).await.unwrap();
+        let fresh = store::open(&url).await.unwrap();
+        let got = fresh.blobs.read_chunk(&x).await.unwrap();
+        assert!(
+            got.as_deref() == Some(&kept[..]),
+            "a reused object was lost"
+        );
+        assert!(
+            fresh.blobs.read_chunk(&y).await.unwrap().is_none(),
+            "garbage is still there"
+        );
+    });
 }

@@ -1,13 +1,13 @@
 //! How a chunk is stored, everywhere (local files and packs, S3 objects, the disk cache): one
 //! zstd frame that carries its content size. Decoding never allocates more than
-//! [`MAX_CHUNK`] and checks the digest.
+//! [`MAX_CHUNK`] and checks the digest. Also the check of any stored object's bytes.
 
 use std::io::Read;
 
 use bytes::Bytes;
 
-use super::{Result, StoreError};
-use crate::model::castore::B3Digest;
+use super::{ObjectKind, Result, StoreError};
+use crate::model::castore::{B3Digest, BlobIndex, Directory};
 use crate::model::chunking::MAX_CHUNK;
 
 /// Decompresses a stored chunk, never allocating more than [`MAX_CHUNK`], and checks its digest.
@@ -86,4 +86,33 @@ pub fn encode_chunk(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
         };
         cctx.compress(data)
     })
+}
+
+/// Checks that encoded object bytes hash to the digest they are stored under.
+pub fn check_digest(kind: ObjectKind, digest: &B3Digest, bytes: &[u8]) -> Result<()> {
+    let actual = B3Digest::of(bytes);
+    if actual != *digest {
+        return Err(StoreError::corrupt(
+            kind.what(),
+            digest,
+            format!("digest mismatch (content hashes to {actual})"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an object's stored bytes as a read would (used before copying one elsewhere).
+pub fn verify_stored(kind: ObjectKind, digest: &B3Digest, raw: &[u8]) -> Result<()> {
+    match kind {
+        ObjectKind::Chunk => decode_chunk(digest, raw).map(drop),
+        ObjectKind::Directory => {
+            check_digest(kind, digest, raw)?;
+            Directory::decode_valid(raw)
+                .map(drop)
+                .map_err(|e| StoreError::corrupt("directory", digest, e.to_string()))
+        }
+        ObjectKind::BlobIndex => BlobIndex::decode_valid(raw)
+            .map(drop)
+            .map_err(|e| StoreError::corrupt("blob index", digest, e.to_string())),
+    }
 }

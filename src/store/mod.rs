@@ -71,6 +71,17 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// The same failure again, for each of several objects one request served (timeouts stay
+    /// timeouts; the rest keep their message).
+    pub fn duplicate(&self) -> Self {
+        match self {
+            StoreError::Timeout { what, secs } => StoreError::Timeout {
+                what: what.clone(),
+                secs: *secs,
+            },
+            e => StoreError::Backend(e.to_string()),
+        }
+    }
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
         StoreError::Io {
             context: context.into(),

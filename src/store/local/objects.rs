@@ -3,18 +3,7 @@
 #[allow(unused_imports)]
 use super::*;
 
-/// Checks that encoded object bytes hash to the digest they are stored under.
-pub(super) fn check_digest(kind: Kind, digest: &B3Digest, bytes: &[u8]) -> Result<()> {
-    let actual = B3Digest::of(bytes);
-    if actual != *digest {
-        return Err(StoreError::corrupt(
-            kind.what(),
-            digest,
-            format!("digest mismatch (content hashes to {actual})"),
-        ));
-    }
-    Ok(())
-}
+pub(super) use crate::store::codec::{check_digest, verify_stored};
 
 impl LocalStore {
     /// Opens an object in place or, if staged by this process, its temp file.
@@ -286,22 +275,6 @@ pub(super) fn remove_if_present(p: &Path) -> Result<()> {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
         Err(e) => Err(StoreError::io(format!("removing {}", p.display()), e)),
-    }
-}
-
-/// Checks an object's stored bytes as a read would.
-pub(super) fn verify_stored(kind: Kind, digest: &B3Digest, raw: &[u8]) -> Result<()> {
-    match kind {
-        Kind::Chunk => decode_chunk(digest, raw).map(drop),
-        Kind::Directory => {
-            check_digest(kind, digest, raw)?;
-            Directory::decode_valid(raw)
-                .map(drop)
-                .map_err(|e| StoreError::corrupt("directory", digest, e.to_string()))
-        }
-        Kind::BlobIndex => BlobIndex::decode_valid(raw)
-            .map(drop)
-            .map_err(|e| StoreError::corrupt("blob index", digest, e.to_string())),
     }
 }
 

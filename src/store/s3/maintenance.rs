@@ -60,35 +60,50 @@ impl Maintenance for S3Store {
         Ok(out)
     }
 
-    /// Deletes the object if its LastModified is before `cutoff`. S3 offers no atomic
-    /// check-and-delete and no touch-on-reuse, so this is only as safe as the module docs say.
+    /// A loose object is deleted if its LastModified is before `cutoff` (S3 offers no
+    /// atomic check-and-delete: only as safe as the module docs say). A packed one whose pack
+    /// is older than `cutoff` is marked for this gc's sweep, which rewrites its pack.
     async fn delete_if_older(
         &self,
         kind: Kind,
         digest: &B3Digest,
         cutoff: SystemTime,
     ) -> Result<bool> {
-        // Packed objects stay (see the module docs).
         let key = self.object_key(kind, digest);
-        let Some(m) = self.head(&key).await? else {
-            return Ok(false);
-        };
-        if SystemTime::from(m.last_modified) >= cutoff {
-            return Ok(false);
+        let mut deleted = false;
+        if let Some(m) = self.head(&key).await? {
+            if SystemTime::from(m.last_modified) < cutoff {
+                self.delete_key(&key).await?;
+                deleted = true;
+            }
         }
-        self.delete_key(&key).await?;
-        self.forget(kind, digest);
-        Ok(true)
+        let st = self.packs.lock().await;
+        if let Some((id, _)) = st.map.get(&(kind, *digest)) {
+            if st.packs.get(id).is_some_and(|t| *t < cutoff) {
+                self.pending
+                    .lock()
+                    .map_err(|_| StoreError::Backend("gc lock poisoned".into()))?
+                    .insert((kind, *digest), cutoff);
+                deleted = true;
+            }
+        }
+        Ok(deleted)
     }
 
+    /// Deletes a loose copy and forgets the packed one, so that the repair's put that follows
+    /// writes a newer copy (which readers then prefer); the old one goes with its pack's gc.
     async fn remove(&self, kind: Kind, digest: &B3Digest) -> Result<()> {
-        self.forget(kind, digest);
+        self.packs.lock().await.map.remove(&(kind, *digest));
         self.delete_key(&self.object_key(kind, digest)).await
     }
 
-    /// S3 puts are atomic: there are no partial writes to sweep.
-    async fn sweep_temp(&self, _cutoff: SystemTime) -> Result<u64> {
-        Ok(0)
+    /// gc's second half on S3: finishes earlier gc records that are a grace period old, then
+    /// rewrites the packs holding this gc's dead objects and moves live loose objects into
+    /// packs, recording what is to go (see `gc_rewrite`). Returns how many keys it deleted.
+    async fn sweep_temp(&self, cutoff: SystemTime) -> Result<u64> {
+        let deleted = self.finish_records(cutoff).await?;
+        self.gc_rewrite(cutoff).await?;
+        Ok(deleted)
     }
 
     async fn counters(&self) -> Result<Vec<(&'static str, u64)>> {

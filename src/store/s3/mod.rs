@@ -1,29 +1,30 @@
 //! `s3://BUCKET[/PREFIX]?endpoint=URL&region=R[&allow_http=true][&timeout=30s]`: the store kept
 //! in an S3-compatible object store, through the `object_store` crate.
 //!
-//! The key layout is the `file://` store's (config.toml, chunks/ab/<hex> zstd-compressed,
-//! blobs/ab/<hex>, dirs/ab/<hex>, roots/<name>), under PREFIX, so a `file://` store copied
-//! into a bucket with any S3 tool is a valid `s3://` store, and the other way round.
-//! Credentials come from the usual AWS environment variables (`AWS_ACCESS_KEY_ID`,
-//! `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, ...).
+//! The key layout is the `file://` store's (config.toml, `packs/<id>.pack` + `.idx`, roots/<name>;
+//! stores from before packs also hold loose chunks/ab/<hex>, blobs/ab/<hex>, dirs/ab/<hex>),
+//! under PREFIX, so a `file://` store copied into a bucket with any S3 tool is a valid `s3://`
+//! store, and the other way round. Credentials come from the usual AWS environment variables
+//! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`, ...).
 //!
-//! - Objects are written with one PUT each (S3 PUTs are atomic), after a HEAD that skips
-//!   objects already there: concurrent puts of one object both succeed and leave one copy.
+//! - Puts are gathered into packs of [`packs::PACK_TARGET`] bytes, uploaded whole (pack, then
+//!   its index as the commit point; a root put commits first), with no HEAD per object: what
+//!   is stored is known from the bucket's pack indexes, listed once and again at most every
+//!   [`PACK_RESCAN`] on a miss. Pack names (creation time and 32 random bits) never collide,
+//!   so any number of machines import into one bucket at once.
+//! - Reads look in the pack being filled, then the known packs, then under the object's own
+//!   key (stores from before packs), then in packs listed since. A batch of chunks
+//!   (readahead, prefetch) is read with one ranged GET per stretch of neighbouring chunks of
+//!   a pack (see [`packs::COALESCE_GAP`]); at most [`MAX_GETS`] GETs are in flight.
 //! - Root puts are conditional (`If-Match` on the version seen, `If-None-Match: *` for a new
 //!   root) where the server supports it, so a put never silently replaces a version it did not
 //!   see; on servers without conditional puts they are last-writer-wins per root.
 //! - Every call has a deadline (`timeout`, default 30 s, with a 5 s connect timeout and a few
 //!   retries inside it): a missing bucket, wrong credentials or a dead endpoint give a one-line
 //!   error, never a hang.
-//! - Pack files (`packs/<id>.pack` + `.idx`, see [`super::pack`]) of a `file://` store copied
-//!   into the bucket are read: an object not found under its own key is looked up in the
-//!   packs' indexes (listed on the first such miss, and again at most every
-//!   [`PACK_RESCAN`]) and fetched with a ranged GET. Objects are written one PUT each, never
-//!   packed, and gc here does not rewrite packs: run it on the `file://` side for those.
-//! - gc: S3 cannot refresh an object's LastModified without rewriting it, so reuse by an import
-//!   does not "touch" objects here. gc's grace rule on `s3://` is therefore based on
-//!   LastModified (the object's upload time) alone: run `gc` on an S3 store only while no
-//!   import writes to it, or with a grace longer than any import.
+//! - gc rewrites packs holding garbage and moves loose objects into packs in two halves a
+//!   grace period apart, safe beside imports on other machines (see [`gc`]): the space of a
+//!   pack is freed by the first gc that runs a grace period after the one that found it.
 //!
 //! Requests are counted process-wide ([`request_counts`]); `granary info` shows them and
 //! `GRANARY_S3_STATS=1` prints them to stderr when the command ends.
@@ -43,11 +44,12 @@ use object_store::{
     PutPayload, RetryConfig, UpdateVersion,
 };
 
-use super::codec::decode_chunk;
+use super::codec::{decode_chunk, verify_stored};
 use super::pack::{self, IndexEntry};
 use super::{
-    check_children, empty_blob, BlobMeta, BlobService, ChunkRef, DirectoryService, Maintenance,
-    ObjectInfo, ObjectKind as Kind, Result, RootService, Store, StoreConfig, StoreError, Usage,
+    check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,
+    Maintenance, ObjectInfo, ObjectKind as Kind, Result, RootService, Store, StoreConfig,
+    StoreError, Usage,
 };
 use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 use crate::model::chunking::MAX_CHUNK;
@@ -59,6 +61,7 @@ static HEADS: AtomicU64 = AtomicU64::new(0);
 static LISTS: AtomicU64 = AtomicU64::new(0);
 static DELETES: AtomicU64 = AtomicU64::new(0);
 static GET_BYTES: AtomicU64 = AtomicU64::new(0);
+static PUT_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// `(name, count)` of the S3 requests this process made so far.
 pub fn request_counts() -> Vec<(&'static str, u64)> {
@@ -67,6 +70,7 @@ pub fn request_counts() -> Vec<(&'static str, u64)> {
         ("s3 GET bytes", GET_BYTES.load(Ordering::Relaxed)),
         ("s3 HEAD requests", HEADS.load(Ordering::Relaxed)),
         ("s3 PUT requests", PUTS.load(Ordering::Relaxed)),
+        ("s3 PUT bytes", PUT_BYTES.load(Ordering::Relaxed)),
         ("s3 LIST requests", LISTS.load(Ordering::Relaxed)),
         ("s3 DELETE requests", DELETES.load(Ordering::Relaxed)),
     ]
@@ -156,13 +160,27 @@ pub struct S3Store {
     os: Arc<AmazonS3>,
     loc: Arc<S3Url>,
     config: StoreConfig,
-    /// Objects this process stored or found stored: later puts skip the HEAD.
-    known: Arc<Mutex<HashSet<(Kind, B3Digest)>>>,
     /// Chunks fetched whole by `stat` (of a single-chunk blob), kept for the read that
     /// usually follows, so a small file costs one GET instead of three.
     stash: Arc<Mutex<lru::LruCache<B3Digest, Bytes>>>,
     packs: Arc<tokio::sync::Mutex<S3Packs>>,
+    /// Puts not yet in a committed pack.
+    staged: Arc<Mutex<packs::Staged>>,
+    /// Held while sealed packs are uploaded (see `upload_sealed`).
+    upload: Arc<tokio::sync::Mutex<()>>,
+    /// Bounds the GETs this store has in flight at once.
+    gets: Arc<tokio::sync::Semaphore>,
+    /// Packed objects the running gc found dead, with its cutoff (see `maintenance`).
+    pending: Arc<Mutex<std::collections::HashMap<(Kind, B3Digest), SystemTime>>>,
 }
+
+/// GETs in flight at once per store (a cold mount's readers and prefetch together).
+const MAX_GETS: usize = 32;
+
+/// Keep markers: objects imports reused from packs already there (see `maintenance`).
+pub(super) const KEEP_DIR: &str = "packs/keep";
+/// gc records: packs and loose keys to delete a grace period later (see `maintenance`).
+pub(super) const DOOMED_DIR: &str = "packs/doomed";
 
 /// Chunks kept in the stash.
 const STASH: usize = 64;
@@ -176,6 +194,12 @@ struct S3Packs {
     map: std::collections::HashMap<(Kind, B3Digest), (String, IndexEntry)>,
     /// Pack id → its LastModified.
     packs: std::collections::HashMap<String, SystemTime>,
+    /// Packs a gc record names: not reused by puts, read only where nothing else has a copy.
+    doomed: HashSet<String>,
+    /// gc records (key, LastModified, what they name), as last listed.
+    records: Vec<(Key, SystemTime, packs::Doomed)>,
+    /// Keep markers (key, LastModified), as last listed.
+    keeps: Vec<(Key, SystemTime)>,
     scanned: Option<std::time::Instant>,
 }
 
@@ -216,8 +240,10 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+mod gc;
 mod maintenance;
 mod objects;
+mod packs;
 mod requests;
 mod roots;
 #[cfg(test)]
@@ -307,11 +333,14 @@ impl S3Store {
             os: Arc::new(os),
             loc: Arc::new(loc),
             config: StoreConfig::default(),
-            known: Arc::default(),
             stash: Arc::new(Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(STASH).unwrap_or(std::num::NonZeroUsize::MIN),
             ))),
             packs: Arc::default(),
+            staged: Arc::default(),
+            upload: Arc::default(),
+            gets: Arc::new(tokio::sync::Semaphore::new(MAX_GETS)),
+            pending: Arc::default(),
         })
     }
 

@@ -9,19 +9,60 @@ impl S3Store {
         Ok(self.key(&format!("roots/{name}")))
     }
 
-    /// An object's stored bytes (or the first `prefix` of them): under its own key, else in a
-    /// pack. `Ok(None)` if neither has it.
+    /// An object's stored bytes (or the first `prefix` of them): put by this process and not
+    /// yet uploaded, in a pack this process knows, under its own key (a store from before
+    /// packs), else in a pack listed since. `Ok(None)` if none has it.
     pub(super) async fn get_object(
         &self,
         kind: Kind,
         digest: &B3Digest,
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
+        if let Some(b) = self.staged_object(kind, digest) {
+            let n = prefix.map_or(b.len(), |n| (n as usize).min(b.len()));
+            return Ok(Some(b.slice(..n)));
+        }
+        self.ensure_scanned().await?;
+        let known = self.packs.lock().await.map.get(&(kind, *digest)).cloned();
+        if let Some(at) = known {
+            if let Some(b) = self.get_at(&at, prefix).await? {
+                return Ok(Some(b));
+            }
+            // Its pack has gone (a gc replaced it after committing the copy): look again now.
+            let mut st = self.packs.lock().await;
+            self.scan_packs(&mut st).await?;
+            let again = st.map.get(&(kind, *digest)).cloned();
+            drop(st);
+            if let Some(at) = again {
+                return self.get_at(&at, prefix).await;
+            }
+        }
         let range = prefix.map(|n| GetRange::Bounded(0..n));
         if let Some(b) = self.get_raw(&self.object_key(kind, digest), range).await? {
             return Ok(Some(b));
         }
         self.get_packed(kind, digest, prefix).await
+    }
+
+    /// An object's bytes at a known place in a pack; `None` if the pack is gone.
+    async fn get_at(
+        &self,
+        at: &(String, IndexEntry),
+        prefix: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let (id, e) = at;
+        let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
+        if len == 0 {
+            // An empty directory encodes to no bytes, and S3 has no empty range.
+            return Ok(Some(Bytes::new()));
+        }
+        let got = self
+            .get_raw(
+                &self.pack_key(id, "pack"),
+                Some(GetRange::Bounded(e.offset..e.offset + len)),
+            )
+            .await?;
+        Ok(got.filter(|b| b.len() as u64 == len))
     }
 
     pub(super) async fn get_packed(
@@ -30,19 +71,10 @@ impl S3Store {
         digest: &B3Digest,
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
-        let Some((id, e)) = self.find_packed(kind, digest).await? else {
-            return Ok(None);
-        };
-        let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
-        if len == 0 {
-            // An empty directory encodes to no bytes, and S3 has no empty range.
-            return Ok(Some(Bytes::new()));
+        match self.find_packed(kind, digest).await? {
+            Some(at) => self.get_at(&at, prefix).await,
+            None => Ok(None),
         }
-        let key = self.key(&format!("{}/{id}.pack", pack::PACK_DIR));
-        let got = self
-            .get_raw(&key, Some(GetRange::Bounded(e.offset..e.offset + len)))
-            .await?;
-        Ok(got.filter(|b| b.len() as u64 == len))
     }
 
     /// Where a packed object is, listing the packs first if they were never listed or a
@@ -63,41 +95,71 @@ impl S3Store {
         Ok(st.map.get(&(kind, *digest)).cloned())
     }
 
-    /// Lists `packs/` and reads the indexes not read before (all of them again if a pack
-    /// went away).
+    /// Lists `packs/` (packs, indexes, gc records, keep markers in one listing) and reads
+    /// the gc records and the indexes not read before (all of them again if a pack went away
+    /// or a gc record came or went). Of several copies of an object, one in a pack no gc
+    /// record names wins, then the newest.
     pub(super) async fn scan_packs(&self, st: &mut S3Packs) -> Result<()> {
         let listed = self.list_under(pack::PACK_DIR).await?;
         let mut sizes = std::collections::HashMap::new();
         let mut times = std::collections::HashMap::new();
         let mut ids = Vec::new();
+        let mut record_keys = Vec::new();
+        let mut keeps = Vec::new();
+        let doomed_dir = self.key(DOOMED_DIR);
+        let keep_dir = self.key(KEEP_DIR);
         for m in &listed {
             let Some(name) = m.location.filename() else {
                 continue;
             };
-            if let Some(id) = name.strip_suffix(".pack").filter(|id| pack::is_id(id)) {
+            let t = SystemTime::from(m.last_modified);
+            if m.location.prefix_matches(&doomed_dir) {
+                record_keys.push((m.location.clone(), t));
+            } else if m.location.prefix_matches(&keep_dir) {
+                keeps.push((m.location.clone(), t));
+            } else if let Some(id) = name.strip_suffix(".pack").filter(|id| pack::is_id(id)) {
                 sizes.insert(id.to_string(), m.size);
-                times.insert(id.to_string(), SystemTime::from(m.last_modified));
+                times.insert(id.to_string(), t);
             } else if let Some(id) = name.strip_suffix(".idx").filter(|id| pack::is_id(id)) {
                 ids.push(id.to_string());
             }
         }
-        ids.retain(|id| sizes.contains_key(id));
-        ids.sort();
-        if st.packs.keys().any(|id| !sizes.contains_key(id)) {
-            *st = S3Packs::default();
-        }
-        ids.retain(|id| !st.packs.contains_key(id));
-        for id in &ids {
-            let key = self.key(&format!("{}/{id}.idx", pack::PACK_DIR));
+        let mut records = Vec::new();
+        for (key, t) in record_keys {
             let Some(raw) = self.get_raw(&key, None).await? else {
                 continue;
             };
+            let mut d = packs::Doomed::decode(key.as_ref(), &raw)?;
+            d.written = Some(t);
+            records.push((key, t, d));
+        }
+        let doomed: HashSet<String> = records
+            .iter()
+            .flat_map(|(_, _, d)| d.packs.iter().cloned())
+            .collect();
+        ids.retain(|id| sizes.contains_key(id));
+        ids.sort();
+        if st.packs.keys().any(|id| !sizes.contains_key(id)) || doomed != st.doomed {
+            *st = S3Packs::default();
+        }
+        st.doomed = doomed;
+        st.records = records;
+        st.keeps = keeps;
+        ids.retain(|id| !st.packs.contains_key(id));
+        for id in &ids {
+            let Some(raw) = self.get_raw(&self.pack_key(id, "idx"), None).await? else {
+                continue;
+            };
             let size = sizes.get(id).copied().unwrap_or(0);
+            let gone = st.doomed.contains(id);
             for e in pack::decode_index(id, &raw, size)? {
-                let newer = st
-                    .map
-                    .get(&(e.kind, e.digest))
-                    .is_none_or(|(held, _)| held.as_str() <= id.as_str());
+                let newer = match st.map.get(&(e.kind, e.digest)) {
+                    None => true,
+                    Some((held, _)) => {
+                        let held_gone = st.doomed.contains(held);
+                        (held_gone && !gone) || (held_gone == gone && held.as_str() <= id.as_str())
+                    }
+                };
                 if newer {
                     st.map.insert((e.kind, e.digest), (id.clone(), e));
                 }
@@ -107,6 +169,20 @@ impl S3Store {
         }
         st.scanned = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Whether an object is stored: put here, in a known pack, loose, or in a pack listed
+    /// since.
+    pub(super) async fn has_object(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {
+        if self.staged_object(kind, digest).is_some() {
+            return Ok(true);
+        }
+        self.ensure_scanned().await?;
+        if self.packs.lock().await.map.contains_key(&(kind, *digest)) {
+            return Ok(true);
+        }
+        Ok(self.head(&self.object_key(kind, digest)).await?.is_some()
+            || self.find_packed(kind, digest).await?.is_some())
     }
 
     /// GETs and verifies one chunk.
@@ -175,20 +251,14 @@ impl BlobService for S3Store {
     }
 
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {
-        if self.is_known(Kind::Chunk, chunk) {
-            return Ok(true);
-        }
-        Ok(self
-            .head(&self.object_key(Kind::Chunk, chunk))
-            .await?
-            .is_some()
-            || self.find_packed(Kind::Chunk, chunk).await?.is_some())
+        self.has_object(Kind::Chunk, chunk).await
+    }
+
+    async fn read_chunks(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        self.read_chunks_coalesced(chunks, sink).await
     }
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
-        if self.is_known(Kind::Chunk, &digest) {
-            return Ok(());
-        }
         let level = self.config.zstd_level;
         let compressed = tokio::task::spawn_blocking(move || {
             let actual = B3Digest::of(&data);
@@ -213,6 +283,10 @@ impl BlobService for S3Store {
         let bytes = index.encode_sealed();
         self.put_object(Kind::BlobIndex, &blob, Bytes::from(bytes))
             .await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.flush_staged().await
     }
 }
 
@@ -246,13 +320,10 @@ impl DirectoryService for S3Store {
     }
 
     async fn has(&self, digest: &B3Digest) -> Result<bool> {
-        if self.is_known(Kind::Directory, digest) {
-            return Ok(true);
-        }
-        Ok(self
-            .head(&self.object_key(Kind::Directory, digest))
-            .await?
-            .is_some()
-            || self.find_packed(Kind::Directory, digest).await?.is_some())
+        self.has_object(Kind::Directory, digest).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.flush_staged().await
     }
 }

@@ -77,6 +77,8 @@ impl S3Store {
         key: &Key,
         range: Option<GetRange>,
     ) -> Result<Option<Bytes>> {
+        // Closed only if the store is dropped mid-request; then the GET simply goes ahead.
+        let _permit = self.gets.acquire().await.ok();
         GETS.fetch_add(1, Ordering::Relaxed);
         let what = || format!("GET {key}");
         let opts = GetOptions {
@@ -147,44 +149,5 @@ impl S3Store {
             .timed(what, self.os.list(Some(&prefix)).try_collect::<Vec<_>>())
             .await?;
         res.map_err(|e| self.fail(&what(), &e))
-    }
-
-    /// Stores a content-addressed object unless it is already there.
-    pub(super) async fn put_object(
-        &self,
-        kind: Kind,
-        digest: &B3Digest,
-        data: Bytes,
-    ) -> Result<()> {
-        if self.is_known(kind, digest) {
-            return Ok(());
-        }
-        let key = self.object_key(kind, digest);
-        if self.head(&key).await?.is_none() {
-            if let Err(e) = self.put_raw(&key, data, PutMode::Overwrite).await? {
-                return Err(self.fail(&format!("PUT {key}"), &e));
-            }
-        }
-        self.remember(kind, digest);
-        Ok(())
-    }
-
-    pub(super) fn is_known(&self, kind: Kind, digest: &B3Digest) -> bool {
-        self.known
-            .lock()
-            .map(|k| k.contains(&(kind, *digest)))
-            .unwrap_or(false)
-    }
-
-    pub(super) fn remember(&self, kind: Kind, digest: &B3Digest) {
-        if let Ok(mut k) = self.known.lock() {
-            k.insert((kind, *digest));
-        }
-    }
-
-    pub(super) fn forget(&self, kind: Kind, digest: &B3Digest) {
-        if let Ok(mut k) = self.known.lock() {
-            k.remove(&(kind, *digest));
-        }
     }
 }

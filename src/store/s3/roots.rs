@@ -21,6 +21,8 @@ impl RootService for S3Store {
     /// replaces. Servers that cannot do conditional puts get a plain put (last writer wins).
     async fn put(&self, root: &RootRecord) -> Result<()> {
         let key = self.root_key(&root.name)?;
+        // What the root points at is committed first.
+        self.flush_staged().await?;
         let body = Bytes::from(root.encode());
         for _ in 0..ROOT_PUT_ATTEMPTS {
             let mode = match self.head(&key).await? {

@@ -82,17 +82,16 @@ impl Inner {
             .await
             .map_err(|_| Errno::EIO)?
             .clone();
-        let data = self
-            .chunks
-            .read(&layout, offset, size as usize)
-            .await
-            .map_err(|_| Errno::EIO)?;
-        let end = offset + data.len() as u64;
+        // A sequential read starts the window after it before waiting for its own bytes.
+        let end = offset.saturating_add(size as u64).min(file.size);
         let prev = file.next.swap(end, Ordering::Relaxed);
         if prev == offset && end < file.size {
-            self.chunks.prefetch(layout, end);
+            self.chunks.prefetch(layout.clone(), end);
         }
-        Ok(data)
+        self.chunks
+            .read(&layout, offset, size as usize)
+            .await
+            .map_err(|_| Errno::EIO)
     }
 
     pub(super) fn xattr(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, Errno> {
@@ -111,16 +110,26 @@ impl Inner {
         } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
             return Ok(table.len().to_string().into_bytes());
         } else if name.as_bytes() == XATTR_OPS.as_bytes() && ino == ROOT_INO {
-            let extra: Vec<(&str, u64)> = match &self.file_cache {
+            let mut extra: Vec<(String, u64)> = match &self.file_cache {
                 Some(c) => vec![
-                    ("file_cache_filled", c.stats.filled.load(Ordering::Relaxed)),
                     (
-                        "file_cache_rejected",
+                        "file_cache_filled".into(),
+                        c.stats.filled.load(Ordering::Relaxed),
+                    ),
+                    (
+                        "file_cache_rejected".into(),
                         c.stats.rejected.load(Ordering::Relaxed),
                     ),
                 ],
                 None => Vec::new(),
             };
+            // Object-storage requests of this process ("s3_get_requests" ...), for benchmarks.
+            extra.extend(
+                crate::store::request_counts()
+                    .into_iter()
+                    .map(|(k, v)| (k.to_lowercase().replace(' ', "_"), v)),
+            );
+            let extra: Vec<(&str, u64)> = extra.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             let text = self.stats.render(self.chunks.cached_bytes(), &extra);
             return Ok(text.into_bytes());
         }

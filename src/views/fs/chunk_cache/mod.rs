@@ -369,11 +369,28 @@ impl ChunkCache {
         let parts: Vec<Bytes> = if first == last {
             vec![self.chunk(layout.chunks[first]).await?]
         } else {
-            stream::iter(first..=last)
+            // The chunks nobody is fetching yet go to the backend as one batch (one request
+            // on object storage, where one per chunk would cost a round trip each); the batch
+            // is polled first, so they are in flight before the reads below look for them.
+            let missing: Vec<ChunkRef> = {
+                let st = self.state();
+                layout.chunks[first..=last]
+                    .iter()
+                    .filter(|c| {
+                        !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest)
+                    })
+                    .copied()
+                    .collect()
+            };
+            let collect = stream::iter(first..=last)
                 .map(|i| self.chunk(layout.chunks[i]))
                 .buffered(READ_CONCURRENCY)
-                .try_collect()
-                .await?
+                .try_collect();
+            if missing.len() > 1 {
+                futures::join!(self.fetch_batch(missing), collect).1?
+            } else {
+                collect.await?
+            }
         };
         layout
             .verify(first, &parts, offset, end)
@@ -400,10 +417,20 @@ impl ChunkCache {
         }
         let first = layout.chunk_at(from);
         let end = from.saturating_add(ahead);
-        let wanted: Vec<ChunkRef> = (first..layout.chunks.len())
-            .take_while(|&i| layout.chunk_start(i) < end)
-            .map(|i| layout.chunks[i])
-            .collect();
+        let wanted: Vec<ChunkRef> = {
+            let st = self.state();
+            (first..layout.chunks.len())
+                .take_while(|&i| layout.chunk_start(i) < end)
+                .map(|i| layout.chunks[i])
+                .filter(|c| !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest))
+                .collect()
+        };
+        // Top the window up in large steps: sliding it a read at a time would fetch a chunk or
+        // two per batch, and on object storage every batch costs at least one request.
+        let missing: u64 = wanted.iter().map(|c| c.size).sum();
+        if missing < ahead / 2 && end < layout.size() {
+            return;
+        }
         self.prefetch_chunks(wanted);
     }
 
