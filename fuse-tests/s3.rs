@@ -183,6 +183,10 @@ fn round_trip_over_s3_and_a_copied_file_store() {
         "{gc}"
     );
     ok(&url, &["verify"]);
+    // The next gc deletes the packs the first one emptied (see store::s3::gc).
+    let gc = String::from_utf8(ok(&url, &["gc", "--grace", "0s"])).unwrap();
+    assert!(!gc.contains(" 0 temp files"), "{gc}");
+    ok(&url, &["verify"]);
     let dest3 = tmp.path().join("dest3");
     ok(&url, &["export", "later", dest3.to_str().unwrap()]);
     assert_same_tree(&src.join("bin"), &dest3);
@@ -681,11 +685,11 @@ fn imports_write_packs_with_few_requests_and_a_second_import_writes_no_data() {
     let url = moto.url("packs/p");
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    packed_tree(&src, 40);
+    packed_tree(&src, 20);
 
     let (_, first) = counted(&url, &["import", "--name", "a", src.to_str().unwrap()]);
     let stored = first["PUT_bytes"];
-    assert!(stored > 40 << 20, "{first:?}");
+    assert!(stored > 20 << 20, "{first:?}");
     // One PUT per 4 MiB stored at most, plus each pack's index, the config and the root.
     let packs = bucket_keys(&moto, "packs", "p/packs/")
         .iter()
@@ -799,4 +803,79 @@ fn a_cold_mount_reads_a_file_of_many_chunks_with_few_gets() {
     // reads, the config and the root).
     assert!(gets <= 24 + 6, "{gets} GETs for 24 MiB:\n{ops}");
     drop(m);
+}
+
+/// Uploads every file of a `file://` store into a bucket, key for key (as any S3 tool would).
+fn upload_store(moto: &Moto, store: &Path, bucket: &str) {
+    for f in walk_files(store) {
+        if !f.is_file() {
+            continue;
+        }
+        let rel = f.strip_prefix(store).unwrap().to_str().unwrap().to_string();
+        let (status, _) = moto
+            .http(
+                "PUT",
+                &format!("/{bucket}/{rel}"),
+                &std::fs::read(&f).unwrap(),
+            )
+            .unwrap();
+        assert_eq!(status, 200, "uploading {rel}");
+    }
+}
+
+#[test]
+fn a_loose_s3_store_is_read_and_moved_into_packs_by_gc_under_a_mount() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("loose");
+    let url = moto.url("loose");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    gen_tree(&src, 2 << 20);
+    // A store from before packs: one object per key.
+    let local = tmp.path().join("local");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(
+        local.join("config.toml"),
+        granary::store::StoreConfig::loose().to_toml(),
+    )
+    .unwrap();
+    let local_url = format!("file://{}", local.display());
+    ok(
+        &local_url,
+        &["import", "--name", "t", src.to_str().unwrap()],
+    );
+    upload_store(&moto, &local, "loose");
+    let loose_keys = || {
+        ["chunks/", "blobs/", "dirs/"]
+            .iter()
+            .map(|p| bucket_keys(&moto, "loose", p).len())
+            .sum::<usize>()
+    };
+    assert!(loose_keys() > 5);
+    let dest = tmp.path().join("before");
+    ok(&url, &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
+
+    // A mount reads the tree while gc moves it into packs and deletes the loose keys.
+    require_fuse!();
+    let m = Mount::start(&url, &["--root", "t", "--timeout", "20"]);
+    ok(&url, &["gc", "--grace", "0s"]);
+    assert!(
+        loose_keys() > 5,
+        "loose keys deleted before readers could see the packs"
+    );
+    std::thread::sleep(Duration::from_secs(11));
+    let gc = String::from_utf8(ok(&url, &["gc", "--grace", "0s"])).unwrap();
+    assert!(!gc.contains(" 0 temp files"), "{gc}");
+    assert_eq!(loose_keys(), 0, "loose objects left after the second gc");
+    assert!(bucket_keys(&moto, "loose", "packs/")
+        .iter()
+        .any(|k| k.ends_with(".idx")));
+    assert_same_tree(&src, m.path());
+    drop(m);
+    ok(&url, &["verify"]);
+    let dest = tmp.path().join("after");
+    ok(&url, &["export", "t", dest.to_str().unwrap()]);
+    assert_same_tree(&src, &dest);
 }

@@ -37,8 +37,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BlobMeta, BlobService, DirectoryService, Maintenance, ObjectInfo, ObjectKind as Kind, Result,
-    RootService, Store, StoreConfig, StoreError, Usage,
+    BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService, Maintenance, ObjectInfo,
+    ObjectKind as Kind, Result, RootService, Store, StoreConfig, StoreError, Usage,
 };
 use crate::model::castore::{validate_root_name, B3Digest, BlobIndex, Directory, RootRecord};
 
@@ -189,6 +189,46 @@ impl BlobService for Cached {
             blocking(move || c.write_entry(&c.entry_path(Kind::Chunk, &d), &b)).await?;
         }
         Ok(data)
+    }
+
+    /// Hits are served from the cache; the misses go to the store as one batch (so a backend
+    /// that reads batches with few requests still does), each kept as it arrives.
+    async fn read_chunks(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        let (c, wanted) = (self.cache.clone(), chunks.clone());
+        let looked = blocking(move || {
+            wanted
+                .into_iter()
+                .map(|ch| (ch, c.get_chunk(&ch.digest)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        // A failed lookup sends the whole batch to the store.
+        .unwrap_or_else(|_| chunks.into_iter().map(|ch| (ch, None)).collect());
+        let mut misses = Vec::new();
+        for (ch, hit) in looked {
+            match hit {
+                Some(b) => {
+                    bump(&self.cache.counters.chunk_hits, 1);
+                    sink(ch.digest, Ok(Some(b)));
+                }
+                None => misses.push(ch),
+            }
+        }
+        if misses.is_empty() {
+            return;
+        }
+        bump(&self.cache.counters.chunk_misses, misses.len() as u64);
+        let (cache, outer) = (self.cache.clone(), sink.clone());
+        let keep: ChunkSink = Arc::new(move |digest, r: Result<Option<Bytes>>| {
+            if let Ok(Some(b)) = &r {
+                bump(&cache.counters.fetched_bytes, b.len() as u64);
+                // Written on the calling thread (a backend's decoding thread, or a worker for a
+                // chunk fetched alone): one small page-cache write, not worth a hand-off.
+                cache.write_entry(&cache.entry_path(Kind::Chunk, &digest), b);
+            }
+            outer(digest, r);
+        });
+        self.inner.blobs.read_chunks(misses, keep).await
     }
 
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {

@@ -237,6 +237,21 @@ impl S3Store {
         }
         // The copies are committed before anything names the originals for deletion.
         self.flush_staged().await?;
+        if !self.config.packs {
+            // Converted: from now on granaries write packs here (format 2).
+            let config = StoreConfig {
+                format_version: crate::store::config::FORMAT_VERSION,
+                packs: true,
+                ..self.config
+            };
+            let key = self.key("config.toml");
+            if let Err(e) = self
+                .put_raw(&key, Bytes::from(config.to_toml()), PutMode::Overwrite)
+                .await?
+            {
+                return Err(self.fail(&format!("PUT {key}"), &e));
+            }
+        }
         let record = packs::Doomed {
             packs: doomed_packs,
             loose,

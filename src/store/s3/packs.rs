@@ -202,6 +202,9 @@ impl S3Store {
         digest: &B3Digest,
         data: Bytes,
     ) -> Result<()> {
+        if !self.config.packs {
+            return self.put_loose(kind, digest, data).await;
+        }
         self.ensure_scanned().await?;
         let packed = {
             let st = self.packs.lock().await;
@@ -230,6 +233,20 @@ impl S3Store {
         };
         if full {
             self.upload_sealed().await?;
+        }
+        Ok(())
+    }
+
+    /// A store from before packs (format 1, until a gc converts it) keeps one key per object,
+    /// so that granaries of that time still see what is written: one HEAD and, if absent, one
+    /// PUT.
+    async fn put_loose(&self, kind: Kind, digest: &B3Digest, data: Bytes) -> Result<()> {
+        let key = self.object_key(kind, digest);
+        if self.head(&key).await?.is_none() {
+            PUT_BYTES.fetch_add(data.len() as u64, Ordering::Relaxed);
+            if let Err(e) = self.put_raw(&key, data, PutMode::Overwrite).await? {
+                return Err(self.fail(&format!("PUT {key}"), &e));
+            }
         }
         Ok(())
     }
