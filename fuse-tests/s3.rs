@@ -324,7 +324,8 @@ fn disk_cache_serves_offline_and_fails_cleanly_for_the_rest() {
     let url = moto.url("cache");
     let tmp = tempfile::tempdir().unwrap();
     let files = corpus(&tmp.path().join("src"), 6, 700_000);
-    ok(
+    // The tree's digest (import prints it first), for a mount by digest.
+    let imported = ok(
         &url,
         &[
             "import",
@@ -333,6 +334,13 @@ fn disk_cache_serves_offline_and_fails_cleanly_for_the_rest() {
             tmp.path().join("src").to_str().unwrap(),
         ],
     );
+    let digest = String::from_utf8(imported)
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(digest.len(), 64, "{digest}");
     let cache = tmp.path().join("cache");
     let cd = cache.to_str().unwrap();
 
@@ -387,6 +395,15 @@ fn disk_cache_serves_offline_and_fails_cleanly_for_the_rest() {
     // The mount is still fine after the failure.
     let again = std::fs::read(m.path().join("f00")).unwrap();
     assert!(again == std::fs::read(&files[0]).unwrap());
+    drop(m);
+
+    // By digest, offline: no root record is asked for.
+    let m = Mount::start(
+        &url,
+        &["--root", &digest, "--timeout", "20", "--cache-dir", cd],
+    );
+    let got = std::fs::read(m.path().join(files[1].file_name().unwrap())).unwrap();
+    assert!(got == std::fs::read(&files[1]).unwrap());
 }
 
 #[test]

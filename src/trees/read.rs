@@ -7,31 +7,40 @@ use crate::model::castore::{B3Digest, Directory, Entry, Node, RootRecord};
 use crate::model::times::{TimesPos, TimesRef};
 use crate::store::{Result, Store, StoreError};
 
-/// Finds a root by name, or takes a digest naming a directory or blob.
+/// Finds a root by name, or takes a digest naming a directory or blob. A digest is tried
+/// first: it needs no root record, so it resolves from a disk cache with the store offline.
 pub async fn resolve_root(store: &Store, root: &str) -> Result<Node> {
+    if let Some(node) = node_of_digest(store, root).await {
+        return Ok(node);
+    }
     if crate::model::castore::validate_root_name(root).is_ok() {
         if let Some(r) = store.roots.get(root).await? {
             return Ok(r.node);
         }
     }
-    if let Ok(d) = root.parse::<B3Digest>() {
-        if let Some(dir) = store.dirs.get(&d).await? {
-            return Ok(Node::Directory {
-                digest: d,
-                size: dir.size()?,
-            });
-        }
-        if let Some(meta) = store.blobs.stat(&d).await? {
-            return Ok(Node::File {
-                digest: d,
-                size: meta.size,
-                executable: false,
-            });
-        }
-    }
     Err(StoreError::Backend(format!(
         "no root named {root:?} (and it is not the digest of a stored directory or blob)"
     )))
+}
+
+/// The node a digest names, if `root` is one and the store has it. A failed look (the store
+/// unreachable) is `None`: the caller goes on to look for a root of that name.
+async fn node_of_digest(store: &Store, root: &str) -> Option<Node> {
+    let d = root.parse::<B3Digest>().ok()?;
+    if let Ok(Some(dir)) = store.dirs.get(&d).await {
+        return Some(Node::Directory {
+            digest: d,
+            size: dir.size().ok()?,
+        });
+    }
+    if let Ok(Some(meta)) = store.blobs.stat(&d).await {
+        return Some(Node::File {
+            digest: d,
+            size: meta.size,
+            executable: false,
+        });
+    }
+    None
 }
 
 /// The root record if `root` is a name, for commands that need its metadata.
@@ -70,6 +79,9 @@ pub type TimesAt = Option<(TimesRef, TimesPos)>;
 
 /// A root by name or digest, with its table of times if it has one that fits its tree.
 pub async fn resolve_root_timed(store: &Store, root: &str) -> Result<(Node, TimesAt)> {
+    if let Some(node) = node_of_digest(store, root).await {
+        return Ok((node, None));
+    }
     if crate::model::castore::validate_root_name(root).is_ok() {
         if let Some(r) = store.roots.get(root).await? {
             let at = r
