@@ -51,7 +51,7 @@ fi
 
 now() { date +%s.%N; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; }
-count() { grep -o "$2=[0-9]*" "$1" | tail -1 | cut -d= -f2; }
+count() { grep -o "$2=[0-9]*" "$1" | tail -1 | cut -d= -f2 || true; }
 
 # import URL SRC LOG: prints seconds; the request counts land in LOG.
 import_tree() {

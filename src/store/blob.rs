@@ -146,4 +146,11 @@ pub trait BlobService: Send + Sync {
     async fn flush(&self) -> Result<()> {
         Ok(())
     }
+
+    /// Whether a read costs a network round trip (object storage, a daemon). A mount then
+    /// fetches ahead more eagerly: the small files of a directory and of its subdirectories
+    /// as soon as it is listed, in one batch.
+    fn remote(&self) -> bool {
+        false
+    }
 }

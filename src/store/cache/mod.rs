@@ -157,6 +157,10 @@ impl Cached {
 
 #[async_trait]
 impl BlobService for Cached {
+    fn remote(&self) -> bool {
+        self.inner.blobs.remote()
+    }
+
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         let (c, d) = (self.cache.clone(), *blob);
         if let Some(m) = blocking(move || c.get_meta(&d)).await? {

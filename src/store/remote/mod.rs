@@ -212,6 +212,10 @@ impl RemoteStore {
 
 #[async_trait]
 impl BlobService for RemoteStore {
+    fn remote(&self) -> bool {
+        true
+    }
+
     async fn flush(&self) -> Result<()> {
         self.flush_remote().await
     }

@@ -168,6 +168,9 @@ pub struct S3Store {
     staged: Arc<Mutex<packs::Staged>>,
     /// Held while sealed packs are uploaded (see `upload_sealed`).
     upload: Arc<tokio::sync::Mutex<()>>,
+    /// Pack extents in memory (see `packs::Extents`), and the packs' lengths as last listed.
+    extents: Arc<Mutex<packs::Extents>>,
+    pack_sizes: Arc<Mutex<std::collections::HashMap<String, u64>>>,
     /// Bounds the GETs this store has in flight at once.
     gets: Arc<tokio::sync::Semaphore>,
     /// Packed objects the running gc found dead, with its cutoff (see `maintenance`).
@@ -200,6 +203,8 @@ struct S3Packs {
     records: Vec<(Key, SystemTime, packs::Doomed)>,
     /// Keep markers (key, LastModified), as last listed.
     keeps: Vec<(Key, SystemTime)>,
+    /// Whether the bucket held loose objects at the last listing (`None`: not listed yet).
+    has_loose: Option<bool>,
     scanned: Option<std::time::Instant>,
 }
 
@@ -339,6 +344,8 @@ impl S3Store {
             packs: Arc::default(),
             staged: Arc::default(),
             upload: Arc::default(),
+            extents: Arc::default(),
+            pack_sizes: Arc::default(),
             gets: Arc::new(tokio::sync::Semaphore::new(MAX_GETS)),
             pending: Arc::default(),
         })

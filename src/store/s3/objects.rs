@@ -37,9 +37,11 @@ impl S3Store {
                 return self.get_at(&at, prefix).await;
             }
         }
-        let range = prefix.map(|n| GetRange::Bounded(0..n));
-        if let Some(b) = self.get_raw(&self.object_key(kind, digest), range).await? {
-            return Ok(Some(b));
+        if self.may_have_loose().await {
+            let range = prefix.map(|n| GetRange::Bounded(0..n));
+            if let Some(b) = self.get_raw(&self.object_key(kind, digest), range).await? {
+                return Ok(Some(b));
+            }
         }
         self.get_packed(kind, digest, prefix).await
     }
@@ -50,19 +52,7 @@ impl S3Store {
         at: &(String, IndexEntry),
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
-        let (id, e) = at;
-        let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
-        if len == 0 {
-            // An empty directory encodes to no bytes, and S3 has no empty range.
-            return Ok(Some(Bytes::new()));
-        }
-        let got = self
-            .get_raw(
-                &self.pack_key(id, "pack"),
-                Some(GetRange::Bounded(e.offset..e.offset + len)),
-            )
-            .await?;
-        Ok(got.filter(|b| b.len() as u64 == len))
+        self.read_at(&at.0, &at.1, prefix).await
     }
 
     pub(super) async fn get_packed(
@@ -139,6 +129,9 @@ impl S3Store {
             .collect();
         ids.retain(|id| sizes.contains_key(id));
         ids.sort();
+        if let Ok(mut known) = self.pack_sizes.lock() {
+            known.clone_from(&sizes);
+        }
         if st.packs.keys().any(|id| !sizes.contains_key(id)) || doomed != st.doomed {
             *st = S3Packs::default();
         }
@@ -167,8 +160,24 @@ impl S3Store {
             let t = times.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH);
             st.packs.insert(id.clone(), t);
         }
+        st.has_loose = Some(self.lists_loose().await?);
         st.scanned = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// Whether the store's top level holds any of the loose objects' directories.
+    async fn lists_loose(&self) -> Result<bool> {
+        LISTS.fetch_add(1, Ordering::Relaxed);
+        let top = (!self.loc.prefix.is_empty()).then(|| Key::from(self.loc.prefix.as_str()));
+        let what = || format!("LIST {}/ (top level)", self.loc.prefix);
+        let listed = self
+            .timed(what, self.os.list_with_delimiter(top.as_ref()))
+            .await?
+            .map_err(|e| self.fail(&what(), &e))?;
+        Ok(listed.common_prefixes.iter().any(|p| {
+            p.filename()
+                .is_some_and(|f| Kind::ALL.iter().any(|k| k.dir() == f))
+        }))
     }
 
     /// Whether an object is stored: put here, in a known pack, loose, or in a pack listed
@@ -181,8 +190,18 @@ impl S3Store {
         if self.packs.lock().await.map.contains_key(&(kind, *digest)) {
             return Ok(true);
         }
-        Ok(self.head(&self.object_key(kind, digest)).await?.is_some()
-            || self.find_packed(kind, digest).await?.is_some())
+        if self.may_have_loose().await && self.head(&self.object_key(kind, digest)).await?.is_some()
+        {
+            return Ok(true);
+        }
+        Ok(self.find_packed(kind, digest).await?.is_some())
+    }
+
+    /// Whether objects may be stored under their own keys: a store from before packs, or a
+    /// bucket whose last listing showed loose objects (one listing of the store's top level
+    /// with each scan of the packs tells). Where there are none, a miss costs no GET.
+    pub(super) async fn may_have_loose(&self) -> bool {
+        !self.config.packs || self.packs.lock().await.has_loose != Some(false)
     }
 
     /// GETs and verifies one chunk.
@@ -214,13 +233,29 @@ impl S3Store {
 }
 #[async_trait]
 impl BlobService for S3Store {
+    fn remote(&self) -> bool {
+        true
+    }
+
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         if *blob == empty_blob() {
             return Ok(Some(BlobMeta::default()));
         }
         // Most blobs are small, single-chunk ones: fetch the chunk itself (verified, and kept
-        // for the read that follows); only if there is none look for a blob index.
-        if let Some(data) = self.fetch_chunk(blob).await? {
+        // for the read that follows); only if there is none look for a blob index. When the
+        // packs say there is only an index, go there at once (the chunk look would miss).
+        self.ensure_scanned().await?;
+        let index_only = {
+            let st = self.packs.lock().await;
+            st.map.contains_key(&(Kind::BlobIndex, *blob))
+                && !st.map.contains_key(&(Kind::Chunk, *blob))
+        };
+        let chunk = if index_only {
+            None
+        } else {
+            self.fetch_chunk(blob).await?
+        };
+        if let Some(data) = chunk {
             let size = data.len() as u64;
             if let Ok(mut st) = self.stash.lock() {
                 st.put(*blob, data);
@@ -317,6 +352,10 @@ impl DirectoryService for S3Store {
         self.put_object(Kind::Directory, &digest, Bytes::from(bytes))
             .await?;
         Ok(digest)
+    }
+
+    async fn get_many(&self, digests: Vec<B3Digest>) -> Vec<Result<Option<Directory>>> {
+        self.get_dirs(digests).await
     }
 
     async fn has(&self, digest: &B3Digest) -> Result<bool> {

@@ -12,22 +12,25 @@ use super::*;
 
 use std::collections::{HashMap, VecDeque};
 
+use futures::FutureExt;
+
 /// Bytes of objects gathered before a pack is uploaded. Large enough that an import costs one
 /// PUT per 32 MiB stored; small enough to hold in memory (the pack being filled, plus one per
 /// upload in flight) and to upload in one PUT (S3 takes 5 GiB in one).
 pub(super) const PACK_TARGET: usize = 32 << 20;
 
-/// Two chunks of one pack with less than this between them are read with one GET, the gap
-/// read and dropped. At 20 ms a round trip and ≈ 100 MB/s per connection, a round trip costs
-/// as long as reading 2 MB; 512 KiB keeps the bytes wasted on gaps small (readahead asks for
-/// chunks that lie back to back, so gaps are rare) while never splitting a readahead window.
-pub(super) const COALESCE_GAP: u64 = 512 << 10;
+/// Packs are read in aligned extents of this many bytes, kept in memory (see [`Extents`]):
+/// an import writes a tree's objects in walk order, so the neighbours of an object are what a
+/// walk, a `tar` or a build reads next. One GET per 2 MiB keeps a cold read of a tree near
+/// one request per MiB stored; at 20 ms a round trip and ≈ 100 MB/s per connection, 2 MiB
+/// costs about as long to transfer as the round trip itself, so a lone small read pays at
+/// most twice its latency for its neighbours.
+pub(super) const EXTENT: u64 = 2 << 20;
 
-/// Longest range one GET asks for: 16 MiB keeps a batch of several ranges in flight and
-/// bounds what a failed GET throws away.
-pub(super) const MAX_RANGE: u64 = 16 << 20;
+/// Bytes of pack extents kept in memory.
+pub(super) const EXTENT_CACHE: usize = 64 << 20;
 
-/// Ranged GETs of one batch in flight at once.
+/// GETs of one batch in flight at once.
 pub(super) const BATCH_GETS: usize = 8;
 
 /// Objects put but not yet in a committed pack: the pack being filled, then those sealed and
@@ -131,40 +134,47 @@ pub(super) fn decode_keep(name: &str, raw: &[u8]) -> Result<Vec<(Kind, B3Digest)
         .collect()
 }
 
-/// One ranged GET of a batch: a stretch of one pack and the chunks inside it.
-struct Span {
-    id: String,
-    start: u64,
-    end: u64,
-    chunks: Vec<(B3Digest, IndexEntry)>,
+/// Pack extents held in memory, and those being fetched (one fetch each, however many
+/// readers want it).
+pub(super) struct Extents {
+    lru: lru::LruCache<(String, u64), Bytes>,
+    bytes: usize,
+    inflight: HashMap<(String, u64), ExtentFetch>,
 }
 
-/// Groups packed chunks into spans: per pack, by offset, joining neighbours less than
-/// [`COALESCE_GAP`] apart up to [`MAX_RANGE`].
-fn spans(mut located: Vec<(String, IndexEntry)>) -> Vec<Span> {
-    located.sort_by(|a, b| (&a.0, a.1.offset).cmp(&(&b.0, b.1.offset)));
-    let mut out: Vec<Span> = Vec::new();
-    for (id, e) in located {
-        let (s, end) = (e.offset, e.offset + e.len as u64);
-        if let Some(last) = out.last_mut() {
-            if last.id == id
-                && s >= last.start
-                && s <= last.end.saturating_add(COALESCE_GAP)
-                && end.max(last.end) - last.start <= MAX_RANGE
-            {
-                last.end = last.end.max(end);
-                last.chunks.push((e.digest, e));
-                continue;
+type ExtentFetch = futures::future::Shared<
+    futures::future::BoxFuture<'static, std::result::Result<Option<Bytes>, String>>,
+>;
+
+impl Default for Extents {
+    fn default() -> Self {
+        Self {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+            inflight: HashMap::new(),
+        }
+    }
+}
+
+impl Extents {
+    fn keep(&mut self, key: (String, u64), b: Bytes) {
+        self.bytes += b.len();
+        if let Some(old) = self.lru.put(key, b) {
+            self.bytes -= old.len();
+        }
+        while self.bytes > EXTENT_CACHE {
+            match self.lru.pop_lru() {
+                Some((_, old)) => self.bytes -= old.len(),
+                None => break,
             }
         }
-        out.push(Span {
-            id,
-            start: s,
-            end,
-            chunks: vec![(e.digest, e)],
-        });
     }
-    out
+}
+
+/// The extents (by index) that hold bytes `offset..offset + len` of a pack.
+fn extents_of(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    let last = (offset + len.max(1) - 1) / EXTENT;
+    offset / EXTENT..=last
 }
 
 impl S3Store {
@@ -301,6 +311,7 @@ impl S3Store {
                 (keys, body, entries)
             };
             let id = pack::new_id();
+            let size = body.len() as u64;
             if let Err(e) = self.upload_pack(&id, body, &entries).await {
                 self.lock_staged()?.sealed.push_front(keys);
                 return Err(e);
@@ -311,6 +322,9 @@ impl S3Store {
                     packs.map.insert((e.kind, e.digest), (id.clone(), *e));
                 }
                 packs.packs.insert(id.clone(), SystemTime::now());
+            }
+            if let Ok(mut sizes) = self.pack_sizes.lock() {
+                sizes.insert(id.clone(), size);
             }
             let mut st = self.lock_staged()?;
             for k in &keys {
@@ -365,49 +379,157 @@ impl S3Store {
         }
     }
 
-    /// Reads a batch of chunks with as few GETs as the packs allow (see [`spans`]); chunks
-    /// not in a known pack are read one by one.
-    pub(super) async fn read_chunks_coalesced(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+    /// One extent of a pack: from memory, from a fetch already under way, or fetched now.
+    /// `None` if the pack is gone (a gc replaced it).
+    async fn extent(&self, id: &str, index: u64) -> Result<Option<Bytes>> {
+        let key = (id.to_string(), index);
+        let fetch = {
+            let mut ex = self
+                .extents
+                .lock()
+                .map_err(|_| StoreError::Backend("extent cache lock poisoned".into()))?;
+            if let Some(b) = ex.lru.get(&key) {
+                return Ok(Some(b.clone()));
+            }
+            match ex.inflight.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let size = self.pack_size(id);
+                    let (this, k) = (self.clone(), key.clone());
+                    let f = async move {
+                        let start = k.1 * EXTENT;
+                        let end = (start + EXTENT).min(size);
+                        let range = GetRange::Bounded(start..end.max(start + 1));
+                        let got = this
+                            .get_raw(&this.pack_key(&k.0, "pack"), Some(range))
+                            .await;
+                        let got = got.map_err(|e| e.to_string());
+                        if let Ok(mut ex) = this.extents.lock() {
+                            ex.inflight.remove(&k);
+                            if let Ok(Some(b)) = &got {
+                                ex.keep(k.clone(), b.clone());
+                            }
+                        }
+                        got
+                    }
+                    .boxed()
+                    .shared();
+                    ex.inflight.insert(key, f.clone());
+                    f
+                }
+            }
+        };
+        fetch.await.map_err(StoreError::Backend)
+    }
+
+    /// A pack's length as last listed (`u64::MAX` if unknown: the GET then ends at the end).
+    fn pack_size(&self, id: &str) -> u64 {
+        self.pack_sizes
+            .lock()
+            .ok()
+            .and_then(|s| s.get(id).copied())
+            .unwrap_or(u64::MAX)
+    }
+
+    /// An object's bytes at a known place in a pack, through the extents; `None` if the pack
+    /// is gone or shorter than its index says.
+    pub(super) async fn read_at(
+        &self,
+        id: &str,
+        e: &IndexEntry,
+        prefix: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        let mut parts = Vec::new();
+        for i in extents_of(e.offset, len) {
+            match self.extent(id, i).await? {
+                Some(b) => parts.push((i, b)),
+                None => return Ok(None),
+            }
+        }
+        let (end, mut out) = (e.offset + len, Vec::new());
+        for (i, b) in &parts {
+            let base = i * EXTENT;
+            let from = e.offset.max(base) - base;
+            let to = (end.min(base + b.len() as u64)).saturating_sub(base);
+            if from >= to {
+                return Ok(None);
+            }
+            if parts.len() == 1 {
+                return Ok(
+                    Some(b.slice(from as usize..to as usize)).filter(|b| b.len() as u64 == len)
+                );
+            }
+            out.extend_from_slice(&b[from as usize..to as usize]);
+        }
+        Ok(Some(Bytes::from(out)).filter(|b| b.len() as u64 == len))
+    }
+
+    /// Reads a batch of objects of one kind, handing each one's stored bytes to `deliver`
+    /// exactly once. Packed objects are read through the extents, the extents the batch needs
+    /// fetched [`BATCH_GETS`] at a time, each object handed over (on a blocking thread, so it
+    /// may decode there) once its extents are in; objects not in a known pack are read one by
+    /// one.
+    pub(super) async fn read_many(&self, kind: Kind, digests: Vec<B3Digest>, deliver: Deliver) {
         if let Err(e) = self.ensure_scanned().await {
-            for c in chunks {
-                sink(c.digest, Err(e.duplicate()));
+            for d in digests {
+                deliver(d, Err(e.duplicate()));
             }
             return;
         }
-        let mut located = Vec::new();
+        let mut located: Vec<(B3Digest, String, IndexEntry)> = Vec::new();
         let mut single = Vec::new();
         {
             let packs = self.packs.lock().await;
-            for c in chunks {
-                let staged = self.staged_object(Kind::Chunk, &c.digest);
-                let stashed = self.stash.lock().ok().and_then(|mut st| st.pop(&c.digest));
-                if staged.is_some() || stashed.is_some() {
-                    single.push(c);
-                    if let Some(b) = stashed {
-                        if let Ok(mut st) = self.stash.lock() {
-                            st.put(c.digest, b);
-                        }
-                    }
+            for d in digests {
+                if let Some(b) = self.staged_object(kind, &d) {
+                    deliver(d, Ok(Some(b)));
                     continue;
                 }
-                match packs.map.get(&(Kind::Chunk, c.digest)) {
-                    Some((id, e)) if e.len > 0 => located.push((id.clone(), *e)),
-                    _ => single.push(c),
+                match packs.map.get(&(kind, d)) {
+                    Some((id, e)) => located.push((d, id.clone(), *e)),
+                    None => single.push(d),
                 }
             }
         }
+        // Every extent the batch needs, fetched first (in pack order), so objects are then
+        // cut from memory.
+        let mut needed: Vec<(String, u64)> = located
+            .iter()
+            .flat_map(|(_, id, e)| extents_of(e.offset, e.len as u64).map(move |i| (id.clone(), i)))
+            .collect();
+        needed.sort();
+        needed.dedup();
+        futures::stream::iter(needed)
+            .map(|(id, i)| async move { self.extent(&id, i).await.map(drop) })
+            .buffer_unordered(BATCH_GETS)
+            .for_each(|_| async {})
+            .await;
         // Boxed futures, so the batch's borrow of `self` has one lifetime the trait's future
         // can name.
         type Job<'a> = futures::future::BoxFuture<'a, ()>;
         let mut jobs: Vec<Job<'_>> = Vec::new();
-        for span in spans(located) {
-            let sink = sink.clone();
-            jobs.push(Box::pin(async move { self.read_span(span, &sink).await }));
-        }
-        for c in single {
-            let sink = sink.clone();
+        for (d, id, e) in located {
+            let deliver = deliver.clone();
             jobs.push(Box::pin(async move {
-                sink(c.digest, self.read_chunk(&c.digest).await)
+                let got = match self.read_at(&id, &e, None).await {
+                    // Its pack has gone: the single way looks for it again.
+                    Ok(None) => self.get_object(kind, &d, None).await,
+                    other => other,
+                };
+                let handed = tokio::task::spawn_blocking(move || deliver(d, got)).await;
+                if let Err(e) = handed {
+                    tracing::warn!("handing over {} {d}: {e}", kind.what());
+                }
+            }));
+        }
+        for d in single {
+            let deliver = deliver.clone();
+            jobs.push(Box::pin(async move {
+                deliver(d, self.get_object(kind, &d, None).await)
             }));
         }
         futures::stream::iter(jobs)
@@ -416,97 +538,86 @@ impl S3Store {
             .await;
     }
 
-    /// One ranged GET for a span, its chunks decoded (and verified) off the runtime. A pack
-    /// gone since it was indexed (a gc replaced it) sends its chunks the single way, which
-    /// looks for them again.
-    async fn read_span(&self, span: Span, sink: &ChunkSink) {
-        let key = self.pack_key(&span.id, "pack");
-        let got = self
-            .get_raw(&key, Some(GetRange::Bounded(span.start..span.end)))
-            .await;
-        match got {
-            Ok(Some(body)) if body.len() as u64 == span.end - span.start => {
-                let start = span.start;
-                let chunks = span.chunks;
-                let sink2 = sink.clone();
-                let decoded = tokio::task::spawn_blocking(move || {
-                    for (d, e) in chunks {
-                        let at = (e.offset - start) as usize;
-                        let raw = &body[at..at + e.len as usize];
-                        sink2(d, decode_chunk(&d, raw).map(Some));
-                    }
-                })
-                .await;
-                if let Err(e) = decoded {
-                    tracing::warn!("decoding a span of pack {}: {e}", span.id);
-                }
-            }
-            Ok(_) => {
-                for (d, _) in span.chunks {
-                    sink(d, self.read_chunk(&d).await);
-                }
-            }
-            Err(e) => {
-                for (d, _) in span.chunks {
-                    sink(d, Err(e.duplicate()));
-                }
+    /// Chunks through [`Self::read_many`], each decoded (and verified) where it is handed
+    /// over; those `stat` just fetched come from the stash.
+    pub(super) async fn read_chunks_coalesced(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        let mut rest = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            match self.stash.lock().ok().and_then(|mut st| st.pop(&c.digest)) {
+                Some(b) => sink(c.digest, Ok(Some(b))),
+                None => rest.push(c.digest),
             }
         }
+        let deliver: Deliver = Arc::new(move |d, r: Result<Option<Bytes>>| {
+            sink(
+                d,
+                r.and_then(|raw| raw.map(|raw| decode_chunk(&d, &raw)).transpose()),
+            )
+        });
+        self.read_many(Kind::Chunk, rest, deliver).await
+    }
+
+    /// Directories through [`Self::read_many`], in the order asked, each checked against its
+    /// digest and decoded.
+    pub(super) async fn get_dirs(&self, digests: Vec<B3Digest>) -> Vec<Result<Option<Directory>>> {
+        let got: Arc<Mutex<HashMap<B3Digest, Result<Option<Bytes>>>>> = Arc::default();
+        let deliver: Deliver = {
+            let got = got.clone();
+            Arc::new(move |d, r| {
+                if let Ok(mut g) = got.lock() {
+                    g.insert(d, r);
+                }
+            })
+        };
+        self.read_many(Kind::Directory, digests.clone(), deliver)
+            .await;
+        let mut got = match got.lock() {
+            Ok(mut g) => std::mem::take(&mut *g),
+            Err(_) => HashMap::new(),
+        };
+        digests
+            .iter()
+            .map(|d| {
+                let raw = got.remove(d).unwrap_or_else(|| {
+                    Err(StoreError::Backend(format!("directory {d}: no answer")))
+                })?;
+                let Some(raw) = raw else { return Ok(None) };
+                crate::store::codec::check_digest(Kind::Directory, d, &raw)?;
+                Directory::decode_valid(&raw)
+                    .map(Some)
+                    .map_err(|e| StoreError::corrupt("directory", d, e.to_string()))
+            })
+            .collect()
     }
 }
+
+/// Receives each object of a [`S3Store::read_many`] batch: its stored bytes, absent, or why
+/// not.
+pub(super) type Deliver = Arc<dyn Fn(B3Digest, Result<Option<Bytes>>) + Send + Sync>;
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn entry(offset: u64, len: u32) -> IndexEntry {
-        IndexEntry {
-            kind: Kind::Chunk,
-            digest: B3Digest::of(&offset.to_le_bytes()),
-            offset,
-            len,
-        }
+    #[test]
+    fn extents_cover_exactly_the_bytes_asked_for() {
+        assert_eq!(extents_of(0, 10), 0..=0);
+        assert_eq!(extents_of(EXTENT - 1, 1), 0..=0);
+        assert_eq!(extents_of(EXTENT - 1, 2), 0..=1);
+        assert_eq!(extents_of(EXTENT, 0), 1..=1);
+        assert_eq!(extents_of(3 * EXTENT + 5, 2 * EXTENT), 3..=5);
     }
 
     #[test]
-    fn spans_join_neighbours_of_one_pack_within_the_limits() {
-        let a = "a".to_string();
-        let b = "b".to_string();
-        let located = vec![
-            (a.clone(), entry(100_000, 1000)),
-            (a.clone(), entry(8, 1000)),
-            (b.clone(), entry(8, 50)),
-            // Just beyond the gap from the first two.
-            (a.clone(), entry(101_000 + COALESCE_GAP + 1, 10)),
-            // Would make the span longer than MAX_RANGE.
-            (
-                a.clone(),
-                entry(101_000 + COALESCE_GAP + 11, MAX_RANGE as u32),
-            ),
-        ];
-        let s = spans(located);
-        let shape: Vec<(&str, u64, u64, usize)> = s
-            .iter()
-            .map(|s| (s.id.as_str(), s.start, s.end, s.chunks.len()))
-            .collect();
-        assert_eq!(
-            shape,
-            vec![
-                ("a", 8, 101_000, 2),
-                (
-                    "a",
-                    101_000 + COALESCE_GAP + 1,
-                    101_000 + COALESCE_GAP + 11,
-                    1
-                ),
-                (
-                    "a",
-                    101_000 + COALESCE_GAP + 11,
-                    101_000 + COALESCE_GAP + 11 + MAX_RANGE,
-                    1
-                ),
-                ("b", 8, 58, 1),
-            ]
+    fn the_extent_cache_keeps_its_bound() {
+        let mut ex = Extents::default();
+        for i in 0..(EXTENT_CACHE as u64 / EXTENT + 5) {
+            ex.keep(("p".into(), i), Bytes::from(vec![0u8; EXTENT as usize]));
+        }
+        assert!(ex.bytes <= EXTENT_CACHE);
+        assert!(
+            ex.lru.get(&("p".to_string(), 0)).is_none(),
+            "oldest evicted"
         );
     }
 

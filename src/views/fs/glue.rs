@@ -306,6 +306,11 @@ impl Filesystem for GranaryFs {
                 .filter_map(|v| v.clone().ok().flatten())
                 .collect();
             inner.prefetch_views(&loaded);
+            if let (0, Listing::Dir(v, ..), true) = (offset, &listing, inner.remote) {
+                let mut listed: Vec<&DirView> = vec![v];
+                listed.extend(loaded.iter().map(|v| &**v));
+                inner.prefetch_listing(&listed);
+            }
             if let Listing::Dir(..) = listing {
                 if let Err(e) = inner.block_times(ino.0).await {
                     return reply.error(e);

@@ -47,6 +47,32 @@ impl Inner {
         }
     }
 
+    /// Over a remote store, a listing fetches the one-chunk files of the directory and of
+    /// its subdirectories (up to [`LISTING_PREFETCH_BYTES`]) as one batch: a walk that reads
+    /// (`tar`, a build) then finds them cached one level ahead of it, where a file at a time
+    /// would cost a round trip each. (Not over a local store: there a plain `find` would pay
+    /// for reading files it never opens; see [`SIBLING_PREFETCH`].)
+    pub(super) fn prefetch_listing(&self, views: &[&DirView]) {
+        let mut bytes = 0u64;
+        let mut wanted = Vec::new();
+        'views: for v in views {
+            for (_, node) in &v.entries {
+                let Node::File { digest, size, .. } = node else {
+                    continue;
+                };
+                let Some(c) = self.chunks.single_chunk(digest, *size) else {
+                    continue;
+                };
+                if bytes + size > LISTING_PREFETCH_BYTES {
+                    break 'views;
+                }
+                bytes += size;
+                wanted.push(c);
+            }
+        }
+        self.chunks.prefetch_chunks(wanted);
+    }
+
     /// Starts fetching the first chunks of the files among the `n` entries of `view` from
     /// index `from`.
     pub(super) fn prefetch_files(&self, view: &DirView, from: usize, n: usize) {
