@@ -47,9 +47,10 @@ pub struct MountArgs {
     /// Deadline of each backend call in seconds; a read that misses it fails with EIO.
     #[arg(long, value_name = "SECS", default_value_t = 60.0)]
     pub timeout: f64,
-    /// Bytes fetched ahead of a sequential read, concurrently (0 turns it off).
-    #[arg(long, value_name = "BYTES", default_value = "4M", value_parser = parse_size::<u64>)]
-    pub readahead: u64,
+    /// Bytes fetched ahead of a sequential read, concurrently (0 turns it off). Default 4M,
+    /// or 16M over a remote store (s3://, grpc+...), where every batch costs a round trip.
+    #[arg(long, value_name = "BYTES", value_parser = parse_size::<u64>)]
+    pub readahead: Option<u64>,
     /// Keep whole files, verified, in this directory and let the kernel read them directly
     /// (FUSE passthrough, Linux 6.9+, as root): reads and mmaps of a cached file run at local
     /// disk speed, also after a remount and for every mount sharing the directory. A file is

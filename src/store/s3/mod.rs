@@ -13,9 +13,10 @@
 //!   [`PACK_RESCAN`] on a miss. Pack names (creation time and 32 random bits) never collide,
 //!   so any number of machines import into one bucket at once.
 //! - Reads look in the pack being filled, then the known packs, then under the object's own
-//!   key (stores from before packs), then in packs listed since. A batch of chunks
-//!   (readahead, prefetch) is read with one ranged GET per stretch of neighbouring chunks of
-//!   a pack (see [`packs::COALESCE_GAP`]); at most [`MAX_GETS`] GETs are in flight.
+//!   key (only where the bucket holds loose objects), then in packs listed since. Packs are
+//!   read in aligned extents of [`packs::EXTENT`] kept in memory, one GET each however many
+//!   readers want it, so a batch of chunks (readahead, prefetch) or directories costs one GET
+//!   per extent it touches; at most [`MAX_GETS`] GETs are in flight.
 //! - Root puts are conditional (`If-Match` on the version seen, `If-None-Match: *` for a new
 //!   root) where the server supports it, so a put never silently replaces a version it did not
 //!   see; on servers without conditional puts they are last-writer-wins per root.

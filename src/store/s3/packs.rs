@@ -30,6 +30,12 @@ pub(super) const EXTENT: u64 = 2 << 20;
 /// Bytes of pack extents kept in memory.
 pub(super) const EXTENT_CACHE: usize = 64 << 20;
 
+/// Extents fetched after the one a read needs (4 MiB): the next stretch of a walk or a file.
+pub(super) const EXTENT_READAHEAD: u64 = 2;
+
+/// Most extents one GET asks for (16 MiB): a batch's consecutive extents go in one request.
+pub(super) const MAX_RUN: u64 = 8;
+
 /// GETs of one batch in flight at once.
 pub(super) const BATCH_GETS: usize = 8;
 
@@ -379,47 +385,113 @@ impl S3Store {
         }
     }
 
-    /// One extent of a pack: from memory, from a fetch already under way, or fetched now.
-    /// `None` if the pack is gone (a gc replaced it).
+    /// One extent of a pack: from memory, from a fetch already under way, or fetched now
+    /// (with the [`EXTENT_READAHEAD`] extents after it, in the same GET). `None` if the pack
+    /// is gone (a gc replaced it). Every look also starts fetching the extents after it that
+    /// are not on their way: packs hold trees in walk order.
     async fn extent(&self, id: &str, index: u64) -> Result<Option<Bytes>> {
         let key = (id.to_string(), index);
-        let fetch = {
-            let mut ex = self
-                .extents
-                .lock()
-                .map_err(|_| StoreError::Backend("extent cache lock poisoned".into()))?;
-            if let Some(b) = ex.lru.get(&key) {
-                return Ok(Some(b.clone()));
-            }
-            match ex.inflight.get(&key) {
-                Some(f) => f.clone(),
-                None => {
-                    let size = self.pack_size(id);
-                    let (this, k) = (self.clone(), key.clone());
-                    let f = async move {
-                        let start = k.1 * EXTENT;
-                        let end = (start + EXTENT).min(size);
-                        let range = GetRange::Bounded(start..end.max(start + 1));
-                        let got = this
-                            .get_raw(&this.pack_key(&k.0, "pack"), Some(range))
-                            .await;
-                        let got = got.map_err(|e| e.to_string());
-                        if let Ok(mut ex) = this.extents.lock() {
-                            ex.inflight.remove(&k);
-                            if let Ok(Some(b)) = &got {
-                                ex.keep(k.clone(), b.clone());
-                            }
-                        }
-                        got
-                    }
-                    .boxed()
-                    .shared();
-                    ex.inflight.insert(key, f.clone());
-                    f
+        let hit = {
+            let mut ex = self.lock_extents()?;
+            ex.lru.get(&key).cloned()
+        };
+        // The extent itself in a GET of its own (a lone read waits for 2 MiB, not 6), then
+        // the read-ahead.
+        self.start_runs(id, index..=index)?;
+        self.start_runs(id, index + 1..=index + EXTENT_READAHEAD)?;
+        if let Some(b) = hit {
+            return Ok(Some(b));
+        }
+        let fetch = self.lock_extents()?.inflight.get(&key).cloned();
+        match fetch {
+            Some(f) => f.await.map_err(StoreError::Backend),
+            // Fetched and evicted again in between: fetch it alone.
+            None => {
+                self.start_runs(id, index..=index)?;
+                let f = self.lock_extents()?.inflight.get(&key).cloned();
+                match f {
+                    Some(f) => f.await.map_err(StoreError::Backend),
+                    None => Ok(self.lock_extents()?.lru.get(&key).cloned()),
                 }
             }
+        }
+    }
+
+    fn lock_extents(&self) -> Result<std::sync::MutexGuard<'_, Extents>> {
+        self.extents
+            .lock()
+            .map_err(|_| StoreError::Backend("extent cache lock poisoned".into()))
+    }
+
+    /// Starts fetching the extents of `wanted` that are neither in memory nor on their way:
+    /// each run of consecutive ones (up to [`MAX_RUN`]) with one GET, in the background.
+    /// Each extent is in flight until its run lands.
+    fn start_runs(&self, id: &str, wanted: std::ops::RangeInclusive<u64>) -> Result<()> {
+        let size = self.pack_size(id);
+        let last_extent = if size == u64::MAX {
+            u64::MAX
+        } else {
+            size.saturating_sub(1) / EXTENT
         };
-        fetch.await.map_err(StoreError::Backend)
+        let mut ex = self.lock_extents()?;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for i in wanted {
+            if i > last_extent {
+                break;
+            }
+            let key = (id.to_string(), i);
+            if ex.lru.contains(&key) || ex.inflight.contains_key(&key) {
+                continue;
+            }
+            match runs.last_mut() {
+                Some((first, last)) if *last + 1 == i && i - *first < MAX_RUN => *last = i,
+                _ => runs.push((i, i)),
+            }
+        }
+        for (first, last) in runs {
+            let (this, pid) = (self.clone(), id.to_string());
+            let run = async move {
+                let start = first * EXTENT;
+                let end = ((last + 1) * EXTENT).min(size);
+                let range = GetRange::Bounded(start..end.max(start + 1));
+                let got = this
+                    .get_raw(&this.pack_key(&pid, "pack"), Some(range))
+                    .await;
+                let got = got.map_err(|e| e.to_string());
+                let mut parts = Vec::new();
+                if let Ok(Some(body)) = &got {
+                    let mut at = 0usize;
+                    while at < body.len() {
+                        let n = (EXTENT as usize).min(body.len() - at);
+                        parts.push(body.slice(at..at + n));
+                        at += n;
+                    }
+                }
+                if let Ok(mut ex) = this.extents.lock() {
+                    for i in first..=last {
+                        ex.inflight.remove(&(pid.clone(), i));
+                    }
+                    for (j, b) in parts.iter().enumerate() {
+                        ex.keep((pid.clone(), first + j as u64), b.clone());
+                    }
+                }
+                got.map(|g| g.map(|_| parts))
+            }
+            .boxed()
+            .shared();
+            for i in first..=last {
+                let j = (i - first) as usize;
+                let one = run
+                    .clone()
+                    .map(move |r| r.map(|parts| parts.and_then(|p| p.get(j).cloned())))
+                    .boxed()
+                    .shared();
+                ex.inflight.insert((id.to_string(), i), one);
+            }
+            // Runs in the background, so read-ahead lands whether or not anyone waits.
+            tokio::spawn(run.map(drop));
+        }
+        Ok(())
     }
 
     /// A pack's length as last listed (`u64::MAX` if unknown: the GET then ends at the end).
@@ -503,6 +575,21 @@ impl S3Store {
             .collect();
         needed.sort();
         needed.dedup();
+        // Consecutive extents of a pack go out as one GET each run.
+        let mut i = 0;
+        while i < needed.len() {
+            let mut j = i;
+            while j + 1 < needed.len()
+                && needed[j + 1].0 == needed[i].0
+                && needed[j + 1].1 == needed[j].1 + 1
+            {
+                j += 1;
+            }
+            if let Err(e) = self.start_runs(&needed[i].0, needed[i].1..=needed[j].1) {
+                tracing::warn!("{e}");
+            }
+            i = j + 1;
+        }
         futures::stream::iter(needed)
             .map(|(id, i)| async move { self.extent(&id, i).await.map(drop) })
             .buffer_unordered(BATCH_GETS)

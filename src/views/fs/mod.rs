@@ -91,8 +91,9 @@ pub struct MountOptions {
     pub deadline: Duration,
     /// Reads answered at once; the kernel's background queue is raised to match.
     pub max_reads: usize,
-    /// Bytes prefetched past a sequential read (0: none).
-    pub readahead: u64,
+    /// Bytes prefetched past a sequential read (0: none; `None`: 4 MiB, or 16 MiB over a
+    /// remote store, where each batch costs a round trip).
+    pub readahead: Option<u64>,
     /// Present the top level as Nix's local store expects it (see [`NixTop`]).
     pub nix: Option<NixTop>,
     /// Whole files kept verified on local disk and handed to the kernel (FUSE passthrough),
@@ -134,7 +135,7 @@ impl Default for MountOptions {
             allow_other: false,
             deadline: Duration::from_secs(60),
             max_reads: 64,
-            readahead: chunk_cache::PREFETCH_BYTES,
+            readahead: None,
             nix: None,
             file_cache: None,
             passthrough: true,
@@ -316,7 +317,11 @@ impl GranaryFs {
             opts.deadline,
             u64::from(store.params().min),
         );
-        chunks.set_prefetch(opts.readahead);
+        chunks.set_prefetch(opts.readahead.unwrap_or(if store.blobs.remote() {
+            chunk_cache::REMOTE_PREFETCH_BYTES
+        } else {
+            chunk_cache::PREFETCH_BYTES
+        }));
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let inner = Inner {

@@ -23,6 +23,8 @@ use crate::store::{BlobService, ChunkRef, StoreError};
 const READ_CONCURRENCY: usize = 16;
 /// How far past a sequential read to prefetch, in bytes, by default.
 pub const PREFETCH_BYTES: u64 = 4 << 20;
+/// The same over a remote store: one batch of 16 MiB is a few GETs of a pack.
+pub const REMOTE_PREFETCH_BYTES: u64 = 16 << 20;
 /// Blob layouts remembered (a layout is the chunk list of one multi-chunk blob).
 const LAYOUTS: usize = 4096;
 
