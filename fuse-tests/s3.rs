@@ -896,3 +896,43 @@ fn a_loose_s3_store_is_read_and_moved_into_packs_by_gc_under_a_mount() {
     ok(&url, &["export", "t", dest.to_str().unwrap()]);
     assert_same_tree(&src, &dest);
 }
+
+#[test]
+fn pack_indexes_are_kept_in_the_cache_dir_for_the_next_process() {
+    set_credentials();
+    let moto = Moto::start();
+    moto.create_bucket("idx");
+    let url = moto.url("idx");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    packed_tree(&src, 3);
+    ok(&url, &["import", "--name", "t", src.to_str().unwrap()]);
+    ok(
+        &url,
+        &["import", "--name", "u", src.join("small").to_str().unwrap()],
+    );
+    let cache = tmp.path().join("cache");
+    let cd = cache.to_str().unwrap();
+    let (_, first) = counted(&url, &["--cache-dir", cd, "cat", "t/big01.bin"]);
+    let kept: Vec<PathBuf> = walk_files(&cache)
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "idx"))
+        .collect();
+    let packs = bucket_keys(&moto, "idx", "packs/")
+        .iter()
+        .filter(|k| k.ends_with(".idx"))
+        .count();
+    assert_eq!(kept.len(), packs, "{kept:?}");
+    // The next process reads them from disk: fewer GETs by at least one per pack.
+    let (out, second) = counted(&url, &["--cache-dir", cd, "cat", "t/big01.bin"]);
+    assert!(out.stdout == std::fs::read(src.join("big01.bin")).unwrap());
+    assert!(
+        second["GET_requests"] + packs as u64 <= first["GET_requests"],
+        "{first:?} then {second:?}"
+    );
+    // A damaged copy is refetched, never trusted.
+    std::fs::write(&kept[0], b"garbage").unwrap();
+    let (out, _) = counted(&url, &["--cache-dir", cd, "cat", "t/big02.bin"]);
+    assert!(out.stdout == std::fs::read(src.join("big02.bin")).unwrap());
+    assert!(std::fs::read(&kept[0]).unwrap() != b"garbage");
+}

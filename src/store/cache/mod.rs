@@ -76,7 +76,9 @@ pub async fn open(url: &str, dir: &Path, max: u64) -> Result<Store> {
         .ok()
         .and_then(|t| StoreConfig::from_toml(&t).ok());
     let inner = if url.starts_with("s3://") {
-        super::s3::S3Store::open_with(url, StoreConfig::default(), remembered).await?
+        let indexes = store_dir.join("pack-indexes");
+        super::s3::S3Store::open_with(url, StoreConfig::default(), remembered, Some(indexes))
+            .await?
     } else {
         super::open(url).await?
     };

@@ -169,6 +169,9 @@ pub struct S3Store {
     staged: Arc<Mutex<packs::Staged>>,
     /// Held while sealed packs are uploaded (see `upload_sealed`).
     upload: Arc<tokio::sync::Mutex<()>>,
+    /// Where pack indexes read from the bucket are kept (a disk cache's), so another process
+    /// needs no GET for them: an index never changes once written.
+    index_dir: Option<Arc<std::path::PathBuf>>,
     /// Pack extents in memory (see `packs::Extents`), and the packs' lengths as last listed.
     extents: Arc<Mutex<packs::Extents>>,
     pack_sizes: Arc<Mutex<std::collections::HashMap<String, u64>>>,
@@ -267,7 +270,7 @@ impl S3Store {
     /// Opens the store a URL names, creating its config.toml (default parameters) if the
     /// bucket holds none under the prefix.
     pub async fn open(url: &str) -> Result<Store> {
-        Self::open_with(url, StoreConfig::default(), None).await
+        Self::open_with(url, StoreConfig::default(), None, None).await
     }
 
     /// As [`S3Store::open`]; a new store is created with `create_with`. With `offline`, a
@@ -277,8 +280,10 @@ impl S3Store {
         url: &str,
         create_with: StoreConfig,
         offline: Option<StoreConfig>,
+        index_dir: Option<std::path::PathBuf>,
     ) -> Result<Store> {
-        let s3 = Self::connect(url)?;
+        let mut s3 = Self::connect(url)?;
+        s3.index_dir = index_dir.map(Arc::new);
         let config = match s3.read_config(create_with).await {
             Ok(c) => c,
             Err(e) => match offline {
@@ -345,6 +350,7 @@ impl S3Store {
             packs: Arc::default(),
             staged: Arc::default(),
             upload: Arc::default(),
+            index_dir: None,
             extents: Arc::default(),
             pack_sizes: Arc::default(),
             gets: Arc::new(tokio::sync::Semaphore::new(MAX_GETS)),

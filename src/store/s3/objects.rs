@@ -139,13 +139,14 @@ impl S3Store {
         st.records = records;
         st.keeps = keeps;
         ids.retain(|id| !st.packs.contains_key(id));
+        self.prune_kept_indexes(&sizes).await;
         for id in &ids {
-            let Some(raw) = self.get_raw(&self.pack_key(id, "idx"), None).await? else {
+            let size = sizes.get(id).copied().unwrap_or(0);
+            let Some(entries) = self.pack_index(id, size).await? else {
                 continue;
             };
-            let size = sizes.get(id).copied().unwrap_or(0);
             let gone = st.doomed.contains(id);
-            for e in pack::decode_index(id, &raw, size)? {
+            for e in entries {
                 let newer = match st.map.get(&(e.kind, e.digest)) {
                     None => true,
                     Some((held, _)) => {
@@ -163,6 +164,56 @@ impl S3Store {
         st.has_loose = Some(self.lists_loose().await?);
         st.scanned = Some(std::time::Instant::now());
         Ok(())
+    }
+
+    /// A pack's index: kept on disk (checked as if fetched), else fetched and kept.
+    async fn pack_index(&self, id: &str, size: u64) -> Result<Option<Vec<IndexEntry>>> {
+        let kept = self.index_dir.as_ref().map(|d| d.join(format!("{id}.idx")));
+        if let Some(path) = &kept {
+            if let Ok(raw) = tokio::fs::read(path).await {
+                match pack::decode_index(id, &raw, size) {
+                    Ok(entries) => return Ok(Some(entries)),
+                    // Damaged on disk: fetched again below and the copy replaced.
+                    Err(e) => tracing::warn!("{}: {e}", path.display()),
+                }
+            }
+        }
+        let Some(raw) = self.get_raw(&self.pack_key(id, "idx"), None).await? else {
+            return Ok(None);
+        };
+        let entries = pack::decode_index(id, &raw, size)?;
+        if let Some(path) = kept {
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+            let written = async {
+                if let Some(dir) = path.parent() {
+                    tokio::fs::create_dir_all(dir).await?;
+                }
+                tokio::fs::write(&tmp, &raw).await?;
+                tokio::fs::rename(&tmp, &path).await
+            };
+            if let Err(e) = written.await {
+                tracing::warn!("keeping pack index {}: {e}", path.display());
+                let _ = tokio::fs::remove_file(&tmp).await;
+            }
+        }
+        Ok(Some(entries))
+    }
+
+    /// Removes kept indexes of packs the bucket no longer lists (a gc deleted them).
+    async fn prune_kept_indexes(&self, listed: &std::collections::HashMap<String, u64>) {
+        let Some(dir) = &self.index_dir else { return };
+        let Ok(mut rd) = tokio::fs::read_dir(&**dir).await else {
+            return;
+        };
+        while let Ok(Some(e)) = rd.next_entry().await {
+            let name = e.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".idx")) else {
+                continue;
+            };
+            if !listed.contains_key(id) {
+                let _ = tokio::fs::remove_file(e.path()).await;
+            }
+        }
     }
 
     /// Whether the store's top level holds any of the loose objects' directories.
