@@ -5,7 +5,7 @@
 #   - file://                              the baseline
 #   - s3://, cold: no disk cache            every chunk crosses the network
 #   - s3://, warm: --cache-dir already full  the disk cache serves every chunk
-# plus the S3 GET requests per MiB read with the mount's readahead (4M, default) and without
+# plus the S3 GET requests per MiB read with the mount's default readahead (16M over s3://) and without
 # (--readahead 0), counted by granary itself (GRANARY_S3_STATS=1 prints them at exit).
 # Prints medians of RUNS runs and the ratios to the baseline.
 #
@@ -81,8 +81,8 @@ gc=$(median <"$work/g_cold"); gn=$(median <"$work/g_noahead")
 echo "tree: $tree ($(printf %.1f "$mib") MiB, $(find "$tree" -type f | wc -l) files); runs: $runs; readers: $readers; $(date -u +%FT%TZ)"
 printf '%-34s %8.2f s %8.1f MiB/s  ratio %.3f\n' \
   "file:// (baseline)" "$tf" "$(echo "$mib/$tf" | bc -l)" 1 \
-  "s3:// cold, readahead 4M" "$tc" "$(echo "$mib/$tc" | bc -l)" "$(echo "$tf/$tc" | bc -l)" \
+  "s3:// cold, default readahead" "$tc" "$(echo "$mib/$tc" | bc -l)" "$(echo "$tf/$tc" | bc -l)" \
   "s3:// cold, readahead 0" "$tn" "$(echo "$mib/$tn" | bc -l)" "$(echo "$tf/$tn" | bc -l)" \
   "s3:// warm (disk cache)" "$tw" "$(echo "$mib/$tw" | bc -l)" "$(echo "$tf/$tw" | bc -l)"
-printf 'GET requests per MiB read: readahead 4M %.2f, readahead 0 %.2f; warm cache: %s\n' \
+printf 'GET requests per MiB read: default readahead %.2f, readahead 0 %.2f; warm cache: %s\n' \
   "$(echo "$gc/$mib" | bc -l)" "$(echo "$gn/$mib" | bc -l)" "$(tail -1 "$work/g_warm")"

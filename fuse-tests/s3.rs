@@ -707,19 +707,18 @@ fn imports_write_packs_with_few_requests_and_a_second_import_writes_no_data() {
     let (_, first) = counted(&url, &["import", "--name", "a", src.to_str().unwrap()]);
     let stored = first["PUT_bytes"];
     assert!(stored > 20 << 20, "{first:?}");
-    // One PUT per 4 MiB stored at most, plus each pack's index, the config and the root.
+    // One data PUT per 4 MiB stored at most, plus each pack's index, the config and the
+    // root (no keep marker: nothing was reused from packs this import did not write).
     let packs = bucket_keys(&moto, "packs", "p/packs/")
         .iter()
         .filter(|k| k.ends_with(".pack"))
         .count() as u64;
     assert!(
-        packs >= 1 && packs <= stored.div_ceil(32 << 20) + 1,
+        packs >= 1 && packs <= stored.div_ceil(4 << 20),
         "{packs} packs"
     );
-    assert!(
-        first["PUT_requests"] <= stored / (4 << 20) + packs + 2,
-        "{first:?}"
-    );
+    assert_eq!(first["PUT_requests"], 2 * packs + 2, "{first:?}");
+    assert!(bucket_keys(&moto, "packs", "p/packs/keep/").is_empty());
     // No HEAD per object: only the root's conditional put looks first.
     assert!(first["HEAD_requests"] <= 2, "{first:?}");
     assert!(

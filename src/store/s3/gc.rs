@@ -24,6 +24,10 @@ use super::*;
 /// Least age of a gc record before the loose keys it names are deleted: two pack listings.
 pub(super) const LOOSE_WAIT: Duration = Duration::from_secs(2 * PACK_RESCAN.as_secs());
 
+/// A pack is rewritten once at least this share of its bytes is garbage; below it, its
+/// garbage waits for more of the pack to die (a rewrite costs a GET and a PUT of the rest).
+const REWRITE_DEAD_FRACTION: f64 = 0.25;
+
 /// Keep markers older than this are deleted by gc (no import runs for a day).
 const KEEP_FOR: Duration = Duration::from_secs(24 * 3600);
 
@@ -183,11 +187,22 @@ impl S3Store {
                 .collect();
             (doomed_packs, recorded)
         };
+        let mut rewritten = Vec::new();
         for id in &doomed_packs {
             let Some(idx) = self.get_raw(&self.pack_key(id, "idx"), None).await? else {
                 continue;
             };
             let entries = pack::decode_index(id, &idx, u64::MAX)?;
+            // Only packs mostly garbage are worth a rewrite (a GET and a PUT of the live rest).
+            let size: u64 = entries.iter().map(|e| e.len as u64).sum();
+            let dead_bytes: u64 = entries
+                .iter()
+                .filter(|e| dead.contains(&(e.kind, e.digest)))
+                .map(|e| e.len as u64)
+                .sum();
+            if (dead_bytes as f64) < REWRITE_DEAD_FRACTION * size as f64 {
+                continue;
+            }
             for e in entries {
                 let key = (e.kind, e.digest);
                 let winner = self.packs.lock().await.map.get(&key).cloned();
@@ -202,7 +217,9 @@ impl S3Store {
                     self.put_copy(e.kind, &e.digest, raw).await?;
                 }
             }
+            rewritten.push(id.clone());
         }
+        let doomed_packs = rewritten;
         let mut loose = Vec::new();
         for kind in Kind::ALL {
             for m in self.list_under(kind.dir()).await? {

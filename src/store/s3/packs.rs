@@ -50,6 +50,8 @@ pub(super) struct Staged {
     /// Objects a put found already packed: written to a keep marker before the next root
     /// (gc rescues them from a pack it means to delete).
     pub(super) reused: HashSet<(Kind, B3Digest)>,
+    /// Packs this process uploaded.
+    own: HashSet<String>,
 }
 
 impl Staged {
@@ -226,12 +228,16 @@ impl S3Store {
             let st = self.packs.lock().await;
             st.map
                 .get(&(kind, *digest))
-                .is_some_and(|(id, _)| !st.doomed.contains(id))
+                .filter(|(id, _)| !st.doomed.contains(id))
+                .map(|(id, _)| id.clone())
         };
         let full = {
             let mut st = self.lock_staged()?;
-            if packed {
-                st.reused.insert((kind, *digest));
+            if let Some(id) = packed {
+                // A pack this process wrote is younger than any gc's cutoff: no marker needed.
+                if !st.own.contains(&id) {
+                    st.reused.insert((kind, *digest));
+                }
                 return Ok(());
             }
             if st.objects.contains_key(&(kind, *digest)) {
@@ -336,6 +342,7 @@ impl S3Store {
             for k in &keys {
                 st.objects.remove(k);
             }
+            st.own.insert(id);
         }
     }
 
