@@ -125,6 +125,12 @@ enum Command {
         roots: Vec<String>,
     },
     /// Delete objects no root reaches. Safe while imports run, if none runs longer than --grace.
+    ///
+    /// A local store rewrites the packs holding garbage at once. On s3:// a gc copies the live
+    /// objects of packs that are at least a quarter garbage into new packs (and moves a store
+    /// from before packs into packs), and the first gc a grace period later deletes the old
+    /// packs, after keeping anything imports reused meanwhile: when nothing imports,
+    /// `gc --grace 0s` twice frees the space at once.
     Gc {
         /// Only report what would be deleted.
         #[arg(long)]
