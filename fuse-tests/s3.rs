@@ -130,25 +130,7 @@ fn round_trip_over_s3_and_a_copied_file_store() {
 
     // A file:// store copied key by key into another bucket is a valid s3:// store.
     moto.create_bucket("copied");
-    for f in walk_files(&local.path()) {
-        if !f.is_file() {
-            continue;
-        }
-        let rel = f
-            .strip_prefix(local.path())
-            .unwrap()
-            .to_str()
-            .unwrap()
-            .to_string();
-        let (status, _) = moto
-            .http(
-                "PUT",
-                &format!("/copied/{rel}"),
-                &std::fs::read(&f).unwrap(),
-            )
-            .unwrap();
-        assert_eq!(status, 200, "uploading {rel}");
-    }
+    upload_store(&moto, &local.path(), "copied");
     let copied = moto.url("copied");
     let dest2 = tmp.path().join("dest2");
     ok(&copied, &["export", "t", dest2.to_str().unwrap()]);
