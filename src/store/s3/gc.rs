@@ -272,7 +272,6 @@ impl S3Store {
         let record = packs::Doomed {
             packs: doomed_packs,
             loose,
-            written: None,
         };
         let key = self.key(&format!("{DOOMED_DIR}/{}", pack::new_id()));
         if let Err(e) = self

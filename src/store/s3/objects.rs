@@ -25,7 +25,7 @@ impl S3Store {
         self.ensure_scanned().await?;
         let known = self.packs.lock().await.map.get(&(kind, *digest)).cloned();
         if let Some(at) = known {
-            if let Some(b) = self.get_at(&at, prefix).await? {
+            if let Some(b) = self.read_at(&at.0, &at.1, prefix).await? {
                 return Ok(Some(b));
             }
             // Its pack has gone (a gc replaced it after committing the copy): look again now.
@@ -34,7 +34,7 @@ impl S3Store {
             let again = st.map.get(&(kind, *digest)).cloned();
             drop(st);
             if let Some(at) = again {
-                return self.get_at(&at, prefix).await;
+                return self.read_at(&at.0, &at.1, prefix).await;
             }
         }
         if self.may_have_loose().await {
@@ -46,15 +46,6 @@ impl S3Store {
         self.get_packed(kind, digest, prefix).await
     }
 
-    /// An object's bytes at a known place in a pack; `None` if the pack is gone.
-    async fn get_at(
-        &self,
-        at: &(String, IndexEntry),
-        prefix: Option<u64>,
-    ) -> Result<Option<Bytes>> {
-        self.read_at(&at.0, &at.1, prefix).await
-    }
-
     pub(super) async fn get_packed(
         &self,
         kind: Kind,
@@ -62,7 +53,7 @@ impl S3Store {
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
         match self.find_packed(kind, digest).await? {
-            Some(at) => self.get_at(&at, prefix).await,
+            Some(at) => self.read_at(&at.0, &at.1, prefix).await,
             None => Ok(None),
         }
     }
@@ -119,8 +110,7 @@ impl S3Store {
             let Some(raw) = self.get_raw(&key, None).await? else {
                 continue;
             };
-            let mut d = packs::Doomed::decode(key.as_ref(), &raw)?;
-            d.written = Some(t);
+            let d = packs::Doomed::decode(key.as_ref(), &raw)?;
             records.push((key, t, d));
         }
         let doomed: HashSet<String> = records

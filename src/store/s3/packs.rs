@@ -69,7 +69,6 @@ impl Staged {
 pub(super) struct Doomed {
     pub packs: Vec<String>,
     pub loose: Vec<String>,
-    pub written: Option<SystemTime>,
 }
 
 impl Doomed {
@@ -720,7 +719,6 @@ mod tests {
         let d = Doomed {
             packs: vec![pack::new_id()],
             loose: vec!["p/chunks/ab/abcd".into()],
-            written: None,
         };
         let back = Doomed::decode("x", &d.encode()).unwrap();
         assert_eq!((back.packs, back.loose), (d.packs, d.loose));

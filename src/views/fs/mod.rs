@@ -317,7 +317,8 @@ impl GranaryFs {
             opts.deadline,
             u64::from(store.params().min),
         );
-        chunks.set_prefetch(opts.readahead.unwrap_or(if store.blobs.remote() {
+        let remote = store.blobs.remote();
+        chunks.set_prefetch(opts.readahead.unwrap_or(if remote {
             chunk_cache::REMOTE_PREFETCH_BYTES
         } else {
             chunk_cache::PREFETCH_BYTES
@@ -342,7 +343,7 @@ impl GranaryFs {
             uid,
             gid,
             nix: opts.nix,
-            remote: store.blobs.remote(),
+            remote,
             empty_view: {
                 let empty = crate::model::castore::Directory::default();
                 Arc::new(DirView::new(empty.digest(), &empty).map_err(StoreError::from)?)

@@ -301,6 +301,14 @@ impl ChunkCache {
         }
     }
 
+    /// Those of `chunks` neither cached nor on their way.
+    fn unstarted(&self, chunks: impl Iterator<Item = ChunkRef>) -> Vec<ChunkRef> {
+        let st = self.state();
+        chunks
+            .filter(|c| !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest))
+            .collect()
+    }
+
     /// The layout of a blob of known size (the size its directory entry records).
     pub async fn layout(&self, blob: &B3Digest, size: u64) -> Result<Arc<Layout>, FetchError> {
         if size <= self.single_chunk_max {
@@ -374,16 +382,7 @@ impl ChunkCache {
             // The chunks nobody is fetching yet go to the backend as one batch (one request
             // on object storage, where one per chunk would cost a round trip each); the batch
             // is polled first, so they are in flight before the reads below look for them.
-            let missing: Vec<ChunkRef> = {
-                let st = self.state();
-                layout.chunks[first..=last]
-                    .iter()
-                    .filter(|c| {
-                        !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest)
-                    })
-                    .copied()
-                    .collect()
-            };
+            let missing = self.unstarted(layout.chunks[first..=last].iter().copied());
             let collect = stream::iter(first..=last)
                 .map(|i| self.chunk(layout.chunks[i]))
                 .buffered(READ_CONCURRENCY)
@@ -419,14 +418,11 @@ impl ChunkCache {
         }
         let first = layout.chunk_at(from);
         let end = from.saturating_add(ahead);
-        let wanted: Vec<ChunkRef> = {
-            let st = self.state();
+        let wanted = self.unstarted(
             (first..layout.chunks.len())
                 .take_while(|&i| layout.chunk_start(i) < end)
-                .map(|i| layout.chunks[i])
-                .filter(|c| !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest))
-                .collect()
-        };
+                .map(|i| layout.chunks[i]),
+        );
         // Top the window up in large steps: sliding it a read at a time would fetch a chunk or
         // two per batch, and on object storage every batch costs at least one request.
         let missing: u64 = wanted.iter().map(|c| c.size).sum();
@@ -473,13 +469,7 @@ impl ChunkCache {
     /// Starts fetching `chunks` in the background (those not cached or on their way), unless
     /// enough prefetches are already running.
     pub fn prefetch_chunks(self: &Arc<Self>, chunks: Vec<ChunkRef>) {
-        let wanted: Vec<ChunkRef> = {
-            let st = self.state();
-            chunks
-                .into_iter()
-                .filter(|c| !st.chunks.contains(&c.digest) && !st.inflight.contains_key(&c.digest))
-                .collect()
-        };
+        let wanted = self.unstarted(chunks.into_iter());
         if wanted.is_empty() {
             return;
         }
