@@ -33,14 +33,27 @@ impl Moto {
             .stderr(Stdio::null())
             .spawn()
             .expect("moto_server must be installed (pip install 'moto[server]')");
-        let m = Moto {
+        let mut m = Moto {
             child: Some(child),
             port,
         };
-        let end = Instant::now() + Duration::from_secs(60);
+        let started = Instant::now();
+        let end = started + Duration::from_secs(60);
         loop {
+            // Our server died (another process took the port between our probe and its bind,
+            // and what answers there is not ours): start again on another port.
+            if m.child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
+            {
+                m.child = None;
+                return Self::start_with_env(env);
+            }
             // With authentication on, an unsigned request is refused: any answer means up.
-            if matches!(m.http("GET", "/", &[]), Ok((code, _)) if code != 0) {
+            // Answers count only once ours has had time to bind (or fail to).
+            if matches!(m.http("GET", "/", &[]), Ok((code, _)) if code != 0)
+                && started.elapsed() > Duration::from_millis(2500)
+            {
                 return m;
             }
             assert!(
@@ -83,7 +96,7 @@ impl Moto {
 
     pub fn url(&self, bucket_and_prefix: &str) -> String {
         format!(
-            "s3://{bucket_and_prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true&timeout=10s",
+            "s3://{bucket_and_prefix}?endpoint=http://127.0.0.1:{}&region=us-east-1&allow_http=true&timeout=30s",
             self.port
         )
     }
