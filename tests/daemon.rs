@@ -150,6 +150,7 @@ fn library_store_over_daemon() {
                 },
                 nix: None,
                 times: None,
+                traces: Vec::new(),
             })
             .await
             .unwrap_err();
@@ -297,6 +298,7 @@ fn large_directories_cross_the_wire() {
                 },
                 nix: None,
                 times: None,
+                traces: Vec::new(),
             })
             .await
             .unwrap();
@@ -390,6 +392,7 @@ fn many_concurrent_clients() {
                                     node: node.clone(),
                                     nix: None,
                                     times: None,
+                                    traces: Vec::new(),
                                 },
                             )
                             .await

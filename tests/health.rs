@@ -659,6 +659,7 @@ fn a_size_that_disagrees_with_its_blob_is_refused_everywhere() {
                 node: Node::Directory { digest, size: 1 },
                 nix: None,
                 times: None,
+                traces: Vec::new(),
             };
             store.roots.put(&root).await.unwrap();
         });

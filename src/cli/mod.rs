@@ -25,6 +25,7 @@ mod nar;
 mod progress;
 mod sandbox;
 mod substitute;
+mod trace;
 
 pub(crate) use progress::{spawn_bar, spawn_progress, spawn_steps};
 
@@ -226,6 +227,10 @@ enum Command {
     /// Run CMD inside a stored tree (overlayfs over the FUSE view, a private writable layer,
     /// private mount and PID namespaces); exits with CMD's status. Needs root.
     Sandbox(sandbox::SandboxArgs),
+    /// Recorded read orders of a root, replayed as prefetch by mounts and sandboxes: save,
+    /// list, remove.
+    #[command(subcommand)]
+    Trace(trace::TraceCommand),
     /// (internal) The shared FUSE server of `granary sandbox`.
     #[command(name = crate::tools::sandbox::SERVE_SUBCOMMAND, hide = true)]
     SandboxServe {
@@ -239,10 +244,27 @@ enum Command {
         keep_warm_ms: u64,
         #[arg(long)]
         file_cache: Option<PathBuf>,
+        /// The trace to replay: NAME:DIGEST:SIZE.
+        #[arg(long)]
+        trace: Option<String>,
     },
     /// Inspect or empty a disk cache (--cache-dir DIR).
     #[command(subcommand)]
     Cache(cache::CacheCommand),
+}
+
+/// A trace reference as the sandbox passes it to its server: NAME:DIGEST:SIZE.
+fn parse_trace_ref(s: &str) -> Result<crate::model::trace::TraceRef> {
+    let mut parts = s.rsplitn(3, ':');
+    let (Some(size), Some(digest), Some(name)) = (parts.next(), parts.next(), parts.next()) else {
+        anyhow::bail!("--trace {s:?}: want NAME:DIGEST:SIZE");
+    };
+    Ok(crate::model::trace::TraceRef {
+        name: name.to_string(),
+        digest: digest.parse().context("--trace")?,
+        size: size.parse().context("--trace")?,
+        saved: 0,
+    })
 }
 
 /// Entry point of the binary.
@@ -473,12 +495,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             times,
             keep_warm_ms,
             file_cache,
+            trace,
         } => {
             let keep = Duration::from_millis(keep_warm_ms);
             let times = times.as_deref();
-            crate::tools::sandbox::share::serve(&store, &digest, times, &dir, keep, file_cache)
-                .await
+            let trace = trace.as_deref().map(parse_trace_ref).transpose()?;
+            crate::tools::sandbox::share::serve(
+                &store, &digest, times, &dir, keep, file_cache, trace,
+            )
+            .await
         }
+        Command::Trace(cmd) => trace::run(&store, cmd).await,
         Command::ImportNar {
             file,
             name,

@@ -83,6 +83,23 @@ pub struct MountArgs {
     pub nix_group: String,
     #[command(flatten)]
     pub substitute: super::substitute::SubstituteArgs,
+    /// Record the order in which the mount's files are first read (directories, blob
+    /// indexes, chunks) and write it to FILE at unmount, for `granary trace save`. Costs a
+    /// hash-set insert per chunk read.
+    #[arg(long, value_name = "FILE")]
+    pub record_trace: Option<PathBuf>,
+    /// With --root: replay this trace of the root (see `granary trace`) as prefetch; default:
+    /// the root's newest trace, if it has one. Progress: `getfattr -n user.granary.trace`.
+    #[arg(
+        long,
+        value_name = "NAME",
+        requires = "root",
+        conflicts_with = "no_trace"
+    )]
+    pub trace: Option<String>,
+    /// Do not replay a trace.
+    #[arg(long)]
+    pub no_trace: bool,
     /// Import these paths first (each named after its basename), then mount.
     #[arg(long, value_name = "PATH", num_args = 1..)]
     pub import: Vec<PathBuf>,
@@ -199,6 +216,32 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
             listable: !args.no_list_root,
         },
     };
+    let replay = match &args.root {
+        Some(r) if !args.no_trace => {
+            let t = trees::trace::for_mount(store, r, args.trace.as_deref()).await?;
+            if t.is_none() {
+                if let Some(name) = &args.trace {
+                    bail!("--trace {name}: root {r} has no such trace");
+                }
+            }
+            t
+        }
+        _ => None,
+    };
+    if let Some(f) = &args.record_trace {
+        // Checked now rather than at unmount, when the recording would be lost.
+        let dir = match f.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            bail!(
+                "--record-trace {}: {} is not a directory",
+                f.display(),
+                dir.display()
+            );
+        }
+    }
     let nix = args.nix.then(|| {
         let gid = group_id(&args.nix_group).unwrap_or_else(|| {
             // Nix itself then only warns and leaves the directory's group alone.
@@ -236,6 +279,8 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
             min_size: args.file_cache_min,
         }),
         passthrough: !args.no_passthrough,
+        record_trace: args.record_trace.clone(),
+        replay,
         ..MountOptions::default()
     };
     // Handlers before mounting: a signal that arrives while mounting is then seen once the

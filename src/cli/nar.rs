@@ -94,6 +94,7 @@ pub async fn cmd_import_nar(
             ca: args.ca.unwrap_or_default(),
         }),
         times: None,
+        traces: Vec::new(),
     };
     store
         .roots

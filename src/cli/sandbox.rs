@@ -52,6 +52,13 @@ pub struct SandboxArgs {
     /// /var/cache/granary/files; at most 4G, files of 256K and more).
     #[arg(long, value_name = "DIR")]
     pub file_cache: Option<PathBuf>,
+    /// Replay this trace of the root (see `granary trace`) when the shared mount starts;
+    /// default: the root's newest trace, if it has one.
+    #[arg(long, value_name = "NAME", conflicts_with = "no_trace")]
+    pub trace: Option<String>,
+    /// Do not replay a trace.
+    #[arg(long)]
+    pub no_trace: bool,
     /// A capability CMD keeps (e.g. sys_ptrace), repeatable; replaces the default set: chown,
     /// dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service, net_raw,
     /// sys_chroot, mknod, audit_write, setfcap (what container runtimes grant; no mounting,
@@ -106,6 +113,17 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             args.root
         ),
     };
+    let trace_ref = if args.no_trace {
+        None
+    } else {
+        let t = trees::trace::for_mount(store, &args.root, args.trace.as_deref()).await?;
+        if t.is_none() {
+            if let Some(name) = &args.trace {
+                bail!("--trace {name}: root {} has no such trace", args.root);
+            }
+        }
+        t
+    };
     let placement = match &args.at {
         None => Placement::AsRoot,
         Some(p) => {
@@ -157,6 +175,7 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             let settings = share::ServerSettings {
                 keep_warm: args.keep_warm,
                 file_cache: args.file_cache.clone(),
+                trace: trace_ref.clone(),
             };
             let (pid, path, lease) = tokio::task::spawn_blocking(move || {
                 share::join(&exe, &rt, &url, &digest, times, settings)

@@ -4,3 +4,4 @@
 pub mod castore;
 pub mod chunking;
 pub mod times;
+pub mod trace;

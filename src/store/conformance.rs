@@ -258,6 +258,7 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         },
         nix: None,
         times: None,
+        traces: Vec::new(),
     };
     for r in [rec("b", 2), rec("a", 2), rec("a", 3)] {
         ok("root put", store.roots.put(&r).await)?;

@@ -71,7 +71,7 @@ pub async fn mark_node(store: &Store, node: &Node, marks: &mut Marks) -> Result<
     Ok(())
 }
 
-/// Marks everything a root keeps: its tree and its table of times.
+/// Marks everything a root keeps: its tree, its table of times and its traces.
 pub async fn mark_root(
     store: &Store,
     root: &crate::model::castore::RootRecord,
@@ -82,6 +82,11 @@ pub async fn mark_root(
         mark_blob(store, &t.digest, marks)
             .await
             .map_err(|e| StoreError::Backend(format!("times table: {e}")))?;
+    }
+    for t in &root.traces {
+        mark_blob(store, &t.digest, marks)
+            .await
+            .map_err(|e| StoreError::Backend(format!("trace {}: {e}", t.name)))?;
     }
     Ok(())
 }

@@ -509,11 +509,19 @@ pub async fn import_named(
     })?;
     for ((p, name), node) in paths.iter().zip(&nodes) {
         if let Some(name) = name {
+            // A new version of a tree keeps the traces of the old: most of what a job reads
+            // is usually unchanged, and a traced chunk that is gone is skipped by a replay.
+            // (A previous record that cannot be read is replaced, as before.)
+            let previous_traces = match store.roots.get(name).await {
+                Ok(Some(old)) => old.traces,
+                _ => Vec::new(),
+            };
             let root = crate::model::castore::RootRecord {
                 name: name.clone(),
                 node: node.node.clone(),
                 nix: None,
                 times: node.times,
+                traces: previous_traces,
             };
             store
                 .roots

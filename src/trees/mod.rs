@@ -6,6 +6,7 @@ pub mod gc;
 pub mod import;
 pub mod info;
 pub mod read;
+pub mod trace;
 pub mod verify;
 
 pub use export::{export, write_blob, EXPORT_CONCURRENCY};

@@ -272,6 +272,8 @@ pub async fn verify_with(
             }
             files.push((t.digest, t.size));
         }
+        // Traces are checked like files too (their content is checked when read).
+        files.extend(root.traces.iter().map(|t| (t.digest, t.size)));
         while let Some(d) = todo.pop() {
             let dir = match store.dirs.get(&d).await {
                 Ok(Some(dir)) => dir,

@@ -4,6 +4,7 @@ use bytes::Bytes;
 use prost::Message;
 
 use crate::model::times::TimesRef;
+use crate::model::trace::TraceRef;
 
 use super::{
     decode_bounded, directory::validate_target, proto, show, validate_name, B3Digest,
@@ -80,6 +81,8 @@ pub struct RootRecord {
     pub nix: Option<NixInfo>,
     /// The tree's recorded modification times, if its import recorded them.
     pub times: Option<TimesRef>,
+    /// Recorded read orders of jobs on the tree, replayed as prefetch by mounts.
+    pub traces: Vec<TraceRef>,
 }
 
 impl RootRecord {
@@ -114,6 +117,7 @@ impl RootRecord {
                 digest: Bytes::copy_from_slice(t.digest.as_bytes()),
                 size: t.size,
             }),
+            traces: self.traces.iter().map(TraceRef::to_proto).collect(),
         }
         .encode_to_vec()
     }
@@ -149,11 +153,18 @@ impl RootRecord {
             }),
             None => None,
         };
+        let traces = r
+            .traces
+            .iter()
+            .map(TraceRef::from_proto)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ModelError::Root(format!("{name}: trace: {e}")))?;
         Ok(RootRecord {
             name,
             node,
             nix: r.nix,
             times,
+            traces,
         })
     }
 }
@@ -183,6 +194,7 @@ mod tests {
                 node,
                 nix: None,
                 times: None,
+                traces: Vec::new(),
             };
             assert_eq!(RootRecord::decode(&r.encode()).unwrap(), r);
             let timed = RootRecord {
@@ -201,6 +213,7 @@ mod tests {
             },
             nix: None,
             times: None,
+            traces: Vec::new(),
         };
         assert!(RootRecord::decode(&bad.encode()).is_err());
         assert!(RootRecord::decode(&[0xff, 0xff]).is_err());

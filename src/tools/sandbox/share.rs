@@ -182,6 +182,8 @@ pub struct ServerSettings {
     pub keep_warm: Duration,
     /// The server's file cache (see `granary mount --file-cache`), if any.
     pub file_cache: Option<PathBuf>,
+    /// The trace of the tree's root the server replays, if any.
+    pub trace: Option<crate::model::trace::TraceRef>,
 }
 
 /// Joins the shared mount of `digest`, starting its server if none runs. Returns the
@@ -236,6 +238,12 @@ fn start_server(
         .arg(dir)
         .args(times.map(|t| format!("--times={}:{}", t.digest.to_hex(), t.size)))
         .arg(format!("--keep-warm-ms={}", settings.keep_warm.as_millis()))
+        .args(
+            settings
+                .trace
+                .as_ref()
+                .map(|t| format!("--trace={}:{}:{}", t.name, t.digest.to_hex(), t.size)),
+        )
         .args(
             settings
                 .file_cache
@@ -337,6 +345,7 @@ pub async fn serve(
     dir: &Path,
     keep_warm: Duration,
     file_cache: Option<PathBuf>,
+    trace: Option<crate::model::trace::TraceRef>,
 ) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     // fd 3 is the reaper's pipe: kept open for our whole life, passed to no child.
@@ -368,6 +377,7 @@ pub async fn serve(
         // Sandboxes may switch users; root's mount must not refuse them.
         allow_other: true,
         file_cache: file_cache.map(fs::FileCacheOptions::at),
+        replay: trace,
         ..MountOptions::default()
     };
     let tree = dir.join("tree");
@@ -378,6 +388,7 @@ pub async fn serve(
     let fs::Served {
         mut serving,
         mut unmounter,
+        tracer,
     } = fs::mount_and_serve(store, &opts, &tree).await?;
     let pid_path = dir.join("server.pid");
     let tmp = dir.join(format!("server.pid.{}", std::process::id()));
@@ -418,6 +429,7 @@ pub async fn serve(
         other => other,
     })
     .await;
+    fs::finish_trace(tracer.as_ref(), None)?;
     // Idle (not signalled): nobody uses the directory and nobody is joining; remove it.
     if let Some((_users, state)) = held {
         remove_share(dir, &state);

@@ -187,6 +187,7 @@ pub(super) async fn put_file(
             ca: info.ca,
         }),
         times: None,
+        traces: Vec::new(),
     };
     c.store.roots.put(&root).await?;
     c.index.insert(&name, info.nar_hash).await;

@@ -295,6 +295,7 @@ impl Substituter {
             node,
             nix: Some(nix),
             times: None,
+            traces: Vec::new(),
         };
         self.store
             .roots

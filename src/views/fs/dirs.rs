@@ -40,6 +40,9 @@ impl Inner {
         if digest == self.empty_view.digest {
             return Ok(self.empty_view.clone());
         }
+        if let Some(t) = &self.tracer {
+            t.on_dir(digest);
+        }
         if let Some(v) = lock(&self.dirs).0.get(&digest) {
             return Ok(v.clone());
         }
@@ -88,6 +91,9 @@ impl Inner {
             for (i, node) in nodes.iter().enumerate() {
                 out.push(Ok(None));
                 if let Node::Directory { digest, .. } = node {
+                    if let Some(t) = &self.tracer {
+                        t.on_dir(*digest);
+                    }
                     if *digest == self.empty_view.digest {
                         out[i] = Ok(Some(self.empty_view.clone()));
                         continue;

@@ -101,6 +101,10 @@ pub struct MountOptions {
     pub file_cache: Option<FileCacheOptions>,
     /// Use passthrough where the kernel offers it (false: never, as on a kernel without it).
     pub passthrough: bool,
+    /// Record what jobs first read (see `trace.rs`); written here at unmount.
+    pub record_trace: Option<PathBuf>,
+    /// Replay this trace of the mounted root as prefetch.
+    pub replay: Option<crate::model::trace::TraceRef>,
 }
 
 /// What a mount at `/nix/store` shows so that an unmodified Nix opens it as its local store:
@@ -139,6 +143,8 @@ impl Default for MountOptions {
             nix: None,
             file_cache: None,
             passthrough: true,
+            record_trace: None,
+            replay: None,
         }
     }
 }
@@ -149,6 +155,12 @@ pub enum MountError {
     Store(#[from] StoreError),
     #[error("mount root must be a directory, {0} is not")]
     NotDirectory(String),
+    #[error("writing the recorded trace to {path}: {source}")]
+    Trace {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("mounting at {path}: {source}")]
     Mount {
         path: String,
@@ -213,6 +225,8 @@ struct Inner {
     io_modes: Mutex<HashMap<u64, IoMode>>,
     /// Files being copied into the file cache at once.
     fills: Arc<tokio::sync::Semaphore>,
+    /// Records and replays traces, when the mount does either.
+    tracer: Option<Arc<trace::Tracer>>,
 }
 
 /// The open handles of one file inode: through the mount's own reads, or passed through to a
@@ -274,6 +288,7 @@ mod read;
 mod session;
 mod stats;
 mod times;
+pub mod trace;
 
 use stats::{Op, Stats};
 
@@ -323,6 +338,24 @@ impl GranaryFs {
         } else {
             chunk_cache::PREFETCH_BYTES
         }));
+        let tracer = (opts.record_trace.is_some() || opts.replay.is_some()).then(|| {
+            let tree = match &opts.top {
+                Top::Tree(node, _) => node.digest(),
+                Top::Roots { .. } => None,
+            };
+            // Half the memory cache: what the replay fetched ahead must still be there when
+            // the job gets to it, beside what the job itself keeps reading. (A disk cache
+            // under the mount is larger than that and keeps the rest.)
+            let budget = (opts.cache_size / 2).max(1) as u64;
+            let t = Arc::new(trace::Tracer::new(
+                tree,
+                opts.record_trace.is_some(),
+                opts.replay.clone(),
+                budget,
+            ));
+            chunks.set_tracer(t.clone());
+            t
+        });
         // SAFETY: getuid/getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         let inner = Inner {
@@ -360,6 +393,7 @@ impl GranaryFs {
             passthrough: Default::default(),
             io_modes: Mutex::new(HashMap::new()),
             fills: Arc::new(tokio::sync::Semaphore::new(2)),
+            tracer,
             store,
             rt,
         };
@@ -369,10 +403,17 @@ impl GranaryFs {
             .await
             .map_err(|e| StoreError::Backend(format!("reading the tree's times: {e:?}")))?;
         lock(&inner.table).set_stamp(ROOT_INO, stamp);
+        let inner = Arc::new(inner);
+        inner.start_replay();
         Ok(Self {
-            inner: Arc::new(inner),
+            inner,
             max_reads: opts.max_reads,
         })
+    }
+
+    /// The mount's tracer, if it records or replays a trace.
+    pub fn tracer(&self) -> Option<Arc<trace::Tracer>> {
+        self.inner.tracer.clone()
     }
 
     fn run(&self, op: Op, fut: impl Future<Output = ()> + Send + 'static) {

@@ -133,6 +133,10 @@ impl Inner {
             if let Some((table, _)) = inode.stamp.at {
                 return Ok(table.digest.to_hex().into_bytes());
             }
+        } else if name.as_bytes() == trace::XATTR_TRACE.as_bytes() && ino == ROOT_INO {
+            if let Some(t) = &self.tracer {
+                return Ok(t.render().into_bytes());
+            }
         } else if name.as_bytes() == XATTR_INODES.as_bytes() && ino == ROOT_INO {
             return Ok(table.len().to_string().into_bytes());
         } else if name.as_bytes() == XATTR_OPS.as_bytes() && ino == ROOT_INO {
@@ -179,6 +183,10 @@ impl Inner {
             out.push(0);
             out.extend_from_slice(XATTR_OPS.as_bytes());
             out.push(0);
+            if self.tracer.is_some() {
+                out.extend_from_slice(trace::XATTR_TRACE.as_bytes());
+                out.push(0);
+            }
         }
         Ok(out)
     }

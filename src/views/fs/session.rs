@@ -18,6 +18,39 @@ pub struct Served {
     /// Ends when the mount ends, whether unmounted from here or from outside.
     pub serving: tokio::task::JoinHandle<io::Result<()>>,
     pub unmounter: Unmounter,
+    /// The mount's tracer, if it records or replays a trace (see [`finish_trace`]).
+    pub tracer: Option<Arc<super::trace::Tracer>>,
+}
+
+/// Ends a mount's tracing: stops its replay and writes what it recorded to `record` (through
+/// a temporary file, so a reader never sees half a trace).
+pub fn finish_trace(
+    tracer: Option<&Arc<super::trace::Tracer>>,
+    record: Option<&Path>,
+) -> Result<(), MountError> {
+    let Some(t) = tracer else {
+        return Ok(());
+    };
+    t.stop();
+    let Some(path) = record.filter(|_| t.recording()) else {
+        return Ok(());
+    };
+    let failed = |source: io::Error| MountError::Trace {
+        path: path.display().to_string(),
+        source,
+    };
+    let trace = t.recorded();
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, trace.encode()).map_err(failed)?;
+    std::fs::rename(&tmp, path).map_err(failed)?;
+    tracing::info!(
+        "recorded a trace of {} entries ({} chunk bytes) to {}",
+        trace.entries.len(),
+        trace.chunk_bytes(),
+        path.display()
+    );
+    Ok(())
 }
 
 /// Prepares the filesystem for `store`, mounts it at `mountpoint` and serves it on a blocking
@@ -28,6 +61,7 @@ pub async fn mount_and_serve(
     mountpoint: &Path,
 ) -> Result<Served, MountError> {
     let filesystem = GranaryFs::new(store.clone(), opts, tokio::runtime::Handle::current()).await?;
+    let tracer = filesystem.tracer();
     let (mp, o) = (mountpoint.to_path_buf(), opts.clone());
     let task_failed = |e: tokio::task::JoinError| MountError::Mount {
         path: mountpoint.display().to_string(),
@@ -46,7 +80,11 @@ pub async fn mount_and_serve(
         path: mountpoint.display().to_string(),
         source: io::Error::other("mount ended before serving"),
     })?;
-    Ok(Served { serving, unmounter })
+    Ok(Served {
+        serving,
+        unmounter,
+        tracer,
+    })
 }
 
 /// A whole mount session: mounts `store` at `mountpoint`, arranges for a helper to detach it
@@ -68,7 +106,9 @@ pub async fn mount_session(
     let Served {
         mut serving,
         mut unmounter,
+        tracer,
     } = mount_and_serve(store, opts, mountpoint).await?;
+    let finish = || finish_trace(tracer.as_ref(), opts.record_trace.as_deref());
     // Should this process be killed outright, a helper detaches the mount (best effort).
     let _reaper = reaper.and_then(|exe| {
         super::reaper::spawn(exe, mountpoint)
@@ -79,9 +119,9 @@ pub async fn mount_session(
     tokio::select! {
         res = &mut serving => {
             // Unmounted from outside (umount, fusermount3 -u): a normal end.
-            return res
-                .map_err(|e| failed("mount task", e.to_string()))?
-                .map_err(|e| failed("serving the mount", e.to_string()));
+            res.map_err(|e| failed("mount task", e.to_string()))?
+                .map_err(|e| failed("serving the mount", e.to_string()))?;
+            return finish();
         }
         _ = shutdown => {}
     }
@@ -100,7 +140,7 @@ pub async fn mount_session(
         res.map_err(|e| failed("mount task", e.to_string()))?
             .map_err(|e| failed("serving the mount", e.to_string()))?;
     }
-    Ok(())
+    finish()
 }
 
 impl Unmounter {

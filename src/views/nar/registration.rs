@@ -122,6 +122,7 @@ mod tests {
             node,
             nix: info,
             times: None,
+            traces: Vec::new(),
         };
         store.roots.put(&rec).await.unwrap();
     }

@@ -366,6 +366,7 @@ impl Sessions {
                     node,
                     nix: None,
                     times,
+                    traces: Vec::new(),
                 };
                 if !root_name.is_empty() {
                     rt.block_on(store.flush())?;

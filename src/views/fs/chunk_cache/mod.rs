@@ -38,8 +38,15 @@ pub struct FetchError {
 }
 
 impl FetchError {
+    /// A failure, logged once here.
     fn new(msg: String) -> Self {
         tracing::error!("{msg}");
+        Self::unlogged(msg)
+    }
+
+    /// A failure nobody waits for yet (a trace replay's), logged at debug level only: a
+    /// trace may name chunks a newer tree no longer has.
+    fn unlogged(msg: String) -> Self {
         FetchError {
             msg: msg.into(),
             timed_out: false,
@@ -56,12 +63,25 @@ impl FetchError {
 
 type Fetch = Shared<BoxFuture<'static, Result<Bytes, FetchError>>>;
 
-/// A backend's answer for chunk `c`, checked against the size its blob index gives.
-fn checked(c: ChunkRef, r: crate::store::Result<Option<Bytes>>) -> Result<Bytes, FetchError> {
+/// A backend's answer for chunk `c`, checked against the size its blob index gives; failures
+/// are logged unless `quiet`.
+fn checked(
+    c: ChunkRef,
+    r: crate::store::Result<Option<Bytes>>,
+    quiet: bool,
+) -> Result<Bytes, FetchError> {
+    let fail = |msg: String| {
+        if quiet {
+            tracing::debug!("{msg}");
+            FetchError::unlogged(msg)
+        } else {
+            FetchError::new(msg)
+        }
+    };
     match r {
-        Err(e) => Err(FetchError::new(format!("chunk {}: {e}", c.digest))),
-        Ok(None) => Err(FetchError::new(format!("chunk {} is missing", c.digest))),
-        Ok(Some(b)) if b.len() as u64 != c.size => Err(FetchError::new(format!(
+        Err(e) => Err(fail(format!("chunk {}: {e}", c.digest))),
+        Ok(None) => Err(fail(format!("chunk {} is missing", c.digest))),
+        Ok(Some(b)) if b.len() as u64 != c.size => Err(fail(format!(
             "chunk {} is {} bytes, its blob index says {}",
             c.digest,
             b.len(),
@@ -69,6 +89,16 @@ fn checked(c: ChunkRef, r: crate::store::Result<Option<Bytes>>) -> Result<Bytes,
         ))),
         Ok(Some(b)) => Ok(b),
     }
+}
+
+/// What one backend batch brought.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BatchOutcome {
+    /// Chunks fetched and kept, and their bytes.
+    pub fetched: u64,
+    pub bytes: u64,
+    /// Chunks that failed (missing, corrupt, timed out).
+    pub failed: u64,
 }
 
 /// A blob's layout as the mount reads it.
@@ -100,6 +130,8 @@ pub struct ChunkCache {
     prefetching: Arc<tokio::sync::Semaphore>,
     /// How far past a sequential read to prefetch (0: no prefetch).
     prefetch_bytes: std::sync::atomic::AtomicU64,
+    /// Told of every read, when the mount records or replays a trace.
+    tracer: std::sync::OnceLock<Arc<super::trace::Tracer>>,
 }
 
 impl ChunkCache {
@@ -123,7 +155,23 @@ impl ChunkCache {
             }),
             prefetching: Arc::new(tokio::sync::Semaphore::new(8)),
             prefetch_bytes: std::sync::atomic::AtomicU64::new(PREFETCH_BYTES),
+            tracer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Reports every read to `tracer` from now on (set once).
+    pub fn set_tracer(&self, tracer: Arc<super::trace::Tracer>) {
+        let _ = self.tracer.set(tracer);
+    }
+
+    /// Bytes of chunks this cache holds at most.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Whether `digest` is held.
+    pub fn holds(&self, digest: &B3Digest) -> bool {
+        self.state().chunks.contains(digest)
     }
 
     /// Sets how far past a sequential read to prefetch (0 turns prefetch off).
@@ -194,7 +242,7 @@ impl ChunkCache {
         let res = match tokio::time::timeout(self.deadline, self.blobs.read_chunk(&c.digest)).await
         {
             Err(_) => Err(self.timed_out(&c.digest)),
-            Ok(r) => checked(c, r),
+            Ok(r) => checked(c, r, false),
         };
         self.complete(&c.digest, &res);
         res
@@ -230,7 +278,12 @@ impl ChunkCache {
     /// Fetches those of `chunks` neither cached nor in flight as one backend batch. Each is
     /// in flight (so readers wait for it rather than fetch it again) until the backend hands
     /// it over; chunks the batch leaves unanswered by the deadline fail like a timed-out fetch.
-    async fn fetch_batch(self: &Arc<Self>, chunks: Vec<ChunkRef>) {
+    /// With `quiet`, failures are logged at debug level (see [`FetchError::unlogged`]).
+    pub(crate) async fn fetch_batch_with(
+        self: &Arc<Self>,
+        chunks: Vec<ChunkRef>,
+        quiet: bool,
+    ) -> BatchOutcome {
         type Waiting = HashMap<
             B3Digest,
             (
@@ -264,18 +317,29 @@ impl ChunkCache {
             }
         }
         if batch.is_empty() {
-            return;
+            return BatchOutcome::default();
         }
         let waiting = Arc::new(Mutex::new(waiting));
+        let outcome = Arc::new(Mutex::new(BatchOutcome::default()));
         let sink: crate::store::ChunkSink = {
-            let (this, waiting) = (self.clone(), waiting.clone());
+            let (this, waiting, outcome) = (self.clone(), waiting.clone(), outcome.clone());
             Arc::new(move |digest, r| {
                 let entry = waiting
                     .lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&digest);
                 if let Some((c, tx)) = entry {
-                    let res = checked(c, r);
+                    let res = checked(c, r, quiet);
+                    {
+                        let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
+                        match &res {
+                            Ok(b) => {
+                                o.fetched += 1;
+                                o.bytes += b.len() as u64;
+                            }
+                            Err(_) => o.failed += 1,
+                        }
+                    }
                     this.complete(&digest, &res);
                     let _ = tx.send(res);
                 }
@@ -289,16 +353,23 @@ impl ChunkCache {
             .unwrap_or_else(|p| p.into_inner())
             .drain()
             .collect();
+        let mut outcome = *outcome.lock().unwrap_or_else(|p| p.into_inner());
         for (digest, (_, tx)) in left {
             let err = if timed_out {
                 self.timed_out(&digest)
             } else {
                 FetchError::new(format!("chunk {digest}: the backend gave no answer"))
             };
+            outcome.failed += 1;
             let res = Err(err);
             self.complete(&digest, &res);
             let _ = tx.send(res);
         }
+        outcome
+    }
+
+    async fn fetch_batch(self: &Arc<Self>, chunks: Vec<ChunkRef>) {
+        self.fetch_batch_with(chunks, false).await;
     }
 
     /// Those of `chunks` neither cached nor on their way.
@@ -311,6 +382,16 @@ impl ChunkCache {
 
     /// The layout of a blob of known size (the size its directory entry records).
     pub async fn layout(&self, blob: &B3Digest, size: u64) -> Result<Arc<Layout>, FetchError> {
+        self.layout_with(blob, size, false).await
+    }
+
+    /// [`Self::layout`]; with `quiet`, a failure is logged at debug level only.
+    pub(crate) async fn layout_with(
+        &self,
+        blob: &B3Digest,
+        size: u64,
+        quiet: bool,
+    ) -> Result<Arc<Layout>, FetchError> {
         if size <= self.single_chunk_max {
             return Ok(Arc::new(Layout::single(*blob, size)));
         }
@@ -351,6 +432,9 @@ impl ChunkCache {
             let msg = format!("blob {blob}: {e}");
             let e = if timed_out {
                 FetchError::timeout(msg)
+            } else if quiet {
+                tracing::debug!("{msg}");
+                FetchError::unlogged(msg)
             } else {
                 FetchError::new(msg)
             };
@@ -376,6 +460,9 @@ impl ChunkCache {
         }
         let end = size.min(offset.saturating_add(len as u64));
         let (first, last) = layout.span(offset, end);
+        if let Some(t) = self.tracer.get() {
+            t.on_read(self, layout, first, last);
+        }
         let parts: Vec<Bytes> = if first == last {
             vec![self.chunk(layout.chunks[first]).await?]
         } else {
