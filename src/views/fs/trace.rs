@@ -121,14 +121,15 @@ impl Tracer {
     pub fn on_read(&self, _cache: &ChunkCache, layout: &Layout, first: usize, last: usize) {
         let mut seen = lock(&self.seen);
         let seen = &mut *seen;
-        if layout.chunks.len() > 1 && seen.set.insert((EntryKind::Blob, layout.digest)) {
-            if self.recording {
-                seen.order.push(TraceEntry {
-                    kind: EntryKind::Blob,
-                    digest: layout.digest,
-                    size: layout.size(),
-                });
-            }
+        if layout.chunks.len() > 1
+            && seen.set.insert((EntryKind::Blob, layout.digest))
+            && self.recording
+        {
+            seen.order.push(TraceEntry {
+                kind: EntryKind::Blob,
+                digest: layout.digest,
+                size: layout.size(),
+            });
         }
         for c in layout.chunks.get(first..=last).unwrap_or_default() {
             if !seen.set.insert((EntryKind::Chunk, c.digest)) {
