@@ -1243,3 +1243,81 @@ fn a_file_cache_outlives_the_server_and_serves_the_next_one_identical_bytes() {
     );
     assert_eq!(sandbox_mounts(&store), Vec::<String>::new());
 }
+
+#[test]
+fn a_sandbox_records_a_trace_and_the_next_sandbox_replays_it() {
+    require_sandbox!();
+    let store = rootfs_store();
+    let rec = store.dir.path().join("rec");
+    let out = sh(
+        &store,
+        &["--record-trace", rec.to_str().unwrap()],
+        "cat /bin/busybox > /dev/null; cat /etc/motd",
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "from the store\n");
+    // Written by the sandbox's own server, which the sandbox waited for.
+    assert!(rec.is_file(), "no recording");
+    store.ok(&["trace", "save", "rootfs", rec.to_str().unwrap()]);
+    let listed = text(&store.ok(&["trace", "list", "rootfs", "--entries"]).stdout);
+    let busybox = std::fs::read(busybox().unwrap()).unwrap();
+    let motd = blake3::hash(b"from the store\n").to_hex().to_string();
+    assert!(listed.contains(&format!("chunk {motd}")), "{listed}");
+    let bb = blake3::hash(&busybox).to_hex().to_string();
+    assert!(
+        listed.contains(&format!("blob {bb}")) || listed.contains(&format!("chunk {bb}")),
+        "{listed}"
+    );
+    wait_until(
+        "the recording server to leave",
+        Duration::from_secs(20),
+        || leftovers(&store) == (vec![], vec![], vec![]),
+    );
+
+    // The next sandbox's server replays the root's trace: its FUSE view (the overlay's lower
+    // layer, seen from a sandbox placed --at a directory) says so, and the job's reads hit.
+    let at = store.dir.path().join("at");
+    std::fs::create_dir_all(&at).unwrap();
+    let lower = runtime_dir(&store)
+        .canonicalize()
+        .unwrap()
+        .join("work/lower");
+    let script = format!(
+        "for i in $(seq 400); do getfattr --only-values -n user.granary.trace {l} 2>/dev/null | grep -q '^state done' && break; sleep 0.05; done; \
+         cat {a}/bin/busybox {a}/etc/motd > /dev/null; getfattr --only-values -n user.granary.trace {l}",
+        l = lower.display(),
+        a = at.display()
+    );
+    let out = Watched::spawn(sandbox_cmd(
+        &store,
+        &[
+            "--root",
+            "rootfs",
+            "--at",
+            at.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            &script,
+        ],
+    ))
+    .output();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let state = text(&out.stdout);
+    assert!(
+        state.contains("replay default") && state.contains("state done"),
+        "{state}"
+    );
+    let hits: u64 = state
+        .lines()
+        .find_map(|l| l.strip_prefix("hits "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(hits >= 2, "{state}");
+    // --no-trace: no replay.
+    let out = sh(&store, &["--no-trace"], "cat /etc/motd");
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("the servers to leave", Duration::from_secs(20), || {
+        leftovers(&store) == (vec![], vec![], vec![])
+    });
+}

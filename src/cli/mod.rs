@@ -247,6 +247,9 @@ enum Command {
         /// The trace to replay: NAME:DIGEST:SIZE.
         #[arg(long)]
         trace: Option<String>,
+        /// Where to write the trace recorded while serving.
+        #[arg(long)]
+        record_trace: Option<PathBuf>,
     },
     /// Inspect or empty a disk cache (--cache-dir DIR).
     #[command(subcommand)]
@@ -496,12 +499,20 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             keep_warm_ms,
             file_cache,
             trace,
+            record_trace,
         } => {
             let keep = Duration::from_millis(keep_warm_ms);
             let times = times.as_deref();
             let trace = trace.as_deref().map(parse_trace_ref).transpose()?;
             crate::tools::sandbox::share::serve(
-                &store, &digest, times, &dir, keep, file_cache, trace,
+                &store,
+                &digest,
+                times,
+                &dir,
+                keep,
+                file_cache,
+                trace,
+                record_trace,
             )
             .await
         }

@@ -59,6 +59,11 @@ pub struct SandboxArgs {
     /// Do not replay a trace.
     #[arg(long)]
     pub no_trace: bool,
+    /// Record what CMD first reads of the tree and write it to FILE when the sandbox ends,
+    /// for `granary trace save ROOT FILE`. The sandbox then gets a FUSE server of its own
+    /// (no reuse, no keep-warm), so the recording holds this job's reads only.
+    #[arg(long, value_name = "FILE")]
+    pub record_trace: Option<PathBuf>,
     /// A capability CMD keeps (e.g. sys_ptrace), repeatable; replaces the default set: chown,
     /// dac_override, fowner, fsetid, kill, setgid, setuid, setpcap, net_bind_service, net_raw,
     /// sys_chroot, mknod, audit_write, setfcap (what container runtimes grant; no mounting,
@@ -159,7 +164,23 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     let work_dir = runtime.join("work");
     let exe = std::env::current_exe().context("locating the granary binary")?;
 
-    let reuse = if args.no_reuse {
+    let record = match &args.record_trace {
+        None => None,
+        Some(f) => {
+            // Absolute, as the server runs elsewhere; its directory must exist now.
+            let name = f
+                .file_name()
+                .with_context(|| format!("--record-trace {}: not a file name", f.display()))?;
+            let dir = match f.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p,
+                _ => std::path::Path::new("."),
+            };
+            let dir = std::fs::canonicalize(dir)
+                .with_context(|| format!("--record-trace {}", f.display()))?;
+            Some(dir.join(name))
+        }
+    };
+    let reuse = if args.no_reuse || record.is_some() {
         None
     } else {
         let (rt, url, root) = (runtime.clone(), store.url.clone(), args.root.clone());
@@ -168,14 +189,19 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             .await
             .context("looking for a running granary mount")?
     };
-    let (lower, _lease) = match reuse {
+    let (lower, lease) = match reuse {
         Some(path) => (Lower::Path(path), None),
         None => {
             let (exe, rt, url) = (exe.clone(), runtime.clone(), store.url.clone());
             let settings = share::ServerSettings {
-                keep_warm: args.keep_warm,
+                keep_warm: if record.is_some() {
+                    std::time::Duration::ZERO
+                } else {
+                    args.keep_warm
+                },
                 file_cache: args.file_cache.clone(),
                 trace: trace_ref.clone(),
+                record: record.clone(),
             };
             let (pid, path, lease) = tokio::task::spawn_blocking(move || {
                 share::join(&exe, &rt, &url, &digest, times, settings)
@@ -232,6 +258,21 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             "granary: error: the FUSE view of the tree went away while CMD ran (its reads failed); CMD exited with {code}"
         );
         return Ok(ExitCode::from(sandbox::EXIT_SETUP as u8));
+    }
+    if let (Some(path), Lower::Server { pid, .. }) = (&record, &view) {
+        // The server writes the recording as it exits, once this lease is gone.
+        drop(lease);
+        let since = std::time::Instant::now();
+        while alive(*pid) && since.elapsed() < std::time::Duration::from_secs(30) {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        if !path.is_file() {
+            eprintln!(
+                "granary: error: no trace recorded at {} (the FUSE server did not write it; see its log)",
+                path.display()
+            );
+            return Ok(ExitCode::from(sandbox::EXIT_SETUP as u8));
+        }
     }
     Ok(ExitCode::from(u8::try_from(code).unwrap_or(255)))
 }

@@ -64,6 +64,7 @@ pub fn share_dir(
     store_url: &str,
     digest: &B3Digest,
     times: Option<&TimesRef>,
+    record: Option<&Path>,
 ) -> PathBuf {
     let mut h = blake3::Hasher::new();
     h.update(store_url.as_bytes());
@@ -71,6 +72,11 @@ pub fn share_dir(
     h.update(digest.as_bytes());
     if let Some(t) = times {
         h.update(t.digest.as_bytes());
+    }
+    // A recording server is nobody else's: what it records is its own sandbox's reads.
+    if let Some(r) = record {
+        h.update(b"\0record\0");
+        h.update(r.as_os_str().as_encoded_bytes());
     }
     let key = h.finalize().to_hex();
     runtime.join("sandbox").join(&key.as_str()[..24])
@@ -184,6 +190,8 @@ pub struct ServerSettings {
     pub file_cache: Option<PathBuf>,
     /// The trace of the tree's root the server replays, if any.
     pub trace: Option<crate::model::trace::TraceRef>,
+    /// Where the server writes the trace it records (when it exits), if it records one.
+    pub record: Option<PathBuf>,
 }
 
 /// Joins the shared mount of `digest`, starting its server if none runs. Returns the
@@ -196,7 +204,13 @@ pub fn join(
     times: Option<TimesRef>,
     settings: ServerSettings,
 ) -> Result<(u32, PathBuf, Lease), ShareError> {
-    let dir = share_dir(runtime, store_url, digest, times.as_ref());
+    let dir = share_dir(
+        runtime,
+        store_url,
+        digest,
+        times.as_ref(),
+        settings.record.as_deref(),
+    );
     let tree = dir.join("tree");
     let state = lock_state(&dir)?;
     let pid = match live_server(&dir) {
@@ -243,6 +257,12 @@ fn start_server(
                 .trace
                 .as_ref()
                 .map(|t| format!("--trace={}:{}:{}", t.name, t.digest.to_hex(), t.size)),
+        )
+        .args(
+            settings
+                .record
+                .iter()
+                .flat_map(|p| [std::ffi::OsStr::new("--record-trace"), p.as_os_str()]),
         )
         .args(
             settings
@@ -346,6 +366,7 @@ pub async fn serve(
     keep_warm: Duration,
     file_cache: Option<PathBuf>,
     trace: Option<crate::model::trace::TraceRef>,
+    record: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
     // fd 3 is the reaper's pipe: kept open for our whole life, passed to no child.
@@ -378,6 +399,7 @@ pub async fn serve(
         allow_other: true,
         file_cache: file_cache.map(fs::FileCacheOptions::at),
         replay: trace,
+        record_trace: record.clone(),
         ..MountOptions::default()
     };
     let tree = dir.join("tree");
@@ -429,7 +451,7 @@ pub async fn serve(
         other => other,
     })
     .await;
-    fs::finish_trace(tracer.as_ref(), None)?;
+    fs::finish_trace(tracer.as_ref(), record.as_deref())?;
     // Idle (not signalled): nobody uses the directory and nobody is joining; remove it.
     if let Some((_users, state)) = held {
         remove_share(dir, &state);
