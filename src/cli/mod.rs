@@ -501,20 +501,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             trace,
             record_trace,
         } => {
-            let keep = Duration::from_millis(keep_warm_ms);
-            let times = times.as_deref();
-            let trace = trace.as_deref().map(parse_trace_ref).transpose()?;
-            crate::tools::sandbox::share::serve(
-                &store,
-                &digest,
-                times,
-                &dir,
-                keep,
+            let settings = crate::tools::sandbox::share::ServerSettings {
+                keep_warm: Duration::from_millis(keep_warm_ms),
                 file_cache,
-                trace,
-                record_trace,
-            )
-            .await
+                trace: trace.as_deref().map(parse_trace_ref).transpose()?,
+                record: record_trace,
+            };
+            crate::tools::sandbox::share::serve(&store, &digest, times.as_deref(), &dir, settings)
+                .await
         }
         Command::Trace(cmd) => trace::run(&store, cmd).await,
         Command::ImportNar {

@@ -363,12 +363,15 @@ pub async fn serve(
     digest: &str,
     times: Option<&str>,
     dir: &Path,
-    keep_warm: Duration,
-    file_cache: Option<PathBuf>,
-    trace: Option<crate::model::trace::TraceRef>,
-    record: Option<PathBuf>,
+    settings: ServerSettings,
 ) -> anyhow::Result<ExitCode> {
     use anyhow::Context;
+    let ServerSettings {
+        keep_warm,
+        file_cache,
+        trace,
+        record,
+    } = settings;
     // fd 3 is the reaper's pipe: kept open for our whole life, passed to no child.
     // SAFETY: fcntl on a descriptor number; harmless if it is not open.
     unsafe { libc::fcntl(3, libc::F_SETFD, libc::FD_CLOEXEC) };
