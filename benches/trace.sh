@@ -45,6 +45,7 @@ cleanup() {
   mountpoint -q "$work/mnt" 2>/dev/null && fusermount3 -uz "$work/mnt"
   kill "${pids[@]}" 2>/dev/null || true
   wait 2>/dev/null || true
+  true
 }
 trap cleanup EXIT
 
@@ -66,13 +67,12 @@ for _ in $(seq 100); do curl -s -o /dev/null "http://127.0.0.1:$mport/" && break
 export AWS_ACCESS_KEY_ID=bench AWS_SECRET_ACCESS_KEY=bench
 s3url() { echo "s3://rootfs?endpoint=http://127.0.0.1:$1&region=us-east-1&allow_http=true&timeout=120s"; }
 fileurl=file://$work/store
-if [[ ! -d $work/store ]]; then
-  curl -s -X PUT "http://127.0.0.1:$mport/rootfs" >/dev/null
-  t0=$EPOCHREALTIME
-  "$bin" --store "$(s3url "$mport")" import --name rootfs "$rootfs" >/dev/null
-  echo "import into s3:// (direct): $(echo "$EPOCHREALTIME - $t0" | bc -l | cut -c1-6) s, $(du -sh --apparent-size "$rootfs" | cut -f1)"
-  "$bin" --store "$fileurl" import --name rootfs "$rootfs" >/dev/null
-fi
+# moto keeps its buckets in memory: imported every run.
+curl -s -X PUT "http://127.0.0.1:$mport/rootfs" >/dev/null
+t0=$EPOCHREALTIME
+"$bin" --store "$(s3url "$mport")" import --name rootfs "$rootfs" >/dev/null 2>&1
+echo "import into s3:// (direct): $(echo "$EPOCHREALTIME - $t0" | bc -l | cut -c1-6) s, $(du -sh --apparent-size "$rootfs" | cut -f1)"
+[[ -d $work/store ]] || "$bin" --store "$fileurl" import --name rootfs "$rootfs" >/dev/null 2>&1
 "$bin" --store "$fileurl" daemon --listen "127.0.0.1:$dport" --allow-unauthenticated-tcp 2>"$work/daemon.log" & pids+=($!)
 python3 benches/latency_proxy.py "$dproxy" "$dport" "$delay" & pids+=($!)
 for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$dport) 2>/dev/null && break; sleep 0.1; done

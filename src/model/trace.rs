@@ -21,7 +21,7 @@ pub const DEFAULT_NAME: &str = "default";
 pub enum EntryKind {
     /// A chunk (its size in bytes).
     Chunk,
-    /// The blob index of a multi-chunk blob (the blob's size).
+    /// A blob's index, for blobs whose layout a reader must fetch (the blob's size).
     Blob,
     /// A directory (size 0).
     Dir,

@@ -117,6 +117,14 @@ pub trait BlobService: Send + Sync {
             .await
     }
 
+    /// [`BlobService::read_chunks`] for a batch the caller knows it needs exactly as asked (a
+    /// trace replay): a backend that reads around what is asked, for neighbours later reads
+    /// may want (object storage reads aligned extents and more), reads only these bytes.
+    /// Same contract; the default is `read_chunks`.
+    async fn read_chunks_exact(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        self.read_chunks(chunks, sink).await
+    }
+
     /// Stores one chunk. `digest` must be `blake3(data)`; a backend that does not trust its
     /// caller re-hashes and refuses a mismatch.
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()>;

@@ -212,42 +212,50 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
     )?;
     ensure!(top == d_parent, "put_closure returned {top}, not its root");
 
-    // Batched chunk reads: every chunk answered once, absent ones as absent.
-    let got = Arc::new(Mutex::new(Vec::new()));
-    let sink: ChunkSink = {
-        let got = got.clone();
-        Arc::new(move |d, r| {
-            if let Ok(mut g) = got.lock() {
-                g.push((d, r));
-            }
-        })
-    };
-    let mut chunks = st.chunks.clone();
-    chunks.push(ChunkRef {
-        digest: missing,
-        size: 1,
-    });
-    store.blobs.read_chunks(chunks.clone(), sink).await;
-    let mut got = std::mem::take(&mut *got.lock().map_err(|_| "sink lock poisoned")?);
-    ensure!(
-        got.len() == chunks.len(),
-        "a batch of {} chunks got {} answers",
-        chunks.len(),
-        got.len()
-    );
-    got.sort_by_key(|(d, _)| chunks.iter().position(|c| c.digest == *d));
-    let mut joined = Vec::new();
-    for (d, r) in &got[..got.len() - 1] {
-        match r {
-            Ok(Some(b)) => joined.extend_from_slice(b),
-            other => return Err(format!("batch read of chunk {d}: {other:?}")),
+    // Batched chunk reads, both ways (read around, read exactly): every chunk answered once,
+    // absent ones as absent.
+    for exact in [false, true] {
+        let how = if exact { "exact batch" } else { "batch" };
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink: ChunkSink = {
+            let got = got.clone();
+            Arc::new(move |d, r| {
+                if let Ok(mut g) = got.lock() {
+                    g.push((d, r));
+                }
+            })
+        };
+        let mut chunks = st.chunks.clone();
+        chunks.push(ChunkRef {
+            digest: missing,
+            size: 1,
+        });
+        if exact {
+            store.blobs.read_chunks_exact(chunks.clone(), sink).await;
+        } else {
+            store.blobs.read_chunks(chunks.clone(), sink).await;
         }
+        let mut got = std::mem::take(&mut *got.lock().map_err(|_| "sink lock poisoned")?);
+        ensure!(
+            got.len() == chunks.len(),
+            "a {how} of {} chunks got {} answers",
+            chunks.len(),
+            got.len()
+        );
+        got.sort_by_key(|(d, _)| chunks.iter().position(|c| c.digest == *d));
+        let mut joined = Vec::new();
+        for (d, r) in &got[..got.len() - 1] {
+            match r {
+                Ok(Some(b)) => joined.extend_from_slice(b),
+                other => return Err(format!("{how} read of chunk {d}: {other:?}")),
+            }
+        }
+        ensure!(joined == big, "{how} chunks are not the blob's bytes");
+        ensure!(
+            matches!(got.last(), Some((_, Ok(None)))),
+            "an absent chunk in a {how} is not answered absent"
+        );
     }
-    ensure!(joined == big, "batch chunks are not the blob's bytes");
-    ensure!(
-        matches!(got.last(), Some((_, Ok(None)))),
-        "an absent chunk in a batch is not answered absent"
-    );
 
     // Roots: put, replace, list sorted, delete.
     let rec = |name: &str, size| RootRecord {

@@ -115,6 +115,50 @@ pub fn wrap(inner: Store, cache: Arc<DiskCache>, store_dir: PathBuf) -> Store {
 }
 
 impl Cached {
+    /// A batch: hits from the cache, misses from the store (exactly as asked if `exact`),
+    /// each miss kept as it arrives.
+    async fn read_batch(&self, chunks: Vec<ChunkRef>, sink: ChunkSink, exact: bool) {
+        let (c, wanted) = (self.cache.clone(), chunks.clone());
+        let looked = blocking(move || {
+            wanted
+                .into_iter()
+                .map(|ch| (ch, c.get_chunk(&ch.digest)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        // A failed lookup sends the whole batch to the store.
+        .unwrap_or_else(|_| chunks.into_iter().map(|ch| (ch, None)).collect());
+        let mut misses = Vec::new();
+        for (ch, hit) in looked {
+            match hit {
+                Some(b) => {
+                    bump(&self.cache.counters.chunk_hits, 1);
+                    sink(ch.digest, Ok(Some(b)));
+                }
+                None => misses.push(ch),
+            }
+        }
+        if misses.is_empty() {
+            return;
+        }
+        bump(&self.cache.counters.chunk_misses, misses.len() as u64);
+        let (cache, outer) = (self.cache.clone(), sink.clone());
+        let keep: ChunkSink = Arc::new(move |digest, r: Result<Option<Bytes>>| {
+            if let Ok(Some(b)) = &r {
+                bump(&cache.counters.fetched_bytes, b.len() as u64);
+                // Written on the calling thread (a backend's decoding thread, or a worker for a
+                // chunk fetched alone): one small page-cache write, not worth a hand-off.
+                cache.write_entry(&cache.entry_path(Kind::Chunk, &digest), b);
+            }
+            outer(digest, r);
+        });
+        if exact {
+            self.inner.blobs.read_chunks_exact(misses, keep).await
+        } else {
+            self.inner.blobs.read_chunks(misses, keep).await
+        }
+    }
+
     fn root_path(&self, name: &str) -> Result<PathBuf> {
         validate_root_name(name)?;
         Ok(self.store_dir.join("roots").join(name))
@@ -200,41 +244,11 @@ impl BlobService for Cached {
     /// Hits are served from the cache; the misses go to the store as one batch (so a backend
     /// that reads batches with few requests still does), each kept as it arrives.
     async fn read_chunks(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
-        let (c, wanted) = (self.cache.clone(), chunks.clone());
-        let looked = blocking(move || {
-            wanted
-                .into_iter()
-                .map(|ch| (ch, c.get_chunk(&ch.digest)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        // A failed lookup sends the whole batch to the store.
-        .unwrap_or_else(|_| chunks.into_iter().map(|ch| (ch, None)).collect());
-        let mut misses = Vec::new();
-        for (ch, hit) in looked {
-            match hit {
-                Some(b) => {
-                    bump(&self.cache.counters.chunk_hits, 1);
-                    sink(ch.digest, Ok(Some(b)));
-                }
-                None => misses.push(ch),
-            }
-        }
-        if misses.is_empty() {
-            return;
-        }
-        bump(&self.cache.counters.chunk_misses, misses.len() as u64);
-        let (cache, outer) = (self.cache.clone(), sink.clone());
-        let keep: ChunkSink = Arc::new(move |digest, r: Result<Option<Bytes>>| {
-            if let Ok(Some(b)) = &r {
-                bump(&cache.counters.fetched_bytes, b.len() as u64);
-                // Written on the calling thread (a backend's decoding thread, or a worker for a
-                // chunk fetched alone): one small page-cache write, not worth a hand-off.
-                cache.write_entry(&cache.entry_path(Kind::Chunk, &digest), b);
-            }
-            outer(digest, r);
-        });
-        self.inner.blobs.read_chunks(misses, keep).await
+        self.read_batch(chunks, sink, false).await
+    }
+
+    async fn read_chunks_exact(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        self.read_batch(chunks, sink, true).await
     }
 
     async fn has_chunk(&self, chunk: &B3Digest) -> Result<bool> {

@@ -3,6 +3,9 @@
 #[allow(unused_imports)]
 use super::*;
 
+/// Pack indexes fetched at once when a store is opened or rescanned.
+const INDEX_FETCHES: usize = 16;
+
 impl S3Store {
     pub(super) fn root_key(&self, name: &str) -> Result<Key> {
         validate_root_name(name)?;
@@ -130,9 +133,20 @@ impl S3Store {
         st.keeps = keeps;
         ids.retain(|id| !st.packs.contains_key(id));
         self.prune_kept_indexes(&sizes).await;
-        for id in &ids {
-            let size = sizes.get(id).copied().unwrap_or(0);
-            let Some(entries) = self.pack_index(id, size).await? else {
+        // Fetched concurrently (a cold start over a long link would otherwise pay one round
+        // trip per pack), merged in id order.
+        let mut fetched: Vec<Option<Vec<IndexEntry>>> = Vec::with_capacity(ids.len());
+        for group in ids.chunks(INDEX_FETCHES) {
+            let mut loads = Vec::with_capacity(group.len());
+            for id in group {
+                loads.push(self.pack_index(id, sizes.get(id).copied().unwrap_or(0)));
+            }
+            for r in futures::future::join_all(loads).await {
+                fetched.push(r?);
+            }
+        }
+        for (id, entries) in ids.iter().zip(fetched) {
+            let Some(entries) = entries else {
                 continue;
             };
             let gone = st.doomed.contains(id);
@@ -332,6 +346,10 @@ impl BlobService for S3Store {
 
     async fn read_chunks(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
         self.read_chunks_coalesced(chunks, sink).await
+    }
+
+    async fn read_chunks_exact(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        S3Store::read_chunks_exact(self, chunks, sink).await
     }
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {

@@ -39,6 +39,13 @@ pub(super) const MAX_RUN: u64 = 8;
 /// GETs of one batch in flight at once.
 pub(super) const BATCH_GETS: usize = 8;
 
+/// An exact batch (see `BlobService::read_chunks_exact`): two wanted objects of one pack at
+/// most this far apart are read by one GET, gap included (a GET costs a round trip; 256 KiB is
+/// a few milliseconds of transfer)...
+const EXACT_GAP: u64 = 256 << 10;
+/// ...of at most this many bytes.
+const EXACT_RUN: u64 = 16 << 20;
+
 /// Objects put but not yet in a committed pack: the pack being filled, then those sealed and
 /// waiting for (or in) their upload. Reads look here first.
 #[derive(Default)]
@@ -629,6 +636,117 @@ impl S3Store {
             .buffer_unordered(BATCH_GETS)
             .for_each(|()| async {})
             .await;
+    }
+
+    /// Reads a batch of objects of one kind by exact byte ranges of their packs (neighbours
+    /// joined across gaps up to [`EXACT_GAP`]), bypassing the extents and their read-ahead:
+    /// for a batch that is all the caller wants. Objects not in a known pack, or whose pack
+    /// has gone, are read one by one.
+    pub(super) async fn read_many_exact(
+        &self,
+        kind: Kind,
+        digests: Vec<B3Digest>,
+        deliver: Deliver,
+    ) {
+        if let Err(e) = self.ensure_scanned().await {
+            for d in digests {
+                deliver(d, Err(e.duplicate()));
+            }
+            return;
+        }
+        let mut located: Vec<(String, IndexEntry, B3Digest)> = Vec::new();
+        let mut single = Vec::new();
+        {
+            let packs = self.packs.lock().await;
+            for d in digests {
+                if let Some(b) = self.staged_object(kind, &d) {
+                    deliver(d, Ok(Some(b)));
+                    continue;
+                }
+                match packs.map.get(&(kind, d)) {
+                    Some((id, e)) => located.push((id.clone(), *e, d)),
+                    None => single.push(d),
+                }
+            }
+        }
+        located.sort_by(|a, b| (&a.0, a.1.offset).cmp(&(&b.0, b.1.offset)));
+        // (pack, start, end, objects)
+        let mut runs: Vec<(String, u64, u64, Vec<(B3Digest, IndexEntry)>)> = Vec::new();
+        for (id, e, d) in located {
+            let (start, end) = (e.offset, e.offset + e.len as u64);
+            match runs.last_mut() {
+                Some(r) if r.0 == id && start <= r.2 + EXACT_GAP && end - r.1 <= EXACT_RUN => {
+                    r.2 = r.2.max(end);
+                    r.3.push((d, e));
+                }
+                _ => runs.push((id, start, end, vec![(d, e)])),
+            }
+        }
+        type Job<'a> = futures::future::BoxFuture<'a, ()>;
+        let mut jobs: Vec<Job<'_>> = Vec::new();
+        for (id, start, end, objects) in runs {
+            let deliver = deliver.clone();
+            jobs.push(Box::pin(async move {
+                let range = GetRange::Bounded(start..end.max(start + 1));
+                let body = match self.get_raw(&self.pack_key(&id, "pack"), Some(range)).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        for (d, _) in objects {
+                            deliver(d, Err(e.duplicate()));
+                        }
+                        return;
+                    }
+                };
+                let mut cut = Vec::with_capacity(objects.len());
+                let mut gone = Vec::new();
+                for (d, e) in objects {
+                    let from = (e.offset - start) as usize;
+                    let to = from + e.len as usize;
+                    match &body {
+                        Some(b) if to <= b.len() => cut.push((d, b.slice(from..to))),
+                        // The pack has gone or is shorter than its index says.
+                        _ => gone.push(d),
+                    }
+                }
+                let handed = tokio::task::spawn_blocking({
+                    let deliver = deliver.clone();
+                    move || {
+                        for (d, raw) in cut {
+                            deliver(d, Ok(Some(raw)));
+                        }
+                    }
+                })
+                .await;
+                if let Err(e) = handed {
+                    tracing::warn!("handing over a batch of {}: {e}", kind.what());
+                }
+                for d in gone {
+                    deliver(d, self.get_object(kind, &d, None).await);
+                }
+            }));
+        }
+        for d in single {
+            let deliver = deliver.clone();
+            jobs.push(Box::pin(async move {
+                deliver(d, self.get_object(kind, &d, None).await)
+            }));
+        }
+        futures::stream::iter(jobs)
+            .buffer_unordered(BATCH_GETS)
+            .for_each(|()| async {})
+            .await;
+    }
+
+    /// Chunks through [`Self::read_many_exact`], decoded (and verified) where handed over.
+    pub(super) async fn read_chunks_exact(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
+        let digests = chunks.iter().map(|c| c.digest).collect();
+        let deliver: Deliver = Arc::new(move |d, r: Result<Option<Bytes>>| {
+            sink(
+                d,
+                r.and_then(|raw| raw.map(|raw| decode_chunk(&d, &raw)).transpose()),
+            )
+        });
+        self.read_many_exact(Kind::Chunk, digests, deliver).await
     }
 
     /// Chunks through [`Self::read_many`], each decoded (and verified) where it is handed

@@ -31,6 +31,9 @@ impl Inner {
     /// Whole-tree readers (tar, cp -r, rsync) read a directory's files one after another:
     /// when a file is first read, fetch the next few siblings' first chunks in the background.
     pub(super) fn prefetch_siblings(&self, ino: u64) {
+        if self.tracer.as_ref().is_some_and(|t| t.replay_leads()) {
+            return;
+        }
         let found = {
             let table = lock(&self.table);
             let Some(parent) = table.get(ino).map(|i| i.parent) else {
@@ -53,6 +56,9 @@ impl Inner {
     /// would cost a round trip each. (Not over a local store: there a plain `find` would pay
     /// for reading files it never opens; see [`SIBLING_PREFETCH`].)
     pub(super) fn prefetch_listing(&self, views: &[&DirView]) {
+        if self.tracer.as_ref().is_some_and(|t| t.replay_leads()) {
+            return;
+        }
         let mut bytes = 0u64;
         let mut wanted = Vec::new();
         'views: for v in views {

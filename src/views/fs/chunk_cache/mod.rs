@@ -164,6 +164,11 @@ impl ChunkCache {
         let _ = self.tracer.set(tracer);
     }
 
+    /// Blobs larger than this need their layout fetched (a `stat`) before they can be read.
+    pub fn needs_layout(&self, size: u64) -> bool {
+        size > self.single_chunk_max
+    }
+
     /// Bytes of chunks this cache holds at most.
     pub fn capacity(&self) -> usize {
         self.capacity
@@ -278,11 +283,13 @@ impl ChunkCache {
     /// Fetches those of `chunks` neither cached nor in flight as one backend batch. Each is
     /// in flight (so readers wait for it rather than fetch it again) until the backend hands
     /// it over; chunks the batch leaves unanswered by the deadline fail like a timed-out fetch.
-    /// With `quiet`, failures are logged at debug level (see [`FetchError::unlogged`]).
+    /// With `replay` (a trace replay's batch), the backend reads exactly these chunks (see
+    /// `BlobService::read_chunks_exact`) and failures are logged at debug level only (see
+    /// [`FetchError::unlogged`]).
     pub(crate) async fn fetch_batch_with(
         self: &Arc<Self>,
         chunks: Vec<ChunkRef>,
-        quiet: bool,
+        replay: bool,
     ) -> BatchOutcome {
         type Waiting = HashMap<
             B3Digest,
@@ -329,7 +336,7 @@ impl ChunkCache {
                     .unwrap_or_else(|p| p.into_inner())
                     .remove(&digest);
                 if let Some((c, tx)) = entry {
-                    let res = checked(c, r, quiet);
+                    let res = checked(c, r, replay);
                     {
                         let mut o = outcome.lock().unwrap_or_else(|p| p.into_inner());
                         match &res {
@@ -345,9 +352,12 @@ impl ChunkCache {
                 }
             })
         };
-        let timed_out = tokio::time::timeout(self.deadline, self.blobs.read_chunks(batch, sink))
-            .await
-            .is_err();
+        let read = if replay {
+            self.blobs.read_chunks_exact(batch, sink)
+        } else {
+            self.blobs.read_chunks(batch, sink)
+        };
+        let timed_out = tokio::time::timeout(self.deadline, read).await.is_err();
         let left: Vec<_> = waiting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
