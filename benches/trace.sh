@@ -126,3 +126,4 @@ for backend in s3 grpc; do
   done
 done
 stop_servers
+exit 0

@@ -217,15 +217,19 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         },
     };
     let replay = match &args.root {
-        Some(r) if !args.no_trace => {
-            let t = trees::trace::for_mount(store, r, args.trace.as_deref()).await?;
-            if t.is_none() {
-                if let Some(name) = &args.trace {
-                    bail!("--trace {name}: root {r} has no such trace");
-                }
-            }
-            t
-        }
+        Some(r) if !args.no_trace => match &args.trace {
+            Some(name) => match trees::trace::for_mount(store, r, Some(name)).await? {
+                Some(t) => Some(t),
+                None => bail!("--trace {name}: root {r} has no such trace"),
+            },
+            // A trace only speeds the start up: a store that cannot say is mounted without.
+            None => trees::trace::for_mount(store, r, None)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("not replaying a trace: {e}");
+                    None
+                }),
+        },
         _ => None,
     };
     if let Some(f) = &args.record_trace {

@@ -121,13 +121,18 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     let trace_ref = if args.no_trace {
         None
     } else {
-        let t = trees::trace::for_mount(store, &args.root, args.trace.as_deref()).await?;
-        if t.is_none() {
-            if let Some(name) = &args.trace {
-                bail!("--trace {name}: root {} has no such trace", args.root);
-            }
+        match &args.trace {
+            Some(name) => match trees::trace::for_mount(store, &args.root, Some(name)).await? {
+                Some(t) => Some(t),
+                None => bail!("--trace {name}: root {} has no such trace", args.root),
+            },
+            None => trees::trace::for_mount(store, &args.root, None)
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::warn!("not replaying a trace: {e}");
+                    None
+                }),
         }
-        t
     };
     let placement = match &args.at {
         None => Placement::AsRoot,

@@ -114,9 +114,11 @@ pub async fn remove(store: &Store, root: &str, name: &str) -> Result<bool> {
 }
 
 /// The trace a mount of `root` replays: the one called `name`, or the newest; `None` when
-/// `root` is not a named root or has no such trace.
+/// `root` is a digest (traces belong to named roots) or has no such trace.
 pub async fn for_mount(store: &Store, root: &str, name: Option<&str>) -> Result<Option<TraceRef>> {
-    if crate::model::castore::validate_root_name(root).is_err() {
+    if crate::model::castore::validate_root_name(root).is_err()
+        || root.parse::<crate::model::castore::B3Digest>().is_ok()
+    {
         return Ok(None);
     }
     Ok(match store.roots.get(root).await? {

@@ -670,8 +670,9 @@ impl S3Store {
             }
         }
         located.sort_by(|a, b| (&a.0, a.1.offset).cmp(&(&b.0, b.1.offset)));
-        // (pack, start, end, objects)
-        let mut runs: Vec<(String, u64, u64, Vec<(B3Digest, IndexEntry)>)> = Vec::new();
+        /// One GET: a pack, a byte range of it, the objects inside.
+        type Run = (String, u64, u64, Vec<(B3Digest, IndexEntry)>);
+        let mut runs: Vec<Run> = Vec::new();
         for (id, e, d) in located {
             let (start, end) = (e.offset, e.offset + e.len as u64);
             match runs.last_mut() {
