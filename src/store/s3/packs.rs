@@ -553,33 +553,63 @@ impl S3Store {
         Ok(Some(Bytes::from(out)).filter(|b| b.len() as u64 == len))
     }
 
+    /// Where a batch's objects are: staged ones handed over at once, then (digest, pack,
+    /// index entry) for the packed ones and the digests of the rest. `None` (every object
+    /// answered with the error) if the bucket's packs cannot be listed.
+    async fn locate(
+        &self,
+        kind: Kind,
+        digests: Vec<B3Digest>,
+        deliver: &Deliver,
+    ) -> Option<(Vec<(B3Digest, String, IndexEntry)>, Vec<B3Digest>)> {
+        if let Err(e) = self.ensure_scanned().await {
+            for d in digests {
+                deliver(d, Err(e.duplicate()));
+            }
+            return None;
+        }
+        let mut located = Vec::new();
+        let mut single = Vec::new();
+        let packs = self.packs.lock().await;
+        for d in digests {
+            if let Some(b) = self.staged_object(kind, &d) {
+                deliver(d, Ok(Some(b)));
+                continue;
+            }
+            match packs.map.get(&(kind, d)) {
+                Some((id, e)) => located.push((d, id.clone(), *e)),
+                None => single.push(d),
+            }
+        }
+        Some((located, single))
+    }
+
+    /// Jobs reading each of `digests` alone (objects in no known pack).
+    fn singles<'a>(
+        &'a self,
+        kind: Kind,
+        digests: Vec<B3Digest>,
+        deliver: &Deliver,
+    ) -> Vec<futures::future::BoxFuture<'a, ()>> {
+        digests
+            .into_iter()
+            .map(|d| {
+                let deliver = deliver.clone();
+                Box::pin(async move { deliver(d, self.get_object(kind, &d, None).await) })
+                    as futures::future::BoxFuture<'a, ()>
+            })
+            .collect()
+    }
+
     /// Reads a batch of objects of one kind, handing each one's stored bytes to `deliver`
     /// exactly once. Packed objects are read through the extents, the extents the batch needs
     /// fetched [`BATCH_GETS`] at a time, each object handed over (on a blocking thread, so it
     /// may decode there) once its extents are in; objects not in a known pack are read one by
     /// one.
     pub(super) async fn read_many(&self, kind: Kind, digests: Vec<B3Digest>, deliver: Deliver) {
-        if let Err(e) = self.ensure_scanned().await {
-            for d in digests {
-                deliver(d, Err(e.duplicate()));
-            }
+        let Some((located, single)) = self.locate(kind, digests, &deliver).await else {
             return;
-        }
-        let mut located: Vec<(B3Digest, String, IndexEntry)> = Vec::new();
-        let mut single = Vec::new();
-        {
-            let packs = self.packs.lock().await;
-            for d in digests {
-                if let Some(b) = self.staged_object(kind, &d) {
-                    deliver(d, Ok(Some(b)));
-                    continue;
-                }
-                match packs.map.get(&(kind, d)) {
-                    Some((id, e)) => located.push((d, id.clone(), *e)),
-                    None => single.push(d),
-                }
-            }
-        }
+        };
         // Every extent the batch needs, fetched first (in pack order), so objects are then
         // cut from memory.
         let mut needed: Vec<(String, u64)> = located
@@ -626,12 +656,7 @@ impl S3Store {
                 }
             }));
         }
-        for d in single {
-            let deliver = deliver.clone();
-            jobs.push(Box::pin(async move {
-                deliver(d, self.get_object(kind, &d, None).await)
-            }));
-        }
+        jobs.extend(self.singles(kind, single, &deliver));
         futures::stream::iter(jobs)
             .buffer_unordered(BATCH_GETS)
             .for_each(|()| async {})
@@ -648,32 +673,14 @@ impl S3Store {
         digests: Vec<B3Digest>,
         deliver: Deliver,
     ) {
-        if let Err(e) = self.ensure_scanned().await {
-            for d in digests {
-                deliver(d, Err(e.duplicate()));
-            }
+        let Some((mut located, single)) = self.locate(kind, digests, &deliver).await else {
             return;
-        }
-        let mut located: Vec<(String, IndexEntry, B3Digest)> = Vec::new();
-        let mut single = Vec::new();
-        {
-            let packs = self.packs.lock().await;
-            for d in digests {
-                if let Some(b) = self.staged_object(kind, &d) {
-                    deliver(d, Ok(Some(b)));
-                    continue;
-                }
-                match packs.map.get(&(kind, d)) {
-                    Some((id, e)) => located.push((id.clone(), *e, d)),
-                    None => single.push(d),
-                }
-            }
-        }
-        located.sort_by(|a, b| (&a.0, a.1.offset).cmp(&(&b.0, b.1.offset)));
+        };
+        located.sort_by(|a, b| (&a.1, a.2.offset).cmp(&(&b.1, b.2.offset)));
         /// One GET: a pack, a byte range of it, the objects inside.
         type Run = (String, u64, u64, Vec<(B3Digest, IndexEntry)>);
         let mut runs: Vec<Run> = Vec::new();
-        for (id, e, d) in located {
+        for (d, id, e) in located {
             let (start, end) = (e.offset, e.offset + e.len as u64);
             match runs.last_mut() {
                 Some(r) if r.0 == id && start <= r.2 + EXACT_GAP && end - r.1 <= EXACT_RUN => {
@@ -726,12 +733,7 @@ impl S3Store {
                 }
             }));
         }
-        for d in single {
-            let deliver = deliver.clone();
-            jobs.push(Box::pin(async move {
-                deliver(d, self.get_object(kind, &d, None).await)
-            }));
-        }
+        jobs.extend(self.singles(kind, single, &deliver));
         futures::stream::iter(jobs)
             .buffer_unordered(BATCH_GETS)
             .for_each(|()| async {})
