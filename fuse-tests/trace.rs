@@ -70,6 +70,21 @@ fn listed_entries(
     out
 }
 
+/// `granary --store URL ARGS`, which must succeed; its stdout.
+fn granary_ok(url: &str, args: &[&str]) -> String {
+    let out = Command::new(granary_bin())
+        .args(["--store", url])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 fn hex(data: &[u8]) -> String {
     blake3::hash(data).to_hex().to_string()
 }
@@ -194,19 +209,7 @@ fn a_replaying_mount_over_a_daemon_serves_traced_reads_without_asking_the_daemon
     write(&src.join("untraced"), &noise(3_000_000, 99), false);
     let d = Daemon::start(tmp.path(), &[]);
     let url = d.unix_url();
-    let cli = |args: &[&str]| {
-        let out = Command::new(granary_bin())
-            .args(["--store", &url])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let cli = |args: &[&str]| granary_ok(&url, args);
     cli(&["import", "--name", "t", src.to_str().unwrap()]);
     // The job: the small files, then the libraries, in an order no listing gives.
     let job = |m: &Path| {
@@ -314,18 +317,7 @@ fn a_read_outside_the_trace_does_not_wait_behind_a_large_replay() {
     write(&src.join("big"), &big, false);
     write(&src.join("other"), &noise(40_000, 8), false);
     let store_url = format!("file://{}", tmp.path().join("store").display());
-    let cli = |args: &[&str]| {
-        let out = Command::new(granary_bin())
-            .args(["--store", &store_url])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
+    let cli = |args: &[&str]| granary_ok(&store_url, args);
     cli(&["import", "--name", "t", src.to_str().unwrap()]);
     let rec = tmp.path().join("rec");
     record(&store_url, "t", &rec, |m| {

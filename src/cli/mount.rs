@@ -217,35 +217,17 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
         },
     };
     let replay = match &args.root {
-        Some(r) if !args.no_trace => match &args.trace {
-            Some(name) => match trees::trace::for_mount(store, r, Some(name)).await? {
-                Some(t) => Some(t),
-                None => bail!("--trace {name}: root {r} has no such trace"),
-            },
-            // A trace only speeds the start up: a store that cannot say is mounted without.
-            None => trees::trace::for_mount(store, r, None)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!("not replaying a trace: {e}");
-                    None
-                }),
-        },
-        _ => None,
+        Some(r) => trees::trace::to_replay(store, r, args.trace.as_deref(), args.no_trace)
+            .await
+            .context("--trace")?,
+        None => None,
     };
-    if let Some(f) = &args.record_trace {
-        // Checked now rather than at unmount, when the recording would be lost.
-        let dir = match f.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if !dir.is_dir() {
-            bail!(
-                "--record-trace {}: {} is not a directory",
-                f.display(),
-                dir.display()
-            );
-        }
-    }
+    // Checked now rather than at unmount, when the recording would be lost.
+    let record = args
+        .record_trace
+        .as_deref()
+        .map(super::trace::record_path)
+        .transpose()?;
     let nix = args.nix.then(|| {
         let gid = group_id(&args.nix_group).unwrap_or_else(|| {
             // Nix itself then only warns and leaves the directory's group alone.
@@ -283,7 +265,7 @@ pub async fn run(store: &Store, args: MountArgs) -> Result<ExitCode> {
             min_size: args.file_cache_min,
         }),
         passthrough: !args.no_passthrough,
-        record_trace: args.record_trace.clone(),
+        record_trace: record,
         replay,
         ..MountOptions::default()
     };

@@ -118,22 +118,10 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
             args.root
         ),
     };
-    let trace_ref = if args.no_trace {
-        None
-    } else {
-        match &args.trace {
-            Some(name) => match trees::trace::for_mount(store, &args.root, Some(name)).await? {
-                Some(t) => Some(t),
-                None => bail!("--trace {name}: root {} has no such trace", args.root),
-            },
-            None => trees::trace::for_mount(store, &args.root, None)
-                .await
-                .unwrap_or_else(|e| {
-                    tracing::warn!("not replaying a trace: {e}");
-                    None
-                }),
-        }
-    };
+    let trace_ref =
+        trees::trace::to_replay(store, &args.root, args.trace.as_deref(), args.no_trace)
+            .await
+            .context("--trace")?;
     let placement = match &args.at {
         None => Placement::AsRoot,
         Some(p) => {
@@ -169,22 +157,11 @@ pub async fn run(store: &Store, args: SandboxArgs) -> Result<ExitCode> {
     let work_dir = runtime.join("work");
     let exe = std::env::current_exe().context("locating the granary binary")?;
 
-    let record = match &args.record_trace {
-        None => None,
-        Some(f) => {
-            // Absolute, as the server runs elsewhere; its directory must exist now.
-            let name = f
-                .file_name()
-                .with_context(|| format!("--record-trace {}: not a file name", f.display()))?;
-            let dir = match f.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p,
-                _ => std::path::Path::new("."),
-            };
-            let dir = std::fs::canonicalize(dir)
-                .with_context(|| format!("--record-trace {}", f.display()))?;
-            Some(dir.join(name))
-        }
-    };
+    let record = args
+        .record_trace
+        .as_deref()
+        .map(super::trace::record_path)
+        .transpose()?;
     let reuse = if args.no_reuse || record.is_some() {
         None
     } else {

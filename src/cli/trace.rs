@@ -1,6 +1,6 @@
 //! `granary trace`: save recorded traces into a root (merging runs), list and remove them.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
@@ -43,6 +43,28 @@ pub enum TraceCommand {
     },
     /// Remove trace NAME from ROOT (its object goes at the next gc).
     Rm { root: String, name: String },
+}
+
+/// Where `--record-trace FILE` writes: FILE made absolute (the writer may run elsewhere), its
+/// directory checked now rather than when the recording is written and would be lost.
+pub(super) fn record_path(f: &Path) -> Result<PathBuf> {
+    let name = f
+        .file_name()
+        .with_context(|| format!("--record-trace {}: not a file name", f.display()))?;
+    let dir = match f.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let dir =
+        std::fs::canonicalize(dir).with_context(|| format!("--record-trace {}", f.display()))?;
+    if !dir.is_dir() {
+        anyhow::bail!(
+            "--record-trace {}: {} is not a directory",
+            f.display(),
+            dir.display()
+        );
+    }
+    Ok(dir.join(name))
 }
 
 fn kind(k: EntryKind) -> &'static str {

@@ -113,9 +113,35 @@ pub async fn remove(store: &Store, root: &str, name: &str) -> Result<bool> {
     Ok(true)
 }
 
-/// The trace a mount of `root` replays: the one called `name`, or the newest; `None` when
-/// `root` is a digest (traces belong to named roots) or has no such trace.
-pub async fn for_mount(store: &Store, root: &str, name: Option<&str>) -> Result<Option<TraceRef>> {
+/// The trace a mount or sandbox of `root` replays: none when `off`; the one called `name` (an
+/// error if the root has none by that name); else the root's newest, if any. Without a name,
+/// a store that cannot be asked is not an error (a trace only speeds a start up): logged.
+pub async fn to_replay(
+    store: &Store,
+    root: &str,
+    name: Option<&str>,
+    off: bool,
+) -> Result<Option<TraceRef>> {
+    if off {
+        return Ok(None);
+    }
+    match name {
+        Some(n) => match for_mount(store, root, Some(n)).await? {
+            Some(t) => Ok(Some(t)),
+            None => Err(StoreError::Backend(format!(
+                "root {root} has no trace named {n:?}"
+            ))),
+        },
+        None => Ok(for_mount(store, root, None).await.unwrap_or_else(|e| {
+            tracing::warn!("not replaying a trace: {e}");
+            None
+        })),
+    }
+}
+
+/// The trace of `root` called `name`, or its newest; `None` when `root` is a digest (traces
+/// belong to named roots) or has no such trace.
+async fn for_mount(store: &Store, root: &str, name: Option<&str>) -> Result<Option<TraceRef>> {
     if crate::model::castore::validate_root_name(root).is_err()
         || root.parse::<crate::model::castore::B3Digest>().is_ok()
     {

@@ -169,16 +169,6 @@ impl ChunkCache {
         size > self.single_chunk_max
     }
 
-    /// Bytes of chunks this cache holds at most.
-    pub fn capacity(&self) -> usize {
-        self.capacity
-    }
-
-    /// Whether `digest` is held.
-    pub fn holds(&self, digest: &B3Digest) -> bool {
-        self.state().chunks.contains(digest)
-    }
-
     /// Sets how far past a sequential read to prefetch (0 turns prefetch off).
     pub fn set_prefetch(&self, bytes: u64) {
         self.prefetch_bytes
