@@ -81,6 +81,10 @@ pub struct DiskCache {
     pub(super) written: AtomicU64,
     pub(super) counters: Counters,
     pub(super) sweeping: AtomicBool,
+    /// Held from a write's room check to its size update (and by every sweep): two writers
+    /// that both found room for one entry would otherwise both write, and a sweep that
+    /// counted the directory before a write landed would forget it.
+    pub(super) writing: std::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for DiskCache {
@@ -191,6 +195,7 @@ impl DiskCache {
             written: AtomicU64::new(0),
             counters: Counters::default(),
             sweeping: AtomicBool::new(false),
+            writing: std::sync::Mutex::new(()),
         });
         cache.sweep_temp();
         if size > max {
@@ -269,8 +274,9 @@ impl DiskCache {
         if n > self.max {
             return;
         }
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         if self.size.load(Ordering::Relaxed) + n > self.max {
-            if let Err(e) = self.sweep(n) {
+            if let Err(e) = self.sweep_locked(n) {
                 tracing::warn!("cache sweep failed: {e}");
                 return;
             }
@@ -286,7 +292,7 @@ impl DiskCache {
         // Other processes write too: rescan after every tenth of `max` written here, so the
         // writes this process has not seen stay bounded.
         if self.written.fetch_add(n, Ordering::Relaxed) + n > self.max / RESCAN_FRACTION {
-            if let Err(e) = self.sweep(0) {
+            if let Err(e) = self.sweep_locked(0) {
                 tracing::warn!("cache sweep failed: {e}");
             }
         }
@@ -312,6 +318,12 @@ impl DiskCache {
     /// Deletes least recently used entries until the cache holds at most
     /// `LOW_WATER * max - room` bytes. One process sweeps at a time (lock file).
     pub fn sweep(&self, room: u64) -> Result<()> {
+        let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        self.sweep_locked(room)
+    }
+
+    /// [`Self::sweep`], the caller holding `writing`.
+    fn sweep_locked(&self, room: u64) -> Result<()> {
         if self.sweeping.swap(true, Ordering::AcqRel) {
             return Ok(()); // another thread of this process is at it
         }

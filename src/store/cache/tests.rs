@@ -35,3 +35,31 @@ async fn bounded_verified_and_repairing() {
     assert!(s.evicted > 0);
     assert_eq!(s.chunk_misses, 41);
 }
+
+#[test]
+fn writers_at_once_never_take_the_cache_over_its_bound() {
+    // Many threads writing while the cache is full: each must find room for itself, not for
+    // another thread's entry too, and a sweep must not forget an entry being written.
+    for round in 0..20u8 {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = DiskCache::open(tmp.path(), 100_000).unwrap();
+        std::thread::scope(|s| {
+            for t in 0..8u8 {
+                let cache = cache.clone();
+                s.spawn(move || {
+                    for i in 0..10u8 {
+                        let data = vec![round ^ t ^ i; 9_000 + t as usize * 100 + i as usize];
+                        let d = B3Digest::of(&data);
+                        cache.write_entry(&cache.entry_path(Kind::Chunk, &d), &data);
+                    }
+                });
+            }
+        });
+        let r = report(tmp.path());
+        assert!(
+            r.bytes <= 100_000,
+            "round {round}: {} bytes cached",
+            r.bytes
+        );
+    }
+}
