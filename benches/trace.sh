@@ -48,6 +48,7 @@ cleanup() {
   true
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 rootfs=$work/rootfs
 if [[ ! -d $rootfs/usr ]]; then
