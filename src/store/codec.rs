@@ -12,58 +12,101 @@ use crate::model::chunking::MAX_CHUNK;
 
 /// Decompresses a stored chunk, never allocating more than [`MAX_CHUNK`], and checks its digest.
 pub fn decode_chunk(digest: &B3Digest, compressed: &[u8]) -> Result<Bytes> {
-    let corrupt = |why: String| StoreError::corrupt("chunk", digest, why);
+    let out = decompress_bounded(compressed, MAX_CHUNK)
+        .map_err(|why| StoreError::corrupt("chunk", digest, why))?;
+    check_chunk(digest, out)
+}
+
+/// Checks a chunk's plain bytes against its digest.
+pub fn check_chunk(digest: &B3Digest, plain: Vec<u8>) -> Result<Bytes> {
+    check_digest(ObjectKind::Chunk, digest, &plain)?;
+    Ok(Bytes::from(plain))
+}
+
+/// Most plain bytes a compression group may hold (a store's group size is at most half).
+pub const GROUP_PLAIN_MAX: usize = 16 << 20;
+
+/// Decompresses a compression group's frame, never allocating more than [`GROUP_PLAIN_MAX`].
+pub fn decode_group(frame: &[u8]) -> std::result::Result<Vec<u8>, String> {
+    decompress_bounded(frame, GROUP_PLAIN_MAX)
+}
+
+/// Decompresses one zstd frame of at most `max` bytes; the reason if it cannot.
+fn decompress_bounded(compressed: &[u8], max: usize) -> std::result::Result<Vec<u8>, String> {
     // Frames we write carry their content size: decompress in one call into a buffer of
     // exactly that size, with a per-thread context (creating one costs more than a small
     // chunk's decompression). Frames without it take the bounded streaming path.
-    let out = match zstd::zstd_safe::get_frame_content_size(compressed) {
-        Ok(Some(size)) if size as usize > MAX_CHUNK => {
-            return Err(corrupt("larger than any chunk".into()))
-        }
+    match zstd::zstd_safe::get_frame_content_size(compressed) {
+        Ok(Some(size)) if size > max as u64 => Err(format!("larger than {max} bytes")),
         Ok(Some(size)) => {
             let mut out = Vec::with_capacity(size as usize);
-            DECOMPRESSOR.with(|d| -> Result<()> {
+            DECOMPRESSOR.with(|d| {
                 let mut d = d.borrow_mut();
                 let dctx = match &mut *d {
                     Some(dctx) => dctx,
-                    None => d.insert(
-                        zstd::bulk::Decompressor::new()
-                            .map_err(|e| corrupt(format!("zstd: {e}")))?,
-                    ),
+                    None => {
+                        d.insert(zstd::bulk::Decompressor::new().map_err(|e| format!("zstd: {e}"))?)
+                    }
                 };
                 dctx.decompress_to_buffer(compressed, &mut out)
-                    .map_err(|e| corrupt(format!("zstd: {e}")))?;
-                Ok(())
+                    .map_err(|e| format!("zstd: {e}"))
             })?;
             if out.len() as u64 != size {
-                return Err(corrupt(format!(
+                return Err(format!(
                     "zstd: {} bytes where the frame header says {size}",
                     out.len()
-                )));
+                ));
             }
-            out
+            Ok(out)
         }
         _ => {
             let mut out = Vec::new();
             let mut dec = zstd::stream::read::Decoder::new(compressed)
-                .map_err(|e| corrupt(format!("zstd: {e}")))?
+                .map_err(|e| format!("zstd: {e}"))?
                 .single_frame()
-                .take(MAX_CHUNK as u64 + 1);
+                .take(max as u64 + 1);
             dec.read_to_end(&mut out)
-                .map_err(|e| corrupt(format!("zstd: {e}")))?;
-            if out.len() > MAX_CHUNK {
-                return Err(corrupt("larger than any chunk".into()));
+                .map_err(|e| format!("zstd: {e}"))?;
+            if out.len() > max {
+                return Err(format!("larger than {max} bytes"));
             }
-            out
+            Ok(out)
         }
-    };
-    let actual = B3Digest::of(&out);
-    if actual != *digest {
-        return Err(corrupt(format!(
-            "digest mismatch (content hashes to {actual})"
-        )));
     }
-    Ok(Bytes::from(out))
+}
+
+/// An object's bytes as a store read them: as stored alone (a chunk's zstd frame, a
+/// directory's or blob index's protobuf), or plain, cut from its decompressed compression
+/// group. Either way not yet verified.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Stored {
+    Alone(Vec<u8>),
+    Plain(Vec<u8>),
+}
+
+impl Stored {
+    /// A chunk's verified plain bytes.
+    pub fn into_chunk(self, digest: &B3Digest) -> Result<Bytes> {
+        match self {
+            Stored::Alone(raw) => decode_chunk(digest, &raw),
+            Stored::Plain(plain) => check_chunk(digest, plain),
+        }
+    }
+
+    /// A directory's or blob index's protobuf (the same bytes either way; not yet checked).
+    pub fn into_protobuf(self) -> Vec<u8> {
+        match self {
+            Stored::Alone(b) | Stored::Plain(b) => b,
+        }
+    }
+
+    /// Verifies the object as a read would (before copying it elsewhere).
+    pub fn verify(&self, kind: ObjectKind, digest: &B3Digest) -> Result<()> {
+        match (self, kind) {
+            (Stored::Plain(plain), ObjectKind::Chunk) => check_digest(kind, digest, plain),
+            (Stored::Alone(raw), _) | (Stored::Plain(raw), _) => verify_stored(kind, digest, raw),
+        }
+    }
 }
 
 thread_local! {

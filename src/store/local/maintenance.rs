@@ -43,16 +43,21 @@ impl LocalStore {
             }
         }
         self.packs.refresh(false)?;
+        let groups = self.packs.group_plain_sizes();
         for kind in Kind::ALL {
-            for (e, _) in self.packs.objects(kind) {
-                u.stored_bytes += e.len as u64;
+            for (e, id) in self.packs.objects(kind) {
+                let group = groups.get(&(id, e.offset)).copied().unwrap_or(0);
+                u.stored_bytes += e.stored_share(group);
                 match kind {
                     Kind::Chunk => {
                         u.chunks += 1;
+                        if let Some(m) = e.member {
+                            u.chunk_bytes += m.len as u64;
+                            continue;
+                        }
                         let header = self.read_packed(kind, &e.digest, Some(18))?;
-                        if let Ok(Some(s)) = zstd::zstd_safe::get_frame_content_size(
-                            header.as_deref().unwrap_or(&[]),
-                        ) {
+                        let header = header.map(Stored::into_protobuf).unwrap_or_default();
+                        if let Ok(Some(s)) = zstd::zstd_safe::get_frame_content_size(&header) {
                             u.chunk_bytes += s;
                         }
                     }
@@ -131,10 +136,12 @@ impl LocalStore {
         }
         let loose: std::collections::HashSet<B3Digest> = out.iter().map(|o| o.digest).collect();
         let mut times: HashMap<String, SystemTime> = HashMap::new();
+        let groups = self.packs.group_plain_sizes();
         for (e, id) in self.packs.objects(kind) {
             if loose.contains(&e.digest) {
                 continue;
             }
+            let group = groups.get(&(id.clone(), e.offset)).copied().unwrap_or(0);
             let modified = match times.get(&id) {
                 Some(t) => *t,
                 None => {
@@ -148,7 +155,7 @@ impl LocalStore {
             out.push(ObjectInfo {
                 kind,
                 digest: e.digest,
-                stored_bytes: e.len as u64,
+                stored_bytes: e.stored_share(group),
                 modified,
             });
         }
@@ -196,7 +203,7 @@ impl LocalStore {
                 Err(e) => return Err(e),
             }
         }
-        self.rewrite_packs(&ids, dead, cutoff)
+        self.rewrite_packs(&ids, dead, cutoff, false)
     }
 
     /// Merges the packs smaller than [`MERGE_BELOW`] and older than `cutoff` into one, once
@@ -216,7 +223,7 @@ impl LocalStore {
         if small.len() < MERGE_AT {
             return Ok(0);
         }
-        self.rewrite_packs(&small, &Default::default(), Some(cutoff))?;
+        self.rewrite_packs(&small, &Default::default(), Some(cutoff), false)?;
         Ok(small.len())
     }
 
@@ -231,6 +238,7 @@ impl LocalStore {
         ids: &[String],
         dead: &std::collections::HashSet<(Kind, B3Digest)>,
         cutoff: Option<SystemTime>,
+        recompress: bool,
     ) -> Result<u64> {
         let young = |p: &Path| -> Result<Option<bool>> {
             Ok(match (modified(p)?, cutoff) {
@@ -260,6 +268,7 @@ impl LocalStore {
                 Err(e) => return Err(StoreError::io(format!("opening {}", path.display()), e)),
             };
             let mut dropped = 0;
+            let mut last_group: Option<(u64, Vec<u8>)> = None;
             for e in &entries {
                 let key = (e.kind, e.digest);
                 if dead.contains(&key) {
@@ -269,16 +278,45 @@ impl LocalStore {
                 if !copied.insert(key) {
                     continue;
                 }
-                let raw = pack::read_at(&file, &path, e)?;
-                if let Err(err) = verify_stored(e.kind, &e.digest, &raw) {
-                    tracing::warn!("dropping {err} while rewriting pack {id}");
-                    continue;
-                }
+                // A group's frame is decompressed once for all its members.
+                let stored = match e.member {
+                    None => Stored::Alone(pack::read_at(&file, &path, e)?),
+                    Some(m) => {
+                        if last_group.as_ref().is_none_or(|(at, _)| *at != e.offset) {
+                            let frame = pack::read_at(&file, &path, e)?;
+                            match decode_group(&frame) {
+                                Ok(plain) => last_group = Some((e.offset, plain)),
+                                Err(why) => {
+                                    let err = pack::group_damaged(e, id, &why);
+                                    tracing::warn!("dropping {err} while rewriting pack {id}");
+                                    continue;
+                                }
+                            }
+                        }
+                        let plain = last_group.as_ref().map_or(&[][..], |(_, p)| &p[..]);
+                        match pack::slice_member(e, m, plain, id) {
+                            Ok(s) => s,
+                            Err(err) => {
+                                tracing::warn!("dropping {err} while rewriting pack {id}");
+                                continue;
+                            }
+                        }
+                    }
+                };
                 let w = match &mut writer {
                     Some(w) => w,
-                    None => writer.insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
+                    None => writer.insert(
+                        PackWriter::new(self.packs.dir(), TMP_PREFIX)?
+                            .with_groups(self.config.group_bytes, self.config.zstd_level),
+                    ),
                 };
-                w.append(e.kind, e.digest, &raw)?;
+                if let Err(err) = w.copy(e.kind, e.digest, stored, recompress) {
+                    if matches!(err, StoreError::Corrupt { .. }) {
+                        tracing::warn!("dropping {err} while rewriting pack {id}");
+                        continue;
+                    }
+                    return Err(err);
+                }
                 if w.bytes() >= STAGE_MAX_BYTES {
                     if let Some(full) = writer.take() {
                         full.commit(TMP_PREFIX)?;

@@ -32,8 +32,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::codec::{decode_chunk, encode_chunk};
-use super::pack::{self, IndexEntry, PackSet, PackWriter};
+use super::codec::{decode_group, encode_chunk};
+use super::pack::{self, PackSet, PackWriter};
 pub use super::ObjectKind as Kind;
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,
@@ -66,7 +66,7 @@ struct Staged {
     objects: HashMap<PathBuf, tempfile::TempPath>,
     /// The pack being written (packed stores), and what it holds so far.
     pack: Option<PackWriter>,
-    packed: HashMap<(Kind, B3Digest), IndexEntry>,
+    packed: std::collections::HashSet<(Kind, B3Digest)>,
     bytes: u64,
     /// Whether this process ever staged an object (a reader never does, so it can trust a
     /// first "not found").

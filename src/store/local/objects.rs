@@ -3,7 +3,7 @@
 #[allow(unused_imports)]
 use super::*;
 
-pub(super) use crate::store::codec::{check_digest, verify_stored};
+pub(super) use crate::store::codec::{check_digest, Stored};
 
 impl LocalStore {
     /// Opens an object in place or, if staged by this process, its temp file.
@@ -50,29 +50,27 @@ impl LocalStore {
         Ok(Some(buf))
     }
 
-    /// An object's stored bytes (the first `prefix` bytes only, if given), from a pack, this
-    /// process's unflushed pack, or its own file; `None` if absent.
+    /// An object's bytes (for one stored alone, the first `prefix` bytes only, if given),
+    /// from a pack, this process's unflushed pack, or its own file; `None` if absent.
     pub(super) fn read_object_bytes(
         &self,
         kind: Kind,
         digest: &B3Digest,
         prefix: Option<usize>,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         if let Some(b) = self.read_packed(kind, digest, prefix)? {
             return Ok(Some(b));
         }
         if self.config.packs {
             let st = self.lock_staged()?;
-            if let (Some(e), Some(w)) = (st.packed.get(&(kind, *digest)), &st.pack) {
-                let mut e = *e;
-                if let Some(n) = prefix {
-                    e.len = e.len.min(n as u32);
+            if let Some(w) = &st.pack {
+                if let Some(b) = w.read(kind, digest)? {
+                    return Ok(Some(b));
                 }
-                return w.read(&e).map(Some);
             }
         }
         if let Some(b) = self.read_loose(&self.object_path(kind, digest), prefix)? {
-            return Ok(Some(b));
+            return Ok(Some(Stored::Alone(b)));
         }
         // Another process may have committed a pack (or a gc replaced one) since we looked,
         // or this process's own flush moved the object from its unflushed pack to the index
@@ -91,7 +89,7 @@ impl LocalStore {
         kind: Kind,
         digest: &B3Digest,
         prefix: Option<usize>,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         if let Some(b) = self.packs.read(kind, digest, prefix)? {
             return Ok(Some(b));
         }
@@ -107,7 +105,7 @@ impl LocalStore {
     /// refreshed, so a concurrent gc's grace period protects it) or staged by this process.
     pub(super) fn reuse(&self, kind: Kind, digest: &B3Digest) -> Result<bool> {
         if self.config.packs {
-            if self.lock_staged()?.packed.contains_key(&(kind, *digest)) {
+            if self.lock_staged()?.packed.contains(&(kind, *digest)) {
                 return Ok(true);
             }
             return self.touch_packed(kind, digest);
@@ -144,7 +142,7 @@ impl LocalStore {
         let path = self.object_path(kind, digest);
         {
             let st = self.lock_staged()?;
-            if st.packed.contains_key(&(kind, *digest)) || st.objects.contains_key(&path) {
+            if st.packed.contains(&(kind, *digest)) || st.objects.contains_key(&path) {
                 return Ok(true);
             }
         }
@@ -163,25 +161,21 @@ impl LocalStore {
 impl LocalStore {
     /// Stores a chunk from a blocking context (the import pipeline's worker threads).
     pub fn put_chunk_blocking(&self, digest: &B3Digest, data: &[u8]) -> Result<()> {
-        if self.reuse(Kind::Chunk, digest)? {
-            return Ok(());
-        }
-        let compressed = encode_chunk(data, self.config.zstd_level)
-            .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))?;
-        self.stage(Kind::Chunk, digest, &compressed)
+        self.stage(Kind::Chunk, digest, data)
     }
 
     pub(super) fn read_chunk_blocking(&self, digest: &B3Digest) -> Result<Option<Bytes>> {
-        let Some(raw) = self.read_object_bytes(Kind::Chunk, digest, None)? else {
+        let Some(stored) = self.read_object_bytes(Kind::Chunk, digest, None)? else {
             return Ok(None);
         };
-        decode_chunk(digest, &raw).map(Some)
+        stored.into_chunk(digest).map(Some)
     }
 
     pub(super) fn read_object(&self, kind: Kind, digest: &B3Digest) -> Result<Option<Vec<u8>>> {
-        let Some(raw) = self.read_object_bytes(kind, digest, None)? else {
+        let Some(stored) = self.read_object_bytes(kind, digest, None)? else {
             return Ok(None);
         };
+        let raw = stored.into_protobuf();
         check_digest(kind, digest, &raw)?;
         Ok(Some(raw))
     }
@@ -207,17 +201,22 @@ impl LocalStore {
             && !self.packs.contains(Kind::Chunk, blob)
         {
             None
+        } else if let Some(m) = self.packs.locate(Kind::Chunk, blob).and_then(|e| e.member) {
+            // A grouped chunk's size is in the index.
+            return Ok(Some(one_chunk_blob(blob, m.len as u64)));
         } else {
             self.read_object_bytes(Kind::Chunk, blob, Some(18))?
         };
         let header = match header {
-            Some(h) => h,
+            Some(Stored::Alone(h)) => h,
+            Some(Stored::Plain(p)) => return Ok(Some(one_chunk_blob(blob, p.len() as u64))),
             None => {
                 // The index is named by the blob digest, which is not the hash of the index
                 // bytes, so it is validated structurally here; chunk reads verify the bytes.
                 let Some(raw) = self.read_object_bytes(Kind::BlobIndex, blob, None)? else {
                     return Ok(None);
                 };
+                let raw = raw.into_protobuf();
                 let idx = BlobIndex::decode_valid(&raw)
                     .map_err(|e| StoreError::corrupt("blob index", blob, e.to_string()))?;
                 return BlobMeta::from_index(&idx).map(Some);
@@ -233,14 +232,19 @@ impl LocalStore {
                 }
             }
         };
-        Ok(Some(BlobMeta {
+        Ok(Some(one_chunk_blob(blob, size)))
+    }
+}
+
+/// A blob stored as one chunk under its own digest.
+fn one_chunk_blob(blob: &B3Digest, size: u64) -> BlobMeta {
+    BlobMeta {
+        size,
+        chunks: vec![ChunkRef {
+            digest: *blob,
             size,
-            chunks: vec![ChunkRef {
-                digest: *blob,
-                size,
-            }],
-            outboard: Bytes::new(),
-        }))
+        }],
+        outboard: Bytes::new(),
     }
 }
 

@@ -41,30 +41,46 @@ pub(super) fn temp_beside(path: &Path) -> Result<tempfile::NamedTempFile> {
 }
 
 impl LocalStore {
-    /// Stages an object for the next flush: appended to this process's pack (packed stores),
-    /// or written to a temp file beside its final path. An object already stored or already
-    /// staged is left alone.
-    pub(super) fn stage(&self, kind: Kind, digest: &B3Digest, data: &[u8]) -> Result<()> {
+    /// Stages an object for the next flush: added to this process's pack (packed stores;
+    /// small objects into its open compression group), or written to a temp file beside its
+    /// final path. `plain` is the object itself (a chunk uncompressed). An object already
+    /// stored or already staged is left alone.
+    pub(super) fn stage(&self, kind: Kind, digest: &B3Digest, plain: &[u8]) -> Result<()> {
         if self.reuse(kind, digest)? {
             return Ok(());
         }
+        let group = self.config.packs && pack::grouped(self.config.group_bytes, plain.len());
+        // A chunk stored alone is compressed alone, before any lock is taken.
+        let alone;
+        let data = if kind == Kind::Chunk && !group {
+            alone = encode_chunk(plain, self.config.zstd_level)
+                .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))?;
+            &alone[..]
+        } else {
+            plain
+        };
         if self.config.packs {
             let full = {
                 let mut st = self.lock_staged()?;
                 // Another thread may have staged it, or staged and flushed it, since `reuse`
                 // (the index alone is not proof: its pack may be one a gc has removed).
-                if st.packed.contains_key(&(kind, *digest)) || self.touch_packed(kind, digest)? {
+                if st.packed.contains(&(kind, *digest)) || self.touch_packed(kind, digest)? {
                     return Ok(());
                 }
                 let writer = match &mut st.pack {
                     Some(w) => w,
-                    None => st
-                        .pack
-                        .insert(PackWriter::new(self.packs.dir(), TMP_PREFIX)?),
+                    None => st.pack.insert(
+                        PackWriter::new(self.packs.dir(), TMP_PREFIX)?
+                            .with_groups(self.config.group_bytes, self.config.zstd_level),
+                    ),
                 };
-                let e = writer.append(kind, *digest, data)?;
+                if group {
+                    writer.add_grouped(kind, *digest, data)?;
+                } else {
+                    writer.append(kind, *digest, data)?;
+                }
                 let bytes = writer.bytes();
-                st.packed.insert((kind, *digest), e);
+                st.packed.insert((kind, *digest));
                 st.ever = true;
                 bytes >= STAGE_MAX_BYTES || st.packed.len() >= STAGE_MAX_OBJECTS
             };
@@ -109,8 +125,7 @@ impl LocalStore {
             // not later skip these objects as "staged" and record a root without them).
             st.packed.clear();
             if !writer.is_empty() {
-                let entries = writer.entries().to_vec();
-                let id = writer.commit(TMP_PREFIX)?;
+                let (id, entries) = writer.commit(TMP_PREFIX)?;
                 self.packs.add(&id, &entries)?;
             }
         }

@@ -7,8 +7,16 @@
 //!                   zstd frame, a directory or blob index its protobuf: the bytes a loose
 //!                   object file would hold)
 //! packs/<id>.idx    "GRNIDX01", u64 count, count × (u8 kind, 32-byte digest, u64 offset,
-//!                   u32 length), then blake3 of everything before it
+//!                   u32 length), then blake3 of everything before it; or "GRNIDX02", the
+//!                   same with two more u32 per entry: where the object lies inside its
+//!                   compression group (offset, length), both u32::MAX for an object alone
 //! ```
+//!
+//! A compression group (format 3) is one zstd frame holding the plain bytes of several small
+//! objects written together (chunks, directories, blob indexes): small objects compress far
+//! better together than alone. Each grouped object's entry points at its group's frame (offset,
+//! length) and at its own bytes inside the decompressed group; it is still verified alone, by
+//! its digest, when read. Packs without groups keep the first index format.
 //!
 //! All integers little-endian. `<id>` is 16 hex digits of creation time in nanoseconds and 8
 //! random hex digits, so ids sort by age and a later copy of an object wins. A pack is written
@@ -19,22 +27,63 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use super::codec::{decode_group, encode_chunk, Stored, GROUP_PLAIN_MAX};
 use super::{ObjectKind, Result, StoreError};
 use crate::model::castore::B3Digest;
 
 pub const PACK_DIR: &str = "packs";
 pub const PACK_MAGIC: &[u8; 8] = b"GRNPACK1";
 const INDEX_MAGIC: &[u8; 8] = b"GRNIDX01";
+const INDEX_MAGIC_GROUPS: &[u8; 8] = b"GRNIDX02";
 const ENTRY_BYTES: usize = 1 + 32 + 8 + 4;
+const ENTRY_BYTES_GROUPS: usize = ENTRY_BYTES + 4 + 4;
+/// Marks an object stored alone in a format-2 index entry.
+const ALONE: u32 = u32::MAX;
 const INDEX_OVERHEAD: usize = 8 + 8 + 32;
 
-/// Where one object lives inside a pack.
+/// Where one object lives inside a pack: its stored bytes, or for a grouped object its
+/// group's frame (`offset`, `len`) and its place in the decompressed group (`member`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct IndexEntry {
     pub kind: ObjectKind,
     pub digest: B3Digest,
     pub offset: u64,
     pub len: u32,
+    pub member: Option<Member>,
+}
+
+/// An object's bytes inside its decompressed compression group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Member {
+    pub offset: u32,
+    pub len: u32,
+}
+
+impl IndexEntry {
+    /// The object's share of the bytes stored for it: its own stored bytes, or for a grouped
+    /// object its part of the group's frame, in proportion to its plain bytes (`group_plain`
+    /// is the sum of the plain bytes of the group's members).
+    pub fn stored_share(&self, group_plain: u64) -> u64 {
+        match self.member {
+            None => self.len as u64,
+            Some(m) => (self.len as u64 * m.len as u64)
+                .checked_div(group_plain)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The plain bytes of each group's members together, by the group frame's offset.
+pub fn group_plain_sizes<'a>(
+    entries: impl IntoIterator<Item = &'a IndexEntry>,
+) -> std::collections::HashMap<u64, u64> {
+    let mut out = std::collections::HashMap::new();
+    for e in entries {
+        if let Some(m) = e.member {
+            *out.entry(e.offset).or_insert(0) += m.len as u64;
+        }
+    }
+    out
 }
 
 fn kind_code(kind: ObjectKind) -> u8 {
@@ -90,15 +139,34 @@ pub fn encode_index(entries: &[IndexEntry]) -> Vec<u8> {
 }
 
 /// Encodes an index with the entries in the order given (readers sort what is not sorted).
+/// An index of a pack without groups keeps the first format, which older granaries read.
 fn encode_entries_as_given(entries: &[IndexEntry]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(INDEX_OVERHEAD + entries.len() * ENTRY_BYTES);
-    out.extend_from_slice(INDEX_MAGIC);
+    let groups = entries.iter().any(|e| e.member.is_some());
+    let size = if groups {
+        ENTRY_BYTES_GROUPS
+    } else {
+        ENTRY_BYTES
+    };
+    let mut out = Vec::with_capacity(INDEX_OVERHEAD + entries.len() * size);
+    out.extend_from_slice(if groups {
+        INDEX_MAGIC_GROUPS
+    } else {
+        INDEX_MAGIC
+    });
     out.extend_from_slice(&(entries.len() as u64).to_le_bytes());
     for e in entries {
         out.push(kind_code(e.kind));
         out.extend_from_slice(e.digest.as_bytes());
         out.extend_from_slice(&e.offset.to_le_bytes());
         out.extend_from_slice(&e.len.to_le_bytes());
+        if groups {
+            let m = e.member.unwrap_or(Member {
+                offset: ALONE,
+                len: ALONE,
+            });
+            out.extend_from_slice(&m.offset.to_le_bytes());
+            out.extend_from_slice(&m.len.to_le_bytes());
+        }
     }
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
@@ -113,24 +181,30 @@ pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntr
         digest: id.to_string(),
         reason,
     };
-    if raw.len() < INDEX_OVERHEAD || &raw[..8] != INDEX_MAGIC {
+    if raw.len() < INDEX_OVERHEAD || (&raw[..8] != INDEX_MAGIC && &raw[..8] != INDEX_MAGIC_GROUPS) {
         return Err(bad("not a granary pack index".into()));
     }
+    let groups = &raw[..8] == INDEX_MAGIC_GROUPS;
+    let entry_bytes = if groups {
+        ENTRY_BYTES_GROUPS
+    } else {
+        ENTRY_BYTES
+    };
     let (body, sum) = raw.split_at(raw.len() - 32);
     if blake3::hash(body).as_bytes() != sum {
         return Err(bad("checksum mismatch".into()));
     }
     let count = u64::from_le_bytes(body[8..16].try_into().unwrap_or_default());
     // The count is checked against the bytes present before anything is allocated from it.
-    let expect = (raw.len() - INDEX_OVERHEAD) / ENTRY_BYTES;
-    if (raw.len() - INDEX_OVERHEAD) % ENTRY_BYTES != 0 || count != expect as u64 {
+    let expect = (raw.len() - INDEX_OVERHEAD) / entry_bytes;
+    if (raw.len() - INDEX_OVERHEAD) % entry_bytes != 0 || count != expect as u64 {
         return Err(bad(format!(
             "says {count} entries but holds {} bytes",
             raw.len()
         )));
     }
     let mut out = Vec::with_capacity(expect);
-    for rec in body[16..].chunks_exact(ENTRY_BYTES) {
+    for rec in body[16..].chunks_exact(entry_bytes) {
         let kind = kind_of(rec[0]).ok_or_else(|| bad(format!("unknown kind {}", rec[0])))?;
         let digest = B3Digest::try_from(&rec[1..33]).map_err(|e| bad(e.to_string()))?;
         let offset = u64::from_le_bytes(rec[33..41].try_into().unwrap_or_default());
@@ -141,14 +215,40 @@ pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntr
                 kind.what()
             )));
         }
+        let member = if groups {
+            let u32_at =
+                |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap_or_default());
+            match (u32_at(45), u32_at(49)) {
+                (ALONE, ALONE) => None,
+                (o, l) if o as u64 + l as u64 <= GROUP_PLAIN_MAX as u64 => {
+                    Some(Member { offset: o, len: l })
+                }
+                (o, l) => {
+                    return Err(bad(format!(
+                        "{} {digest} at {o}+{l} lies outside any compression group",
+                        kind.what()
+                    )))
+                }
+            }
+        } else {
+            None
+        };
         out.push(IndexEntry {
             kind,
             digest,
             offset,
             len,
+            member,
         });
     }
     Ok(out)
+}
+
+/// Whether an object of `len` plain bytes goes into a compression group of a store whose
+/// groups hold `group_bytes` (0: no groups). Objects up to half a group go in; bigger ones
+/// gain little from neighbours and are stored alone.
+pub fn grouped(group_bytes: u32, len: usize) -> bool {
+    group_bytes > 0 && len <= group_bytes as usize / 2
 }
 
 /// A pack being written: a temp file in `packs/`, committed by [`PackWriter::commit`].
@@ -157,6 +257,20 @@ pub struct PackWriter {
     file: tempfile::NamedTempFile,
     len: u64,
     entries: Vec<IndexEntry>,
+    /// Where each object added is: its entry, or its place in the open group.
+    at: std::collections::HashMap<(ObjectKind, B3Digest), Slot>,
+    /// The open compression group's plain bytes and members, sealed into one frame once it
+    /// holds `group_bytes`.
+    group: Vec<u8>,
+    members: Vec<(ObjectKind, B3Digest, Member)>,
+    group_bytes: u32,
+    level: i32,
+}
+
+#[derive(Clone, Copy)]
+enum Slot {
+    Entry(usize),
+    Open(Member),
 }
 
 impl PackWriter {
@@ -174,10 +288,23 @@ impl PackWriter {
             file,
             len: PACK_MAGIC.len() as u64,
             entries: Vec::new(),
+            at: Default::default(),
+            group: Vec::new(),
+            members: Vec::new(),
+            group_bytes: 0,
+            level: 3,
         })
     }
 
-    /// Appends one object; returns where it went.
+    /// Compresses small objects added with [`Self::add_grouped`] together, in groups of
+    /// `group_bytes` plain bytes, at zstd `level`.
+    pub fn with_groups(mut self, group_bytes: u32, level: i32) -> Self {
+        self.group_bytes = group_bytes;
+        self.level = level;
+        self
+    }
+
+    /// Appends one object's stored bytes, alone; returns where it went.
     pub fn append(
         &mut self,
         kind: ObjectKind,
@@ -187,40 +314,151 @@ impl PackWriter {
         let len = u32::try_from(data.len()).map_err(|_| {
             StoreError::Backend(format!("{} {digest}: too large for a pack", kind.what()))
         })?;
-        self.file.write_all(data).map_err(|e| {
-            StoreError::io(format!("writing pack {}", self.file.path().display()), e)
-        })?;
+        self.write(data)?;
         let e = IndexEntry {
             kind,
             digest,
             offset: self.len,
             len,
+            member: None,
         };
         self.len += data.len() as u64;
+        self.at
+            .insert((kind, digest), Slot::Entry(self.entries.len()));
         self.entries.push(e);
         Ok(e)
     }
 
-    /// Reads back an object appended earlier (this process's not yet committed writes).
-    pub fn read(&self, e: &IndexEntry) -> Result<Vec<u8>> {
-        read_at(self.file.as_file(), self.file.path(), e)
+    fn write(&mut self, data: &[u8]) -> Result<()> {
+        self.file
+            .write_all(data)
+            .map_err(|e| StoreError::io(format!("writing pack {}", self.file.path().display()), e))
     }
 
+    /// Adds one small object's plain bytes to the open compression group (see [`grouped`]),
+    /// sealing the group once it is full.
+    pub fn add_grouped(&mut self, kind: ObjectKind, digest: B3Digest, plain: &[u8]) -> Result<()> {
+        let m = Member {
+            offset: self.group.len() as u32,
+            len: plain.len() as u32,
+        };
+        if self.group_bytes == 0
+            || plain.len() > self.group_bytes as usize
+            || self.group.len() + plain.len() > GROUP_PLAIN_MAX
+        {
+            return Err(StoreError::Backend(format!(
+                "{} {digest}: {} bytes do not fit a compression group",
+                kind.what(),
+                plain.len()
+            )));
+        }
+        self.group.extend_from_slice(plain);
+        self.members.push((kind, digest, m));
+        self.at.insert((kind, digest), Slot::Open(m));
+        if self.group.len() >= self.group_bytes as usize {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Compresses the open group into one frame and appends it.
+    fn seal(&mut self) -> Result<()> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        let frame = encode_chunk(&self.group, self.level).map_err(|e| {
+            StoreError::io(
+                format!("compressing a group of {} objects", self.members.len()),
+                e,
+            )
+        })?;
+        let len = u32::try_from(frame.len())
+            .map_err(|_| StoreError::Backend("compression group too large for a pack".into()))?;
+        self.write(&frame)?;
+        for (kind, digest, m) in self.members.drain(..) {
+            self.at
+                .insert((kind, digest), Slot::Entry(self.entries.len()));
+            self.entries.push(IndexEntry {
+                kind,
+                digest,
+                offset: self.len,
+                len,
+                member: Some(m),
+            });
+        }
+        self.len += frame.len() as u64;
+        self.group.clear();
+        Ok(())
+    }
+
+    /// Verifies an object read from another pack and writes it here: grouped if it is small
+    /// and this pack groups (so a gc's rewrite moves objects of older stores into groups),
+    /// else alone (a chunk stored alone keeps its frame, unless `recompress`).
+    pub fn copy(
+        &mut self,
+        kind: ObjectKind,
+        digest: B3Digest,
+        stored: Stored,
+        recompress: bool,
+    ) -> Result<()> {
+        if kind != ObjectKind::Chunk {
+            stored.verify(kind, &digest)?;
+            let bytes = stored.into_protobuf();
+            return if grouped(self.group_bytes, bytes.len()) {
+                self.add_grouped(kind, digest, &bytes)
+            } else {
+                self.append(kind, digest, &bytes).map(drop)
+            };
+        }
+        let frame = match &stored {
+            Stored::Alone(raw) if !recompress => Some(raw.clone()),
+            _ => None,
+        };
+        let plain = stored.into_chunk(&digest)?;
+        if grouped(self.group_bytes, plain.len()) {
+            return self.add_grouped(kind, digest, &plain);
+        }
+        let frame = match frame {
+            Some(f) => f,
+            None => encode_chunk(&plain, self.level)
+                .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))?,
+        };
+        self.append(kind, digest, &frame).map(drop)
+    }
+
+    pub fn contains(&self, kind: ObjectKind, digest: &B3Digest) -> bool {
+        self.at.contains_key(&(kind, *digest))
+    }
+
+    /// Reads back an object added earlier (this process's not yet committed writes).
+    pub fn read(&self, kind: ObjectKind, digest: &B3Digest) -> Result<Option<Stored>> {
+        match self.at.get(&(kind, *digest)) {
+            None => Ok(None),
+            Some(Slot::Open(m)) => Ok(self
+                .group
+                .get(m.offset as usize..(m.offset + m.len) as usize)
+                .map(|b| Stored::Plain(b.to_vec()))),
+            Some(Slot::Entry(i)) => {
+                let e = self.entries[*i];
+                let raw = read_at(self.file.as_file(), self.file.path(), &e)?;
+                member_of(&e, &raw, "this process's unflushed pack").map(Some)
+            }
+        }
+    }
+
+    /// Bytes written or waiting in the open group.
     pub fn bytes(&self) -> u64 {
-        self.len
+        self.len + self.group.len() as u64
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
-    pub fn entries(&self) -> &[IndexEntry] {
-        &self.entries
+        self.entries.is_empty() && self.members.is_empty()
     }
 
     /// Makes the pack durable under its final name, then its index (the commit point).
-    /// Returns the pack's id.
-    pub fn commit(self, tmp_prefix: &str) -> Result<String> {
+    /// Returns the pack's id and its entries.
+    pub fn commit(mut self, tmp_prefix: &str) -> Result<(String, Vec<IndexEntry>)> {
+        self.seal()?;
         let id = new_id();
         let pack = self.dir.join(format!("{id}.pack"));
         let ctx = |p: &Path, e| StoreError::io(format!("writing {}", p.display()), e);
@@ -238,11 +476,11 @@ impl PackWriter {
         std::fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
             .map_err(|e| ctx(&self.dir, e))?;
-        Ok(id)
+        Ok((id, self.entries))
     }
 }
 
-/// Reads one object's stored bytes from an open pack.
+/// Reads one entry's bytes as stored in an open pack: an object alone, or its group's frame.
 pub fn read_at(file: &std::fs::File, path: &Path, e: &IndexEntry) -> Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; e.len as usize];
@@ -258,6 +496,45 @@ pub fn read_at(file: &std::fs::File, path: &Path, e: &IndexEntry) -> Result<Vec<
         )
     })?;
     Ok(buf)
+}
+
+/// The object an entry names, from the bytes [`read_at`] read for it (for a grouped object,
+/// its group's frame, decompressed here). `pack` names the pack in errors.
+pub fn member_of(e: &IndexEntry, raw: &[u8], pack: &str) -> Result<Stored> {
+    match e.member {
+        None => Ok(Stored::Alone(raw.to_vec())),
+        Some(m) => {
+            let plain = decode_group(raw).map_err(|why| group_damaged(e, pack, &why))?;
+            slice_member(e, m, &plain, pack)
+        }
+    }
+}
+
+/// A grouped object's bytes out of its decompressed group.
+pub fn slice_member(e: &IndexEntry, m: Member, plain: &[u8], pack: &str) -> Result<Stored> {
+    plain
+        .get(m.offset as usize..m.offset as usize + m.len as usize)
+        .map(|b| Stored::Plain(b.to_vec()))
+        .ok_or_else(|| {
+            group_damaged(
+                e,
+                pack,
+                &format!("it holds {} bytes, too few for this object", plain.len()),
+            )
+        })
+}
+
+/// The error for an object whose compression group cannot be read: it names the object, and
+/// the group, so every object sharing it can be found.
+pub fn group_damaged(e: &IndexEntry, pack: &str, why: &str) -> StoreError {
+    StoreError::corrupt(
+        e.kind.what(),
+        &e.digest,
+        format!(
+            "its compression group ({} bytes at {} in pack {pack}) is damaged: {why}",
+            e.len, e.offset
+        ),
+    )
 }
 
 mod set;

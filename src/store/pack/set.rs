@@ -3,6 +3,13 @@
 #[allow(unused_imports)]
 use super::*;
 
+fn member_in(e: &IndexEntry, plain: &[u8], pack: &str) -> Result<Option<Stored>> {
+    match e.member {
+        Some(m) => slice_member(e, m, plain, pack).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// One committed pack this process knows.
 pub(super) struct KnownPack {
     id: String,
@@ -55,7 +62,14 @@ pub struct PackSet {
     load: std::sync::Mutex<()>,
     /// Damaged packs already reported in the log.
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// Compression groups decompressed lately, by pack and frame offset: the neighbours of
+    /// an object are what a walk or a read asks for next.
+    groups: std::sync::Mutex<lru::LruCache<(String, u64), std::sync::Arc<Vec<u8>>>>,
 }
+
+/// Decompressed compression groups kept per store (each holds up to 1.5 × the group size:
+/// 768 KiB at the default).
+const GROUP_CACHE: usize = 32;
 
 pub(super) const MAX_OPEN_PACKS: usize = 256;
 
@@ -68,6 +82,9 @@ impl PackSet {
             loaded: Default::default(),
             load: Default::default(),
             warned: Default::default(),
+            groups: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(GROUP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -142,22 +159,34 @@ impl PackSet {
         st.find(kind, digest).map(|(p, _)| p.path.clone())
     }
 
-    /// Reads an object's stored bytes (the first `prefix` bytes only, if given). `Ok(None)`
-    /// if no known pack holds it, or its pack is gone (replaced by a gc: the caller rescans
-    /// and looks again). Lookup and pack are taken under one lock, so a concurrent rescan
-    /// cannot pair a location with another pack.
+    /// Where the newest known copy of an object is.
+    pub fn locate(&self, kind: ObjectKind, digest: &B3Digest) -> Option<IndexEntry> {
+        self.ensure_loaded().ok()?;
+        let st = self.state.read().ok()?;
+        st.find(kind, digest).map(|(_, e)| e)
+    }
+
+    /// Reads an object (for one stored alone, the first `prefix` bytes only, if given).
+    /// `Ok(None)` if no known pack holds it, or its pack is gone (replaced by a gc: the caller
+    /// rescans and looks again). Lookup and pack are taken under one lock, so a concurrent
+    /// rescan cannot pair a location with another pack.
     pub fn read(
         &self,
         kind: ObjectKind,
         digest: &B3Digest,
         prefix: Option<usize>,
-    ) -> Result<Option<Vec<u8>>> {
+    ) -> Result<Option<Stored>> {
         self.ensure_loaded()?;
-        let (file, path, mut e) = {
+        let (file, path, id, mut e) = {
             let st = self.read_state()?;
             let Some((p, entry)) = st.find(kind, digest) else {
                 return Ok(None);
             };
+            if entry.member.is_some() {
+                if let Some(g) = self.cached_group(&p.id, entry.offset) {
+                    return member_in(&entry, &g, &p.id);
+                }
+            }
             let mut slot = p
                 .file
                 .lock()
@@ -181,12 +210,27 @@ impl PackSet {
                     }
                 },
             };
-            (file, p.path.clone(), entry)
+            (file, p.path.clone(), p.id.clone(), entry)
         };
-        if let Some(n) = prefix {
-            e.len = e.len.min(n as u32);
+        if e.member.is_none() {
+            if let Some(n) = prefix {
+                e.len = e.len.min(n as u32);
+            }
+            return read_at(&file, &path, &e).map(|b| Some(Stored::Alone(b)));
         }
-        read_at(&file, &path, &e).map(Some)
+        // Decompressed with no lock held; two readers of one cold group may both do it.
+        let frame = read_at(&file, &path, &e)?;
+        let plain = decode_group(&frame).map_err(|why| group_damaged(&e, &id, &why))?;
+        let plain = std::sync::Arc::new(plain);
+        if let Ok(mut g) = self.groups.lock() {
+            g.put((id.clone(), e.offset), plain.clone());
+        }
+        member_in(&e, &plain, &id)
+    }
+
+    fn cached_group(&self, id: &str, offset: u64) -> Option<std::sync::Arc<Vec<u8>>> {
+        let mut g = self.groups.lock().ok()?;
+        g.get(&(id.to_string(), offset)).cloned()
     }
 
     /// Rescans the directory if it changed since the last scan (or `force`). Returns whether
@@ -339,6 +383,21 @@ impl PackSet {
     /// Indexes the last scan could not read.
     pub fn bad(&self) -> Vec<(String, String)> {
         self.state.read().map(|s| s.bad.clone()).unwrap_or_default()
+    }
+
+    /// The plain bytes of every compression group's members together, by pack and frame
+    /// offset (for each grouped object's share of its frame, [`IndexEntry::stored_share`]).
+    pub fn group_plain_sizes(&self) -> std::collections::HashMap<(String, u64), u64> {
+        let Ok(st) = self.state.read() else {
+            return Default::default();
+        };
+        let mut out = std::collections::HashMap::new();
+        for p in &st.packs {
+            for (offset, plain) in group_plain_sizes(&p.entries) {
+                out.insert((p.id.clone(), offset), plain);
+            }
+        }
+        out
     }
 
     /// Every object of one kind in the known packs, with its pack's id.

@@ -323,6 +323,7 @@ impl S3Store {
                         digest: k.1,
                         offset: body.len() as u64,
                         len: b.len() as u32,
+                        member: None,
                     });
                     body.extend_from_slice(b);
                 }
@@ -524,6 +525,14 @@ impl S3Store {
         e: &IndexEntry,
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
+        if e.member.is_some() {
+            // This granary writes no compression groups to buckets.
+            return Err(StoreError::corrupt(
+                e.kind.what(),
+                &e.digest,
+                format!("pack {id} holds it in a compression group, which s3:// stores do not use"),
+            ));
+        }
         let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
         if len == 0 {
             return Ok(Some(Bytes::new()));
