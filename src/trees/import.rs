@@ -179,14 +179,23 @@ impl Walker<'_> {
         }
         let dir = rustix::fs::Dir::read_from(&fd)
             .map_err(|e| ImportError::path(shown, format!("cannot read directory: {e}")))?;
-        let mut children = Vec::new();
+        // Entries are taken in name order, not the directory's own order: files are stored in
+        // the order they are met, so files of one directory and kind sit side by side (they
+        // compress far better together, and a walk or `tar`, which go in name order, reads a
+        // pack front to back).
+        let mut names = Vec::new();
         for entry in dir {
             let entry = entry
                 .map_err(|e| ImportError::path(shown, format!("cannot read directory: {e}")))?;
             let name = entry.file_name().to_bytes();
-            if name == b"." || name == b".." {
-                continue;
+            if name != b"." && name != b".." {
+                names.push(name.to_vec());
             }
+        }
+        names.sort_unstable();
+        let mut children = Vec::with_capacity(names.len());
+        for name in &names {
+            let name = &name[..];
             let name_os = OsStr::from_bytes(name);
             let child_shown = shown.join(name_os);
             let child_rel = rel.join(name_os);
@@ -234,7 +243,6 @@ impl Walker<'_> {
             let mtime = mtime_ns(st.st_mtime as i64, st.st_mtime_nsec as i64);
             children.push((Bytes::copy_from_slice(name), mtime, node));
         }
-        children.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(Walked::Dir(children))
     }
 }

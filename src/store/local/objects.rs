@@ -330,11 +330,20 @@ impl BlobService for LocalStore {
 
     /// Reads the batch in groups of about [`BATCH_GROUP_BYTES`], each on one blocking
     /// thread: a page-cache read and decompression is shorter than waking a thread per chunk.
+    /// Chunks of one compression group stay on one thread, which decompresses it once.
     async fn read_chunks(&self, chunks: Vec<ChunkRef>, sink: ChunkSink) {
         let mut groups: Vec<Vec<ChunkRef>> = Vec::new();
         let mut bytes = u64::MAX;
+        let mut frame = None;
         for c in chunks {
-            if bytes >= BATCH_GROUP_BYTES {
+            let this = self
+                .packs
+                .locate(Kind::Chunk, &c.digest)
+                .filter(|e| e.member.is_some())
+                .map(|e| e.offset);
+            let same = this.is_some() && this == frame;
+            frame = this;
+            if bytes >= BATCH_GROUP_BYTES && !same {
                 groups.push(Vec::new());
                 bytes = 0;
             }

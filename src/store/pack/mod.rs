@@ -259,10 +259,10 @@ pub struct PackWriter {
     entries: Vec<IndexEntry>,
     /// Where each object added is: its entry, or its place in the open group.
     at: std::collections::HashMap<(ObjectKind, B3Digest), Slot>,
-    /// The open compression group's plain bytes and members, sealed into one frame once it
-    /// holds `group_bytes`.
-    group: Vec<u8>,
-    members: Vec<(ObjectKind, B3Digest, Member)>,
+    /// The open compression groups, one for chunks and one for directories and blob indexes
+    /// (a walk reads metadata only, and then finds it together), each sealed into one frame
+    /// once it holds `group_bytes`.
+    open: [OpenGroup; 2],
     group_bytes: u32,
     level: i32,
 }
@@ -270,7 +270,21 @@ pub struct PackWriter {
 #[derive(Clone, Copy)]
 enum Slot {
     Entry(usize),
-    Open(Member),
+    Open(usize, Member),
+}
+
+#[derive(Default)]
+struct OpenGroup {
+    plain: Vec<u8>,
+    members: Vec<(ObjectKind, B3Digest, Member)>,
+}
+
+/// Which open group an object goes into: chunks, or metadata.
+fn class(kind: ObjectKind) -> usize {
+    match kind {
+        ObjectKind::Chunk => 0,
+        ObjectKind::Directory | ObjectKind::BlobIndex => 1,
+    }
 }
 
 impl PackWriter {
@@ -289,8 +303,7 @@ impl PackWriter {
             len: PACK_MAGIC.len() as u64,
             entries: Vec::new(),
             at: Default::default(),
-            group: Vec::new(),
-            members: Vec::new(),
+            open: Default::default(),
             group_bytes: 0,
             level: 3,
         })
@@ -335,16 +348,18 @@ impl PackWriter {
             .map_err(|e| StoreError::io(format!("writing pack {}", self.file.path().display()), e))
     }
 
-    /// Adds one small object's plain bytes to the open compression group (see [`grouped`]),
+    /// Adds one small object's plain bytes to its open compression group (see [`grouped`]),
     /// sealing the group once it is full.
     pub fn add_grouped(&mut self, kind: ObjectKind, digest: B3Digest, plain: &[u8]) -> Result<()> {
+        let c = class(kind);
+        let g = &mut self.open[c];
         let m = Member {
-            offset: self.group.len() as u32,
+            offset: g.plain.len() as u32,
             len: plain.len() as u32,
         };
         if self.group_bytes == 0
             || plain.len() > self.group_bytes as usize
-            || self.group.len() + plain.len() > GROUP_PLAIN_MAX
+            || g.plain.len() + plain.len() > GROUP_PLAIN_MAX
         {
             return Err(StoreError::Backend(format!(
                 "{} {digest}: {} bytes do not fit a compression group",
@@ -352,30 +367,32 @@ impl PackWriter {
                 plain.len()
             )));
         }
-        self.group.extend_from_slice(plain);
-        self.members.push((kind, digest, m));
-        self.at.insert((kind, digest), Slot::Open(m));
-        if self.group.len() >= self.group_bytes as usize {
-            self.seal()?;
+        g.plain.extend_from_slice(plain);
+        g.members.push((kind, digest, m));
+        let full = g.plain.len() >= self.group_bytes as usize;
+        self.at.insert((kind, digest), Slot::Open(c, m));
+        if full {
+            self.seal(c)?;
         }
         Ok(())
     }
 
-    /// Compresses the open group into one frame and appends it.
-    fn seal(&mut self) -> Result<()> {
-        if self.members.is_empty() {
+    /// Compresses an open group into one frame and appends it.
+    fn seal(&mut self, c: usize) -> Result<()> {
+        let g = std::mem::take(&mut self.open[c]);
+        if g.members.is_empty() {
             return Ok(());
         }
-        let frame = encode_chunk(&self.group, self.level).map_err(|e| {
+        let frame = encode_chunk(&g.plain, self.level).map_err(|e| {
             StoreError::io(
-                format!("compressing a group of {} objects", self.members.len()),
+                format!("compressing a group of {} objects", g.members.len()),
                 e,
             )
         })?;
         let len = u32::try_from(frame.len())
             .map_err(|_| StoreError::Backend("compression group too large for a pack".into()))?;
         self.write(&frame)?;
-        for (kind, digest, m) in self.members.drain(..) {
+        for (kind, digest, m) in g.members {
             self.at
                 .insert((kind, digest), Slot::Entry(self.entries.len()));
             self.entries.push(IndexEntry {
@@ -387,7 +404,6 @@ impl PackWriter {
             });
         }
         self.len += frame.len() as u64;
-        self.group.clear();
         Ok(())
     }
 
@@ -434,8 +450,8 @@ impl PackWriter {
     pub fn read(&self, kind: ObjectKind, digest: &B3Digest) -> Result<Option<Stored>> {
         match self.at.get(&(kind, *digest)) {
             None => Ok(None),
-            Some(Slot::Open(m)) => Ok(self
-                .group
+            Some(Slot::Open(c, m)) => Ok(self.open[*c]
+                .plain
                 .get(m.offset as usize..(m.offset + m.len) as usize)
                 .map(|b| Stored::Plain(b.to_vec()))),
             Some(Slot::Entry(i)) => {
@@ -448,17 +464,18 @@ impl PackWriter {
 
     /// Bytes written or waiting in the open group.
     pub fn bytes(&self) -> u64 {
-        self.len + self.group.len() as u64
+        self.len + self.open.iter().map(|g| g.plain.len() as u64).sum::<u64>()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.members.is_empty()
+        self.entries.is_empty() && self.open.iter().all(|g| g.members.is_empty())
     }
 
     /// Makes the pack durable under its final name, then its index (the commit point).
     /// Returns the pack's id and its entries.
     pub fn commit(mut self, tmp_prefix: &str) -> Result<(String, Vec<IndexEntry>)> {
-        self.seal()?;
+        self.seal(0)?;
+        self.seal(1)?;
         let id = new_id();
         let pack = self.dir.join(format!("{id}.pack"));
         let ctx = |p: &Path, e| StoreError::io(format!("writing {}", p.display()), e);

@@ -65,7 +65,10 @@ pub struct PackSet {
     /// Compression groups decompressed lately, by pack and frame offset: the neighbours of
     /// an object are what a walk or a read asks for next.
     groups: std::sync::Mutex<lru::LruCache<(String, u64), std::sync::Arc<Vec<u8>>>>,
+    decoding: [std::sync::Mutex<()>; DECODING_STRIPES],
 }
+
+const DECODING_STRIPES: usize = 16;
 
 /// Decompressed compression groups kept per store (each holds up to 1.5 × the group size:
 /// 768 KiB at the default).
@@ -85,6 +88,7 @@ impl PackSet {
             groups: std::sync::Mutex::new(lru::LruCache::new(
                 std::num::NonZeroUsize::new(GROUP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
             )),
+            decoding: Default::default(),
         }
     }
 
@@ -218,7 +222,14 @@ impl PackSet {
             }
             return read_at(&file, &path, &e).map(|b| Some(Stored::Alone(b)));
         }
-        // Decompressed with no lock held; two readers of one cold group may both do it.
+        // One reader decompresses a cold group while others wanting it wait, then find it
+        // cached (a file's readahead asks for a group's chunks at once); readers of other
+        // groups go on, unless they hash to the same stripe.
+        let stripe = &self.decoding[(e.offset as usize / 4096) % DECODING_STRIPES];
+        let _one = stripe.lock();
+        if let Some(g) = self.cached_group(&id, e.offset) {
+            return member_in(&e, &g, &id);
+        }
         let frame = read_at(&file, &path, &e)?;
         let plain = decode_group(&frame).map_err(|why| group_damaged(&e, &id, &why))?;
         let plain = std::sync::Arc::new(plain);
