@@ -64,11 +64,14 @@ pub struct PackSet {
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Compression groups decompressed lately, by pack and frame offset: the neighbours of
     /// an object are what a walk or a read asks for next.
-    groups: std::sync::Mutex<lru::LruCache<(String, u64), std::sync::Arc<Vec<u8>>>>,
+    groups: std::sync::Mutex<GroupCache>,
     decoding: [std::sync::Mutex<()>; DECODING_STRIPES],
 }
 
 const DECODING_STRIPES: usize = 16;
+
+/// Decompressed groups by (pack id, frame offset).
+type GroupCache = lru::LruCache<(String, u64), std::sync::Arc<Vec<u8>>>;
 
 /// Decompressed compression groups kept per store (each holds up to 1.5 × the group size:
 /// 768 KiB at the default).
