@@ -117,10 +117,40 @@ pub fn tamper(store: &Path, sub: &str, hex: &str, f: impl FnOnce(&mut Vec<u8>)) 
             .find(|(_, e)| e.kind == code && e.hex == hex)
             .unwrap_or_else(|| panic!("{sub} {hex} is not in the store"));
         let mut raw = std::fs::read(&pack).unwrap();
-        let mut obj = raw[e.offset..e.offset + e.len].to_vec();
+        let Some((mo, ml)) = e.member else {
+            let mut obj = raw[e.offset..e.offset + e.len].to_vec();
+            f(&mut obj);
+            assert_eq!(obj.len(), e.len, "a packed object keeps its length");
+            raw[e.offset..e.offset + e.len].copy_from_slice(&obj);
+            std::fs::write(&pack, &raw).unwrap();
+            return;
+        };
+        // A grouped object: its plain bytes are changed inside the decompressed group, which
+        // is compressed again into no more than its old frame's room (padded with a zstd
+        // skippable frame), so the index stays right.
+        let frame = &raw[e.offset..e.offset + e.len];
+        let mut plain = zstd::decode_all(frame).expect("a group decodes");
+        let mut obj = plain[mo..mo + ml].to_vec();
+        let before = obj.clone();
         f(&mut obj);
-        assert_eq!(obj.len(), e.len, "a packed object keeps its length");
-        raw[e.offset..e.offset + e.len].copy_from_slice(&obj);
+        if obj == before {
+            return;
+        }
+        assert_eq!(obj.len(), ml, "a grouped object keeps its length");
+        plain[mo..mo + ml].copy_from_slice(&obj);
+        let fits = [3, 19, 9, 1]
+            .iter()
+            .map(|l| zstd::bulk::compress(&plain, *l).unwrap())
+            .find(|n| n.len() == e.len || n.len() + 8 <= e.len)
+            .expect("the changed group fits its old room");
+        let mut new = fits.clone();
+        if new.len() < e.len {
+            let pad = e.len - new.len() - 8;
+            new.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+            new.extend_from_slice(&(pad as u32).to_le_bytes());
+            new.resize(e.len, 0);
+        }
+        raw[e.offset..e.offset + e.len].copy_from_slice(&new);
         std::fs::write(&pack, &raw).unwrap();
     }
 }
@@ -134,17 +164,51 @@ fn kind_code(sub: &str) -> Option<u8> {
     }
 }
 
-/// One object of a pack, as its index (`packs/<id>.idx`, format in src/store/pack.rs) says.
+/// One object of a pack, as its index (`packs/<id>.idx`, format in src/store/pack/mod.rs)
+/// says: where its bytes are, or for a grouped object its group's frame and its place in the
+/// decompressed group.
 pub struct PackedEntry {
     pub kind: u8,
     pub hex: String,
     pub offset: usize,
     pub len: usize,
+    pub member: Option<(usize, usize)>,
+}
+
+impl PackedEntry {
+    /// Bytes stored for this object: its own, or its share of its group's frame (`group_plain`:
+    /// the plain bytes of all the group's members).
+    pub fn share(
+        &self,
+        group_plain: &std::collections::HashMap<(PathBuf, usize), usize>,
+        pack: &Path,
+    ) -> u64 {
+        match self.member {
+            None => self.len as u64,
+            Some((_, l)) => {
+                (self.len * l / group_plain[&(pack.to_path_buf(), self.offset)].max(1)) as u64
+            }
+        }
+    }
+}
+
+/// The plain bytes of each group's members together, by (pack, frame offset).
+pub fn group_plain(
+    entries: &[(PathBuf, PackedEntry)],
+) -> std::collections::HashMap<(PathBuf, usize), usize> {
+    let mut out = std::collections::HashMap::new();
+    for (p, e) in entries {
+        if let Some((_, l)) = e.member {
+            *out.entry((p.clone(), e.offset)).or_insert(0) += l;
+        }
+    }
+    out
 }
 
 /// Every entry of every committed pack of the store at `store`, read with this test's own
 /// parser of the documented format: "GRNIDX01", u64 count, count × (u8 kind, 32-byte digest,
-/// u64 offset, u32 len), blake3 of the rest.
+/// u64 offset, u32 len), blake3 of the rest; or "GRNIDX02", each entry with two more u32 (the
+/// object's offset and length in its decompressed group, both u32::MAX for one alone).
 pub fn packed_entries(store: &Path) -> Vec<(PathBuf, PackedEntry)> {
     let mut out = Vec::new();
     for idx in walk_files(&store.join("packs")) {
@@ -152,7 +216,11 @@ pub fn packed_entries(store: &Path) -> Vec<(PathBuf, PackedEntry)> {
             continue;
         }
         let raw = std::fs::read(&idx).unwrap();
-        assert_eq!(&raw[..8], b"GRNIDX01");
+        let size = match &raw[..8] {
+            b"GRNIDX01" => 45,
+            b"GRNIDX02" => 53,
+            m => panic!("{}: magic {m:?}", idx.display()),
+        };
         let (body, sum) = raw.split_at(raw.len() - 32);
         assert_eq!(
             blake3::hash(body).as_bytes(),
@@ -161,15 +229,19 @@ pub fn packed_entries(store: &Path) -> Vec<(PathBuf, PackedEntry)> {
             idx.display()
         );
         let count = u64::from_le_bytes(body[8..16].try_into().unwrap()) as usize;
-        assert_eq!(body.len(), 16 + count * 45);
-        for rec in body[16..].chunks_exact(45) {
+        assert_eq!(body.len(), 16 + count * size);
+        for rec in body[16..].chunks_exact(size) {
+            let u32_at = |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap());
+            let member = (size == 53 && u32_at(49) != u32::MAX)
+                .then(|| (u32_at(45) as usize, u32_at(49) as usize));
             out.push((
                 idx.with_extension("pack"),
                 PackedEntry {
                     kind: rec[0],
                     hex: rec[1..33].iter().map(|b| format!("{b:02x}")).collect(),
                     offset: u64::from_le_bytes(rec[33..41].try_into().unwrap()) as usize,
-                    len: u32::from_le_bytes(rec[41..45].try_into().unwrap()) as usize,
+                    len: u32_at(41) as usize,
+                    member,
                 },
             ));
         }
