@@ -1090,3 +1090,124 @@ fn the_file_cache_keeps_its_bound_and_the_mount_works_without_passthrough() {
         "{err}"
     );
 }
+
+/// The bytes of the `.pack` and `.idx` files of a store.
+fn pack_bytes(store: &TestStore) -> u64 {
+    walk_files(&store.path().join("packs"))
+        .iter()
+        .map(|f| f.metadata().unwrap().len())
+        .sum()
+}
+
+#[test]
+fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
+    require_fuse!();
+    let store = TestStore::new();
+    // A store from before compression groups (format 2): repack switches it to them.
+    std::fs::create_dir_all(store.path()).unwrap();
+    let config = "format_version = 2\nzstd_level = 3\npacks = true\n\n[chunking]\nmin = 16384\navg = 65536\nmax = 262144\n";
+    std::fs::write(store.path().join("config.toml"), config).unwrap();
+    let (a, b) = (store.dir.path().join("a"), store.dir.path().join("b"));
+    gen_tree(&a, 2 << 20);
+    for i in 0..2000 {
+        let body = format!("def f{i}():\n    return {i}\n").repeat(20 + i % 30);
+        write(
+            &a.join(format!("py/m{}/f{i}.py", i % 9)),
+            body.as_bytes(),
+            false,
+        );
+    }
+    gen_tree(&b, 1 << 20);
+    write(&b.join("only-in-b.txt"), b"b\n", false);
+    import_named(&store, &a, "a");
+    let before = pack_bytes(&store);
+
+    let m = Mount::start(&store.url(), &[]);
+    let mnt = m.path().join("a");
+    let files: Vec<std::path::PathBuf> = walk_files(&a);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (stop, mnt, a, files) = (stop.clone(), mnt.clone(), a.clone(), files.clone());
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while rounds < 2 || !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for f in &files {
+                    let rel = f.strip_prefix(&a).unwrap();
+                    let got = std::fs::read(mnt.join(rel))
+                        .unwrap_or_else(|e| panic!("reading {rel:?} through the mount: {e}"));
+                    assert!(got == std::fs::read(f).unwrap(), "{rel:?}: other bytes");
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let importer = {
+        let (url, b) = (store.url(), b.clone());
+        std::thread::spawn(move || {
+            Command::new(granary_bin())
+                .args([
+                    "--store",
+                    &url,
+                    "import",
+                    "--name",
+                    "b",
+                    b.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap()
+        })
+    };
+    let out = store.ok(&["repack", "--level", "9"]);
+    let said = String::from_utf8(out.stdout).unwrap();
+    assert!(said.starts_with("repacked "), "{said}");
+    let imported = importer.join().unwrap();
+    assert!(
+        imported.status.success(),
+        "{}",
+        String::from_utf8_lossy(&imported.stderr)
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let rounds = reader.join().expect("the reader saw only right bytes");
+    assert!(rounds >= 2);
+    drop(m);
+
+    // Nothing lost, everything verified, both trees whole.
+    let v = store.ok(&["verify"]);
+    assert!(String::from_utf8_lossy(&v.stdout).contains("ok: no problems"));
+    for (name, src) in [("a", &a), ("b", &b)] {
+        let dest = store.dir.path().join(format!("out-{name}"));
+        store.ok(&["export", name, dest.to_str().unwrap()]);
+        assert_same_tree(src, &dest);
+    }
+    // Switched to groups, and smaller for the same objects.
+    let now = std::fs::read_to_string(store.path().join("config.toml")).unwrap();
+    assert!(
+        now.contains("format_version = 3") && now.contains("group_bytes = 524288"),
+        "{now}"
+    );
+    let grouped = packed_entries(&store.path())
+        .iter()
+        .filter(|(_, e)| e.member.is_some())
+        .count();
+    assert!(grouped > 2000, "{grouped} objects in groups");
+    // A second repack (nothing imports now) changes nothing that matters and grows nothing.
+    let out = store.ok(&["repack"]);
+    let said = String::from_utf8(out.stdout).unwrap();
+    let sizes: Vec<u64> = said
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|w| !w.is_empty())
+        .map(|w| w.parse().unwrap())
+        .collect();
+    assert_eq!(sizes.len(), 4, "{said}");
+    assert!(sizes[3] <= sizes[2], "{said}");
+    store.ok(&["verify"]);
+    // With b gone, a's objects take fewer bytes than before groups.
+    store.ok(&["rm", "b"]);
+    store.ok(&["gc", "--grace", "0s"]);
+    let after = pack_bytes(&store);
+    assert!(after < before, "{after} bytes after, {before} before");
+    let dest = store.dir.path().join("out-a-again");
+    store.ok(&["export", "a", dest.to_str().unwrap()]);
+    assert_same_tree(&a, &dest);
+}

@@ -46,6 +46,24 @@ pub async fn gc(store: &Store, grace: Duration, dry_run: bool) -> Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+pub async fn repack(store: &Store, level: Option<i32>) -> Result<ExitCode> {
+    let Some(m) = &store.maintenance else {
+        anyhow::bail!(
+            "{}: this store cannot be repacked (only a local store with packs can)",
+            store.url
+        );
+    };
+    let r = m.repack(level).await?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "repacked {} packs into {}: {} -> {} bytes",
+        r.packs_before, r.packs_after, r.bytes_before, r.bytes_after
+    )?;
+    out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Repair passes at most: each pass can reveal one more level of a tree whose directories
 /// were missing.
 const MAX_REPAIR_PASSES: usize = 64;

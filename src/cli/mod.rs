@@ -140,6 +140,20 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = crate::units::parse_duration)]
         grace: Duration,
     },
+    /// Rewrite a local store's packs: small objects compressed together in groups, and with
+    /// --level everything compressed again at that zstd level.
+    ///
+    /// Imports compress at the store's fast level; a repack at a higher one later (e.g.
+    /// --level 9) stores fewer bytes for the same objects. A store written without groups
+    /// (format 2) is switched to them (format 3: granary versions before groups then refuse
+    /// it). Every object is verified on the way; copies are durable before an original goes;
+    /// mounts and imports may run meanwhile. Needs free space for one copy of the packs.
+    Repack {
+        /// zstd level to compress everything again at (1..=22; default: keep each chunk
+        /// stored alone as it is and group the small ones at the store's level).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=22))]
+        level: Option<i32>,
+    },
     /// Check every object (or the named roots' closures); exit non-zero on any problem.
     Verify {
         /// Roots to check (default: every root and every stored object).
@@ -480,6 +494,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Rm { roots } => maintain::rm(&store, &roots).await,
         Command::Gc { dry_run, grace } => maintain::gc(&store, grace, dry_run).await,
+        Command::Repack { level } => maintain::repack(&store, level).await,
         Command::Verify { roots, repair_from } => {
             maintain::verify(&store, &roots, repair_from.as_deref()).await
         }

@@ -111,4 +111,26 @@ pub trait Maintenance: Send + Sync {
             "{unit}: this store has no storage units to set aside"
         )))
     }
+
+    /// Rewrites every stored pack with its small objects compressed together in groups
+    /// (switching a store written without groups to them) and, with a `level`, everything
+    /// compressed again at that zstd level. Every object is verified on the way (a damaged
+    /// one is left out and reported by `verify`), copies are durable before an original
+    /// goes, and readers and imports may run meanwhile. Stores without packs refuse.
+    async fn repack(&self, level: Option<i32>) -> Result<Repacked> {
+        let _ = level;
+        Err(StoreError::Backend(
+            "this store cannot be repacked (only a local store with packs can)".into(),
+        ))
+    }
+}
+
+/// What a repack did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Repacked {
+    pub packs_before: usize,
+    pub packs_after: usize,
+    /// Bytes of pack files and their indexes, before and after.
+    pub bytes_before: u64,
+    pub bytes_after: u64,
 }

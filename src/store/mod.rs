@@ -40,7 +40,7 @@ pub use blob::{empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink};
 pub use config::StoreConfig;
 pub use directory::{check_children, DirectoryService};
 pub use ingest::{IngestOptions, IngestService, IngestStatus};
-pub use maintenance::{Maintenance, ObjectInfo, ObjectKind, Usage};
+pub use maintenance::{Maintenance, ObjectInfo, ObjectKind, Repacked, Usage};
 pub use reader::BlobReader;
 pub use root::{decode_root, RootService};
 

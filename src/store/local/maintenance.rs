@@ -203,7 +203,7 @@ impl LocalStore {
                 Err(e) => return Err(e),
             }
         }
-        self.rewrite_packs(&ids, dead, cutoff, false)
+        self.rewrite_packs(&ids, dead, cutoff, self.keep_compression())
     }
 
     /// Merges the packs smaller than [`MERGE_BELOW`] and older than `cutoff` into one, once
@@ -223,8 +223,71 @@ impl LocalStore {
         if small.len() < MERGE_AT {
             return Ok(0);
         }
-        self.rewrite_packs(&small, &Default::default(), Some(cutoff), false)?;
+        self.rewrite_packs(
+            &small,
+            &Default::default(),
+            Some(cutoff),
+            self.keep_compression(),
+        )?;
         Ok(small.len())
+    }
+
+    /// How a gc's rewrite stores what it copies: as the store writes new objects.
+    fn keep_compression(&self) -> (u32, i32, bool) {
+        (self.config.group_bytes, self.config.zstd_level, false)
+    }
+
+    /// Rewrites every pack, grouping small objects (a store without groups is switched to
+    /// them: format 3) and, with `level`, compressing everything again at that level.
+    pub(super) fn repack_all(&self, level: Option<i32>) -> Result<crate::store::Repacked> {
+        if !self.config.packs {
+            return Err(StoreError::Backend(format!(
+                "{}: repack needs a store with packs (this one is format {}, one file per object)",
+                self.root.display(),
+                self.config.format_version
+            )));
+        }
+        let group_bytes = match self.config.group_bytes {
+            0 => {
+                let config = crate::store::StoreConfig {
+                    format_version: crate::store::config::FORMAT_VERSION,
+                    group_bytes: crate::store::config::DEFAULT_GROUP_BYTES,
+                    ..self.config
+                };
+                write_atomic(
+                    &self.root.join("config.toml"),
+                    config.to_toml().as_bytes(),
+                    true,
+                )?;
+                config.group_bytes
+            }
+            g => g,
+        };
+        self.flush_blocking()?;
+        self.packs.refresh(true)?;
+        let ids = self.packs.ids();
+        let bytes = |ids: &[String]| -> u64 {
+            ids.iter()
+                .flat_map(|id| [self.packs.pack_path(id), self.packs.index_path(id)])
+                .filter_map(|p| std::fs::metadata(p).ok())
+                .map(|m| m.len())
+                .sum()
+        };
+        let bytes_before = bytes(&ids);
+        let level_now = level.unwrap_or(self.config.zstd_level);
+        self.rewrite_packs(
+            &ids,
+            &Default::default(),
+            None,
+            (group_bytes, level_now, level.is_some()),
+        )?;
+        let after: Vec<String> = self.packs.ids();
+        Ok(crate::store::Repacked {
+            packs_before: ids.len(),
+            packs_after: after.len(),
+            bytes_before,
+            bytes_after: bytes(&after),
+        })
     }
 
     /// Writes the objects of packs `ids`, except `dead` ones, into new packs, then removes
@@ -238,7 +301,7 @@ impl LocalStore {
         ids: &[String],
         dead: &std::collections::HashSet<(Kind, B3Digest)>,
         cutoff: Option<SystemTime>,
-        recompress: bool,
+        (group_bytes, level, recompress): (u32, i32, bool),
     ) -> Result<u64> {
         let young = |p: &Path| -> Result<Option<bool>> {
             Ok(match (modified(p)?, cutoff) {
@@ -307,7 +370,7 @@ impl LocalStore {
                     Some(w) => w,
                     None => writer.insert(
                         PackWriter::new(self.packs.dir(), TMP_PREFIX)?
-                            .with_groups(self.config.group_bytes, self.config.zstd_level),
+                            .with_groups(group_bytes, level),
                     ),
                 };
                 if let Err(err) = w.copy(e.kind, e.digest, stored, recompress) {
@@ -492,6 +555,11 @@ impl Maintenance for LocalStore {
     async fn damage(&self) -> Result<Vec<(String, String)>> {
         let s = self.clone();
         blocking(move || s.damage_blocking()).await
+    }
+
+    async fn repack(&self, level: Option<i32>) -> Result<crate::store::Repacked> {
+        let s = self.clone();
+        blocking(move || s.repack_all(level)).await
     }
 
     async fn set_aside(&self, unit: &str) -> Result<()> {

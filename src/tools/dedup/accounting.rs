@@ -131,7 +131,7 @@ impl Shared {
     /// scaled from the sample.
     pub(super) fn zstd_estimate(&self, i: usize, unique_bytes: u64) -> (u64, u64) {
         let a = &self.accs[i];
-        if self.sample <= 1 || self.strategies[i] == Strategy::WholeFile {
+        if self.sample <= 1 {
             return (
                 a.zstd_exact.load(Ordering::Relaxed),
                 a.disk_exact.load(Ordering::Relaxed),

@@ -11,8 +11,10 @@
 //! blake3 of their bytes, a one-chunk blob is stored as that chunk (no index), the empty blob
 //! is never stored, a multi-chunk blob has one blob index per distinct blob, directories are
 //! their canonical protobuf, and chunks are compressed with `zstd::bulk` at the store's level.
-//! With every unique chunk compressed (`sample == 1`) its `stored_bytes` therefore equals
-//! what the store's objects occupy after an import of the same data.
+//! With every unique chunk compressed (`sample == 1`, `--exact`) its `stored_bytes` therefore
+//! equals what the store's objects occupy after an import of the same data when each object
+//! is compressed alone (format 1 and 2 stores); a format-3 store compresses small objects
+//! together in groups and stores less (its real figure: `granary info`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -161,6 +163,11 @@ pub fn default_strategies() -> Vec<Strategy> {
     v
 }
 
+/// One unique chunk (or file, for whole-file) in this many is compressed by default: every
+/// strategy's chunks are hashed, but compressing them all ran `granary dedup` at 18 MB/s.
+/// Measured on pystore, the estimate from 1 in 16 is within 1% of the exact figure.
+pub const DEFAULT_SAMPLE: u64 = 16;
+
 /// What to measure and how.
 #[derive(Debug, Clone)]
 pub struct DedupOptions {
@@ -178,7 +185,7 @@ impl Default for DedupOptions {
         Self {
             strategies: default_strategies(),
             zstd_level: crate::store::StoreConfig::default().zstd_level,
-            sample: 1,
+            sample: DEFAULT_SAMPLE,
             jobs: None,
         }
     }

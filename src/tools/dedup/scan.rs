@@ -11,6 +11,9 @@ pub(super) enum Cutter {
     Whole {
         buf: Vec<u8>,
         enc: Option<zstd::stream::write::Encoder<'static, CountingSink>>,
+        /// Whether this file is compressed at all (always when every chunk is; else chosen
+        /// by its first bytes, known before it streams past the buffer).
+        sampled: Option<bool>,
     },
     Fixed {
         size: usize,
@@ -51,6 +54,7 @@ impl<'a> Worker<'a> {
                 Strategy::WholeFile => Cutter::Whole {
                     buf: Vec::new(),
                     enc: None,
+                    sampled: None,
                 },
                 Strategy::Fixed(n) => Cutter::Fixed {
                     size: *n as usize,
@@ -115,7 +119,17 @@ impl FileScan<'_, '_> {
         let zerr = |e: std::io::Error| DedupError::Task(format!("zstd: {e}"));
         for (i, cutter) in cutters.iter_mut().enumerate() {
             match cutter {
-                Cutter::Whole { buf, enc } => {
+                Cutter::Whole { buf, enc, sampled } => {
+                    let one_in = worker.shared.sample;
+                    // A file in the sample is chosen by its first bytes: the same files every
+                    // run, and known before a big one must start streaming.
+                    let sampled = *sampled.get_or_insert_with(|| {
+                        one_in <= 1
+                            || in_sample(&B3Digest::of(&data[..data.len().min(4096)]), one_in)
+                    });
+                    if !sampled {
+                        continue;
+                    }
                     if enc.is_none() && buf.len() + data.len() > WHOLE_BUFFER_MAX {
                         let mut e = zstd::stream::write::Encoder::new(
                             CountingSink::default(),
@@ -198,9 +212,10 @@ impl FileScan<'_, '_> {
         let shared = self.worker.shared;
         // The whole-file strategy: one chunk per non-empty blob.
         for i in 0..self.cutters.len() {
-            let Cutter::Whole { buf, enc } = &mut self.cutters[i] else {
+            let Cutter::Whole { buf, enc, sampled } = &mut self.cutters[i] else {
                 continue;
             };
+            let sampled = sampled.unwrap_or(false);
             if self.size == 0 {
                 continue;
             }
@@ -213,7 +228,7 @@ impl FileScan<'_, '_> {
                 }
                 new
             };
-            if new {
+            if new && sampled {
                 let z = match enc.take() {
                     Some(e) => {
                         e.finish()
@@ -229,6 +244,11 @@ impl FileScan<'_, '_> {
                 };
                 acc.zstd_exact.fetch_add(z, Ordering::Relaxed);
                 acc.disk_exact.fetch_add(blocks(z), Ordering::Relaxed);
+                acc.sampled_raw.fetch_add(self.size, Ordering::Relaxed);
+                acc.sampled_zstd.fetch_add(z, Ordering::Relaxed);
+                acc.sampled_disk.fetch_add(blocks(z), Ordering::Relaxed);
+                shared.sampled_chunks.fetch_add(1, Ordering::Relaxed);
+                shared.sampled_bytes.fetch_add(self.size, Ordering::Relaxed);
             }
         }
         if digest != empty_blob() && lock(&shared.blobs).insert(digest) {
