@@ -1124,7 +1124,10 @@ fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
 
     let m = Mount::start(&store.url(), &[]);
     let mnt = m.path().join("a");
-    let files: Vec<std::path::PathBuf> = walk_files(&a);
+    let files: Vec<std::path::PathBuf> = walk_files(&a)
+        .into_iter()
+        .filter(|f| f.symlink_metadata().unwrap().is_file())
+        .collect();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (stop, mnt, a, files) = (stop.clone(), mnt.clone(), a.clone(), files.clone());
@@ -1191,7 +1194,7 @@ fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
         .filter(|(_, e)| e.member.is_some())
         .count();
     assert!(grouped > 2000, "{grouped} objects in groups");
-    // A second repack (nothing imports now) changes nothing that matters and grows nothing.
+    // A second repack (nothing imports now) leaves one pack of everything.
     let out = store.ok(&["repack"]);
     let said = String::from_utf8(out.stdout).unwrap();
     let sizes: Vec<u64> = said
@@ -1200,7 +1203,7 @@ fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
         .map(|w| w.parse().unwrap())
         .collect();
     assert_eq!(sizes.len(), 4, "{said}");
-    assert!(sizes[3] <= sizes[2], "{said}");
+    assert_eq!(sizes[1], 1, "{said}");
     store.ok(&["verify"]);
     // With b gone, a's objects take fewer bytes than before groups.
     store.ok(&["rm", "b"]);

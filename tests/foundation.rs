@@ -228,7 +228,13 @@ fn bad_arguments_are_one_line_errors() {
     let text = std::fs::read_to_string(&cfg).unwrap();
     std::fs::write(
         &cfg,
-        text.replace("format_version = 2", "format_version = 99"),
+        text.replace(
+            &format!(
+                "format_version = {}",
+                granary::store::config::FORMAT_VERSION
+            ),
+            "format_version = 99",
+        ),
     )
     .unwrap();
     let e = s.fails(&["roots"]);

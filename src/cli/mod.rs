@@ -149,8 +149,8 @@ enum Command {
     /// it). Every object is verified on the way; copies are durable before an original goes;
     /// mounts and imports may run meanwhile. Needs free space for one copy of the packs.
     Repack {
-        /// zstd level to compress everything again at (1..=22; default: keep each chunk
-        /// stored alone as it is and group the small ones at the store's level).
+        /// zstd level to compress everything again at (1..=22; default: chunks stored alone
+        /// are kept as they are, and groups are formed anew at the store's level).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=22))]
         level: Option<i32>,
     },

@@ -75,6 +75,32 @@ fn decompress_bounded(compressed: &[u8], max: usize) -> std::result::Result<Vec<
     }
 }
 
+/// A chunk's plain bytes as a stored chunk (a zstd frame carrying its content size) without
+/// compressing them: raw blocks, a copy. For a reader that hands on stored chunks (S3 over a
+/// copied local store whose chunks sit in compression groups).
+pub fn plain_as_frame(plain: &[u8]) -> Vec<u8> {
+    const MAGIC: u32 = 0xFD2F_B528;
+    const BLOCK: usize = 128 << 10;
+    let mut out = Vec::with_capacity(plain.len() + 13 + 3 * (plain.len() / BLOCK + 1));
+    out.extend_from_slice(&MAGIC.to_le_bytes());
+    // Frame header: an 8-byte content size, single segment (no window descriptor), no
+    // checksum, no dictionary.
+    out.push(0b1110_0000);
+    out.extend_from_slice(&(plain.len() as u64).to_le_bytes());
+    let mut blocks = plain.chunks(BLOCK).peekable();
+    if blocks.peek().is_none() {
+        out.extend_from_slice(&1u32.to_le_bytes()[..3]); // one last, empty, raw block
+    }
+    while let Some(b) = blocks.next() {
+        let last = u32::from(blocks.peek().is_none());
+        // Block header: last flag, type 0 (raw), size.
+        let header = last | ((b.len() as u32) << 3);
+        out.extend_from_slice(&header.to_le_bytes()[..3]);
+        out.extend_from_slice(b);
+    }
+    out
+}
+
 /// An object's bytes as a store read them: as stored alone (a chunk's zstd frame, a
 /// directory's or blob index's protobuf), or plain, cut from its decompressed compression
 /// group. Either way not yet verified.
@@ -157,5 +183,25 @@ pub fn verify_stored(kind: ObjectKind, digest: &B3Digest, raw: &[u8]) -> Result<
         ObjectKind::BlobIndex => BlobIndex::decode_valid(raw)
             .map(drop)
             .map_err(|e| StoreError::corrupt("blob index", digest, e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_bytes_as_a_frame_decode_as_a_stored_chunk() {
+        for len in [0usize, 1, 5000, 128 << 10, (128 << 10) + 1, 300_000] {
+            let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let d = B3Digest::of(&plain);
+            let frame = plain_as_frame(&plain);
+            assert_eq!(
+                zstd::zstd_safe::get_frame_content_size(&frame),
+                Ok(Some(len as u64))
+            );
+            assert_eq!(&decode_chunk(&d, &frame).unwrap()[..], &plain[..], "{len}");
+            assert_eq!(zstd::decode_all(&frame[..]).unwrap(), plain, "{len}");
+        }
     }
 }

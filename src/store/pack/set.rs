@@ -71,10 +71,13 @@ pub struct PackSet {
 const DECODING_STRIPES: usize = 16;
 
 /// Decompressed groups by (pack id, frame offset).
-type GroupCache = lru::LruCache<(String, u64), std::sync::Arc<Vec<u8>>>;
+type GroupCache = lru::LruCache<(String, u64), CachedGroup>;
 
-/// Decompressed compression groups kept per store (each holds up to 1.5 × the group size:
-/// 768 KiB at the default).
+/// A group's frame as read, and its plain bytes.
+type CachedGroup = std::sync::Arc<(Vec<u8>, Vec<u8>)>;
+
+/// Decompressed compression groups kept per store (each holds up to 1.5 × the group size,
+/// 768 KiB at the default, and its frame).
 const GROUP_CACHE: usize = 32;
 
 pub(super) const MAX_OPEN_PACKS: usize = 256;
@@ -189,11 +192,6 @@ impl PackSet {
             let Some((p, entry)) = st.find(kind, digest) else {
                 return Ok(None);
             };
-            if entry.member.is_some() {
-                if let Some(g) = self.cached_group(&p.id, entry.offset) {
-                    return member_in(&entry, &g, &p.id);
-                }
-            }
             let mut slot = p
                 .file
                 .lock()
@@ -225,26 +223,36 @@ impl PackSet {
             }
             return read_at(&file, &path, &e).map(|b| Some(Stored::Alone(b)));
         }
+        // The frame is always read: a cached group is used only while the pack still holds
+        // the very frame it came from, so a read reflects the store as it is now (a
+        // damaged pack is noticed at once, not when the cache forgets), and the cache saves
+        // the decompression, which costs far more than the read from the page cache.
+        let frame = read_at(&file, &path, &e)?;
+        if let Some(g) = self.cached_group(&id, e.offset, &frame) {
+            return member_in(&e, &g.1, &id);
+        }
         // One reader decompresses a cold group while others wanting it wait, then find it
         // cached (a file's readahead asks for a group's chunks at once); readers of other
         // groups go on, unless they hash to the same stripe.
         let stripe = &self.decoding[(e.offset as usize / 4096) % DECODING_STRIPES];
         let _one = stripe.lock();
-        if let Some(g) = self.cached_group(&id, e.offset) {
-            return member_in(&e, &g, &id);
+        if let Some(g) = self.cached_group(&id, e.offset, &frame) {
+            return member_in(&e, &g.1, &id);
         }
-        let frame = read_at(&file, &path, &e)?;
         let plain = decode_group(&frame).map_err(|why| group_damaged(&e, &id, &why))?;
-        let plain = std::sync::Arc::new(plain);
+        let got = member_in(&e, &plain, &id);
         if let Ok(mut g) = self.groups.lock() {
-            g.put((id.clone(), e.offset), plain.clone());
+            g.put((id.clone(), e.offset), std::sync::Arc::new((frame, plain)));
         }
-        member_in(&e, &plain, &id)
+        got
     }
 
-    fn cached_group(&self, id: &str, offset: u64) -> Option<std::sync::Arc<Vec<u8>>> {
+    /// A decompressed group, if cached from exactly this frame.
+    fn cached_group(&self, id: &str, offset: u64, frame: &[u8]) -> Option<CachedGroup> {
         let mut g = self.groups.lock().ok()?;
-        g.get(&(id.to_string(), offset)).cloned()
+        g.get(&(id.to_string(), offset))
+            .filter(|c| c.0 == frame)
+            .cloned()
     }
 
     /// Rescans the directory if it changed since the last scan (or `force`). Returns whether

@@ -45,7 +45,7 @@ use object_store::{
     PutPayload, RetryConfig, UpdateVersion,
 };
 
-use super::codec::{decode_chunk, verify_stored};
+use super::codec::{decode_chunk, plain_as_frame, verify_stored, Stored};
 use super::pack::{self, IndexEntry};
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,

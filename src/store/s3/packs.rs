@@ -526,12 +526,23 @@ impl S3Store {
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
         if e.member.is_some() {
-            // This granary writes no compression groups to buckets.
-            return Err(StoreError::corrupt(
-                e.kind.what(),
-                &e.digest,
-                format!("pack {id} holds it in a compression group, which s3:// stores do not use"),
-            ));
+            // A copied local store's compression group (granary writes none to buckets): the
+            // group's frame, decompressed, and the object handed on as if stored alone.
+            let mut whole = *e;
+            whole.member = None;
+            let Some(frame) = Box::pin(self.read_at(id, &whole, None)).await? else {
+                return Ok(None);
+            };
+            let (e, id) = (*e, id.to_string());
+            let stored = tokio::task::spawn_blocking(move || pack::member_of(&e, &frame, &id))
+                .await
+                .map_err(|err| {
+                    StoreError::Backend(format!("decompression task failed: {err}"))
+                })??;
+            return Ok(Some(Bytes::from(match stored {
+                Stored::Plain(p) if e.kind == Kind::Chunk => plain_as_frame(&p),
+                s => s.into_protobuf(),
+            })));
         }
         let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
         if len == 0 {
