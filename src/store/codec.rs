@@ -196,10 +196,10 @@ mod tests {
             let plain: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
             let d = B3Digest::of(&plain);
             let frame = plain_as_frame(&plain);
-            assert_eq!(
+            assert!(matches!(
                 zstd::zstd_safe::get_frame_content_size(&frame),
-                Ok(Some(len as u64))
-            );
+                Ok(Some(n)) if n == len as u64
+            ));
             assert_eq!(&decode_chunk(&d, &frame).unwrap()[..], &plain[..], "{len}");
             assert_eq!(zstd::decode_all(&frame[..]).unwrap(), plain, "{len}");
         }
