@@ -1186,7 +1186,7 @@ fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
     // Switched to groups, and smaller for the same objects.
     let now = std::fs::read_to_string(store.path().join("config.toml")).unwrap();
     assert!(
-        now.contains("format_version = 3") && now.contains("group_bytes = 524288"),
+        now.contains("format_version = 3") && now.contains("group_bytes = 1048576"),
         "{now}"
     );
     let grouped = packed_entries(&store.path())

@@ -245,11 +245,16 @@ pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntr
 }
 
 /// Whether an object of `len` plain bytes goes into a compression group of a store whose
-/// groups hold `group_bytes` (0: no groups). Objects up to half a group go in; bigger ones
-/// gain little from neighbours and are stored alone.
+/// groups hold `group_bytes` (0: no groups): objects up to half a group and at most
+/// [`GROUPED_MAX`]; bigger ones are stored alone.
 pub fn grouped(group_bytes: u32, len: usize) -> bool {
-    group_bytes > 0 && len <= group_bytes as usize / 2
+    group_bytes > 0 && len <= (group_bytes as usize / 2).min(GROUPED_MAX)
 }
+
+/// The largest object put in a compression group. Bigger chunks (mostly the cut-at-maximum
+/// chunks of big files) gain little from neighbours (on pystore, grouping them too saved 4 MB
+/// of 506), and alone they are read without decompressing anyone else's bytes.
+pub const GROUPED_MAX: usize = 128 << 10;
 
 /// A pack being written: a temp file in `packs/`, committed by [`PackWriter::commit`].
 pub struct PackWriter {

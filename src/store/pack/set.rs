@@ -73,12 +73,21 @@ const DECODING_STRIPES: usize = 16;
 /// Decompressed groups by (pack id, frame offset).
 type GroupCache = lru::LruCache<(String, u64), CachedGroup>;
 
-/// A group's frame as read, and its plain bytes.
-type CachedGroup = std::sync::Arc<(Vec<u8>, Vec<u8>)>;
+/// The stamp of the pack a group was read from, and the group's plain bytes.
+type CachedGroup = std::sync::Arc<(Stamp, Vec<u8>)>;
 
-/// Decompressed compression groups kept per store (each holds up to 1.5 × the group size,
-/// 768 KiB at the default, and its frame).
-const GROUP_CACHE: usize = 32;
+/// A pack file's size and modification time: any write to it changes them.
+type Stamp = (u64, i64, i64);
+
+fn stamp_of(file: &std::fs::File) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = file.metadata().ok()?;
+    Some((m.size(), m.mtime(), m.mtime_nsec()))
+}
+
+/// Decompressed compression groups kept per store (each holds at most the group size plus
+/// 128 KiB: 18 MiB at the default).
+const GROUP_CACHE: usize = 16;
 
 pub(super) const MAX_OPEN_PACKS: usize = 256;
 
@@ -223,12 +232,11 @@ impl PackSet {
             }
             return read_at(&file, &path, &e).map(|b| Some(Stored::Alone(b)));
         }
-        // The frame is always read: a cached group is used only while the pack still holds
-        // the very frame it came from, so a read reflects the store as it is now (a
-        // damaged pack is noticed at once, not when the cache forgets), and the cache saves
-        // the decompression, which costs far more than the read from the page cache.
-        let frame = read_at(&file, &path, &e)?;
-        if let Some(g) = self.cached_group(&id, e.offset, &frame) {
+        // A cached group is used only while its pack file is unchanged since it was read
+        // (size and modification time, one fstat), so a read reflects the store as it is
+        // now: a pack written over behind a long-running daemon is seen at once.
+        let stamp = stamp_of(&file);
+        if let Some(g) = self.cached_group(&id, e.offset, stamp) {
             return member_in(&e, &g.1, &id);
         }
         // One reader decompresses a cold group while others wanting it wait, then find it
@@ -236,22 +244,24 @@ impl PackSet {
         // groups go on, unless they hash to the same stripe.
         let stripe = &self.decoding[(e.offset as usize / 4096) % DECODING_STRIPES];
         let _one = stripe.lock();
-        if let Some(g) = self.cached_group(&id, e.offset, &frame) {
+        if let Some(g) = self.cached_group(&id, e.offset, stamp) {
             return member_in(&e, &g.1, &id);
         }
+        let frame = read_at(&file, &path, &e)?;
         let plain = decode_group(&frame).map_err(|why| group_damaged(&e, &id, &why))?;
         let got = member_in(&e, &plain, &id);
-        if let Ok(mut g) = self.groups.lock() {
-            g.put((id.clone(), e.offset), std::sync::Arc::new((frame, plain)));
+        if let (Ok(mut g), Some(stamp)) = (self.groups.lock(), stamp) {
+            g.put((id.clone(), e.offset), std::sync::Arc::new((stamp, plain)));
         }
         got
     }
 
-    /// A decompressed group, if cached from exactly this frame.
-    fn cached_group(&self, id: &str, offset: u64, frame: &[u8]) -> Option<CachedGroup> {
+    /// A decompressed group, if cached from its pack as it is now.
+    fn cached_group(&self, id: &str, offset: u64, stamp: Option<Stamp>) -> Option<CachedGroup> {
+        let stamp = stamp?;
         let mut g = self.groups.lock().ok()?;
         g.get(&(id.to_string(), offset))
-            .filter(|c| c.0 == frame)
+            .filter(|c| c.0 == stamp)
             .cloned()
     }
 
