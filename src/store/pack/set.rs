@@ -248,6 +248,7 @@ impl PackSet {
             return member_in(&e, &g.1, &id);
         }
         let frame = read_at(&file, &path, &e)?;
+        tracing::trace!(pack = %id, offset = e.offset, "decompressing a group");
         let plain = decode_group(&frame).map_err(|why| group_damaged(&e, &id, &why))?;
         let got = member_in(&e, &plain, &id);
         if let (Ok(mut g), Some(stamp)) = (self.groups.lock(), stamp) {
