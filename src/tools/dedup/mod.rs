@@ -165,7 +165,9 @@ pub fn default_strategies() -> Vec<Strategy> {
 
 /// One unique chunk (or file, for whole-file) in this many is compressed by default: every
 /// strategy's chunks are hashed, but compressing them all ran `granary dedup` at 18 MB/s.
-/// Measured on pystore, the estimate from 1 in 16 is within 1% of the exact figure.
+/// Measured on pystore (2.2 GB): 8.4 s instead of 32 s, stored bytes within 1% of the exact
+/// figure for the default chunking and within 3.5% for every strategy; chunk counts and
+/// dedup figures stay exact.
 pub const DEFAULT_SAMPLE: u64 = 16;
 
 /// What to measure and how.
