@@ -135,17 +135,21 @@ fn small_objects(n: usize) -> Vec<(ObjectKind, B3Digest, Vec<u8>)> {
         .collect()
 }
 
+/// A pack writer in `d` grouping by 4 KiB, holding `objs` (all small enough to be grouped).
+fn grouping_writer(d: &Path, objs: &[(ObjectKind, B3Digest, Vec<u8>)]) -> PackWriter {
+    let mut w = PackWriter::new(d, ".tmp-").unwrap().with_groups(4096, 3);
+    for (k, dg, b) in objs {
+        assert!(grouped(4096, b.len()));
+        w.add_grouped(*k, *dg, b).unwrap();
+    }
+    w
+}
+
 #[test]
 fn grouped_objects_are_each_read_alone_before_and_after_commit() {
     let d = tempfile::tempdir().unwrap();
     let objs = small_objects(60);
-    let mut w = PackWriter::new(d.path(), ".tmp-")
-        .unwrap()
-        .with_groups(4096, 3);
-    for (k, dg, b) in &objs {
-        assert!(grouped(4096, b.len()));
-        w.add_grouped(*k, *dg, b).unwrap();
-    }
+    let mut w = grouping_writer(d.path(), &objs);
     // One big object alone, between groups.
     let big = vec![7u8; 5000];
     let big_d = B3Digest::of(&big);
@@ -202,13 +206,7 @@ fn grouped_objects_are_each_read_alone_before_and_after_commit() {
 fn a_damaged_group_fails_every_object_in_it_by_name_and_no_other() {
     let d = tempfile::tempdir().unwrap();
     let objs = small_objects(60);
-    let mut w = PackWriter::new(d.path(), ".tmp-")
-        .unwrap()
-        .with_groups(4096, 3);
-    for (k, dg, b) in &objs {
-        w.add_grouped(*k, *dg, b).unwrap();
-    }
-    let (id, entries) = w.commit(".tmp-").unwrap();
+    let (id, entries) = grouping_writer(d.path(), &objs).commit(".tmp-").unwrap();
     // Flip a byte in the middle of the second group's frame.
     let mut frames: Vec<(u64, u32)> = entries.iter().map(|e| (e.offset, e.len)).collect();
     frames.sort();
