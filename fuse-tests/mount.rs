@@ -1102,11 +1102,8 @@ fn pack_bytes(store: &TestStore) -> u64 {
 #[test]
 fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
     require_fuse!();
-    let store = TestStore::new();
     // A store from before compression groups (format 2): repack switches it to them.
-    std::fs::create_dir_all(store.path()).unwrap();
-    let config = "format_version = 2\nzstd_level = 3\npacks = true\n\n[chunking]\nmin = 16384\navg = 65536\nmax = 262144\n";
-    std::fs::write(store.path().join("config.toml"), config).unwrap();
+    let store = TestStore::format_2();
     let (a, b) = (store.dir.path().join("a"), store.dir.path().join("b"));
     gen_tree(&a, 2 << 20);
     for i in 0..2000 {

@@ -965,10 +965,7 @@ fn a_format_2_store_is_read_and_written_without_groups() {
     let src_dir = tempfile::tempdir().unwrap();
     let src = src_dir.path().join("src");
     small_files(&src, 200);
-    let s = TestStore::new();
-    std::fs::create_dir_all(s.path()).unwrap();
-    let config = "format_version = 2\nzstd_level = 3\npacks = true\n\n[chunking]\nmin = 16384\navg = 65536\nmax = 262144\n";
-    std::fs::write(s.path().join("config.toml"), config).unwrap();
+    let s = TestStore::format_2();
     s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
     let entries = packed_entries(&s.path());
     assert!(entries.iter().all(|(_, e)| e.member.is_none()));
@@ -979,7 +976,7 @@ fn a_format_2_store_is_read_and_written_without_groups() {
     }
     assert_eq!(
         std::fs::read_to_string(s.path().join("config.toml")).unwrap(),
-        config
+        FORMAT_2_CONFIG
     );
     let dst = src_dir.path().join("out");
     s.ok(&["export", "t", dst.to_str().unwrap()]);

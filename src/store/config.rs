@@ -60,6 +60,17 @@ impl StoreConfig {
         }
     }
 
+    /// The same parameters without compression groups, at the lowest format that describes
+    /// them (2 with packs, else 1): what a store that writes no groups (`s3://`) records, so
+    /// granaries from before groups keep using it.
+    pub fn without_groups(self) -> Self {
+        Self {
+            format_version: if self.packs { 2 } else { 1 },
+            group_bytes: 0,
+            ..self
+        }
+    }
+
     pub fn to_toml(&self) -> String {
         // Serializing plain integers cannot fail.
         toml::to_string(self).unwrap_or_default()
@@ -134,5 +145,7 @@ mod tests {
             &text.replace("packs = true", "packs = true\ngroup_bytes = 65536"),
         );
         assert!(e.unwrap_err().contains("format version 3"));
+        assert_eq!(StoreConfig::default().without_groups(), two);
+        assert_eq!(StoreConfig::loose().without_groups(), StoreConfig::loose());
     }
 }

@@ -63,6 +63,13 @@ impl TestStore {
         std::fs::write(s.path().join("config.toml"), config).unwrap();
         s
     }
+    /// A store with packs and no compression groups (format 2), as written before groups.
+    pub fn format_2() -> Self {
+        let s = Self::new();
+        std::fs::create_dir_all(s.path()).unwrap();
+        std::fs::write(s.path().join("config.toml"), FORMAT_2_CONFIG).unwrap();
+        s
+    }
     /// Number of distinct objects of a kind (`chunks`, `blobs`, `dirs`), loose or packed;
     /// for `roots`, the number of root files.
     pub fn count(&self, sub: &str) -> usize {
@@ -100,6 +107,9 @@ impl TestStore {
         tamper(&self.path(), sub, hex, f)
     }
 }
+
+/// config.toml of a format-2 store (packs, no compression groups).
+pub const FORMAT_2_CONFIG: &str = "format_version = 2\nzstd_level = 3\npacks = true\n\n[chunking]\nmin = 16384\navg = 65536\nmax = 262144\n";
 
 /// [`TestStore::tamper`] for a store at any path (a daemon's, say).
 pub fn tamper(store: &Path, sub: &str, hex: &str, f: impl FnOnce(&mut Vec<u8>)) {

@@ -257,10 +257,10 @@ impl S3Store {
         if !self.config.packs {
             // Converted: from now on granaries write packs here (format 2).
             let config = StoreConfig {
-                format_version: crate::store::config::FORMAT_VERSION,
                 packs: true,
                 ..self.config
-            };
+            }
+            .without_groups();
             let key = self.key("config.toml");
             if let Err(e) = self
                 .put_raw(&key, Bytes::from(config.to_toml()), PutMode::Overwrite)

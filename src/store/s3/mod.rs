@@ -370,6 +370,9 @@ impl S3Store {
                 .map_err(|_| bad("config.toml is not UTF-8".into()))?;
             return StoreConfig::from_toml(&text).map_err(|r| bad(format!("config.toml: {r}")));
         }
+        // This store writes no compression groups: its config says so, at the lowest format
+        // that describes it, so older granaries keep using the bucket.
+        let create_with = create_with.without_groups();
         create_with
             .chunking
             .validate()
