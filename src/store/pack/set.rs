@@ -339,10 +339,13 @@ impl PackSet {
                 st.bad.push(b);
             }
         }
-        let gone = st.packs.iter().any(|p| !listed.contains(p.id.as_str()));
+        // A pack known before the listing and not in it went away (a gc rewrote it). One
+        // this process committed (`add`) while the listing ran is in neither, and stays.
+        let went = |p: &KnownPack| known.contains(&p.id) && !listed.contains(p.id.as_str());
+        let gone = st.packs.iter().any(went);
         if gone {
-            // Some pack went away (a gc rewrote it): drop it, keep the rest as known.
-            st.packs.retain(|p| listed.contains(p.id.as_str()));
+            // Drop what went away, keep the rest as known.
+            st.packs.retain(|p| !went(p));
             let open = st
                 .packs
                 .iter()
