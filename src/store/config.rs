@@ -61,8 +61,8 @@ impl StoreConfig {
     }
 
     /// The same parameters without compression groups, at the lowest format that describes
-    /// them (2 with packs, else 1): what a store that writes no groups (`s3://`) records, so
-    /// granaries from before groups keep using it.
+    /// them (2 with packs, else 1): what an `s3://` store converted from format 1 by gc
+    /// records, so granaries from before groups keep using it.
     pub fn without_groups(self) -> Self {
         Self {
             format_version: if self.packs { 2 } else { 1 },

@@ -66,11 +66,59 @@ impl Moto {
 
     /// One plain HTTP/1.1 request (moto does not check signatures); returns status and body.
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        self.request(method, path, body, "")
+    }
+
+    /// A request with credentials: moto refuses an anonymous GET of an object (403), and
+    /// takes any credentials without checking the signature.
+    #[allow(dead_code)]
+    pub fn signed(&self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        self.request(
+            method,
+            path,
+            body,
+            "Authorization: AWS4-HMAC-SHA256 Credential=testing/20260101/us-east-1/s3/aws4_request, SignedHeaders=host, Signature=0\r\n",
+        )
+    }
+
+    /// Writes an object over whatever is there, with a real signed PUT (a plain request's
+    /// body would be dropped over an existing object).
+    #[allow(dead_code)]
+    pub fn put_object(&self, bucket: &str, key: &str, body: Vec<u8>) {
+        use object_store::ObjectStoreExt;
+        let s3 = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name(bucket)
+            .with_endpoint(format!("http://127.0.0.1:{}", self.port))
+            .with_region("us-east-1")
+            .with_allow_http(true)
+            .with_access_key_id("testing")
+            .with_secret_access_key("testing")
+            .build()
+            .expect("an S3 client for moto");
+        // On a thread of its own: callers may be inside a runtime.
+        std::thread::scope(|t| {
+            t.spawn(|| {
+                let rt = tokio::runtime::Runtime::new().expect("a runtime");
+                rt.block_on(s3.put(&object_store::path::Path::from(key), body.into()))
+                    .expect("PUT to moto");
+            })
+            .join()
+            .expect("the PUT thread")
+        });
+    }
+
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+        headers: &str,
+    ) -> std::io::Result<(u16, Vec<u8>)> {
         let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
         s.set_read_timeout(Some(Duration::from_secs(30)))?;
         write!(
             s,
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Length: {}\r\n{headers}Connection: close\r\n\r\n",
             self.port,
             body.len()
         )?;

@@ -256,10 +256,10 @@ pub fn grouped(group_bytes: u32, len: usize) -> bool {
 /// of 506), and alone they are read without decompressing anyone else's bytes.
 pub const GROUPED_MAX: usize = 128 << 10;
 
-/// A pack being written: a temp file in `packs/`, committed by [`PackWriter::commit`].
+/// A pack being written: a temp file in `packs/`, committed by [`PackWriter::commit`], or
+/// bytes in memory for an object store ([`PackWriter::in_memory`], [`PackWriter::finish`]).
 pub struct PackWriter {
-    dir: PathBuf,
-    file: tempfile::NamedTempFile,
+    sink: Sink,
     len: u64,
     entries: Vec<IndexEntry>,
     /// Where each object added is: its entry, or its place in the open group.
@@ -270,6 +270,23 @@ pub struct PackWriter {
     open: [OpenGroup; 2],
     group_bytes: u32,
     level: i32,
+}
+
+enum Sink {
+    File {
+        dir: PathBuf,
+        file: tempfile::NamedTempFile,
+    },
+    Memory(Vec<u8>),
+}
+
+impl Sink {
+    fn name(&self) -> String {
+        match self {
+            Sink::File { file, .. } => file.path().display().to_string(),
+            Sink::Memory(_) => "a pack in memory".into(),
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -302,16 +319,27 @@ impl PackWriter {
             .tempfile_in(dir)
             .map_err(ctx)?;
         file.write_all(PACK_MAGIC).map_err(ctx)?;
-        Ok(Self {
+        Ok(Self::with_sink(Sink::File {
             dir: dir.to_path_buf(),
             file,
+        }))
+    }
+
+    /// A pack built in memory, for a store that uploads it whole (see [`Self::finish`]).
+    pub fn in_memory() -> Self {
+        Self::with_sink(Sink::Memory(PACK_MAGIC.to_vec()))
+    }
+
+    fn with_sink(sink: Sink) -> Self {
+        Self {
+            sink,
             len: PACK_MAGIC.len() as u64,
             entries: Vec::new(),
             at: Default::default(),
             open: Default::default(),
             group_bytes: 0,
             level: 3,
-        })
+        }
     }
 
     /// Compresses small objects added with [`Self::add_grouped`] together, in groups of
@@ -348,9 +376,15 @@ impl PackWriter {
     }
 
     fn write(&mut self, data: &[u8]) -> Result<()> {
-        self.file
-            .write_all(data)
-            .map_err(|e| StoreError::io(format!("writing pack {}", self.file.path().display()), e))
+        match &mut self.sink {
+            Sink::File { file, .. } => file
+                .write_all(data)
+                .map_err(|e| StoreError::io(format!("writing pack {}", file.path().display()), e)),
+            Sink::Memory(body) => {
+                body.extend_from_slice(data);
+                Ok(())
+            }
+        }
     }
 
     /// Adds one small object's plain bytes to its open compression group (see [`grouped`]),
@@ -461,7 +495,15 @@ impl PackWriter {
                 .map(|b| Stored::Plain(b.to_vec()))),
             Some(Slot::Entry(i)) => {
                 let e = self.entries[*i];
-                let raw = read_at(self.file.as_file(), self.file.path(), &e)?;
+                let raw = match &self.sink {
+                    Sink::File { file, .. } => read_at(file.as_file(), file.path(), &e)?,
+                    Sink::Memory(body) => body
+                        .get(e.offset as usize..e.offset as usize + e.len as usize)
+                        .map(<[u8]>::to_vec)
+                        .ok_or_else(|| {
+                            StoreError::Backend(format!("{}: short", self.sink.name()))
+                        })?,
+                };
                 member_of(&e, &raw, "this process's unflushed pack").map(Some)
             }
         }
@@ -481,24 +523,43 @@ impl PackWriter {
     pub fn commit(mut self, tmp_prefix: &str) -> Result<(String, Vec<IndexEntry>)> {
         self.seal(0)?;
         self.seal(1)?;
+        let Sink::File { dir, file } = self.sink else {
+            return Err(StoreError::Backend(
+                "a pack built in memory has no directory to commit to".into(),
+            ));
+        };
         let id = new_id();
-        let pack = self.dir.join(format!("{id}.pack"));
+        let pack = dir.join(format!("{id}.pack"));
         let ctx = |p: &Path, e| StoreError::io(format!("writing {}", p.display()), e);
-        self.file.as_file().sync_data().map_err(|e| ctx(&pack, e))?;
-        self.file.persist(&pack).map_err(|e| ctx(&pack, e.error))?;
-        let idx = self.dir.join(format!("{id}.idx"));
+        file.as_file().sync_data().map_err(|e| ctx(&pack, e))?;
+        file.persist(&pack).map_err(|e| ctx(&pack, e.error))?;
+        let idx = dir.join(format!("{id}.idx"));
         let mut t = tempfile::Builder::new()
             .prefix(tmp_prefix)
-            .tempfile_in(&self.dir)
+            .tempfile_in(&dir)
             .map_err(|e| ctx(&idx, e))?;
         t.write_all(&encode_index(&self.entries))
             .map_err(|e| ctx(&idx, e))?;
         t.as_file().sync_data().map_err(|e| ctx(&idx, e))?;
         t.persist(&idx).map_err(|e| ctx(&idx, e.error))?;
-        std::fs::File::open(&self.dir)
+        std::fs::File::open(&dir)
             .and_then(|d| d.sync_all())
-            .map_err(|e| ctx(&self.dir, e))?;
+            .map_err(|e| ctx(&dir, e))?;
         Ok((id, self.entries))
+    }
+
+    /// Seals the open groups and hands over a pack built [`Self::in_memory`]: its bytes and
+    /// its entries (for [`encode_index`]).
+    pub fn finish(mut self) -> Result<(Vec<u8>, Vec<IndexEntry>)> {
+        self.seal(0)?;
+        self.seal(1)?;
+        match self.sink {
+            Sink::Memory(body) => Ok((body, self.entries)),
+            Sink::File { file, .. } => Err(StoreError::Backend(format!(
+                "{} is a file: commit it instead",
+                file.path().display()
+            ))),
+        }
     }
 }
 

@@ -130,7 +130,17 @@ impl S3Store {
         at: &(String, IndexEntry),
     ) -> Result<Option<Bytes>> {
         let (id, e) = at;
-        let raw = if e.len == 0 {
+        let raw = if e.member.is_some() {
+            // A grouped object: its group read and decompressed, the object cut out of it.
+            match self.read_at(id, e, None).await {
+                Ok(Some(b)) => b,
+                Ok(None) => return Ok(None),
+                Err(err) => {
+                    tracing::warn!("dropping {err} while rewriting pack {id}");
+                    return Ok(None);
+                }
+            }
+        } else if e.len == 0 {
             Bytes::new()
         } else {
             let range = GetRange::Bounded(e.offset..e.offset + e.len as u64);
@@ -194,11 +204,14 @@ impl S3Store {
             };
             let entries = pack::decode_index(id, &idx, u64::MAX)?;
             // Only packs mostly garbage are worth a rewrite (a GET and a PUT of the live rest).
-            let size: u64 = entries.iter().map(|e| e.len as u64).sum();
+            let groups = pack::group_plain_sizes(&entries);
+            let share =
+                |e: &IndexEntry| e.stored_share(groups.get(&e.offset).copied().unwrap_or_default());
+            let size: u64 = entries.iter().map(share).sum();
             let dead_bytes: u64 = entries
                 .iter()
                 .filter(|e| dead.contains(&(e.kind, e.digest)))
-                .map(|e| e.len as u64)
+                .map(share)
                 .sum();
             if (dead_bytes as f64) < REWRITE_DEAD_FRACTION * size as f64 {
                 continue;

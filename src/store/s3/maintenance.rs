@@ -47,12 +47,20 @@ impl Maintenance for S3Store {
         let loose: HashSet<B3Digest> = out.iter().map(|o| o.digest).collect();
         let mut st = self.packs.lock().await;
         self.scan_packs(&mut st).await?;
+        // A grouped object's share of its group's frame, in proportion to its plain bytes.
+        let mut groups: std::collections::HashMap<(&str, u64), u64> = Default::default();
+        for (id, e) in st.map.values() {
+            if let Some(m) = e.member {
+                *groups.entry((id.as_str(), e.offset)).or_default() += m.len as u64;
+            }
+        }
         for ((k, digest), (id, e)) in &st.map {
             if *k == kind && !loose.contains(digest) {
+                let group = groups.get(&(id.as_str(), e.offset)).copied();
                 out.push(ObjectInfo {
                     kind,
                     digest: *digest,
-                    stored_bytes: e.len as u64,
+                    stored_bytes: e.stored_share(group.unwrap_or_default()),
                     modified: st.packs.get(id).copied().unwrap_or(SystemTime::UNIX_EPOCH),
                 });
             }

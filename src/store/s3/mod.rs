@@ -45,7 +45,7 @@ use object_store::{
     PutPayload, RetryConfig, UpdateVersion,
 };
 
-use super::codec::{decode_chunk, plain_as_frame, verify_stored, Stored};
+use super::codec::{decode_chunk, decode_group, plain_as_frame, verify_stored, Stored};
 use super::pack::{self, IndexEntry};
 use super::{
     check_children, empty_blob, BlobMeta, BlobService, ChunkRef, ChunkSink, DirectoryService,
@@ -179,6 +179,8 @@ pub struct S3Store {
     gets: Arc<tokio::sync::Semaphore>,
     /// Packed objects the running gc found dead, with its cutoff (see `maintenance`).
     pending: Arc<Mutex<std::collections::HashMap<(Kind, B3Digest), SystemTime>>>,
+    /// Compression groups decompressed lately (see `packs::Groups`).
+    groups: Arc<packs::Groups>,
 }
 
 /// GETs in flight at once per store (a cold mount's readers and prefetch together).
@@ -355,6 +357,7 @@ impl S3Store {
             pack_sizes: Arc::default(),
             gets: Arc::new(tokio::sync::Semaphore::new(MAX_GETS)),
             pending: Arc::default(),
+            groups: Arc::default(),
         })
     }
 
@@ -370,9 +373,6 @@ impl S3Store {
                 .map_err(|_| bad("config.toml is not UTF-8".into()))?;
             return StoreConfig::from_toml(&text).map_err(|r| bad(format!("config.toml: {r}")));
         }
-        // This store writes no compression groups: its config says so, at the lowest format
-        // that describes it, so older granaries keep using the bucket.
-        let create_with = create_with.without_groups();
         create_with
             .chunking
             .validate()

@@ -354,7 +354,9 @@ impl BlobService for S3Store {
 
     async fn put_chunk(&self, digest: B3Digest, data: Bytes) -> Result<()> {
         let level = self.config.zstd_level;
-        let compressed = tokio::task::spawn_blocking(move || {
+        // A small chunk is staged as it is, and compressed with its neighbours in a group.
+        let group = self.grouped(data.len());
+        let stored = tokio::task::spawn_blocking(move || {
             let actual = B3Digest::of(&data);
             if actual != digest {
                 return Err(StoreError::corrupt(
@@ -363,13 +365,19 @@ impl BlobService for S3Store {
                     format!("content hashes to {actual}"),
                 ));
             }
+            if group {
+                return Ok(data);
+            }
             crate::store::codec::encode_chunk(&data, level)
+                .map(Bytes::from)
                 .map_err(|e| StoreError::io(format!("compressing chunk {digest}"), e))
         })
         .await
         .map_err(|e| StoreError::Backend(format!("compress task failed: {e}")))??;
-        self.put_object(Kind::Chunk, &digest, Bytes::from(compressed))
-            .await
+        if group {
+            return self.put_plain_chunk(&digest, stored).await;
+        }
+        self.put_object(Kind::Chunk, &digest, stored).await
     }
 
     async fn put_blob_index(&self, blob: B3Digest, index: &BlobIndex) -> Result<()> {

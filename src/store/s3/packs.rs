@@ -54,6 +54,9 @@ pub(super) struct Staged {
     filling: Vec<(Kind, B3Digest)>,
     filling_bytes: usize,
     sealed: VecDeque<Vec<(Kind, B3Digest)>>,
+    /// Chunks staged uncompressed, to be compressed with their neighbours in a compression
+    /// group when their pack is built (the rest of `objects` are stored bytes).
+    plain_chunks: HashSet<B3Digest>,
     /// Objects a put found already packed: written to a keep marker before the next root
     /// (gc rescues them from a pack it means to delete).
     pub(super) reused: HashSet<(Kind, B3Digest)>,
@@ -66,6 +69,35 @@ impl Staged {
         if !self.filling.is_empty() {
             self.sealed.push_back(std::mem::take(&mut self.filling));
             self.filling_bytes = 0;
+        }
+    }
+}
+
+/// A grouped object as if stored alone: a chunk as a zstd frame, metadata as itself.
+fn as_stored(kind: Kind, s: Stored) -> Bytes {
+    Bytes::from(match s {
+        Stored::Plain(p) if kind == Kind::Chunk => plain_as_frame(&p),
+        s => s.into_protobuf(),
+    })
+}
+
+/// Decompressed compression groups by (pack id, frame offset): a pack's bytes never change
+/// under its id, so a cached group stays good.
+pub(super) struct Groups {
+    lru: Mutex<GroupLru>,
+}
+
+type GroupLru = lru::LruCache<(String, u64), Arc<Vec<u8>>>;
+
+/// Groups kept in memory (each at most the group size plus 128 KiB: 18 MiB at the default).
+const GROUP_CACHE: usize = 16;
+
+impl Default for Groups {
+    fn default() -> Self {
+        Self {
+            lru: Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(GROUP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 }
@@ -202,11 +234,19 @@ impl S3Store {
         self.key(&format!("{}/{id}.{ext}", pack::PACK_DIR))
     }
 
-    /// An object put by this process and not yet uploaded.
+    /// An object put by this process and not yet uploaded, as stored bytes.
     pub(super) fn staged_object(&self, kind: Kind, digest: &B3Digest) -> Option<Bytes> {
-        self.lock_staged()
-            .ok()
-            .and_then(|st| st.objects.get(&(kind, *digest)).cloned())
+        let st = self.lock_staged().ok()?;
+        let b = st.objects.get(&(kind, *digest))?;
+        if kind == Kind::Chunk && st.plain_chunks.contains(digest) {
+            return Some(Bytes::from(plain_as_frame(b)));
+        }
+        Some(b.clone())
+    }
+
+    /// Whether this store compresses an object of `len` plain bytes in a group.
+    pub(super) fn grouped(&self, len: usize) -> bool {
+        self.config.packs && pack::grouped(self.config.group_bytes, len)
     }
 
     /// Lists the packs if this process never has.
@@ -226,6 +266,16 @@ impl S3Store {
         digest: &B3Digest,
         data: Bytes,
     ) -> Result<()> {
+        self.stage(kind, digest, data, false).await
+    }
+
+    /// [`Self::put_object`] of a chunk's plain bytes, for a compression group (see
+    /// [`Self::grouped`]).
+    pub(super) async fn put_plain_chunk(&self, digest: &B3Digest, plain: Bytes) -> Result<()> {
+        self.stage(Kind::Chunk, digest, plain, true).await
+    }
+
+    async fn stage(&self, kind: Kind, digest: &B3Digest, data: Bytes, plain: bool) -> Result<()> {
         if !self.config.packs {
             return self.put_loose(kind, digest, data).await;
         }
@@ -251,6 +301,9 @@ impl S3Store {
             }
             st.filling_bytes += data.len();
             st.objects.insert((kind, *digest), data);
+            if plain {
+                st.plain_chunks.insert(*digest);
+            }
             st.filling.push((kind, *digest));
             if st.filling_bytes >= PACK_TARGET {
                 st.seal();
@@ -279,15 +332,33 @@ impl S3Store {
         Ok(())
     }
 
-    /// Stores an object even if a pack holds it (gc's copies out of packs it will delete).
+    /// Stores an object even if a pack holds it (gc's copies out of packs it will delete). A
+    /// small chunk of a store with compression groups goes into one, however it was stored.
     pub(super) async fn put_copy(&self, kind: Kind, digest: &B3Digest, raw: Bytes) -> Result<()> {
+        let mut data = raw;
+        let mut plain = false;
+        if kind == Kind::Chunk && self.config.group_bytes > 0 {
+            let d = *digest;
+            let chunk =
+                tokio::task::spawn_blocking(move || decode_chunk(&d, &data).map(|c| (c, data)))
+                    .await
+                    .map_err(|e| StoreError::Backend(format!("decode task failed: {e}")))??;
+            (plain, data) = if self.grouped(chunk.0.len()) {
+                (true, chunk.0)
+            } else {
+                (false, chunk.1)
+            };
+        }
         let full = {
             let mut st = self.lock_staged()?;
             if st.objects.contains_key(&(kind, *digest)) {
                 return Ok(());
             }
-            st.filling_bytes += raw.len();
-            st.objects.insert((kind, *digest), raw);
+            st.filling_bytes += data.len();
+            st.objects.insert((kind, *digest), data);
+            if plain {
+                st.plain_chunks.insert(*digest);
+            }
             st.filling.push((kind, *digest));
             st.filling_bytes >= PACK_TARGET
         };
@@ -304,30 +375,42 @@ impl S3Store {
     async fn upload_sealed(&self) -> Result<()> {
         let _one_at_a_time = self.upload.lock().await;
         loop {
-            let (keys, body, entries) = {
+            let (keys, objects) = {
                 let mut st = self.lock_staged()?;
                 let Some(keys) = st.sealed.pop_front() else {
                     return Ok(());
                 };
-                let size: usize = keys
+                let objects: Vec<_> = keys
                     .iter()
-                    .filter_map(|k| st.objects.get(k).map(|b| b.len()))
-                    .sum();
-                let mut body = Vec::with_capacity(pack::PACK_MAGIC.len() + size);
-                body.extend_from_slice(pack::PACK_MAGIC);
-                let mut entries = Vec::with_capacity(keys.len());
-                for k in &keys {
-                    let Some(b) = st.objects.get(k) else { continue };
-                    entries.push(IndexEntry {
-                        kind: k.0,
-                        digest: k.1,
-                        offset: body.len() as u64,
-                        len: b.len() as u32,
-                        member: None,
-                    });
-                    body.extend_from_slice(b);
+                    .filter_map(|k| {
+                        let plain = k.0 == Kind::Chunk && st.plain_chunks.contains(&k.1);
+                        st.objects.get(k).map(|b| (*k, b.clone(), plain))
+                    })
+                    .collect();
+                (keys, objects)
+            };
+            // Compressing the groups takes a while: off the runtime's threads.
+            let (group_bytes, level) = (self.config.group_bytes, self.config.zstd_level);
+            let built = tokio::task::spawn_blocking(move || {
+                let mut w = pack::PackWriter::in_memory().with_groups(group_bytes, level);
+                for ((kind, digest), b, plain) in objects {
+                    // Directories and blob indexes are stored as they are: small ones group.
+                    if plain || (kind != Kind::Chunk && pack::grouped(group_bytes, b.len())) {
+                        w.add_grouped(kind, digest, &b)?;
+                    } else {
+                        w.append(kind, digest, &b)?;
+                    }
                 }
-                (keys, body, entries)
+                w.finish()
+            })
+            .await
+            .map_err(|e| StoreError::Backend(format!("pack building task failed: {e}")));
+            let (body, entries) = match built.and_then(|r| r) {
+                Ok(b) => b,
+                Err(e) => {
+                    self.lock_staged()?.sealed.push_front(keys);
+                    return Err(e);
+                }
             };
             let id = pack::new_id();
             let size = body.len() as u64;
@@ -348,6 +431,9 @@ impl S3Store {
             let mut st = self.lock_staged()?;
             for k in &keys {
                 st.objects.remove(k);
+                if k.0 == Kind::Chunk {
+                    st.plain_chunks.remove(&k.1);
+                }
             }
             st.own.insert(id);
         }
@@ -525,24 +611,13 @@ impl S3Store {
         e: &IndexEntry,
         prefix: Option<u64>,
     ) -> Result<Option<Bytes>> {
-        if e.member.is_some() {
-            // A copied local store's compression group (granary writes none to buckets): the
-            // group's frame, decompressed, and the object handed on as if stored alone.
-            let mut whole = *e;
-            whole.member = None;
-            let Some(frame) = Box::pin(self.read_at(id, &whole, None)).await? else {
+        if let Some(m) = e.member {
+            // A compression group: its frame decompressed (once, then cached), and the object
+            // handed on as if stored alone.
+            let Some(plain) = self.group(id, e).await? else {
                 return Ok(None);
             };
-            let (e, id) = (*e, id.to_string());
-            let stored = tokio::task::spawn_blocking(move || pack::member_of(&e, &frame, &id))
-                .await
-                .map_err(|err| {
-                    StoreError::Backend(format!("decompression task failed: {err}"))
-                })??;
-            return Ok(Some(Bytes::from(match stored {
-                Stored::Plain(p) if e.kind == Kind::Chunk => plain_as_frame(&p),
-                s => s.into_protobuf(),
-            })));
+            return pack::slice_member(e, m, &plain, id).map(|s| Some(as_stored(e.kind, s)));
         }
         let len = prefix.map_or(e.len as u64, |n| n.min(e.len as u64));
         if len == 0 {
@@ -571,6 +646,58 @@ impl S3Store {
             out.extend_from_slice(&b[from as usize..to as usize]);
         }
         Ok(Some(Bytes::from(out)).filter(|b| b.len() as u64 == len))
+    }
+
+    /// The plain bytes of the compression group `e` is in, decompressed once and cached (a
+    /// batch asks for a group's members at once); `None` if its pack is gone.
+    async fn group(&self, id: &str, e: &IndexEntry) -> Result<Option<Arc<Vec<u8>>>> {
+        self.group_of(id, e, None).await
+    }
+
+    /// [`Self::group`], with the group's frame if the caller has it already.
+    async fn group_of(
+        &self,
+        id: &str,
+        e: &IndexEntry,
+        frame: Option<Bytes>,
+    ) -> Result<Option<Arc<Vec<u8>>>> {
+        let key = (id.to_string(), e.offset);
+        let cached = self
+            .groups
+            .lru
+            .lock()
+            .ok()
+            .and_then(|mut g| g.get(&key).cloned());
+        if let Some(g) = cached {
+            return Ok(Some(g));
+        }
+        // No lock is held across the awaits below: a reader's future may sit unpolled (a
+        // stream its consumer reads later) while another waits for the same group, and a
+        // lock held there would deadlock them. Two readers of one cold group may both decode
+        // it; the extents under it are fetched once.
+        let frame = match frame {
+            Some(f) => f,
+            None => {
+                let mut whole = *e;
+                whole.member = None;
+                let Some(frame) = Box::pin(self.read_at(id, &whole, None)).await? else {
+                    return Ok(None);
+                };
+                frame
+            }
+        };
+        let (e, pack) = (*e, id.to_string());
+        let plain = tokio::task::spawn_blocking(move || {
+            tracing::trace!(%pack, offset = e.offset, "decompressing a group");
+            decode_group(&frame).map_err(|why| pack::group_damaged(&e, &pack, &why))
+        })
+        .await
+        .map_err(|err| StoreError::Backend(format!("decompression task failed: {err}")))??;
+        let plain = Arc::new(plain);
+        if let Ok(mut g) = self.groups.lru.lock() {
+            g.put(key, plain.clone());
+        }
+        Ok(Some(plain))
     }
 
     /// Where a batch's objects are: staged ones handed over at once, then (digest, pack,
@@ -730,17 +857,33 @@ impl S3Store {
                 for (d, e) in objects {
                     let from = (e.offset - start) as usize;
                     let to = from + e.len as usize;
-                    match &body {
-                        Some(b) if to <= b.len() => cut.push((d, b.slice(from..to))),
+                    let raw = match &body {
+                        Some(b) if to <= b.len() => b.slice(from..to),
                         // The pack has gone or is shorter than its index says.
-                        _ => gone.push(d),
-                    }
+                        _ => {
+                            gone.push(d);
+                            continue;
+                        }
+                    };
+                    let Some(m) = e.member else {
+                        cut.push((d, Ok(Some(raw))));
+                        continue;
+                    };
+                    // A grouped object: its group's frame is what was read.
+                    let got = match self.group_of(&id, &e, Some(raw)).await {
+                        Ok(Some(plain)) => {
+                            pack::slice_member(&e, m, &plain, &id).map(|s| Some(as_stored(kind, s)))
+                        }
+                        Ok(None) => Ok(None),
+                        Err(err) => Err(err),
+                    };
+                    cut.push((d, got));
                 }
                 let handed = tokio::task::spawn_blocking({
                     let deliver = deliver.clone();
                     move || {
-                        for (d, raw) in cut {
-                            deliver(d, Ok(Some(raw)));
+                        for (d, got) in cut {
+                            deliver(d, got);
                         }
                     }
                 })
