@@ -203,6 +203,26 @@ fn store_strategy_equals_what_import_stores() {
     // Duplicates inside the tree: a whole copy of a subtree and a repeated big file.
     write_big(&t.join("copy/big.bin"), 3 << 20, 42);
     write(&t.join("copy/hello.txt"), b"hello\n", false);
+    // Small files that compress far better together than alone: lines from one pool.
+    let pool: Vec<String> = (0..200)
+        .map(|k| {
+            common::noise(24, 500 + k)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                + "\n"
+        })
+        .collect();
+    for i in 0..300usize {
+        let body: String = (0..30)
+            .map(|k| pool[(i * 3 + k * 11) % 200].as_str())
+            .collect();
+        write(
+            &t.join(format!("small/{}/f{i}", i % 5)),
+            body.as_bytes(),
+            false,
+        );
+    }
     let t_s = t.to_str().unwrap();
     let r = dedup_json(
         &ts,
@@ -232,12 +252,14 @@ fn store_strategy_equals_what_import_stores() {
     assert_eq!(u(&info, "logical_bytes"), u(s, "logical_bytes"));
     // Same compression, same encodings: the estimate is the store's real size.
     assert_eq!(u(&info, "stored_bytes"), u(s, "stored_bytes"));
-    let in_blocks: u64 = ["chunks", "blobs", "dirs"]
+    let object_files: u64 = ["chunks", "blobs", "dirs"]
         .iter()
         .flat_map(|d| common::walk_files(&ts.path().join(d)))
-        .map(|f| std::fs::metadata(f).unwrap().len().div_ceil(4096) * 4096)
+        .map(|f| std::fs::metadata(f).unwrap().len())
         .sum();
-    assert_eq!(in_blocks, u(s, "disk_bytes"));
+    assert_eq!(object_files, u(s, "stored_bytes"));
+    // This store has no compression groups: packed is stored.
+    assert_eq!(u(s, "packed_bytes"), u(s, "stored_bytes"));
     // A packed store (the default) holds the same objects, and fewer bytes: small objects
     // are compressed together in groups.
     let packed = TestStore::new();
@@ -251,6 +273,27 @@ fn store_strategy_equals_what_import_stores() {
         "grouped {} vs alone {}",
         u(&pinfo, "stored_bytes"),
         u(s, "stored_bytes")
+    );
+    // dedup with that store's parameters says what its packs hold (the groups it forms
+    // differ a little from the import's: files are read in another order) and what they
+    // take on disk with their indexes.
+    let rp = dedup_json(&packed, &["--exact", "--strategy", "store", t_s]);
+    let sp = strategy(&rp, "store");
+    assert_eq!(u(sp, "stored_bytes"), u(s, "stored_bytes"));
+    let (est, real) = (u(sp, "packed_bytes"), u(&pinfo, "stored_bytes"));
+    assert!(
+        est.abs_diff(real) * 20 <= real,
+        "packed estimate {est}, the store holds {real}"
+    );
+    assert!(est < u(sp, "stored_bytes"), "{est}");
+    let on_disk: u64 = common::walk_files(&packed.path().join("packs"))
+        .iter()
+        .map(|f| std::fs::metadata(f).unwrap().len())
+        .sum();
+    let disk = u(sp, "disk_bytes");
+    assert!(
+        disk.abs_diff(on_disk) * 20 <= on_disk,
+        "on-disk estimate {disk}, the packs take {on_disk}"
     );
     let d = &info["dedup"];
     for key in [

@@ -129,6 +129,7 @@ pub async fn cmd_dedup(store_url: Option<&str>, args: &DedupArgs) -> Result<Exit
         zstd_level: args.zstd_level.unwrap_or(config.zstd_level),
         sample: if args.exact { 1 } else { args.zstd_sample },
         jobs: args.jobs,
+        group_bytes: config.group_bytes,
     };
     let progress = Arc::new(Progress::default());
     let bar = super::spawn_progress(progress.clone(), "dedup");
@@ -201,7 +202,7 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
-        "{:<22} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>7} {:>11}",
+        "{:<22} {:>11} {:>7} {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>7} {:>11} {:>11}",
         "strategy",
         "unique",
         "dedup",
@@ -213,6 +214,7 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
         "zstd",
         "stored",
         "log/st",
+        "packed",
         "on disk"
     )?;
     for s in &r.strategies {
@@ -227,7 +229,7 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
         };
         writeln!(
             out,
-            "{:<22} {:>11} {:>6.2}x {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>6.2}x {:>11}",
+            "{:<22} {:>11} {:>6.2}x {:>9} {:>10} {:>10} {:>10} {:>10} {:>11} {:>11} {:>6.2}x {:>11} {:>11}",
             name,
             DecimalBytes(s.unique_bytes).to_string(),
             s.dedup_ratio,
@@ -239,13 +241,24 @@ fn write_table(out: &mut impl Write, r: &Report) -> Result<()> {
             DecimalBytes(s.zstd_bytes).to_string(),
             DecimalBytes(s.stored_bytes).to_string(),
             s.stored_ratio,
+            DecimalBytes(s.packed_bytes).to_string(),
             DecimalBytes(s.disk_bytes).to_string()
         )?;
     }
     writeln!(
         out,
-        "(stored = zstd chunks + blob indexes + directories; on disk = the same as one file each in {} KiB blocks)",
-        dedup::BLOCK >> 10
+        "(stored = each chunk compressed alone + blob indexes + directories, as a format-2 store; packed = {}, as a format-3 store; on disk = packed + the packs' index entries)",
+        if r.group_bytes > 0 {
+            format!(
+                "chunks up to {} and directories compressed together in groups of {}",
+                BinaryBytes(
+                    (r.group_bytes as u64 / 2).min(crate::store::pack::GROUPED_MAX as u64)
+                ),
+                BinaryBytes(r.group_bytes as u64)
+            )
+        } else {
+            "the same (this store has no compression groups)".to_string()
+        }
     )?;
     if r.inputs.len() > 1 {
         writeln!(out)?;
@@ -292,11 +305,11 @@ fn csv_field(s: &str) -> String {
 /// One row per strategy (scope `all`), then one per strategy and input with that input's
 /// marginal figures (ratios and chunk sizes left empty there).
 fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
-    writeln!(out, "strategy,chunker,scope,logical_bytes,unique_bytes,dedup_ratio,unique_chunks,mean_chunk,median_chunk,p99_chunk,metadata_bytes,zstd_bytes,stored_bytes,stored_ratio,disk_bytes")?;
+    writeln!(out, "strategy,chunker,scope,logical_bytes,unique_bytes,dedup_ratio,unique_chunks,mean_chunk,median_chunk,p99_chunk,metadata_bytes,zstd_bytes,stored_bytes,stored_ratio,packed_bytes,disk_bytes")?;
     for s in &r.strategies {
         writeln!(
             out,
-            "{},{},all,{},{},{:.4},{},{},{},{},{},{},{},{:.4},{}",
+            "{},{},all,{},{},{:.4},{},{},{},{},{},{},{},{:.4},{},{}",
             csv_field(&s.strategy),
             csv_field(&s.chunker),
             s.logical_bytes,
@@ -310,6 +323,7 @@ fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
             s.zstd_bytes,
             s.stored_bytes,
             s.stored_ratio,
+            s.packed_bytes,
             s.disk_bytes
         )?;
     }
@@ -317,7 +331,7 @@ fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
         for m in &s.marginal {
             writeln!(
                 out,
-                "{},{},{},{},{},,{},,,,{},{},{},,",
+                "{},{},{},{},{},,{},,,,{},{},{},,,",
                 csv_field(&s.strategy),
                 csv_field(&s.chunker),
                 csv_field(&m.input),
@@ -333,7 +347,7 @@ fn write_csv(out: &mut impl Write, r: &Report) -> Result<()> {
     Ok(())
 }
 
-/// A grouped bar chart: unique, stored (zstd + metadata) and on-disk bytes per strategy,
+/// A grouped bar chart: unique, stored (zstd + metadata) and on-disk (packed) bytes per strategy,
 /// with the logical size as a line.
 fn plot(path: &Path, r: &Report) -> Result<()> {
     use plotters::prelude::*;
@@ -413,7 +427,7 @@ fn plot(path: &Path, r: &Report) -> Result<()> {
                 disk_color.filled(),
             )
         }))?
-        .label(format!("on disk ({} KiB blocks)", dedup::BLOCK >> 10))
+        .label("on disk (packs with groups, and their indexes)")
         .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], disk_color.filled()));
     chart
         .draw_series(LineSeries::new(

@@ -37,6 +37,8 @@ const INDEX_MAGIC: &[u8; 8] = b"GRNIDX01";
 const INDEX_MAGIC_GROUPS: &[u8; 8] = b"GRNIDX02";
 const ENTRY_BYTES: usize = 1 + 32 + 8 + 4;
 const ENTRY_BYTES_GROUPS: usize = ENTRY_BYTES + 4 + 4;
+/// Bytes of one object's entry in a pack index with groups.
+pub const GROUPED_ENTRY_BYTES: u64 = ENTRY_BYTES_GROUPS as u64;
 /// Marks an object stored alone in a format-2 index entry.
 const ALONE: u32 = u32::MAX;
 const INDEX_OVERHEAD: usize = 8 + 8 + 32;

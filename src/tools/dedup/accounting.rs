@@ -57,21 +57,13 @@ pub(super) struct Seen {
 pub(super) struct StrategyAcc {
     pub(super) seen: Mutex<Seen>,
     pub(super) zstd_exact: AtomicU64,
-    pub(super) disk_exact: AtomicU64,
     pub(super) sampled_raw: AtomicU64,
     pub(super) sampled_zstd: AtomicU64,
-    pub(super) sampled_disk: AtomicU64,
+    /// Sampled chunks as packed: small ones by the compressed size of their groups, the rest
+    /// by their own.
+    pub(super) sampled_packed: AtomicU64,
     pub(super) blob_indexes: AtomicU64,
     pub(super) blob_index_bytes: AtomicU64,
-    pub(super) blob_index_disk: AtomicU64,
-}
-
-/// Filesystem block size assumed for `disk_bytes` (ext4's default).
-pub const BLOCK: u64 = 4096;
-
-/// Bytes a file of `len` bytes occupies in whole blocks.
-pub(super) fn blocks(len: u64) -> u64 {
-    len.div_ceil(BLOCK) * BLOCK
 }
 
 /// A snapshot of the cumulative figures of one strategy (for marginal gains).
@@ -81,7 +73,8 @@ pub(super) struct Totals {
     pub(super) unique_chunks: u64,
     pub(super) metadata: u64,
     pub(super) zstd: u64,
-    pub(super) disk: u64,
+    pub(super) packed: u64,
+    pub(super) pack_disk: u64,
 }
 
 /// State shared by every worker for a whole analysis.
@@ -90,6 +83,9 @@ pub(super) struct Shared {
     pub(super) accs: Vec<StrategyAcc>,
     pub(super) level: i32,
     pub(super) sample: u64,
+    pub(super) group_bytes: u32,
+    /// New directories, compressed together as a store's metadata group is.
+    pub(super) dir_group: Mutex<Group>,
     /// Distinct blobs (whole-file digests) seen so far: a blob index is counted once per blob.
     pub(super) blobs: Mutex<HashSet<B3Digest>>,
     pub(super) dirs: Mutex<HashMap<B3Digest, u64>>,
@@ -109,6 +105,8 @@ impl Shared {
                 .collect(),
             level: opts.zstd_level,
             sample: opts.sample.max(1),
+            group_bytes: opts.group_bytes,
+            dir_group: Mutex::default(),
             blobs: Mutex::default(),
             dirs: Mutex::default(),
             logical: AtomicU64::new(0),
@@ -117,25 +115,19 @@ impl Shared {
         }
     }
 
-    /// Distinct directories: count, encoded bytes, and bytes in whole blocks.
-    pub(super) fn dir_totals(&self) -> (u64, u64, u64) {
+    /// Distinct directories: count and encoded bytes.
+    pub(super) fn dir_totals(&self) -> (u64, u64) {
         let d = lock(&self.dirs);
-        (
-            d.len() as u64,
-            d.values().sum(),
-            d.values().map(|&l| blocks(l)).sum(),
-        )
+        (d.len() as u64, d.values().sum())
     }
 
-    /// Compressed bytes of the unique chunks, and the same in whole blocks: exact, or
-    /// scaled from the sample.
+    /// Compressed bytes of the unique chunks, alone and packed: exact, or scaled from the
+    /// sample.
     pub(super) fn zstd_estimate(&self, i: usize, unique_bytes: u64) -> (u64, u64) {
         let a = &self.accs[i];
+        let packed = a.sampled_packed.load(Ordering::Relaxed);
         if self.sample <= 1 {
-            return (
-                a.zstd_exact.load(Ordering::Relaxed),
-                a.disk_exact.load(Ordering::Relaxed),
-            );
+            return (a.zstd_exact.load(Ordering::Relaxed), packed);
         }
         let raw = a.sampled_raw.load(Ordering::Relaxed);
         let scale = |v: u64| {
@@ -145,14 +137,28 @@ impl Shared {
                 (unique_bytes as f64 * v as f64 / raw as f64).round() as u64
             }
         };
-        (
-            scale(a.sampled_zstd.load(Ordering::Relaxed)),
-            scale(a.sampled_disk.load(Ordering::Relaxed)),
-        )
+        (scale(a.sampled_zstd.load(Ordering::Relaxed)), scale(packed))
+    }
+
+    /// Directories as packed: the groups compressed so far and the open one's bytes
+    /// compressed now.
+    fn dirs_packed(&self) -> u64 {
+        let g = lock(&self.dir_group);
+        let open = if g.plain.is_empty() {
+            0
+        } else {
+            zstd::bulk::compress(&g.plain, self.level).map_or(g.plain.len(), |z| z.len()) as u64
+        };
+        g.packed + open
     }
 
     pub(super) fn totals(&self) -> Vec<Totals> {
-        let (_, dir_bytes, dir_disk) = self.dir_totals();
+        let (dir_count, dir_bytes) = self.dir_totals();
+        let dirs_packed = if self.group_bytes > 0 {
+            self.dirs_packed()
+        } else {
+            dir_bytes
+        };
         (0..self.accs.len())
             .map(|i| {
                 let (unique_bytes, unique_chunks) = {
@@ -160,13 +166,21 @@ impl Shared {
                     (s.bytes, s.chunks.len() as u64)
                 };
                 let a = &self.accs[i];
-                let (zstd, zstd_disk) = self.zstd_estimate(i, unique_bytes);
+                let (zstd, chunks_packed) = self.zstd_estimate(i, unique_bytes);
+                let (indexes, index_bytes) = (
+                    a.blob_indexes.load(Ordering::Relaxed),
+                    a.blob_index_bytes.load(Ordering::Relaxed),
+                );
+                let packed = chunks_packed + dirs_packed + index_bytes;
                 Totals {
                     unique_bytes,
                     unique_chunks,
-                    metadata: a.blob_index_bytes.load(Ordering::Relaxed) + dir_bytes,
+                    metadata: index_bytes + dir_bytes,
                     zstd,
-                    disk: zstd_disk + a.blob_index_disk.load(Ordering::Relaxed) + dir_disk,
+                    packed,
+                    pack_disk: packed
+                        + crate::store::pack::GROUPED_ENTRY_BYTES
+                            * (unique_chunks + indexes + dir_count),
                 }
             })
             .collect()
@@ -176,7 +190,22 @@ impl Shared {
     pub(super) fn add_dir(&self, dir: &Directory) -> B3Digest {
         let bytes = dir.encode_canonical();
         let d = B3Digest::of(&bytes);
-        lock(&self.dirs).insert(d, bytes.len() as u64);
+        let new = lock(&self.dirs).insert(d, bytes.len() as u64).is_none();
+        if new && self.group_bytes > 0 {
+            let mut g = lock(&self.dir_group);
+            if crate::store::pack::grouped(self.group_bytes, bytes.len()) {
+                g.plain.extend_from_slice(&bytes);
+                if g.plain.len() >= self.group_bytes as usize {
+                    let z = zstd::bulk::compress(&g.plain, self.level)
+                        .map_or(g.plain.len(), |z| z.len());
+                    g.packed += z as u64;
+                    g.plain.clear();
+                }
+            } else {
+                // A big directory is stored alone, as it is.
+                g.packed += bytes.len() as u64;
+            }
+        }
         d
     }
 }
@@ -184,6 +213,13 @@ impl Shared {
 pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // A panicking worker cannot leave these maps half-updated in a way that matters.
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A compression group being filled, and the compressed bytes of those already full.
+#[derive(Default)]
+pub(super) struct Group {
+    pub(super) plain: Vec<u8>,
+    pub(super) packed: u64,
 }
 
 /// Counts bytes written (the size of a streamed zstd frame).

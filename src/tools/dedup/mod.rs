@@ -13,8 +13,10 @@
 //! their canonical protobuf, and chunks are compressed with `zstd::bulk` at the store's level.
 //! With every unique chunk compressed (`sample == 1`, `--exact`) its `stored_bytes` therefore
 //! equals what the store's objects occupy after an import of the same data when each object
-//! is compressed alone (format 1 and 2 stores); a format-3 store compresses small objects
-//! together in groups and stores less (its real figure: `granary info`).
+//! is compressed alone (format 1 and 2 stores). A format-3 store compresses small objects
+//! together in groups and stores less: `packed_bytes` estimates that, grouping small chunks in
+//! the order this run reads them (an import's order differs a little; its real figure:
+//! `granary info`), and `disk_bytes` adds the pack indexes.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -180,6 +182,9 @@ pub struct DedupOptions {
     pub sample: u64,
     /// Files analysed at once (default: the number of cores).
     pub jobs: Option<usize>,
+    /// Plain bytes of a compression group, for the `packed` figures (the store's; 0 = every
+    /// object compressed alone).
+    pub group_bytes: u32,
 }
 
 impl Default for DedupOptions {
@@ -189,6 +194,7 @@ impl Default for DedupOptions {
             zstd_level: crate::store::StoreConfig::default().zstd_level,
             sample: DEFAULT_SAMPLE,
             jobs: None,
+            group_bytes: crate::store::StoreConfig::default().group_bytes,
         }
     }
 }
@@ -234,7 +240,11 @@ pub struct StrategyReport {
     pub stored_bytes: u64,
     /// logical / stored.
     pub stored_ratio: f64,
-    /// What the objects of a local store (one file each) occupy in whole 4 KiB blocks.
+    /// What a store with compression groups holds: small chunks and directories compressed
+    /// together in groups of `group_bytes` (in the order read), larger chunks alone, blob
+    /// indexes as they are (mostly digests); exact, or the chunks scaled from the sample.
+    pub packed_bytes: u64,
+    /// What the store's pack files occupy: `packed_bytes` plus one index entry per object.
     pub disk_bytes: u64,
     pub marginal: Vec<Marginal>,
 }
@@ -260,6 +270,8 @@ pub struct Report {
     pub skipped_special: u64,
     pub logical_bytes: u64,
     pub zstd_level: i32,
+    /// Plain bytes of a compression group assumed for `packed_bytes`.
+    pub group_bytes: u32,
     pub sample: SampleInfo,
     pub strategies: Vec<StrategyReport>,
 }

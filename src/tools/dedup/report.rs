@@ -13,7 +13,7 @@ pub(super) fn build_report(
     let (files, directories, symlinks, skipped_special) = counts;
     let logical = shared.logical.load(Ordering::Relaxed);
     let final_totals = shared.totals();
-    let (dir_count, dir_bytes, _) = shared.dir_totals();
+    let (dir_count, dir_bytes) = shared.dir_totals();
     let mut strategies = Vec::new();
     for (i, s) in shared.strategies.iter().enumerate() {
         let acc = &shared.accs[i];
@@ -67,7 +67,8 @@ pub(super) fn build_report(
             zstd_bytes: t.zstd,
             stored_bytes: stored,
             stored_ratio: ratio(logical, stored),
-            disk_bytes: t.disk,
+            packed_bytes: t.packed,
+            disk_bytes: t.pack_disk,
             marginal,
         });
     }
@@ -79,6 +80,7 @@ pub(super) fn build_report(
         skipped_special,
         logical_bytes: logical,
         zstd_level: shared.level,
+        group_bytes: shared.group_bytes,
         sample: SampleInfo {
             one_in: shared.sample,
             chunks: shared.sampled_chunks.load(Ordering::Relaxed),

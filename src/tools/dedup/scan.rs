@@ -22,10 +22,12 @@ pub(super) enum Cutter {
     Cdc(Box<Chunker>),
 }
 
-/// Per-thread state: reusable compressor and read buffer.
+/// Per-thread state: reusable compressor, and per strategy the compression group being
+/// filled with this thread's small sampled chunks.
 pub(super) struct Worker<'a> {
     pub(super) shared: &'a Shared,
     pub(super) compressor: zstd::bulk::Compressor<'static>,
+    pub(super) groups: Vec<Vec<u8>>,
 }
 
 /// One file being analysed: its bytes go through every strategy's cutter.
@@ -42,7 +44,49 @@ impl<'a> Worker<'a> {
     pub(super) fn new(shared: &'a Shared) -> Result<Self, DedupError> {
         let compressor = zstd::bulk::Compressor::new(shared.level)
             .map_err(|e| DedupError::Task(format!("zstd: {e}")))?;
-        Ok(Worker { shared, compressor })
+        Ok(Worker {
+            shared,
+            compressor,
+            groups: vec![Vec::new(); shared.strategies.len()],
+        })
+    }
+
+    /// Accounts a new sampled chunk of strategy `i` as a store with groups packs it: a small
+    /// one into this thread's open group, a larger one by its own compressed size `alone`.
+    fn pack(&mut self, i: usize, data: &[u8], alone: u64) -> Result<(), DedupError> {
+        let gb = self.shared.group_bytes;
+        if !crate::store::pack::grouped(gb, data.len()) {
+            self.shared.accs[i]
+                .sampled_packed
+                .fetch_add(alone, Ordering::Relaxed);
+            return Ok(());
+        }
+        self.groups[i].extend_from_slice(data);
+        if self.groups[i].len() >= gb as usize {
+            self.seal(i)?;
+        }
+        Ok(())
+    }
+
+    fn seal(&mut self, i: usize) -> Result<(), DedupError> {
+        if self.groups[i].is_empty() {
+            return Ok(());
+        }
+        let z = self
+            .compressor
+            .compress(&self.groups[i])
+            .map_err(|e| DedupError::Task(format!("zstd: {e}")))?
+            .len() as u64;
+        self.shared.accs[i]
+            .sampled_packed
+            .fetch_add(z, Ordering::Relaxed);
+        self.groups[i].clear();
+        Ok(())
+    }
+
+    /// Compresses the groups left open (at the end of an input, as an import's last pack).
+    pub(super) fn finish(&mut self) -> Result<(), DedupError> {
+        (0..self.groups.len()).try_for_each(|i| self.seal(i))
     }
 
     pub(super) fn scan(&mut self) -> FileScan<'_, 'a> {
@@ -95,12 +139,11 @@ impl<'a> Worker<'a> {
                 .map_err(|e| DedupError::Task(format!("zstd: {e}")))?
                 .len() as u64;
             acc.zstd_exact.fetch_add(z, Ordering::Relaxed);
-            acc.disk_exact.fetch_add(blocks(z), Ordering::Relaxed);
             acc.sampled_raw.fetch_add(len, Ordering::Relaxed);
             acc.sampled_zstd.fetch_add(z, Ordering::Relaxed);
-            acc.sampled_disk.fetch_add(blocks(z), Ordering::Relaxed);
             self.shared.sampled_chunks.fetch_add(1, Ordering::Relaxed);
             self.shared.sampled_bytes.fetch_add(len, Ordering::Relaxed);
+            self.pack(i, data, z)?;
         }
         Ok(())
     }
@@ -243,12 +286,16 @@ impl FileScan<'_, '_> {
                         .len() as u64,
                 };
                 acc.zstd_exact.fetch_add(z, Ordering::Relaxed);
-                acc.disk_exact.fetch_add(blocks(z), Ordering::Relaxed);
                 acc.sampled_raw.fetch_add(self.size, Ordering::Relaxed);
                 acc.sampled_zstd.fetch_add(z, Ordering::Relaxed);
-                acc.sampled_disk.fetch_add(blocks(z), Ordering::Relaxed);
                 shared.sampled_chunks.fetch_add(1, Ordering::Relaxed);
                 shared.sampled_bytes.fetch_add(self.size, Ordering::Relaxed);
+                // A file small enough for a group is still in `buf`.
+                if buf.len() as u64 == self.size {
+                    self.worker.pack(i, buf, z)?;
+                } else {
+                    acc.sampled_packed.fetch_add(z, Ordering::Relaxed);
+                }
             }
         }
         if digest != empty_blob() && lock(&shared.blobs).insert(digest) {
@@ -258,8 +305,6 @@ impl FileScan<'_, '_> {
                     acc.blob_indexes.fetch_add(1, Ordering::Relaxed);
                     let len = index_len(*entries, self.size);
                     acc.blob_index_bytes.fetch_add(len, Ordering::Relaxed);
-                    acc.blob_index_disk
-                        .fetch_add(blocks(len), Ordering::Relaxed);
                 }
             }
         }

@@ -251,8 +251,9 @@ pub(super) fn scan_blob(
 }
 
 /// What a store holds as it is, from its metadata alone (no chunk is read): the `store`
-/// strategy's figures for `granary info --dedup`. `zstd_bytes`/`stored_bytes` are left 0:
-/// the caller knows the real on-disk size from the backend.
+/// strategy's figures for `granary info --dedup`. `zstd_bytes`, `stored_bytes`,
+/// `packed_bytes` and `disk_bytes` are left 0: the caller knows the real sizes from the
+/// backend.
 pub async fn store_figures(store: &Store) -> Result<StrategyReport, DedupError> {
     let opts = DedupOptions {
         strategies: vec![Strategy::Store(store.params())],
@@ -316,6 +317,7 @@ pub async fn store_figures(store: &Store) -> Result<StrategyReport, DedupError> 
     s.zstd_bytes = 0;
     s.stored_bytes = 0;
     s.stored_ratio = 0.0;
+    s.packed_bytes = 0;
     s.disk_bytes = 0;
     for m in &mut s.marginal {
         m.zstd_bytes = 0;

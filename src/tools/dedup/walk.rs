@@ -156,6 +156,9 @@ pub(super) fn run_parallel<T: Send>(
                         }
                     }
                 }
+                if let Err(e) = worker.finish() {
+                    lock(&first_err).get_or_insert(e);
+                }
             });
         }
     });
