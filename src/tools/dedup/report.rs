@@ -111,6 +111,7 @@ pub fn analyse_paths(
         walks.push((w, top));
     }
     let shared = Shared::new(opts);
+    shared.plan_groups(walks.iter().map(|(w, _)| w.bytes).sum());
     let jobs = default_jobs(opts);
     let mut per_input = Vec::new();
     let mut counts = (0, 0, 0, 0);

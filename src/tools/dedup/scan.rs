@@ -27,7 +27,16 @@ pub(super) enum Cutter {
 pub(super) struct Worker<'a> {
     pub(super) shared: &'a Shared,
     pub(super) compressor: zstd::bulk::Compressor<'static>,
-    pub(super) groups: Vec<Vec<u8>>,
+    pub(super) groups: Vec<Group>,
+}
+
+/// A compression group being filled by one worker, and whether it is in the sample.
+#[derive(Default)]
+pub(super) struct Group {
+    /// Plain bytes in the group so far (kept only for a group in the sample).
+    len: usize,
+    plain: Vec<u8>,
+    sampled: bool,
 }
 
 /// One file being analysed: its bytes go through every strategy's cutter.
@@ -47,40 +56,60 @@ impl<'a> Worker<'a> {
         Ok(Worker {
             shared,
             compressor,
-            groups: vec![Vec::new(); shared.strategies.len()],
+            groups: (0..shared.strategies.len())
+                .map(|_| Group::default())
+                .collect(),
         })
     }
 
-    /// Accounts a new sampled chunk of strategy `i` as a store with groups packs it: a small
-    /// one into this thread's open group, a larger one by its own compressed size `alone`.
-    fn pack(&mut self, i: usize, data: &[u8], alone: u64) -> Result<(), DedupError> {
-        let gb = self.shared.group_bytes;
-        if !crate::store::pack::grouped(gb, data.len()) {
-            self.shared.accs[i]
-                .sampled_packed
-                .fetch_add(alone, Ordering::Relaxed);
-            return Ok(());
+    /// Whether a chunk of `len` bytes goes into a compression group.
+    fn small(&self, len: u64) -> bool {
+        crate::store::pack::grouped(self.shared.group_bytes, len as usize)
+    }
+
+    /// Accounts a new chunk's compressed size `z` alone, for the packed figures of strategy
+    /// `i` (if it is stored alone there).
+    fn sampled_alone(&self, i: usize, len: u64, z: u64) {
+        if !self.small(len) {
+            let acc = &self.shared.accs[i];
+            acc.sampled_large_raw.fetch_add(len, Ordering::Relaxed);
+            acc.sampled_large_zstd.fetch_add(z, Ordering::Relaxed);
         }
-        self.groups[i].extend_from_slice(data);
-        if self.groups[i].len() >= gb as usize {
+    }
+
+    /// Adds a small new chunk to this thread's open group of strategy `i` (a group in the
+    /// sample keeps its bytes, to be compressed when full).
+    fn pack(&mut self, i: usize, digest: &B3Digest, data: &[u8]) -> Result<(), DedupError> {
+        let g = &mut self.groups[i];
+        if g.len == 0 {
+            g.sampled = in_sample(digest, self.shared.group_one_in.load(Ordering::Relaxed));
+        }
+        g.len += data.len();
+        if g.sampled {
+            g.plain.extend_from_slice(data);
+        }
+        if g.len >= self.shared.group_bytes as usize {
             self.seal(i)?;
         }
         Ok(())
     }
 
     fn seal(&mut self, i: usize) -> Result<(), DedupError> {
-        if self.groups[i].is_empty() {
+        let g = &mut self.groups[i];
+        g.len = 0;
+        if g.plain.is_empty() {
             return Ok(());
         }
         let z = self
             .compressor
-            .compress(&self.groups[i])
+            .compress(&g.plain)
             .map_err(|e| DedupError::Task(format!("zstd: {e}")))?
             .len() as u64;
-        self.shared.accs[i]
-            .sampled_packed
-            .fetch_add(z, Ordering::Relaxed);
-        self.groups[i].clear();
+        let acc = &self.shared.accs[i];
+        acc.pack_raw
+            .fetch_add(g.plain.len() as u64, Ordering::Relaxed);
+        acc.sampled_packed.fetch_add(z, Ordering::Relaxed);
+        g.plain.clear();
         Ok(())
     }
 
@@ -132,6 +161,10 @@ impl<'a> Worker<'a> {
             }
             new
         };
+        let small = self.small(len);
+        if new && small {
+            acc.small_bytes.fetch_add(len, Ordering::Relaxed);
+        }
         if new && in_sample(&digest, self.shared.sample) {
             let z = self
                 .compressor
@@ -143,7 +176,10 @@ impl<'a> Worker<'a> {
             acc.sampled_zstd.fetch_add(z, Ordering::Relaxed);
             self.shared.sampled_chunks.fetch_add(1, Ordering::Relaxed);
             self.shared.sampled_bytes.fetch_add(len, Ordering::Relaxed);
-            self.pack(i, data, z)?;
+            self.sampled_alone(i, len, z);
+        }
+        if new && small {
+            self.pack(i, &digest, data)?;
         }
         Ok(())
     }
@@ -153,6 +189,7 @@ impl FileScan<'_, '_> {
     pub(super) fn push(&mut self, data: &[u8]) -> Result<(), DedupError> {
         self.whole.update(data);
         self.size += data.len() as u64;
+        let so_far = self.size;
         let FileScan {
             worker,
             cutters,
@@ -170,7 +207,10 @@ impl FileScan<'_, '_> {
                         one_in <= 1
                             || in_sample(&B3Digest::of(&data[..data.len().min(4096)]), one_in)
                     });
-                    if !sampled {
+                    // Buffered if in the sample, or while small enough for a group.
+                    let small = worker.small(so_far);
+                    if !sampled && !small {
+                        *buf = Vec::new();
                         continue;
                     }
                     if enc.is_none() && buf.len() + data.len() > WHOLE_BUFFER_MAX {
@@ -271,6 +311,13 @@ impl FileScan<'_, '_> {
                 }
                 new
             };
+            let small = self.worker.small(self.size);
+            if new && small {
+                acc.small_bytes.fetch_add(self.size, Ordering::Relaxed);
+            }
+            if new && small && buf.len() as u64 == self.size {
+                self.worker.pack(i, &digest, buf)?;
+            }
             if new && sampled {
                 let z = match enc.take() {
                     Some(e) => {
@@ -290,12 +337,7 @@ impl FileScan<'_, '_> {
                 acc.sampled_zstd.fetch_add(z, Ordering::Relaxed);
                 shared.sampled_chunks.fetch_add(1, Ordering::Relaxed);
                 shared.sampled_bytes.fetch_add(self.size, Ordering::Relaxed);
-                // A file small enough for a group is still in `buf`.
-                if buf.len() as u64 == self.size {
-                    self.worker.pack(i, buf, z)?;
-                } else {
-                    acc.sampled_packed.fetch_add(z, Ordering::Relaxed);
-                }
+                self.worker.sampled_alone(i, self.size, z);
             }
         }
         if digest != empty_blob() && lock(&shared.blobs).insert(digest) {

@@ -131,6 +131,7 @@ pub async fn analyse_store(
         plan.push((name.clone(), logical, start, walk.blobs.len()));
     }
     let total: u64 = walk.blobs.iter().map(|b| b.1).sum();
+    shared.plan_groups(total);
     progress.bytes_total.fetch_add(total, Ordering::Relaxed);
     progress
         .files_total

@@ -47,15 +47,21 @@ impl Walk {
             self.dirs += 1;
             let rd = std::fs::read_dir(path)
                 .map_err(|e| DedupError::path(path, format!("cannot read directory: {e}")))?;
-            let mut children = Vec::new();
+            // Entries in name order, as an import takes them: files are read (and their small
+            // chunks grouped) in the order a store would pack them.
+            let mut names = Vec::new();
             for entry in rd {
                 let entry = entry
                     .map_err(|e| DedupError::path(path, format!("cannot read directory: {e}")))?;
-                if let Some(node) = self.walk(&entry.path(), false)? {
-                    children.push((Bytes::copy_from_slice(entry.file_name().as_bytes()), node));
+                names.push(entry.file_name());
+            }
+            names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            let mut children = Vec::new();
+            for name in names {
+                if let Some(node) = self.walk(&path.join(&name), false)? {
+                    children.push((Bytes::copy_from_slice(name.as_bytes()), node));
                 }
             }
-            children.sort_by(|a, b| a.0.cmp(&b.0));
             Ok(Some(Walked::Dir(children)))
         } else if ft.is_block_device() || ft.is_char_device() || ft.is_fifo() || ft.is_socket() {
             if top {
