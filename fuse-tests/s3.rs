@@ -945,15 +945,7 @@ fn a_bucket_compresses_small_objects_in_groups_and_a_damaged_group_names_them() 
     let src = tmp.path().join("src");
     // Files of lines drawn from one pool of 300 random lines: each file alone compresses
     // little (hex), files together share most of their lines.
-    let pool: Vec<String> = (0..300)
-        .map(|k| {
-            noise(30, 1000 + k)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-                + "\n"
-        })
-        .collect();
+    let pool = line_pool(300, 1000);
     for i in 0..400usize {
         let part = if i % 2 == 0 { "kept" } else { "dropped" };
         let body: String = (0..40)
@@ -1039,17 +1031,7 @@ fn a_bucket_compresses_small_objects_in_groups_and_a_damaged_group_names_them() 
     ok(&three_url, &["verify"]);
 
     // The chunk group with the most members, damaged in the bucket.
-    let mut groups: std::collections::HashMap<(PathBuf, usize, usize), Vec<String>> =
-        Default::default();
-    for (p, e) in &entries {
-        if e.kind == 0 && e.member.is_some() {
-            groups
-                .entry((p.clone(), e.offset, e.len))
-                .or_default()
-                .push(e.hex.clone());
-        }
-    }
-    let ((pack, off, len), members) = groups.into_iter().max_by_key(|(_, m)| m.len()).unwrap();
+    let ((pack, off, len), members) = largest_chunk_group(&entries);
     assert!(members.len() > 20, "{} members", members.len());
     let mut raw = std::fs::read(&pack).unwrap();
     raw[off + len / 2] ^= 0x10;

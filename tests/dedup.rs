@@ -204,15 +204,7 @@ fn store_strategy_equals_what_import_stores() {
     write_big(&t.join("copy/big.bin"), 3 << 20, 42);
     write(&t.join("copy/hello.txt"), b"hello\n", false);
     // Small files that compress far better together than alone: lines from one pool.
-    let pool: Vec<String> = (0..200)
-        .map(|k| {
-            common::noise(24, 500 + k)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
-                + "\n"
-        })
-        .collect();
+    let pool = common::line_pool(200, 500);
     for i in 0..300usize {
         let body: String = (0..30)
             .map(|k| pool[(i * 3 + k * 11) % 200].as_str())

@@ -897,20 +897,7 @@ fn a_damaged_compression_group_names_the_objects_it_holds_and_gives_no_wrong_byt
     s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
     let entries = packed_entries(&s.path());
     // The chunk group with the most members.
-    let mut groups: std::collections::HashMap<(PathBuf, usize, usize), Vec<String>> =
-        Default::default();
-    for (p, e) in &entries {
-        if e.kind == 0 && e.member.is_some() {
-            groups
-                .entry((p.clone(), e.offset, e.len))
-                .or_default()
-                .push(e.hex.clone());
-        }
-    }
-    let ((pack, off, len), members) = groups
-        .into_iter()
-        .max_by_key(|(_, m)| m.len())
-        .expect("small files are grouped");
+    let ((pack, off, len), members) = largest_chunk_group(&entries);
     assert!(members.len() > 20, "{} members", members.len());
     // Stored far smaller than alone: 3000 files of ~1 KiB.
     let stored: u64 = walk_files(&s.path().join("packs"))

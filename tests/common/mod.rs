@@ -259,6 +259,43 @@ pub fn packed_entries(store: &Path) -> Vec<(PathBuf, PackedEntry)> {
     out
 }
 
+/// The chunk compression group with the most members among `entries`: (pack, frame offset,
+/// frame length) and the digests (hex) of its chunks.
+#[allow(dead_code)]
+pub fn largest_chunk_group(
+    entries: &[(PathBuf, PackedEntry)],
+) -> ((PathBuf, usize, usize), Vec<String>) {
+    let mut groups: std::collections::HashMap<(PathBuf, usize, usize), Vec<String>> =
+        Default::default();
+    for (p, e) in entries {
+        if e.kind == 0 && e.member.is_some() {
+            groups
+                .entry((p.clone(), e.offset, e.len))
+                .or_default()
+                .push(e.hex.clone());
+        }
+    }
+    groups
+        .into_iter()
+        .max_by_key(|(_, m)| m.len())
+        .expect("some chunks are grouped")
+}
+
+/// `n` lines of random hex (60 characters), the same for the same `seed`: files made of lines
+/// drawn from one pool compress little alone and far better together.
+#[allow(dead_code)]
+pub fn line_pool(n: u64, seed: u64) -> Vec<String> {
+    (0..n)
+        .map(|k| {
+            noise(30, seed + k)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+                + "\n"
+        })
+        .collect()
+}
+
 pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
