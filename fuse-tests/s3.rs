@@ -1051,17 +1051,8 @@ fn a_bucket_compresses_small_objects_in_groups_and_a_damaged_group_names_them() 
         );
     }
     // Every file reads right or fails in one line: never other bytes.
-    let mut failed = 0;
-    for f in walk_files(&src.join("kept")) {
-        let rel = f.strip_prefix(src.join("kept")).unwrap().to_str().unwrap();
-        let out = granary(&three_url, &["cat", &format!("k/{rel}")]);
-        if out.status.success() {
-            assert_eq!(out.stdout, std::fs::read(&f).unwrap(), "{rel}");
-        } else {
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.lines().count() == 1 && err.contains("chunk"), "{err}");
-            failed += 1;
-        }
-    }
+    let failed = cat_all_right_or_failing(&src.join("kept"), |rel| {
+        granary(&three_url, &["cat", &format!("k/{rel}")])
+    });
     assert!(failed > 0, "no file read the damaged group");
 }

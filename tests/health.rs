@@ -932,18 +932,9 @@ fn a_damaged_compression_group_names_the_objects_it_holds_and_gives_no_wrong_byt
         assert!(l.ends_with("(roots: t)"), "{l}");
     }
     // Every file reads right or fails: never other bytes.
-    let mut failed = 0;
-    for f in walk_files(&src) {
-        let rel = f.strip_prefix(&src).unwrap().to_str().unwrap();
-        let out = s.cmd().args(["cat", &format!("t/{rel}")]).output().unwrap();
-        if out.status.success() {
-            assert_eq!(out.stdout, std::fs::read(&f).unwrap(), "{rel}");
-        } else {
-            let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.lines().count() == 1 && err.contains("chunk"), "{err}");
-            failed += 1;
-        }
-    }
+    let failed = cat_all_right_or_failing(&src, |rel| {
+        s.cmd().args(["cat", &format!("t/{rel}")]).output().unwrap()
+    });
     assert_eq!(failed, named.len(), "one file per damaged small chunk");
 }
 

@@ -296,6 +296,26 @@ pub fn line_pool(n: u64, seed: u64) -> Vec<String> {
         .collect()
 }
 
+/// Reads every file under `src` with `cat` (which runs `granary cat ROOT/REL` and returns its
+/// output): each must read exactly as the source or fail with a one-line error naming a
+/// chunk, never give other bytes. Returns how many failed.
+#[allow(dead_code)]
+pub fn cat_all_right_or_failing(src: &Path, cat: impl Fn(&str) -> Output) -> usize {
+    let mut failed = 0;
+    for f in walk_files(src) {
+        let rel = f.strip_prefix(src).unwrap().to_str().unwrap();
+        let out = cat(rel);
+        if out.status.success() {
+            assert_eq!(out.stdout, std::fs::read(&f).unwrap(), "{rel}");
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.lines().count() == 1 && err.contains("chunk"), "{err}");
+            failed += 1;
+        }
+    }
+    failed
+}
+
 pub fn walk_files(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
