@@ -1034,7 +1034,8 @@ fn a_bucket_compresses_small_objects_in_groups_and_a_damaged_group_names_them() 
     let ((pack, off, len), members) = largest_chunk_group(&entries);
     assert!(members.len() > 20, "{} members", members.len());
     let mut raw = std::fs::read(&pack).unwrap();
-    raw[off + len / 2] ^= 0x10;
+    let at = off + harmful_flip(&raw[off..off + len]);
+    raw[at] ^= 0x10;
     let key = format!("three/{}", pack.strip_prefix(&after).unwrap().display());
     moto.put_object("groups", &key, raw.clone());
     let (_, back) = moto.signed("GET", &format!("/groups/{key}"), &[]).unwrap();

@@ -211,7 +211,23 @@ fn s3_against_moto() {
                             .await
                             .unwrap()
                             .to_vec();
-                        body[(e.offset + e.len as u64 / 2) as usize] ^= 0x5a;
+                        let (off, len) = (e.offset as usize, e.len as usize);
+                        match e.member {
+                            // Damage the object itself, not whichever neighbour sits
+                            // mid-frame.
+                            Some(m) => {
+                                let frame = &body[off..off + len];
+                                let mid = |o: &mut Vec<u8>| {
+                                    let at = o.len() / 2;
+                                    o[at] ^= 0x5a;
+                                };
+                                let new =
+                                    rewrite_member(frame, m.offset as usize, m.len as usize, mid)
+                                        .unwrap();
+                                body[off..off + len].copy_from_slice(&new);
+                            }
+                            None => body[off + len / 2] ^= 0x5a,
+                        }
                         bucket.put(&key, body.into()).await.unwrap();
                         return;
                     }

@@ -911,7 +911,8 @@ fn a_damaged_compression_group_names_the_objects_it_holds_and_gives_no_wrong_byt
     assert!(stored * 5 < plain, "{stored} bytes stored for {plain}");
 
     let mut raw = std::fs::read(&pack).unwrap();
-    raw[off + len / 2] ^= 0x10;
+    let at = off + harmful_flip(&raw[off..off + len]);
+    raw[at] ^= 0x10;
     std::fs::write(&pack, &raw).unwrap();
     let (ok, lines) = verify_out(&s, &[]);
     assert!(!ok, "{lines:?}");

@@ -135,34 +135,61 @@ pub fn tamper(store: &Path, sub: &str, hex: &str, f: impl FnOnce(&mut Vec<u8>)) 
             std::fs::write(&pack, &raw).unwrap();
             return;
         };
-        // A grouped object: its plain bytes are changed inside the decompressed group, which
-        // is compressed again into no more than its old frame's room (padded with a zstd
-        // skippable frame), so the index stays right.
         let frame = &raw[e.offset..e.offset + e.len];
-        let mut plain = zstd::decode_all(frame).expect("a group decodes");
-        let mut obj = plain[mo..mo + ml].to_vec();
-        let before = obj.clone();
-        f(&mut obj);
-        if obj == before {
-            return;
+        if let Some(new) = rewrite_member(frame, mo, ml, f) {
+            raw[e.offset..e.offset + e.len].copy_from_slice(&new);
+            std::fs::write(&pack, &raw).unwrap();
         }
-        assert_eq!(obj.len(), ml, "a grouped object keeps its length");
-        plain[mo..mo + ml].copy_from_slice(&obj);
-        let fits = [3, 19, 9, 1]
-            .iter()
-            .map(|l| zstd::bulk::compress(&plain, *l).unwrap())
-            .find(|n| n.len() == e.len || n.len() + 8 <= e.len)
-            .expect("the changed group fits its old room");
-        let mut new = fits.clone();
-        if new.len() < e.len {
-            let pad = e.len - new.len() - 8;
-            new.extend_from_slice(&0x184D2A50u32.to_le_bytes());
-            new.extend_from_slice(&(pad as u32).to_le_bytes());
-            new.resize(e.len, 0);
-        }
-        raw[e.offset..e.offset + e.len].copy_from_slice(&new);
-        std::fs::write(&pack, &raw).unwrap();
     }
+}
+
+/// A compression group's zstd `frame` with the member at `mo..mo + ml` of its plain bytes
+/// changed by `f`, compressed again into exactly the old frame's room (padded with a zstd
+/// skippable frame) so the pack's index stays right; `None` if `f` changed nothing.
+pub fn rewrite_member(
+    frame: &[u8],
+    mo: usize,
+    ml: usize,
+    f: impl FnOnce(&mut Vec<u8>),
+) -> Option<Vec<u8>> {
+    let mut plain = zstd::decode_all(frame).expect("a group decodes");
+    let mut obj = plain[mo..mo + ml].to_vec();
+    let before = obj.clone();
+    f(&mut obj);
+    if obj == before {
+        return None;
+    }
+    assert_eq!(obj.len(), ml, "a grouped object keeps its length");
+    plain[mo..mo + ml].copy_from_slice(&obj);
+    let mut new = [3, 19, 9, 1]
+        .iter()
+        .map(|l| zstd::bulk::compress(&plain, *l).unwrap())
+        .find(|n| n.len() == frame.len() || n.len() + 8 <= frame.len())
+        .expect("the changed group fits its old room");
+    if new.len() < frame.len() {
+        let pad = frame.len() - new.len() - 8;
+        new.extend_from_slice(&0x184D2A50u32.to_le_bytes());
+        new.extend_from_slice(&(pad as u32).to_le_bytes());
+        new.resize(frame.len(), 0);
+    }
+    Some(new)
+}
+
+/// Where in a compression group's zstd `frame` flipping bits (`^= 0x10`) really damages it:
+/// the first place from the middle on after which the frame no longer decodes to the same
+/// bytes. A flip can be harmless (in a match offset of repetitive text, say, a copy from
+/// twice as far back gives the same bytes), and a test that damages a group must damage it.
+#[allow(dead_code)]
+pub fn harmful_flip(frame: &[u8]) -> usize {
+    let plain = zstd::decode_all(frame).expect("a group decodes");
+    (frame.len() / 2..frame.len())
+        .chain(0..frame.len() / 2)
+        .find(|&at| {
+            let mut bad = frame.to_vec();
+            bad[at] ^= 0x10;
+            zstd::decode_all(&bad[..]).map_or(true, |p| p != plain)
+        })
+        .expect("some flip damages the group")
 }
 
 fn kind_code(sub: &str) -> Option<u8> {
