@@ -346,6 +346,12 @@ pub fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if matches!(
+        cli.command,
+        Command::Mount(_) | Command::Sandbox(_) | Command::SandboxServe { .. }
+    ) {
+        crate::views::fs::bound_heap();
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("granary-rt")

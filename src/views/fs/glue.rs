@@ -82,15 +82,23 @@ impl Filesystem for GranaryFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         self.inner.stats.count(Op::Forget);
-        let gone = {
+        let (gone, live) = {
             let mut table = lock(&self.inner.table);
             table.forget(ino.0, nlookup);
-            table.get(ino.0).is_none()
+            (table.get(ino.0).is_none(), table.len() as u64)
         };
         if gone {
-            let mut files = lock(&self.inner.files);
-            files.remove(&ino.0);
-            inode::shrink_if_sparse(&mut files);
+            lock(&self.inner.files).pop(&ino.0);
+        }
+        // Once the kernel has forgotten half the inodes (and many), their memory goes back.
+        let mark = self
+            .inner
+            .trim_mark
+            .fetch_max(live, Ordering::Relaxed)
+            .max(live);
+        if live * 2 < mark && mark - live >= TRIM_AFTER_FORGETTING {
+            self.inner.trim_mark.store(live, Ordering::Relaxed);
+            super::trim_heap();
         }
     }
 

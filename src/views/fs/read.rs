@@ -25,7 +25,7 @@ impl Inner {
             layout: tokio::sync::OnceCell::new(),
             next: AtomicU64::new(u64::MAX),
         });
-        Ok(lock(&self.files).entry(ino).or_insert(file).clone())
+        Ok(lock(&self.files).get_or_insert(ino, || file).clone())
     }
 
     /// Whole-tree readers (tar, cp -r, rsync) read a directory's files one after another:
@@ -136,7 +136,7 @@ impl Inner {
                 }
             }
         } else if name.as_bytes() == XATTR_TIMES.as_bytes() {
-            if let Some((table, _)) = inode.stamp.at {
+            if let Some((table, _)) = &inode.stamp.at {
                 return Ok(table.digest.to_hex().into_bytes());
             }
         } else if name.as_bytes() == trace::XATTR_TRACE.as_bytes() && ino == ROOT_INO {

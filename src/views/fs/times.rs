@@ -42,7 +42,7 @@ impl Inner {
             if let Some(b) = &inode.block {
                 return Ok(Some(b.clone()));
             }
-            match (inode.stamp.at, &inode.dir) {
+            match (inode.stamp.at.clone(), &inode.dir) {
                 (Some(at), Some((view, _))) => (at, view.clone()),
                 _ => return Ok(None),
             }
@@ -79,7 +79,7 @@ impl Inner {
         match self.read_times(&table, pos.index, 1).await {
             Ok(mtime) => Ok(Stamp {
                 mtime: mtime.first().copied().unwrap_or(times::UNRECORDED_NS),
-                at: Some((table, pos)),
+                at: Some((Arc::new(table), pos)),
             }),
             Err(_) => {
                 tracing::warn!(
@@ -95,7 +95,7 @@ impl Inner {
     pub(super) async fn root_stamp(&self, rec: &RootRecord) -> Result<Stamp, Errno> {
         let at = rec.times.filter(|t| fits(t, &rec.node));
         let stamp = self.top_stamp(at.map(|t| (t, TimesPos::TOP))).await?;
-        lock(&self.root_stamps).insert(Bytes::from(rec.name.clone().into_bytes()), stamp);
+        lock(&self.root_stamps).insert(Bytes::from(rec.name.clone().into_bytes()), stamp.clone());
         Ok(stamp)
     }
 
@@ -103,7 +103,7 @@ impl Inner {
     pub(super) fn known_root_stamp(&self, name: &[u8]) -> Stamp {
         lock(&self.root_stamps)
             .get(name)
-            .copied()
+            .cloned()
             .unwrap_or_default()
     }
 }
