@@ -8,7 +8,8 @@
 #   CORPUS_DIR   default /tmp/granary-bench/corpus/pystore (see /work/shared/bench/corpus.sh)
 #   RUNS         default 3 (a fresh mount each; the store is imported once)
 #   CACHE_SIZE   the mount's --cache-size, default 256M (the target: RSS <= it + 100 MB)
-# Prints one line per run (MB) and the medians.
+# Prints one line per run (MB; read_s: the tar of every file, from a cold page cache) and
+# the medians.
 set -euo pipefail
 bin=$(realpath "${1:-target/release/granary}")
 corpus=$(realpath "${2:-/tmp/granary-bench/corpus/pystore}")
@@ -37,7 +38,7 @@ inodes() { getfattr --only-values -n user.granary.inodes "$mnt" 2>/dev/null | he
 
 "$bin" --store "file://$work/store" import --name t "$corpus" >/dev/null 2>&1
 echo "store: $(du -sb "$work/store" | cut -f1) bytes; cache $cache; args: $*"
-printf '%-4s %10s %10s %10s %10s %10s %8s\n' run walk_rss read_rss read_hwm forget_rss inodes_rd inodes_fg
+printf '%-4s %10s %10s %10s %10s %10s %8s %8s\n' run walk_rss read_rss read_hwm forget_rss inodes_rd inodes_fg read_s
 for r in $(seq 1 "$runs"); do
   sync; echo 3 > /proc/sys/vm/drop_caches
   "$bin" --store "file://$work/store" mount "$mnt" --cache-size "$cache" "$@" >/dev/null 2>>"$work/log" &
@@ -46,15 +47,17 @@ for r in $(seq 1 "$runs"); do
   [[ -e $mnt/t ]] || { echo "mount did not come up" >&2; cat "$work/log" >&2; exit 1; }
   find "$mnt/t" >/dev/null
   walk=$(mb VmRSS)
+  s=$EPOCHREALTIME
   tar -cf - -C "$mnt/t" . | cat >/dev/null
+  read_s=$(echo "$EPOCHREALTIME - $s" | bc -l)
   read_rss=$(mb VmRSS); hwm=$(mb VmHWM); ird=$(inodes)
   echo "  run $r after the read: RssAnon $(mb RssAnon) MB, RssFile $(mb RssFile) MB" >&2
   echo 2 > /proc/sys/vm/drop_caches; sleep 2
   forget=$(mb VmRSS); ifg=$(inodes)
-  printf '%-4s %10s %10s %10s %10s %10s %8s\n' "$r" "$walk" "$read_rss" "$hwm" "$forget" "$ird" "$ifg" | tee -a "$work/rows"
+  printf '%-4s %10s %10s %10s %10s %10s %8s %8.2f\n' "$r" "$walk" "$read_rss" "$hwm" "$forget" "$ird" "$ifg" "$read_s" | tee -a "$work/rows"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
   for _ in $(seq 100); do grep -q " $mnt " /proc/self/mountinfo || break; sleep 0.05; done
 done
-for c in 2 3 4 5; do
+for c in 2 3 4 5 8; do
   printf '%s ' "$(awk -v c=$c '{print $c}' "$work/rows" | median)"
-done | awk '{printf "median MB: walk %s, read %s (VmHWM %s), after drop_caches %s\n", $1, $2, $3, $4}'
+done | awk '{printf "median MB: walk %s, read %s (VmHWM %s), after drop_caches %s; cold read of all %s s\n", $1, $2, $3, $4, $5}'

@@ -107,6 +107,8 @@ pub type Layout = BlobLayout;
 struct State {
     chunks: LruCache<B3Digest, Bytes>,
     bytes: usize,
+    /// Bytes evicted since the heap was last trimmed.
+    evicted: usize,
     inflight: HashMap<B3Digest, Fetch>,
     layouts: LruCache<B3Digest, Arc<Layout>>,
     /// Fetches (chunks and layouts, by digest) that failed lately, and how: the kernel asks
@@ -114,6 +116,12 @@ struct State {
     /// must not wait out the deadline again.
     failed: HashMap<B3Digest, (std::time::Instant, FetchError)>,
 }
+
+/// Evicted bytes between two trims of the heap (see `views::fs::trim_heap`), at least: the
+/// heap is trimmed each time the cache has turned over. On pystore's full read that holds
+/// the mount at 381–386 MB RSS instead of 435; trimming 4 times as often kept no less and
+/// cost reads ≈ 6%.
+const TRIM_EVERY: usize = 64 << 20;
 
 /// Failures remembered at most (then forgotten all at once).
 const MAX_FAILED: usize = 4096;
@@ -149,6 +157,7 @@ impl ChunkCache {
             state: Mutex::new(State {
                 chunks: LruCache::unbounded(),
                 bytes: 0,
+                evicted: 0,
                 inflight: HashMap::new(),
                 layouts: LruCache::new(std::num::NonZeroUsize::MIN.saturating_add(LAYOUTS - 1)),
                 failed: HashMap::new(),
@@ -263,9 +272,17 @@ impl ChunkCache {
             }
             while st.bytes > self.capacity {
                 match st.chunks.pop_lru() {
-                    Some((_, old)) => st.bytes -= old.len(),
+                    Some((_, old)) => {
+                        st.bytes -= old.len();
+                        st.evicted += old.len();
+                    }
                     None => break,
                 }
+            }
+            if st.evicted >= self.capacity.max(TRIM_EVERY) {
+                st.evicted = 0;
+                drop(st);
+                crate::views::fs::trim_heap();
             }
         }
     }
