@@ -519,6 +519,18 @@ mod tests {
         t.forget(b, 1);
         assert_eq!(t.top_ino(b"r"), None);
         assert_eq!(t.len(), 1);
+        assert!(t.top_names.is_empty() && t.top.is_empty());
+    }
+
+    #[test]
+    fn an_inode_record_stays_small() {
+        // A mount holds one per inode the kernel knows (122,756 after reading pystore);
+        // `benches/memory.sh` measures what they cost.
+        assert!(
+            std::mem::size_of::<Inode>() <= 128,
+            "{} bytes",
+            std::mem::size_of::<Inode>()
+        );
     }
 
     #[test]
