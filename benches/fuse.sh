@@ -27,20 +27,10 @@ big_mib=${4:-512}
 [[ -x $bin ]] || { echo "no granary binary at $bin" >&2; exit 2; }
 [[ -d $corpus ]] || { echo "no corpus at $corpus (run corpus.sh)" >&2; exit 2; }
 
-work=$(mktemp -d /tmp/granary-fuse-bench.XXXXXX)
-pid=""
-mnt=$work/mnt
-mkdir -p "$mnt"
-cleanup() {
-  [[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  grep -q " $mnt " /proc/self/mountinfo && umount -l "$mnt" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/mount_common.sh" fuse-bench
 
 now() { date +%s.%N; }
 timeit() { local s; s=$(now); "$@" >/dev/null 2>&1; echo "$(now) - $s" | bc -l; }
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 walk() { find "$1" -printf '%s %m\n' >/dev/null; }
 readall() { tar -cf - -C "$1" . | cat >/dev/null; }
 

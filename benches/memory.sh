@@ -20,18 +20,8 @@ shift $(( $# < 4 ? $# : 4 ))
 [[ -x $bin ]] || { echo "no granary binary at $bin" >&2; exit 2; }
 [[ -d $corpus ]] || { echo "no corpus at $corpus (run corpus.sh)" >&2; exit 2; }
 
-work=$(mktemp -d /tmp/granary-mem-bench.XXXXXX)
-pid=""
-mnt=$work/mnt
-mkdir -p "$mnt"
-cleanup() {
-  [[ -n $pid ]] && kill -TERM "$pid" 2>/dev/null && wait "$pid" 2>/dev/null || true
-  grep -q " $mnt " /proc/self/mountinfo && umount -l "$mnt" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/mount_common.sh" mem-bench
 
-median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 kb() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$pid/status"; }
 mb() { echo "$(( $(kb "$1") / 1000 ))"; }
 inodes() { getfattr --only-values -n user.granary.inodes "$mnt" 2>/dev/null | head -1 | tr -dc 0-9; }
