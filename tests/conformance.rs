@@ -14,12 +14,15 @@ use common::*;
 use granary::model::castore::B3Digest;
 use granary::store::{self, conformance, ObjectKind, StoreConfig};
 
+/// The damage every backend's objects get: one byte flipped in the middle.
+fn flip_middle(raw: &mut [u8]) {
+    let mid = raw.len() / 2;
+    raw[mid] ^= 0x5a;
+}
+
 /// Flips one byte in the middle of a stored object of the local store at `dir`.
 fn damage_local(dir: &Path, kind: ObjectKind, d: &B3Digest) {
-    tamper(dir, kind.dir(), &d.to_hex(), |raw| {
-        let mid = raw.len() / 2;
-        raw[mid] ^= 0x5a;
-    });
+    tamper(dir, kind.dir(), &d.to_hex(), |raw| flip_middle(raw));
 }
 
 fn run(store: &store::Store, corrupt: Option<conformance::Corrupt<'_>>) {
@@ -95,8 +98,7 @@ fn disk_cache_over_local() {
             let hex = d.to_hex();
             let entry = cache.join(k.dir()).join(&hex[..2]).join(&hex);
             if let Ok(mut raw) = std::fs::read(&entry) {
-                let mid = raw.len() / 2;
-                raw[mid] ^= 0x5a;
+                flip_middle(&mut raw);
                 std::fs::write(&entry, raw).unwrap();
             }
         }),
@@ -217,16 +219,12 @@ fn s3_against_moto() {
                             // mid-frame.
                             Some(m) => {
                                 let frame = &body[off..off + len];
-                                let mid = |o: &mut Vec<u8>| {
-                                    let at = o.len() / 2;
-                                    o[at] ^= 0x5a;
-                                };
+                                let (mo, ml) = (m.offset as usize, m.len as usize);
                                 let new =
-                                    rewrite_member(frame, m.offset as usize, m.len as usize, mid)
-                                        .unwrap();
+                                    rewrite_member(frame, mo, ml, |o| flip_middle(o)).unwrap();
                                 body[off..off + len].copy_from_slice(&new);
                             }
-                            None => body[off + len / 2] ^= 0x5a,
+                            None => flip_middle(&mut body[off..off + len]),
                         }
                         bucket.put(&key, body.into()).await.unwrap();
                         return;
