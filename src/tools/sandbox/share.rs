@@ -498,13 +498,11 @@ pub fn reap_main(args: &[std::ffi::OsString]) -> i32 {
         return 0;
     };
     // Sandboxes still inside a dead server's tree leave (their reads fail) before we go on.
-    // SAFETY: flock on a descriptor we own; blocking is the point.
-    while unsafe { libc::flock(users.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        if io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
-            return 1;
-        }
-    }
-    if lock(&state, libc::LOCK_EX, JOIN_WAIT, "state lock").is_err() {
+    // The users lock is let go between tries, as the server does: a sandbox that was joining
+    // when the server died holds the state lock while it waits for its shared users lock,
+    // and holding the users lock while waiting for the state lock deadlocked the two until
+    // the join timed out (60 s).
+    if wait_idle(&users, &state).is_err() {
         return 1;
     }
     if still_at(&state, &state_path) && live_server(&dir).is_none() {
