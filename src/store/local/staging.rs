@@ -60,7 +60,7 @@ impl LocalStore {
             plain
         };
         if self.config.packs {
-            let full = {
+            let (full, job) = {
                 let mut st = self.lock_staged()?;
                 // Another thread may have staged it, or staged and flushed it, since `reuse`
                 // (the index alone is not proof: its pack may be one a gc has removed).
@@ -74,16 +74,26 @@ impl LocalStore {
                             .with_groups(self.config.group_bytes, self.config.zstd_level),
                     ),
                 };
-                if group {
-                    writer.add_grouped(kind, *digest, data)?;
+                let job = if group {
+                    writer.add_grouped_deferred(kind, *digest, data)?
                 } else {
                     writer.append(kind, *digest, data)?;
-                }
+                    None
+                };
                 let bytes = writer.bytes();
                 st.packed.insert((kind, *digest));
                 st.ever = true;
-                bytes >= STAGE_MAX_BYTES || st.packed.len() >= STAGE_MAX_OBJECTS
+                let full = bytes >= STAGE_MAX_BYTES || st.packed.len() >= STAGE_MAX_OBJECTS;
+                (full, job)
             };
+            // A full group is compressed without the lock, so the import's threads compress
+            // at once (under it, one core did all the grouped objects' compression).
+            if let Some(job) = job {
+                let frame = job.compress()?;
+                if let Some(writer) = &mut self.lock_staged()?.pack {
+                    writer.finish_seal(&job, &frame)?;
+                }
+            }
             if full {
                 self.flush_blocking()?;
             }

@@ -270,8 +270,38 @@ pub struct PackWriter {
     /// (a walk reads metadata only, and then finds it together), each sealed into one frame
     /// once it holds `group_bytes`.
     open: [OpenGroup; 2],
+    /// Full groups handed out to be compressed outside the writer's lock
+    /// ([`Self::add_grouped_deferred`]), until their frames come back
+    /// ([`Self::finish_seal`]); their members stay readable meanwhile.
+    sealing: std::collections::HashMap<u64, OpenGroup>,
+    next_seal: u64,
+    /// Tells this writer from the next one of the same store, so a frame compressed for a
+    /// pack that was committed meanwhile (which sealed the group itself) is dropped.
+    serial: u64,
     group_bytes: u32,
     level: i32,
+}
+
+/// A full compression group to compress without holding the writer (see
+/// [`PackWriter::add_grouped_deferred`]).
+pub struct SealJob {
+    writer: u64,
+    id: u64,
+    plain: std::sync::Arc<Vec<u8>>,
+    members: usize,
+    level: i32,
+}
+
+impl SealJob {
+    /// The group's frame, for [`PackWriter::finish_seal`].
+    pub fn compress(&self) -> Result<Vec<u8>> {
+        compress_group(&self.plain, self.members, self.level)
+    }
+}
+
+fn compress_group(plain: &[u8], members: usize, level: i32) -> Result<Vec<u8>> {
+    encode_chunk(plain, level)
+        .map_err(|e| StoreError::io(format!("compressing a group of {members} objects"), e))
 }
 
 enum Sink {
@@ -295,11 +325,13 @@ impl Sink {
 enum Slot {
     Entry(usize),
     Open(usize, Member),
+    Sealing(u64, Member),
 }
 
 #[derive(Default)]
 struct OpenGroup {
-    plain: Vec<u8>,
+    /// Shared with a [`SealJob`] once the group is full.
+    plain: std::sync::Arc<Vec<u8>>,
     members: Vec<(ObjectKind, B3Digest, Member)>,
 }
 
@@ -339,6 +371,9 @@ impl PackWriter {
             entries: Vec::new(),
             at: Default::default(),
             open: Default::default(),
+            sealing: Default::default(),
+            next_seal: 0,
+            serial: NEXT_WRITER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             group_bytes: 0,
             level: 3,
         }
@@ -393,6 +428,63 @@ impl PackWriter {
     /// sealing the group once it is full.
     pub fn add_grouped(&mut self, kind: ObjectKind, digest: B3Digest, plain: &[u8]) -> Result<()> {
         let c = class(kind);
+        if self.add_to_group(c, kind, digest, plain)? {
+            self.seal(c)?;
+        }
+        Ok(())
+    }
+
+    /// As [`Self::add_grouped`], but a group this fills is handed back to be compressed by
+    /// the caller without holding the writer (so several threads compress at once), and
+    /// appended with [`Self::finish_seal`]. Until then its objects are read from its plain
+    /// bytes, and a commit compresses it itself.
+    pub fn add_grouped_deferred(
+        &mut self,
+        kind: ObjectKind,
+        digest: B3Digest,
+        plain: &[u8],
+    ) -> Result<Option<SealJob>> {
+        let c = class(kind);
+        if !self.add_to_group(c, kind, digest, plain)? {
+            return Ok(None);
+        }
+        let g = std::mem::take(&mut self.open[c]);
+        let id = self.next_seal;
+        self.next_seal += 1;
+        for (kind, digest, m) in &g.members {
+            self.at.insert((*kind, *digest), Slot::Sealing(id, *m));
+        }
+        let job = SealJob {
+            writer: self.serial,
+            id,
+            plain: g.plain.clone(),
+            members: g.members.len(),
+            level: self.level,
+        };
+        self.sealing.insert(id, g);
+        Ok(Some(job))
+    }
+
+    /// Appends the frame of a group handed out by [`Self::add_grouped_deferred`]. A job of
+    /// another writer, or one already sealed by a commit, is ignored.
+    pub fn finish_seal(&mut self, job: &SealJob, frame: &[u8]) -> Result<()> {
+        if job.writer != self.serial {
+            return Ok(());
+        }
+        match self.sealing.remove(&job.id) {
+            Some(g) => self.append_group(g, frame),
+            None => Ok(()),
+        }
+    }
+
+    /// Puts an object's plain bytes into open group `c`; true once the group is full.
+    fn add_to_group(
+        &mut self,
+        c: usize,
+        kind: ObjectKind,
+        digest: B3Digest,
+        plain: &[u8],
+    ) -> Result<bool> {
         let g = &mut self.open[c];
         let m = Member {
             offset: g.plain.len() as u32,
@@ -408,14 +500,11 @@ impl PackWriter {
                 plain.len()
             )));
         }
-        g.plain.extend_from_slice(plain);
+        // The open group's bytes are never shared (only a full group's are).
+        std::sync::Arc::make_mut(&mut g.plain).extend_from_slice(plain);
         g.members.push((kind, digest, m));
-        let full = g.plain.len() >= self.group_bytes as usize;
         self.at.insert((kind, digest), Slot::Open(c, m));
-        if full {
-            self.seal(c)?;
-        }
-        Ok(())
+        Ok(g.plain.len() >= self.group_bytes as usize)
     }
 
     /// Compresses an open group into one frame and appends it.
@@ -424,15 +513,29 @@ impl PackWriter {
         if g.members.is_empty() {
             return Ok(());
         }
-        let frame = encode_chunk(&g.plain, self.level).map_err(|e| {
-            StoreError::io(
-                format!("compressing a group of {} objects", g.members.len()),
-                e,
-            )
-        })?;
+        let frame = compress_group(&g.plain, g.members.len(), self.level)?;
+        self.append_group(g, &frame)
+    }
+
+    /// Seals every group still open or still out for compression (before a commit).
+    fn seal_all(&mut self) -> Result<()> {
+        self.seal(0)?;
+        self.seal(1)?;
+        let mut out: Vec<u64> = self.sealing.keys().copied().collect();
+        out.sort_unstable();
+        for id in out {
+            if let Some(g) = self.sealing.remove(&id) {
+                let frame = compress_group(&g.plain, g.members.len(), self.level)?;
+                self.append_group(g, &frame)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn append_group(&mut self, g: OpenGroup, frame: &[u8]) -> Result<()> {
         let len = u32::try_from(frame.len())
             .map_err(|_| StoreError::Backend("compression group too large for a pack".into()))?;
-        self.write(&frame)?;
+        self.write(frame)?;
         for (kind, digest, m) in g.members {
             self.at
                 .insert((kind, digest), Slot::Entry(self.entries.len()));
@@ -491,10 +594,10 @@ impl PackWriter {
     pub fn read(&self, kind: ObjectKind, digest: &B3Digest) -> Result<Option<Stored>> {
         match self.at.get(&(kind, *digest)) {
             None => Ok(None),
-            Some(Slot::Open(c, m)) => Ok(self.open[*c]
-                .plain
-                .get(m.offset as usize..(m.offset + m.len) as usize)
-                .map(|b| Stored::Plain(b.to_vec()))),
+            Some(Slot::Open(c, m)) => Ok(member_plain(&self.open[*c], *m)),
+            Some(Slot::Sealing(id, m)) => {
+                Ok(self.sealing.get(id).and_then(|g| member_plain(g, *m)))
+            }
             Some(Slot::Entry(i)) => {
                 let e = self.entries[*i];
                 let raw = match &self.sink {
@@ -513,18 +616,20 @@ impl PackWriter {
 
     /// Bytes written or waiting in the open group.
     pub fn bytes(&self) -> u64 {
-        self.len + self.open.iter().map(|g| g.plain.len() as u64).sum::<u64>()
+        let open = self.open.iter().chain(self.sealing.values());
+        self.len + open.map(|g| g.plain.len() as u64).sum::<u64>()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty() && self.open.iter().all(|g| g.members.is_empty())
+        self.entries.is_empty()
+            && self.sealing.is_empty()
+            && self.open.iter().all(|g| g.members.is_empty())
     }
 
     /// Makes the pack durable under its final name, then its index (the commit point).
     /// Returns the pack's id and its entries.
     pub fn commit(mut self, tmp_prefix: &str) -> Result<(String, Vec<IndexEntry>)> {
-        self.seal(0)?;
-        self.seal(1)?;
+        self.seal_all()?;
         let Sink::File { dir, file } = self.sink else {
             return Err(StoreError::Backend(
                 "a pack built in memory has no directory to commit to".into(),
@@ -553,8 +658,7 @@ impl PackWriter {
     /// Seals the open groups and hands over a pack built [`Self::in_memory`]: its bytes and
     /// its entries (for [`encode_index`]).
     pub fn finish(mut self) -> Result<(Vec<u8>, Vec<IndexEntry>)> {
-        self.seal(0)?;
-        self.seal(1)?;
+        self.seal_all()?;
         match self.sink {
             Sink::Memory(body) => Ok((body, self.entries)),
             Sink::File { file, .. } => Err(StoreError::Backend(format!(
@@ -563,6 +667,14 @@ impl PackWriter {
             ))),
         }
     }
+}
+
+static NEXT_WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+fn member_plain(g: &OpenGroup, m: Member) -> Option<Stored> {
+    g.plain
+        .get(m.offset as usize..(m.offset + m.len) as usize)
+        .map(|b| Stored::Plain(b.to_vec()))
 }
 
 /// Reads one entry's bytes as stored in an open pack: an object alone, or its group's frame.

@@ -236,3 +236,48 @@ fn a_damaged_group_fails_every_object_in_it_by_name_and_no_other() {
     }
     assert!(failed > 0, "a flipped byte inside a zstd frame is caught");
 }
+
+#[test]
+fn groups_compressed_outside_the_writer_are_read_meanwhile_and_never_lost() {
+    let d = tempfile::tempdir().unwrap();
+    let objs = small_objects(90);
+    let mut w = PackWriter::new(d.path(), ".tmp-")
+        .unwrap()
+        .with_groups(4096, 3);
+    let mut jobs = Vec::new();
+    for (k, dg, b) in &objs {
+        jobs.extend(w.add_grouped_deferred(*k, *dg, b).unwrap());
+    }
+    assert!(jobs.len() >= 3, "90 objects fill several groups");
+    // Out for compression: every object still reads back from its group's plain bytes.
+    for (k, dg, b) in &objs {
+        assert_eq!(w.read(*k, dg).unwrap(), Some(Stored::Plain(b.clone())));
+    }
+    // One frame comes back; a frame of another writer is ignored; the rest are left for
+    // the commit to compress itself.
+    let first = jobs.remove(0);
+    w.finish_seal(&first, &first.compress().unwrap()).unwrap();
+    let mut other = PackWriter::new(d.path(), ".tmp-")
+        .unwrap()
+        .with_groups(4096, 3);
+    other.finish_seal(&jobs[0], b"not this writer's").unwrap();
+    assert!(other.is_empty());
+    // Returned twice (a retry): appended once.
+    w.finish_seal(&first, &first.compress().unwrap()).unwrap();
+    let (_, entries) = w.commit(".tmp-").unwrap();
+    assert_eq!(entries.len(), objs.len(), "each object indexed once");
+    let set = PackSet::new(d.path().to_path_buf());
+    for (k, dg, b) in &objs {
+        assert_eq!(
+            set.read(*k, dg, None).unwrap(),
+            Some(Stored::Plain(b.clone()))
+        );
+    }
+    // A job of a writer already committed changes nothing.
+    let late = jobs.pop().unwrap();
+    let mut next = PackWriter::new(d.path(), ".tmp-")
+        .unwrap()
+        .with_groups(4096, 3);
+    next.finish_seal(&late, &late.compress().unwrap()).unwrap();
+    assert!(next.is_empty());
+}
