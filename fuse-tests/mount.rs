@@ -1183,7 +1183,11 @@ fn repack_beside_a_mount_reading_and_an_import_writing_loses_nothing() {
     // Switched to groups, and smaller for the same objects.
     let now = std::fs::read_to_string(store.path().join("config.toml")).unwrap();
     assert!(
-        now.contains("format_version = 3") && now.contains("group_bytes = 1048576"),
+        now.contains("format_version = 3")
+            && now.contains(&format!(
+                "group_bytes = {}",
+                granary::store::config::DEFAULT_GROUP_BYTES
+            )),
         "{now}"
     );
     let grouped = packed_entries(&store.path())

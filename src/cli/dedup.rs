@@ -48,7 +48,7 @@ pub struct DedupArgs {
     /// Compress every unique chunk: exact stored-size figures (--zstd-sample 1).
     #[arg(long, conflicts_with = "zstd_sample")]
     exact: bool,
-    /// zstd level for the stored-size estimate (default: the store's level, else 3).
+    /// zstd level for the stored-size estimate (default: the store's level, else the default for new stores).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=22))]
     zstd_level: Option<i32>,
     /// Files analysed at once (default: the number of cores).

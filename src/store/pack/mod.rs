@@ -669,6 +669,47 @@ impl PackWriter {
     }
 }
 
+/// Plain bytes of decompressed compression groups a store keeps in memory: 8 groups at the
+/// default group size. Counted in bytes, not groups, so a store with bigger groups (up to
+/// 8 MiB) holds no more memory.
+pub const GROUP_CACHE_BYTES: usize = 16 << 20;
+
+/// Decompressed compression groups by (pack id, frame offset), least recently used first
+/// out once they hold more than [`GROUP_CACHE_BYTES`] (the newest always stays).
+pub struct GroupCache<V> {
+    lru: lru::LruCache<(String, u64), (V, usize)>,
+    bytes: usize,
+}
+
+impl<V> Default for GroupCache<V> {
+    fn default() -> Self {
+        Self {
+            lru: lru::LruCache::unbounded(),
+            bytes: 0,
+        }
+    }
+}
+
+impl<V> GroupCache<V> {
+    pub fn get(&mut self, id: &str, offset: u64) -> Option<&V> {
+        self.lru.get(&(id.to_string(), offset)).map(|(v, _)| v)
+    }
+
+    /// Caches `group`, which holds `bytes` plain bytes.
+    pub fn put(&mut self, id: String, offset: u64, group: V, bytes: usize) {
+        self.bytes += bytes;
+        if let Some((_, old)) = self.lru.put((id, offset), (group, bytes)) {
+            self.bytes -= old;
+        }
+        while self.bytes > GROUP_CACHE_BYTES && self.lru.len() > 1 {
+            match self.lru.pop_lru() {
+                Some((_, (_, n))) => self.bytes -= n,
+                None => break,
+            }
+        }
+    }
+}
+
 static NEXT_WRITER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn member_plain(g: &OpenGroup, m: Member) -> Option<Stored> {

@@ -64,14 +64,13 @@ pub struct PackSet {
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Compression groups decompressed lately, by pack and frame offset: the neighbours of
     /// an object are what a walk or a read asks for next.
-    groups: std::sync::Mutex<GroupCache>,
+    groups: std::sync::Mutex<Groups>,
     decoding: [std::sync::Mutex<()>; DECODING_STRIPES],
 }
 
 const DECODING_STRIPES: usize = 16;
 
-/// Decompressed groups by (pack id, frame offset).
-type GroupCache = lru::LruCache<(String, u64), CachedGroup>;
+type Groups = super::GroupCache<CachedGroup>;
 
 /// The stamp of the pack a group was read from, and the group's plain bytes.
 type CachedGroup = std::sync::Arc<(Stamp, Vec<u8>)>;
@@ -85,10 +84,6 @@ fn stamp_of(file: &std::fs::File) -> Option<Stamp> {
     Some((m.size(), m.mtime(), m.mtime_nsec()))
 }
 
-/// Decompressed compression groups kept per store (each holds at most the group size plus
-/// 128 KiB: 18 MiB at the default).
-const GROUP_CACHE: usize = 16;
-
 pub(super) const MAX_OPEN_PACKS: usize = 256;
 
 impl PackSet {
@@ -100,9 +95,7 @@ impl PackSet {
             loaded: Default::default(),
             load: Default::default(),
             warned: Default::default(),
-            groups: std::sync::Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(GROUP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
-            )),
+            groups: Default::default(),
             decoding: Default::default(),
         }
     }
@@ -252,7 +245,8 @@ impl PackSet {
         let plain = decode_group(&frame).map_err(|why| group_damaged(&e, &id, &why))?;
         let got = member_in(&e, &plain, &id);
         if let (Ok(mut g), Some(stamp)) = (self.groups.lock(), stamp) {
-            g.put((id.clone(), e.offset), std::sync::Arc::new((stamp, plain)));
+            let n = plain.len();
+            g.put(id.clone(), e.offset, std::sync::Arc::new((stamp, plain)), n);
         }
         got
     }
@@ -261,9 +255,7 @@ impl PackSet {
     fn cached_group(&self, id: &str, offset: u64, stamp: Option<Stamp>) -> Option<CachedGroup> {
         let stamp = stamp?;
         let mut g = self.groups.lock().ok()?;
-        g.get(&(id.to_string(), offset))
-            .filter(|c| c.0 == stamp)
-            .cloned()
+        g.get(id, offset).filter(|c| c.0 == stamp).cloned()
     }
 
     /// Rescans the directory if it changed since the last scan (or `force`). Returns whether

@@ -281,3 +281,21 @@ fn groups_compressed_outside_the_writer_are_read_meanwhile_and_never_lost() {
     next.finish_seal(&late, &late.compress().unwrap()).unwrap();
     assert!(next.is_empty());
 }
+
+#[test]
+fn the_group_cache_holds_its_bytes_whatever_the_group_size() {
+    let mut c = GroupCache::default();
+    let mb = 1 << 20;
+    for i in 0..40u64 {
+        c.put("p".into(), i, i, 2 * mb);
+        assert!(c.bytes <= GROUP_CACHE_BYTES, "{} bytes after {i}", c.bytes);
+    }
+    assert_eq!(c.lru.len(), GROUP_CACHE_BYTES / (2 * mb));
+    assert_eq!(c.get("p", 39), Some(&39), "the newest stays");
+    assert_eq!(c.get("p", 0), None, "the oldest went first");
+    // Replacing an entry counts its bytes once; a group over the bound alone still stays.
+    c.put("p".into(), 39, 39, 2 * mb);
+    assert_eq!(c.bytes, GROUP_CACHE_BYTES);
+    c.put("q".into(), 0, 7, GROUP_CACHE_BYTES + 1);
+    assert_eq!((c.lru.len(), c.get("q", 0)), (1, Some(&7)));
+}

@@ -83,23 +83,9 @@ fn as_stored(kind: Kind, s: Stored) -> Bytes {
 
 /// Decompressed compression groups by (pack id, frame offset): a pack's bytes never change
 /// under its id, so a cached group stays good.
+#[derive(Default)]
 pub(super) struct Groups {
-    lru: Mutex<GroupLru>,
-}
-
-type GroupLru = lru::LruCache<(String, u64), Arc<Vec<u8>>>;
-
-/// Groups kept in memory (each at most the group size plus 128 KiB: 18 MiB at the default).
-const GROUP_CACHE: usize = 16;
-
-impl Default for Groups {
-    fn default() -> Self {
-        Self {
-            lru: Mutex::new(lru::LruCache::new(
-                std::num::NonZeroUsize::new(GROUP_CACHE).unwrap_or(std::num::NonZeroUsize::MIN),
-            )),
-        }
-    }
+    lru: Mutex<pack::GroupCache<Arc<Vec<u8>>>>,
 }
 
 /// A pack gc means to delete, and loose keys it has copied into packs: deleted by the first
@@ -661,13 +647,12 @@ impl S3Store {
         e: &IndexEntry,
         frame: Option<Bytes>,
     ) -> Result<Option<Arc<Vec<u8>>>> {
-        let key = (id.to_string(), e.offset);
         let cached = self
             .groups
             .lru
             .lock()
             .ok()
-            .and_then(|mut g| g.get(&key).cloned());
+            .and_then(|mut g| g.get(id, e.offset).cloned());
         if let Some(g) = cached {
             return Ok(Some(g));
         }
@@ -695,7 +680,7 @@ impl S3Store {
         .map_err(|err| StoreError::Backend(format!("decompression task failed: {err}")))??;
         let plain = Arc::new(plain);
         if let Ok(mut g) = self.groups.lru.lock() {
-            g.put(key, plain.clone());
+            g.put(id.to_string(), e.offset, plain.clone(), plain.len());
         }
         Ok(Some(plain))
     }
