@@ -103,8 +103,9 @@ fn gc_frees_exactly_the_unshared_objects() {
     let after = census(&s);
     // Exactly the objects a alone needs; their bytes within a hair of a's own store (gc
     // moves the survivors of a compression group into new groups, whose frames differ by a
-    // few bytes from those of an import of a alone).
-    let near = |x: u64, y: u64| x.abs_diff(y) <= y / 200;
+    // few bytes from those of an import of a alone: on a metadata group of a few KiB, the
+    // order of its members alone moves its frame by a few hundred bytes).
+    let near = |x: u64, y: u64| x.abs_diff(y) <= y / 200 + 512;
     for (got, w) in after.iter().zip(&want) {
         assert!(
             got.0 == w.0 && near(got.1, w.1),
