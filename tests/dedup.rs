@@ -275,7 +275,10 @@ fn store_strategy_equals_what_import_stores() {
     // loose store's bytes exactly.
     let at_3 = ["--exact", "--strategy", "store", "--zstd-level", "3", t_s];
     let r3 = dedup_json(&packed, &at_3);
-    assert_eq!(u(strategy(&r3, "store"), "stored_bytes"), u(s, "stored_bytes"));
+    assert_eq!(
+        u(strategy(&r3, "store"), "stored_bytes"),
+        u(s, "stored_bytes")
+    );
     let (est, real) = (u(sp, "packed_bytes"), u(&pinfo, "stored_bytes"));
     assert!(
         est.abs_diff(real) * 20 <= real,
