@@ -614,7 +614,7 @@ impl PackWriter {
         }
     }
 
-    /// Bytes written or waiting in the open group.
+    /// Bytes written, or waiting in open groups and groups out for compression.
     pub fn bytes(&self) -> u64 {
         let open = self.open.iter().chain(self.sealing.values());
         self.len + open.map(|g| g.plain.len() as u64).sum::<u64>()
