@@ -24,6 +24,8 @@ source "$(dirname "$0")/mount_common.sh" mem-bench
 
 kb() { awk -v k="$1" '$1 == k":" {print $2}' "/proc/$pid/status"; }
 mb() { echo "$(( $(kb "$1") / 1000 ))"; }
+heap() { getfattr --only-values -n user.granary.ops "$mnt" 2>/dev/null |
+  awk '/^heap_in_use|^heap_free_kept|^chunk_cache_bytes/ {printf "%s %d MB, ", $1, $2/1e6}'; }
 inodes() { getfattr --only-values -n user.granary.inodes "$mnt" 2>/dev/null | head -1 | tr -dc 0-9; }
 
 "$bin" --store "file://$work/store" import --name t "$corpus" >/dev/null 2>&1
@@ -41,9 +43,10 @@ for r in $(seq 1 "$runs"); do
   tar -cf - -C "$mnt/t" . | cat >/dev/null
   read_s=$(echo "$EPOCHREALTIME - $s" | bc -l)
   read_rss=$(mb VmRSS); hwm=$(mb VmHWM); ird=$(inodes)
-  echo "  run $r after the read: RssAnon $(mb RssAnon) MB, RssFile $(mb RssFile) MB" >&2
+  echo "  run $r after the read: RssAnon $(mb RssAnon) MB, RssFile $(mb RssFile) MB; $(heap)" >&2
   echo 2 > /proc/sys/vm/drop_caches; sleep 2
   forget=$(mb VmRSS); ifg=$(inodes)
+  echo "  run $r after drop_caches: $(heap)" >&2
   printf '%-4s %10s %10s %10s %10s %10s %8s %8.2f\n' "$r" "$walk" "$read_rss" "$hwm" "$forget" "$ird" "$ifg" "$read_s" | tee -a "$work/rows"
   kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
   for _ in $(seq 100); do grep -q " $mnt " /proc/self/mountinfo || break; sleep 0.05; done

@@ -515,6 +515,64 @@ fn a_walk_costs_one_readdirplus_per_reply_no_lookups_and_no_chunk_reads() {
     assert!(cached < 100_000, "{ops:?}");
 }
 
+/// `--cache-size` bounds what a mount keeps: reading four times the budget of distinct
+/// content leaves the caches' own figures within it (the store's read memory taken out) and
+/// the process's peak memory within the budget plus a fixed margin, not the bytes read.
+#[test]
+fn reading_far_more_than_the_cache_size_keeps_the_mount_within_its_budget() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    let (files, size) = (96usize, 2usize << 20);
+    for i in 0..files {
+        // Distinct, incompressible content, generated fast (the XOF is optimised code).
+        let mut data = vec![0u8; size];
+        blake3::Hasher::new()
+            .update(&(i as u64).to_le_bytes())
+            .finalize_xof()
+            .fill(&mut data);
+        write(&src.join(format!("d{}/f{i}", i % 8)), &data, false);
+    }
+    import_named(&store, &src, "m");
+    let budget_flag: u64 = 64 << 20;
+    let m = Mount::start(&store.url(), &["--cache-size", "64M"]);
+    for i in 0..files {
+        let rel = format!("d{}/f{i}", i % 8);
+        let got = std::fs::read(m.path().join("m").join(&rel)).unwrap();
+        let want = std::fs::read(src.join(&rel)).unwrap();
+        assert!(got == want, "{rel} differs");
+    }
+    let ops = ops(m.path());
+    let get = |k: &str| {
+        ops.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k}: {ops:?}"))
+    };
+    let (budget, chunks, listings) = (
+        get("cache_budget_bytes"),
+        get("chunk_cache_bytes"),
+        get("listing_cache_bytes"),
+    );
+    // The store's read memory (groups, buffers) came out of the flag's 64 MiB.
+    assert!(budget < budget_flag && budget >= budget_flag / 4, "{ops:?}");
+    assert!(chunks + listings <= budget, "{ops:?}");
+    assert!(chunks > budget / 2, "the cache is used: {ops:?}");
+    let status = std::fs::read_to_string(format!("/proc/{}/status", m.pid())).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap();
+    eprintln!("peak RSS {hwm_kb} KiB; {ops:?}");
+    // 192 MiB read; the budget is 64 MiB; the rest (the binary's pages, the runtime, inodes,
+    // transient reads) is far less than the difference.
+    assert!(
+        hwm_kb * 1024 < budget_flag + (96 << 20),
+        "peak RSS {hwm_kb} KiB after reading {} MiB with --cache-size 64M",
+        (files * size) >> 20
+    );
+}
+
 /// A store whose root `r` holds one file, `a`, containing "a".
 fn store_with_one_file() -> TestStore {
     let store = TestStore::new();

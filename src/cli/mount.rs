@@ -38,7 +38,10 @@ pub struct MountArgs {
     /// default: half the CPUs, 1 to 8.
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
-    /// Memory for decompressed, verified chunks (e.g. 256M, 1G).
+    /// Memory for reading (e.g. 256M, 1G): decompressed, verified chunks, the directory
+    /// listings kept beyond open ones, and the store's own read memory (36 MiB of
+    /// decompressed compression groups and buffers on a local store, 80 MiB of pack extents
+    /// and groups on s3://). Chunks get what the others leave, at least a quarter.
     #[arg(long, value_name = "BYTES", default_value = "256M", value_parser = parse_size::<usize>)]
     pub cache_size: usize,
     /// Let other users use the mount (allow_other).

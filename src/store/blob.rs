@@ -161,4 +161,12 @@ pub trait BlobService: Send + Sync {
     fn remote(&self) -> bool {
         false
     }
+
+    /// Memory this backend may hold, at most, for reads: its own caches and buffers
+    /// (decompressed compression groups, fetched extents of packs, frames being decoded). A
+    /// mount counts it in its memory budget (`--cache-size`) and keeps that much fewer
+    /// chunks. Zero for a backend that keeps none in this process.
+    fn read_memory_bytes(&self) -> usize {
+        0
+    }
 }

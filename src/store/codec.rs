@@ -28,18 +28,33 @@ pub const GROUP_PLAIN_MAX: usize = 16 << 20;
 
 /// Decompresses a compression group's frame, never allocating more than [`GROUP_PLAIN_MAX`].
 pub fn decode_group(frame: &[u8]) -> std::result::Result<Vec<u8>, String> {
-    decompress_bounded(frame, GROUP_PLAIN_MAX)
+    decode_group_into(frame, Vec::new())
+}
+
+/// [`decode_group`] into `buf` (emptied first; its allocation reused where it is big enough).
+pub fn decode_group_into(frame: &[u8], buf: Vec<u8>) -> std::result::Result<Vec<u8>, String> {
+    decompress_bounded_into(frame, GROUP_PLAIN_MAX, buf)
 }
 
 /// Decompresses one zstd frame of at most `max` bytes; the reason if it cannot.
 fn decompress_bounded(compressed: &[u8], max: usize) -> std::result::Result<Vec<u8>, String> {
+    decompress_bounded_into(compressed, max, Vec::new())
+}
+
+/// [`decompress_bounded`] into `out`, emptied first.
+fn decompress_bounded_into(
+    compressed: &[u8],
+    max: usize,
+    mut out: Vec<u8>,
+) -> std::result::Result<Vec<u8>, String> {
+    out.clear();
     // Frames we write carry their content size: decompress in one call into a buffer of
     // exactly that size, with a per-thread context (creating one costs more than a small
     // chunk's decompression). Frames without it take the bounded streaming path.
     match zstd::zstd_safe::get_frame_content_size(compressed) {
         Ok(Some(size)) if size > max as u64 => Err(format!("larger than {max} bytes")),
         Ok(Some(size)) => {
-            let mut out = Vec::with_capacity(size as usize);
+            out.reserve_exact(size as usize);
             DECOMPRESSOR.with(|d| {
                 let mut d = d.borrow_mut();
                 let dctx = match &mut *d {
@@ -60,7 +75,6 @@ fn decompress_bounded(compressed: &[u8], max: usize) -> std::result::Result<Vec<
             Ok(out)
         }
         _ => {
-            let mut out = Vec::new();
             let mut dec = zstd::stream::read::Decoder::new(compressed)
                 .map_err(|e| format!("zstd: {e}"))?
                 .single_frame()

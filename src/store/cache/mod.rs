@@ -207,6 +207,10 @@ impl BlobService for Cached {
         self.inner.blobs.remote()
     }
 
+    fn read_memory_bytes(&self) -> usize {
+        self.inner.blobs.read_memory_bytes()
+    }
+
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         let (c, d) = (self.cache.clone(), *blob);
         if let Some(m) = blocking(move || c.get_meta(&d)).await? {

@@ -313,6 +313,12 @@ pub(super) fn read_dir_names(dir: &Path) -> Result<Vec<String>> {
 
 #[async_trait]
 impl BlobService for LocalStore {
+    fn read_memory_bytes(&self) -> usize {
+        // The packs' groups and frames (a store without packs holds none, but may get packs
+        // from another process's import at any time).
+        crate::store::pack::READ_MEMORY_BYTES
+    }
+
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         let (s, d) = (self.clone(), *blob);
         blocking(move || s.stat_blocking(&d)).await

@@ -695,18 +695,24 @@ impl<V> GroupCache<V> {
         self.lru.get(&(id.to_string(), offset)).map(|(v, _)| v)
     }
 
-    /// Caches `group`, which holds `bytes` plain bytes.
-    pub fn put(&mut self, id: String, offset: u64, group: V, bytes: usize) {
+    /// Caches `group`, which holds `bytes` plain bytes; gives back the groups let go.
+    pub fn put(&mut self, id: String, offset: u64, group: V, bytes: usize) -> Vec<V> {
+        let mut out = Vec::new();
         self.bytes += bytes;
-        if let Some((_, old)) = self.lru.put((id, offset), (group, bytes)) {
-            self.bytes -= old;
+        if let Some((old, n)) = self.lru.put((id, offset), (group, bytes)) {
+            self.bytes -= n;
+            out.push(old);
         }
         while self.bytes > GROUP_CACHE_BYTES && self.lru.len() > 1 {
             match self.lru.pop_lru() {
-                Some((_, (_, n))) => self.bytes -= n,
+                Some((_, (old, n))) => {
+                    self.bytes -= n;
+                    out.push(old);
+                }
                 None => break,
             }
         }
+        out
     }
 }
 
@@ -720,9 +726,21 @@ fn member_plain(g: &OpenGroup, m: Member) -> Option<Stored> {
 
 /// Reads one entry's bytes as stored in an open pack: an object alone, or its group's frame.
 pub fn read_at(file: &std::fs::File, path: &Path, e: &IndexEntry) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    read_into(file, path, e, &mut buf)?;
+    Ok(buf)
+}
+
+/// [`read_at`] into `buf` (resized to the entry's length; its allocation reused).
+pub fn read_into(
+    file: &std::fs::File,
+    path: &Path,
+    e: &IndexEntry,
+    buf: &mut Vec<u8>,
+) -> Result<()> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; e.len as usize];
-    file.read_exact_at(&mut buf, e.offset).map_err(|err| {
+    buf.resize(e.len as usize, 0);
+    file.read_exact_at(buf, e.offset).map_err(|err| {
         StoreError::io(
             format!(
                 "reading {} {} from {}",
@@ -732,8 +750,7 @@ pub fn read_at(file: &std::fs::File, path: &Path, e: &IndexEntry) -> Result<Vec<
             ),
             err,
         )
-    })?;
-    Ok(buf)
+    })
 }
 
 /// The object an entry names, from the bytes [`read_at`] read for it (for a grouped object,

@@ -287,8 +287,12 @@ fn the_group_cache_holds_its_bytes_whatever_the_group_size() {
     let mut c = GroupCache::default();
     let mb = 1 << 20;
     for i in 0..40u64 {
-        c.put("p".into(), i, i, 2 * mb);
+        let gone = c.put("p".into(), i, i, 2 * mb);
         assert!(c.bytes <= GROUP_CACHE_BYTES, "{} bytes after {i}", c.bytes);
+        // What the cache lets go is handed back (for its buffers to be reused).
+        let held = GROUP_CACHE_BYTES as u64 / (2 * mb as u64);
+        let want: Vec<u64> = if i >= held { vec![i - held] } else { vec![] };
+        assert_eq!(gone, want);
     }
     assert_eq!(c.lru.len(), GROUP_CACHE_BYTES / (2 * mb));
     assert_eq!(c.get("p", 39), Some(&39), "the newest stays");
@@ -298,4 +302,45 @@ fn the_group_cache_holds_its_bytes_whatever_the_group_size() {
     assert_eq!(c.bytes, GROUP_CACHE_BYTES);
     c.put("q".into(), 0, 7, GROUP_CACHE_BYTES + 1);
     assert_eq!((c.lru.len(), c.get("q", 0)), (1, Some(&7)));
+}
+
+#[test]
+fn groups_decoded_into_recycled_buffers_read_right_and_the_buffers_stay_few() {
+    let d = tempfile::tempdir().unwrap();
+    let group = 256u32 << 10;
+    let mut w = PackWriter::new(d.path(), ".tmp-")
+        .unwrap()
+        .with_groups(group, 1);
+    // 24 MiB of distinct objects of varying sizes: far more groups than the group cache
+    // holds, so groups are let go, and their buffers reused for groups of other sizes.
+    let mut objs = Vec::new();
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    for i in 0..400usize {
+        let len = 30_000 + (i * 7919) % 60_000;
+        let bytes: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 16) as u8 // compressible, but not to nothing
+            })
+            .collect();
+        assert!(grouped(group, bytes.len()));
+        let dg = B3Digest::of(&bytes);
+        w.add_grouped(ObjectKind::Chunk, dg, &bytes).unwrap();
+        objs.push((dg, bytes));
+    }
+    w.commit(".tmp-").unwrap();
+    let set = PackSet::new(d.path().to_path_buf());
+    // Forwards, then backwards, then every third: each time through groups long let go.
+    let order = (0..400).chain((0..400).rev()).chain((0..400).step_by(3));
+    for i in order {
+        let (dg, bytes) = &objs[i];
+        let got = set.read(ObjectKind::Chunk, dg, None).unwrap().unwrap();
+        assert_eq!(got, Stored::Plain(bytes.clone()), "object {i}");
+    }
+    let spare = set.spare.lock().unwrap();
+    assert!(!spare.is_empty() && spare.len() <= SPARE_BUFFERS);
+    assert!(spare.iter().all(|b| b.capacity() <= SPARE_KEPT));
+    assert_eq!(set.frames.free.lock().unwrap().len(), DECODERS);
 }

@@ -292,6 +292,10 @@ impl BlobService for S3Store {
         true
     }
 
+    fn read_memory_bytes(&self) -> usize {
+        super::packs::EXTENT_CACHE + crate::store::pack::GROUP_CACHE_BYTES
+    }
+
     async fn stat(&self, blob: &B3Digest) -> Result<Option<BlobMeta>> {
         if *blob == empty_blob() {
             return Ok(Some(BlobMeta::default()));

@@ -69,12 +69,13 @@ impl Inner {
         if cache.put(digest, view.clone()).is_none() {
             *bytes += view.weight();
         }
-        while *bytes > DIR_CACHE_BYTES {
+        while *bytes > self.dir_cache_bytes {
             match cache.pop_lru() {
                 Some((_, old)) => *bytes -= old.weight(),
                 None => break,
             }
         }
+        self.chunks.set_other_bytes(*bytes);
         Ok(view)
     }
 

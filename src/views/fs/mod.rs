@@ -70,7 +70,8 @@ const LISTING_PREFETCH_BYTES: u64 = 16 << 20;
 const VIEW_PREFETCH: usize = 1024;
 /// Roots looked up at once when listing the top level.
 const DIR_CONCURRENCY: usize = 32;
-/// Bytes of decoded directories kept beyond the live inodes that hold them.
+/// Bytes of decoded directories kept beyond the live inodes that hold them, at most (and at
+/// most a quarter of the mount's memory budget, which they share with chunks).
 const DIR_CACHE_BYTES: usize = 64 << 20;
 
 /// What the mount's top level shows.
@@ -88,7 +89,8 @@ pub struct MountOptions {
     pub top: Top,
     /// Kernel channels served by their own thread each.
     pub threads: usize,
-    /// Bytes of verified chunks kept in memory.
+    /// The memory budget of the mount's caches: verified chunks, directory listings and the
+    /// store's own read cache (see [`crate::store::BlobService::read_memory_bytes`]).
     pub cache_size: usize,
     pub allow_other: bool,
     /// Deadline of every backend call.
@@ -191,6 +193,8 @@ struct Inner {
     table: Mutex<InodeTable>,
     chunks: Arc<ChunkCache>,
     dirs: Mutex<(LruCache<B3Digest, Arc<DirView>>, usize)>,
+    /// The most `dirs` keeps, in bytes.
+    dir_cache_bytes: usize,
     /// Background loads of directories one level below a listing (see `prefetch_views`).
     dir_prefetch: Arc<tokio::sync::Semaphore>,
     reads: Arc<tokio::sync::Semaphore>,
@@ -276,6 +280,23 @@ pub fn trim_heap() {
     }
 }
 
+/// The allocator's figures, for the stats xattr: bytes in use, free but kept, and mapped
+/// on their own (glibc's `mallinfo2`); none elsewhere.
+fn heap_figures() -> Vec<(String, u64)> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 only reads the allocator's own bookkeeping.
+        let m = unsafe { libc::mallinfo2() };
+        vec![
+            ("heap_in_use".into(), (m.uordblks + m.hblkhd) as u64),
+            ("heap_free_kept".into(), m.fordblks as u64),
+            ("heap_mapped".into(), m.hblkhd as u64),
+        ]
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    Vec::new()
+}
+
 /// The filesystem handed to fuser.
 pub struct GranaryFs {
     inner: Arc<Inner>,
@@ -339,6 +360,13 @@ pub use read::*;
 pub use session::*;
 impl Inner {}
 
+/// What the mount's own caches (chunks and listings) may hold of `cache_size`, the memory
+/// budget the user gave: less what the store keeps as its read cache (`store_cache`), and
+/// never less than a quarter of it.
+fn memory_budget(cache_size: usize, store_cache: usize) -> usize {
+    cache_size.saturating_sub(store_cache).max(cache_size / 4)
+}
+
 impl GranaryFs {
     /// A filesystem over `store`; the top-level directory view (for `Top::Tree`) is loaded
     /// here so that mount errors are reported before mounting.
@@ -361,9 +389,10 @@ impl GranaryFs {
                 }))
             }
         };
+        let budget = memory_budget(opts.cache_size, store.blobs.read_memory_bytes());
         let chunks = ChunkCache::new(
             store.blobs.clone(),
-            opts.cache_size,
+            budget,
             opts.deadline,
             u64::from(store.params().min),
         );
@@ -381,7 +410,7 @@ impl GranaryFs {
             // Half the memory cache: what the replay fetched ahead must still be there when
             // the job gets to it, beside what the job itself keeps reading. (A disk cache
             // under the mount is larger than that and keeps the rest.)
-            let budget = (opts.cache_size / 2).max(1) as u64;
+            let budget = (budget / 2).max(1) as u64;
             let t = Arc::new(trace::Tracer::new(
                 tree,
                 opts.record_trace.is_some(),
@@ -397,6 +426,7 @@ impl GranaryFs {
             table: Mutex::new(InodeTable::new(kind, view, inode::Stamp::default())),
             chunks,
             dirs: Mutex::new((LruCache::unbounded(), 0)),
+            dir_cache_bytes: DIR_CACHE_BYTES.min(budget / 4),
             dir_prefetch: Arc::new(tokio::sync::Semaphore::new(2)),
             reads: Arc::new(tokio::sync::Semaphore::new(opts.max_reads.max(1))),
             files: Mutex::new(LruCache::new(OPEN_FILES)),

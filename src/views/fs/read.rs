@@ -165,6 +165,10 @@ impl Inner {
                     .into_iter()
                     .map(|(k, v)| (k.to_lowercase().replace(' ', "_"), v)),
             );
+            let (budget, listings) = self.chunks.budget();
+            extra.push(("cache_budget_bytes".into(), budget as u64));
+            extra.push(("listing_cache_bytes".into(), listings as u64));
+            extra.extend(super::heap_figures());
             let extra: Vec<(&str, u64)> = extra.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             let text = self.stats.render(self.chunks.cached_bytes(), &extra);
             return Ok(text.into_bytes());

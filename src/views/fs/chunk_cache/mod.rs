@@ -129,7 +129,11 @@ const MAX_FAILED: usize = 4096;
 /// The chunk cache and the read path built on it.
 pub struct ChunkCache {
     blobs: Arc<dyn BlobService>,
+    /// The memory budget chunks share with the mount's other caches (see `others`).
     capacity: usize,
+    /// Bytes the mount's other caches hold now (directory listings), in the same budget:
+    /// chunks get what they leave.
+    others: std::sync::atomic::AtomicUsize,
     deadline: Duration,
     /// Blobs up to this size are one chunk whose digest is the blob's (the chunker never
     /// cuts below its minimum), so they need no `stat`.
@@ -152,6 +156,7 @@ impl ChunkCache {
         Arc::new(Self {
             blobs,
             capacity,
+            others: Default::default(),
             deadline,
             single_chunk_max,
             state: Mutex::new(State {
@@ -192,6 +197,27 @@ impl ChunkCache {
     /// Bytes of chunk data held.
     pub fn cached_bytes(&self) -> usize {
         self.state().bytes
+    }
+
+    /// Tells the cache how many bytes the mount's other caches hold now; chunks are evicted
+    /// to make room as new ones arrive.
+    pub fn set_other_bytes(&self, bytes: usize) {
+        self.others
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The budget chunks share with the other caches, and what those hold now.
+    pub fn budget(&self) -> (usize, usize) {
+        (
+            self.capacity,
+            self.others.load(std::sync::atomic::Ordering::Relaxed),
+        )
+    }
+
+    /// Bytes chunks may hold now: the budget less the other caches' bytes.
+    fn room(&self) -> usize {
+        self.capacity
+            .saturating_sub(self.others.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// A failure of `digest` within the last deadline, if any.
@@ -267,10 +293,11 @@ impl ChunkCache {
             Self::remember_failure(&mut st, *digest, e);
         }
         if let Ok(b) = res {
-            if b.len() <= self.capacity && st.chunks.put(*digest, b.clone()).is_none() {
+            let room = self.room();
+            if b.len() <= room && st.chunks.put(*digest, b.clone()).is_none() {
                 st.bytes += b.len();
             }
-            while st.bytes > self.capacity {
+            while st.bytes > room {
                 match st.chunks.pop_lru() {
                     Some((_, old)) => {
                         st.bytes -= old.len();
@@ -279,7 +306,7 @@ impl ChunkCache {
                     None => break,
                 }
             }
-            if st.evicted >= self.capacity.max(TRIM_EVERY) {
+            if st.evicted >= (self.capacity / 4).max(TRIM_EVERY) {
                 st.evicted = 0;
                 drop(st);
                 crate::views::fs::trim_heap();

@@ -83,6 +83,28 @@ async fn cache_is_bounded_in_bytes() {
 }
 
 #[tokio::test]
+async fn listings_are_counted_in_the_chunk_budget() {
+    let (svc, refs) = setup(Duration::ZERO, 10).await;
+    let cache = ChunkCache::new(svc.clone(), 8000, Duration::from_secs(5), 0);
+    for r in &refs[..6] {
+        cache.chunk(*r).await.unwrap();
+    }
+    assert!(cache.cached_bytes() > 5000, "{}", cache.cached_bytes());
+    // Listings now hold 5,000 of the 8,000 bytes: chunks give way as the next ones arrive.
+    cache.set_other_bytes(5000);
+    assert_eq!(cache.budget(), (8000, 5000));
+    for r in &refs[6..] {
+        cache.chunk(*r).await.unwrap();
+    }
+    assert!(cache.cached_bytes() <= 3000, "{}", cache.cached_bytes());
+    assert!(cache.cached_bytes() > 0);
+    // Listings taking the whole budget leave no room, and reads still work.
+    cache.set_other_bytes(9000);
+    assert_eq!(cache.chunk(refs[0]).await.unwrap().len(), 1000);
+    assert_eq!(cache.cached_bytes(), 0);
+}
+
+#[tokio::test]
 async fn slow_backend_times_out_then_recovers() {
     let (svc, refs) = setup(Duration::from_millis(300), 1).await;
     let cache = ChunkCache::new(svc.clone(), 1 << 20, Duration::from_millis(50), 0);
