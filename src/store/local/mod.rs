@@ -216,13 +216,23 @@ impl LocalStore {
             std::fs::create_dir_all(path.join(sub))
                 .map_err(|e| bad(format!("cannot create {sub}/: {e}")))?;
         }
-        // The pack indexes are read in the background from here, and waited for by the first
-        // lookup that needs them.
+        // The pack indexes are opened and then read whole in the background from here; a
+        // read's lookup waits only for the opening (it searches them in place meanwhile),
+        // anything else for the reading.
         let packs = Arc::new(PackSet::new(path.join(pack::PACK_DIR)));
         {
             let packs = packs.clone();
             std::thread::spawn(move || {
-                if let Err(e) = packs.ensure_loaded() {
+                // Lookups search the opened indexes in place meanwhile, so the reading can
+                // yield to them (a mount's first requests): this thread at the lowest
+                // priority. Best effort.
+                if packs.ensure_loaded().is_ok() {
+                    // SAFETY: setpriority on this thread's own id touches no memory.
+                    unsafe {
+                        libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 19);
+                    }
+                }
+                if let Err(e) = packs.ensure_checked() {
                     tracing::warn!("{e}");
                 }
             });

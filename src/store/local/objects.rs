@@ -197,16 +197,16 @@ impl LocalStore {
         // digest holds exactly the blob's bytes, so the two looks cannot disagree.
         // In a packed store both looks are in memory: skip the chunk look (and its
         // rescan of the packs on a miss) when the index is known.
-        let header = if self.packs.contains(Kind::BlobIndex, blob)
-            && !self.packs.contains(Kind::Chunk, blob)
-        {
-            None
-        } else if let Some(m) = self.packs.locate(Kind::Chunk, blob).and_then(|e| e.member) {
-            // A grouped chunk's size is in the index.
-            return Ok(Some(one_chunk_blob(blob, m.len as u64)));
-        } else {
-            self.read_object_bytes(Kind::Chunk, blob, Some(18))?
-        };
+        // (At a glance: a blob with an index is not also one chunk under its own digest.)
+        let header =
+            if self.packs.seen(Kind::BlobIndex, blob) && !self.packs.seen(Kind::Chunk, blob) {
+                None
+            } else if let Some(m) = self.packs.locate(Kind::Chunk, blob).and_then(|e| e.member) {
+                // A grouped chunk's size is in the index.
+                return Ok(Some(one_chunk_blob(blob, m.len as u64)));
+            } else {
+                self.read_object_bytes(Kind::Chunk, blob, Some(18))?
+            };
         let header = match header {
             Some(Stored::Alone(h)) => h,
             Some(Stored::Plain(p)) => return Ok(Some(one_chunk_blob(blob, p.len() as u64))),

@@ -178,35 +178,92 @@ fn encode_entries_as_given(entries: &[IndexEntry]) -> Vec<u8> {
 /// Parses and checks an index: magic, length, checksum, kinds, and every entry inside a pack
 /// of `pack_len` bytes. `id` names the pack in errors.
 pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntry>> {
-    let bad = |reason: String| StoreError::Corrupt {
+    let shape = IndexShape::of(id, raw)?;
+    if raw.len() < INDEX_OVERHEAD {
+        return Err(index_damaged(id, "not a granary pack index".into()));
+    }
+    let (body, sum) = raw.split_at(raw.len() - 32);
+    if blake3::hash(body).as_bytes() != sum {
+        return Err(index_damaged(id, "checksum mismatch".into()));
+    }
+    let count = shape.count(id, raw.len() as u64)?;
+    let mut out = Vec::with_capacity(count);
+    for rec in body[16..].chunks_exact(shape.entry_bytes) {
+        out.push(shape.record(id, rec, pack_len)?);
+    }
+    Ok(out)
+}
+
+fn index_damaged(id: &str, reason: String) -> StoreError {
+    StoreError::Corrupt {
         what: "pack index",
         digest: id.to_string(),
         reason,
-    };
-    if raw.len() < INDEX_OVERHEAD || (&raw[..8] != INDEX_MAGIC && &raw[..8] != INDEX_MAGIC_GROUPS) {
-        return Err(bad("not a granary pack index".into()));
     }
-    let groups = &raw[..8] == INDEX_MAGIC_GROUPS;
-    let entry_bytes = if groups {
-        ENTRY_BYTES_GROUPS
-    } else {
-        ENTRY_BYTES
-    };
-    let (body, sum) = raw.split_at(raw.len() - 32);
-    if blake3::hash(body).as_bytes() != sum {
-        return Err(bad("checksum mismatch".into()));
+}
+
+/// An index's format, from its first 16 bytes: what one entry holds.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct IndexShape {
+    pub(super) groups: bool,
+    pub(super) entry_bytes: usize,
+    /// The count the index states (checked against its length by [`IndexShape::count`]).
+    stated: u64,
+}
+
+/// Bytes before an index's first entry.
+pub(super) const INDEX_HEAD: usize = 16;
+
+impl IndexShape {
+    /// The format of an index whose first bytes are `head` (at least the magic and count).
+    pub(super) fn of(id: &str, head: &[u8]) -> Result<Self> {
+        if head.len() < INDEX_HEAD
+            || (&head[..8] != INDEX_MAGIC && &head[..8] != INDEX_MAGIC_GROUPS)
+        {
+            return Err(index_damaged(id, "not a granary pack index".into()));
+        }
+        let groups = &head[..8] == INDEX_MAGIC_GROUPS;
+        Ok(Self {
+            groups,
+            entry_bytes: if groups {
+                ENTRY_BYTES_GROUPS
+            } else {
+                ENTRY_BYTES
+            },
+            stated: u64::from_le_bytes(head[8..16].try_into().unwrap_or_default()),
+        })
     }
-    let count = u64::from_le_bytes(body[8..16].try_into().unwrap_or_default());
-    // The count is checked against the bytes present before anything is allocated from it.
-    let expect = (raw.len() - INDEX_OVERHEAD) / entry_bytes;
-    if (raw.len() - INDEX_OVERHEAD) % entry_bytes != 0 || count != expect as u64 {
-        return Err(bad(format!(
-            "says {count} entries but holds {} bytes",
-            raw.len()
-        )));
+
+    /// The number of entries, checked against the index's length before anything is
+    /// allocated or read from it.
+    pub(super) fn count(&self, id: &str, len: u64) -> Result<usize> {
+        let body = len.checked_sub(INDEX_OVERHEAD as u64);
+        match body {
+            Some(b)
+                if b % self.entry_bytes as u64 == 0
+                    && b / self.entry_bytes as u64 == self.stated =>
+            {
+                Ok(self.stated as usize)
+            }
+            _ => Err(index_damaged(
+                id,
+                format!("says {} entries but holds {len} bytes", self.stated),
+            )),
+        }
     }
-    let mut out = Vec::with_capacity(expect);
-    for rec in body[16..].chunks_exact(entry_bytes) {
+
+    /// The kind and digest of an entry, as its record holds them (for a search in place).
+    pub(super) fn key_of(rec: &[u8]) -> (&[u8], u8) {
+        (&rec[1..33], rec[0])
+    }
+
+    /// One entry, checked: a known kind, its bytes inside the pack (`pack_len` bytes), its
+    /// member inside a group's largest size.
+    pub(super) fn record(&self, id: &str, rec: &[u8], pack_len: u64) -> Result<IndexEntry> {
+        let bad = |reason: String| index_damaged(id, reason);
+        if rec.len() != self.entry_bytes {
+            return Err(bad(format!("an entry of {} bytes", rec.len())));
+        }
         let kind = kind_of(rec[0]).ok_or_else(|| bad(format!("unknown kind {}", rec[0])))?;
         let digest = B3Digest::try_from(&rec[1..33]).map_err(|e| bad(e.to_string()))?;
         let offset = u64::from_le_bytes(rec[33..41].try_into().unwrap_or_default());
@@ -217,7 +274,7 @@ pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntr
                 kind.what()
             )));
         }
-        let member = if groups {
+        let member = if self.groups {
             let u32_at =
                 |i: usize| u32::from_le_bytes(rec[i..i + 4].try_into().unwrap_or_default());
             match (u32_at(45), u32_at(49)) {
@@ -235,15 +292,14 @@ pub fn decode_index(id: &str, raw: &[u8], pack_len: u64) -> Result<Vec<IndexEntr
         } else {
             None
         };
-        out.push(IndexEntry {
+        Ok(IndexEntry {
             kind,
             digest,
             offset,
             len,
             member,
-        });
+        })
     }
-    Ok(out)
 }
 
 /// Whether an object of `len` plain bytes goes into a compression group of a store whose

@@ -14,11 +14,57 @@ fn member_in(e: &IndexEntry, plain: &[u8], pack: &str) -> Result<Option<Stored>>
 pub(super) struct KnownPack {
     id: String,
     path: PathBuf,
-    /// Its index, in index order.
+    /// Its index, in index order (empty while `unchecked`).
     entries: Vec<IndexEntry>,
+    /// Until its index has been read whole and checked: the index file, searched in place.
+    unchecked: Option<Unchecked>,
     /// Opened on first read and kept: a gc that replaces the pack unlinks it, and reads through
     /// an open descriptor still see its bytes.
     file: std::sync::Mutex<Option<std::sync::Arc<std::fs::File>>>,
+}
+
+/// A pack index not yet read whole: its shape checked against its length, its entries read
+/// one at a time by a binary search (a mount's first lookups need a few dozen entries, not
+/// the ≈ 10 ms of reading, checksumming and decoding every index of a large store). What such
+/// a search finds is checked as a whole index's entries are, and the object read from it is
+/// verified by its digest like every other; the checksum is checked when the index is read
+/// whole, soon after, in the background.
+pub(super) struct Unchecked {
+    idx: std::sync::Arc<std::fs::File>,
+    shape: IndexShape,
+    count: usize,
+    pack_len: u64,
+}
+
+impl Unchecked {
+    /// The entry of an object, if the search in place meets it. `None` is not proof of
+    /// absence: an index an older granary wrote unsorted cannot be searched in place.
+    fn search(&self, id: &str, kind: ObjectKind, digest: &B3Digest) -> Option<IndexEntry> {
+        use std::os::unix::fs::FileExt;
+        let key = (digest.as_bytes().as_slice(), kind_code(kind));
+        let mut buf = [0u8; 64];
+        let rec = buf.get_mut(..self.shape.entry_bytes)?;
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let at = INDEX_HEAD as u64 + mid as u64 * self.shape.entry_bytes as u64;
+            self.idx.read_exact_at(rec, at).ok()?;
+            match IndexShape::key_of(rec).cmp(&key) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return self.shape.record(id, rec, self.pack_len).ok(),
+            }
+        }
+        None
+    }
+}
+
+/// What a lookup found.
+pub(super) enum Found<'a> {
+    At(&'a KnownPack, IndexEntry),
+    Absent,
+    /// Not found, but an index searched in place could not say for sure.
+    Unsure,
 }
 
 impl PackState {
@@ -28,13 +74,40 @@ impl PackState {
         kind: ObjectKind,
         digest: &B3Digest,
     ) -> Option<(&KnownPack, IndexEntry)> {
+        match self.lookup(kind, digest) {
+            Found::At(p, e) => Some((p, e)),
+            Found::Absent | Found::Unsure => None,
+        }
+    }
+
+    /// As [`PackState::find`], also searching indexes not yet checked whole in place. A copy
+    /// found there may be older than one such a search missed: every copy holds the same
+    /// verified bytes, so a read may use it.
+    pub(super) fn lookup(&self, kind: ObjectKind, digest: &B3Digest) -> Found<'_> {
         let key = (digest.as_bytes(), kind_code(kind));
-        self.packs.iter().rev().find_map(|p| {
-            p.entries
-                .binary_search_by(|e| (e.digest.as_bytes(), kind_code(e.kind)).cmp(&key))
-                .ok()
-                .map(|i| (p, p.entries[i]))
-        })
+        let mut unsure = false;
+        for p in self.packs.iter().rev() {
+            let hit = match &p.unchecked {
+                None => p
+                    .entries
+                    .binary_search_by(|e| (e.digest.as_bytes(), kind_code(e.kind)).cmp(&key))
+                    .ok()
+                    .map(|i| p.entries[i]),
+                Some(u) => {
+                    let e = u.search(&p.id, kind, digest);
+                    unsure |= e.is_none();
+                    e
+                }
+            };
+            if let Some(e) = hit {
+                return Found::At(p, e);
+            }
+        }
+        if unsure {
+            Found::Unsure
+        } else {
+            Found::Absent
+        }
     }
 }
 
@@ -60,6 +133,9 @@ pub struct PackSet {
     /// a million objects takes a while to index, and a mount's first stat needs none).
     loaded: std::sync::atomic::AtomicBool,
     load: std::sync::Mutex<()>,
+    /// Whether every index the first load left [`Unchecked`] was since read whole.
+    checked: std::sync::atomic::AtomicBool,
+    check: std::sync::Mutex<()>,
     /// Damaged packs already reported in the log.
     warned: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Compression groups decompressed lately, by pack and frame offset: the neighbours of
@@ -155,6 +231,9 @@ fn stamp_of(file: &std::fs::File) -> Option<Stamp> {
 }
 
 pub(super) const MAX_OPEN_PACKS: usize = 256;
+/// The most indexes the first load opens to search in place (each holds a descriptor until
+/// it is read whole); a store of more packs is indexed whole at once, as it was before.
+const MAX_IN_PLACE: usize = 64;
 
 impl PackSet {
     pub fn new(dir: PathBuf) -> Self {
@@ -164,6 +243,8 @@ impl PackSet {
             open: Default::default(),
             loaded: Default::default(),
             load: Default::default(),
+            checked: Default::default(),
+            check: Default::default(),
             warned: Default::default(),
             groups: Default::default(),
             spare: Default::default(),
@@ -172,7 +253,9 @@ impl PackSet {
         }
     }
 
-    /// Reads every index, once; concurrent first users wait for the one that does it.
+    /// Lists the packs and opens their indexes, once (each [`Unchecked`], searched in place
+    /// until [`PackSet::ensure_checked`] reads it whole); concurrent first users wait for the
+    /// one that does it.
     pub fn ensure_loaded(&self) -> Result<()> {
         use std::sync::atomic::Ordering::{Acquire, Release};
         if self.loaded.load(Acquire) {
@@ -183,8 +266,76 @@ impl PackSet {
             .lock()
             .map_err(|_| StoreError::Backend("pack load lock poisoned".into()))?;
         if !self.loaded.load(Acquire) {
-            self.refresh(true)?;
+            self.scan(true, true)?;
             self.loaded.store(true, Release);
+        }
+        Ok(())
+    }
+
+    /// Loads, then reads every index the load left unchecked whole: checksum and entries
+    /// checked, entries kept in memory; a damaged one is set aside as a scan sets it aside.
+    /// Concurrent users wait for the one that does it. Everything but a read's lookup needs
+    /// this (listings, stats, gc and verify see exactly the checked indexes).
+    pub fn ensure_checked(&self) -> Result<()> {
+        use std::sync::atomic::Ordering::{Acquire, Release};
+        if self.checked.load(Acquire) {
+            return Ok(());
+        }
+        self.ensure_loaded()?;
+        let _g = self
+            .check
+            .lock()
+            .map_err(|_| StoreError::Backend("pack check lock poisoned".into()))?;
+        if !self.checked.load(Acquire) {
+            self.check_in_place_indexes()?;
+            self.checked.store(true, Release);
+        }
+        Ok(())
+    }
+
+    fn check_in_place_indexes(&self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let todo: Vec<(String, std::sync::Arc<std::fs::File>, u64)> = self
+            .read_state()?
+            .packs
+            .iter()
+            .filter_map(|p| {
+                let u = p.unchecked.as_ref()?;
+                Some((p.id.clone(), u.idx.clone(), u.pack_len))
+            })
+            .collect();
+        for (id, idx, pack_len) in todo {
+            // Read with no lock held: lookups go on meanwhile.
+            let whole = idx
+                .metadata()
+                .and_then(|m| {
+                    let mut raw = vec![0; m.len().try_into().unwrap_or(usize::MAX)];
+                    idx.read_exact_at(&mut raw, 0).map(|()| raw)
+                })
+                .map_err(|e| {
+                    StoreError::io(format!("reading {}", self.index_path(&id).display()), e)
+                })
+                .and_then(|raw| decode_index(&id, &raw, pack_len));
+            let mut st = self.write_state()?;
+            let Some(i) = st.packs.iter().position(|p| p.id == id) else {
+                continue;
+            };
+            match whole {
+                Ok(entries) => {
+                    st.packs[i].entries = sorted(entries);
+                    st.packs[i].unchecked = None;
+                }
+                Err(e) => {
+                    st.packs.remove(i);
+                    let mut bad = Vec::new();
+                    self.note_damage(&id, &e, &mut bad);
+                    for b in bad {
+                        if !st.bad.iter().any(|(id, _)| *id == b.0) {
+                            st.bad.push(b);
+                        }
+                    }
+                }
+            }
         }
         Ok(())
     }
@@ -207,14 +358,14 @@ impl PackSet {
 
     pub fn contains(&self, kind: ObjectKind, digest: &B3Digest) -> bool {
         // A failed load shows up as "absent" here and as its error on the read that follows.
-        let _ = self.ensure_loaded();
+        let _ = self.ensure_checked();
         self.state
             .read()
             .is_ok_and(|s| s.find(kind, digest).is_some())
     }
 
     pub fn is_empty(&self) -> bool {
-        let _ = self.ensure_loaded();
+        let _ = self.ensure_checked();
         self.state
             .read()
             .map_or(true, |s| s.packs.iter().all(|p| p.entries.is_empty()))
@@ -238,16 +389,39 @@ impl PackSet {
 
     /// The path of the newest pack holding an object.
     pub fn path_of(&self, kind: ObjectKind, digest: &B3Digest) -> Option<PathBuf> {
-        self.ensure_loaded().ok()?;
+        self.ensure_checked().ok()?;
         let st = self.state.read().ok()?;
         st.find(kind, digest).map(|(p, _)| p.path.clone())
     }
 
-    /// Where the newest known copy of an object is.
+    /// Where the newest known copy of an object is, as a checked index says: an entry an
+    /// index not yet checked whole gives is `None` here (the caller reads the object instead,
+    /// which checks it).
     pub fn locate(&self, kind: ObjectKind, digest: &B3Digest) -> Option<IndexEntry> {
         self.ensure_loaded().ok()?;
         let st = self.state.read().ok()?;
-        st.find(kind, digest).map(|(_, e)| e)
+        match st.lookup(kind, digest) {
+            Found::At(p, e) => p.unchecked.is_none().then_some(e),
+            Found::Absent => None,
+            Found::Unsure => {
+                drop(st);
+                self.ensure_checked().ok()?;
+                let st = self.state.read().ok()?;
+                st.find(kind, digest).map(|(_, e)| e)
+            }
+        }
+    }
+
+    /// Whether an object is found at a glance: in a checked index, or by a search in place of
+    /// one not yet checked (what that says is checked when the object is read). `false` may
+    /// also mean "not known yet": for planning a read only; a put deciding to skip an object
+    /// asks [`PackSet::contains`].
+    pub fn seen(&self, kind: ObjectKind, digest: &B3Digest) -> bool {
+        self.ensure_loaded().is_ok()
+            && self
+                .state
+                .read()
+                .is_ok_and(|st| matches!(st.lookup(kind, digest), Found::At(..)))
     }
 
     /// Reads an object (for one stored alone, the first `prefix` bytes only, if given).
@@ -261,11 +435,22 @@ impl PackSet {
         prefix: Option<usize>,
     ) -> Result<Option<Stored>> {
         self.ensure_loaded()?;
-        let (file, path, id, mut e) = {
-            let st = self.read_state()?;
-            let Some((p, entry)) = st.find(kind, digest) else {
-                return Ok(None);
+        let (file, path, id, e, unchecked) = {
+            let mut st = self.read_state()?;
+            let (p, entry) = match st.lookup(kind, digest) {
+                Found::At(p, entry) => (p, entry),
+                Found::Absent => return Ok(None),
+                Found::Unsure => {
+                    drop(st);
+                    self.ensure_checked()?;
+                    st = self.read_state()?;
+                    match st.find(kind, digest) {
+                        Some(found) => found,
+                        None => return Ok(None),
+                    }
+                }
             };
+            let unchecked = p.unchecked.is_some();
             let mut slot = p
                 .file
                 .lock()
@@ -289,32 +474,58 @@ impl PackSet {
                     }
                 },
             };
-            (file, p.path.clone(), p.id.clone(), entry)
+            (file, p.path.clone(), p.id.clone(), entry, unchecked)
         };
+        if unchecked && e.member.is_some() && kind != ObjectKind::BlobIndex {
+            // A grouped object's length comes from its entry, and a blob's stat takes it as
+            // the blob's size: from an index not yet checked, the bytes must hash to the
+            // digest first. If they do not, the index is checked whole (and set aside if
+            // damaged) before looking again.
+            let got = self.read_entry(&file, &path, &id, e, prefix)?;
+            if let Some(Stored::Plain(b)) = &got {
+                if B3Digest::of(b) == *digest {
+                    return Ok(got);
+                }
+            }
+            self.ensure_checked()?;
+            return self.read(kind, digest, prefix);
+        }
+        self.read_entry(&file, &path, &id, e, prefix)
+    }
+
+    /// Reads the object at `e` of pack `id`, open as `file`.
+    fn read_entry(
+        &self,
+        file: &std::fs::File,
+        path: &Path,
+        id: &str,
+        mut e: IndexEntry,
+        prefix: Option<usize>,
+    ) -> Result<Option<Stored>> {
         if e.member.is_none() {
             if let Some(n) = prefix {
                 e.len = e.len.min(n as u32);
             }
-            return read_at(&file, &path, &e).map(|b| Some(Stored::Alone(b)));
+            return read_at(file, path, &e).map(|b| Some(Stored::Alone(b)));
         }
         // A cached group is used only while its pack file is unchanged since it was read
         // (size and modification time, one fstat), so a read reflects the store as it is
         // now: a pack written over behind a long-running daemon is seen at once.
-        let stamp = stamp_of(&file);
-        if let Some(g) = self.cached_group(&id, e.offset, stamp) {
-            return member_in(&e, &g.1, &id);
+        let stamp = stamp_of(file);
+        if let Some(g) = self.cached_group(id, e.offset, stamp) {
+            return member_in(&e, &g.1, id);
         }
         // One reader decompresses a cold group while others wanting it wait, then find it
         // cached (a file's readahead asks for a group's chunks at once); readers of other
         // groups go on, unless they hash to the same stripe.
         let stripe = &self.decoding[(e.offset as usize / 4096) % DECODING_STRIPES];
         let _one = stripe.lock();
-        if let Some(g) = self.cached_group(&id, e.offset, stamp) {
-            return member_in(&e, &g.1, &id);
+        if let Some(g) = self.cached_group(id, e.offset, stamp) {
+            return member_in(&e, &g.1, id);
         }
         tracing::trace!(pack = %id, offset = e.offset, "decompressing a group");
         let mut frame = self.frames.take();
-        read_into(&file, &path, &e, &mut frame.buf)?;
+        read_into(file, path, &e, &mut frame.buf)?;
         let buf = self
             .spare
             .lock()
@@ -323,11 +534,16 @@ impl PackSet {
             .unwrap_or_default();
         let plain = crate::store::codec::decode_group_into(&frame.buf, buf);
         drop(frame);
-        let plain = plain.map_err(|why| group_damaged(&e, &id, &why))?;
-        let got = member_in(&e, &plain, &id);
+        let plain = plain.map_err(|why| group_damaged(&e, id, &why))?;
+        let got = member_in(&e, &plain, id);
         if let (Ok(mut g), Some(stamp)) = (self.groups.lock(), stamp) {
             let n = plain.len();
-            let gone = g.put(id.clone(), e.offset, std::sync::Arc::new((stamp, plain)), n);
+            let gone = g.put(
+                id.to_string(),
+                e.offset,
+                std::sync::Arc::new((stamp, plain)),
+                n,
+            );
             drop(g);
             self.recycle(gone);
         }
@@ -361,10 +577,18 @@ impl PackSet {
     /// Rescans the directory if it changed since the last scan (or `force`). Returns whether
     /// anything changed.
     pub fn refresh(&self, force: bool) -> Result<bool> {
-        if !force && !self.loaded.load(std::sync::atomic::Ordering::Acquire) {
-            self.ensure_loaded()?;
+        let first = !self.loaded.load(std::sync::atomic::Ordering::Acquire);
+        self.ensure_checked()?;
+        if first && !force {
             return Ok(true);
         }
+        self.scan(force, false)
+    }
+
+    /// Rescans the directory if it changed since the last scan (or `force`); new indexes are
+    /// opened [`Unchecked`] if `in_place` (and there are not too many to hold open), else
+    /// read whole.
+    fn scan(&self, force: bool, in_place: bool) -> Result<bool> {
         let mtime = match std::fs::metadata(&self.dir) {
             Ok(m) => m.modified().ok(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
@@ -416,10 +640,21 @@ impl PackSet {
         ids.sort();
         // New indexes are read with no lock held: readers go on meanwhile.
         let mut bad = Vec::new();
-        let loaded: Vec<(String, Vec<IndexEntry>)> = ids
+        let new: Vec<&String> = ids
             .iter()
             .filter(|id| !known.contains(id.as_str()))
-            .filter_map(|id| Some((id.clone(), self.entries_or_skip(id, &mut bad)?)))
+            .collect();
+        let in_place = in_place && new.len() <= MAX_IN_PLACE;
+        let loaded: Vec<(String, Vec<IndexEntry>, Option<Unchecked>)> = new
+            .into_iter()
+            .filter_map(|id| {
+                if in_place {
+                    let u = self.unchecked_or_skip(id, &mut bad)?;
+                    Some((id.clone(), Vec::new(), Some(u)))
+                } else {
+                    Some((id.clone(), self.entries_or_skip(id, &mut bad)?, None))
+                }
+            })
             .collect();
         let listed: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
         let mut st = self.write_state()?;
@@ -446,24 +681,85 @@ impl PackSet {
             self.open.store(open, std::sync::atomic::Ordering::Relaxed);
         }
         let mut changed = gone;
-        for (id, entries) in loaded {
+        for (id, entries, unchecked) in loaded {
             // Another thread may have added it meanwhile.
             if st.packs.iter().any(|p| p.id == id) {
                 continue;
             }
-            st.packs.push(self.known(&id, entries));
+            st.packs.push(self.known(&id, entries, unchecked));
             changed = true;
         }
         st.packs.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(changed)
     }
 
-    pub(super) fn known(&self, id: &str, entries: Vec<IndexEntry>) -> KnownPack {
+    pub(super) fn known(
+        &self,
+        id: &str,
+        entries: Vec<IndexEntry>,
+        unchecked: Option<Unchecked>,
+    ) -> KnownPack {
         KnownPack {
             id: id.to_string(),
             path: self.pack_path(id),
             entries: sorted(entries),
+            unchecked,
             file: Default::default(),
+        }
+    }
+
+    /// A pack's index opened to be searched in place, its shape checked against its length;
+    /// `None` as for [`PackSet::entries_or_skip`].
+    fn unchecked_or_skip(&self, id: &str, bad: &mut Vec<(String, String)>) -> Option<Unchecked> {
+        match self.open_unchecked(id) {
+            Ok(u) => Some(u),
+            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            Err(e) => {
+                self.note_damage(id, &e, bad);
+                None
+            }
+        }
+    }
+
+    fn open_unchecked(&self, id: &str) -> Result<Unchecked> {
+        use std::os::unix::fs::FileExt;
+        let (idx_path, pack) = (self.index_path(id), self.pack_path(id));
+        let io = |what: &str, p: &Path, e| StoreError::io(format!("{what} {}", p.display()), e);
+        let idx = std::fs::File::open(&idx_path).map_err(|e| io("reading", &idx_path, e))?;
+        let len = idx.metadata().map_err(|e| io("stat", &idx_path, e))?.len();
+        let mut head = [0u8; INDEX_HEAD];
+        let head = match idx.read_exact_at(&mut head, 0) {
+            Ok(()) => &head[..],
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => &[][..],
+            Err(e) => return Err(io("reading", &idx_path, e)),
+        };
+        let shape = IndexShape::of(id, head)?;
+        let count = shape.count(id, len)?;
+        let pack_len = std::fs::metadata(&pack)
+            .map_err(|e| io("stat", &pack, e))?
+            .len();
+        Ok(Unchecked {
+            idx: std::sync::Arc::new(idx),
+            shape,
+            count,
+            pack_len,
+        })
+    }
+
+    /// Records a damaged index in `bad` (for gc and verify to report), and in the log once
+    /// per pack per process: every rescan meets it again.
+    fn note_damage(&self, id: &str, e: &StoreError, bad: &mut Vec<(String, String)>) {
+        if self
+            .warned
+            .lock()
+            .is_ok_and(|mut w| w.insert(id.to_string()))
+        {
+            tracing::warn!("{e}");
+        }
+        if !bad.iter().any(|(b, _)| b == id) {
+            bad.push((id.to_string(), e.to_string()));
         }
     }
 
@@ -480,17 +776,7 @@ impl PackSet {
                 None
             }
             Err(e) => {
-                // Once per pack per process: every rescan meets it again.
-                if self
-                    .warned
-                    .lock()
-                    .is_ok_and(|mut w| w.insert(id.to_string()))
-                {
-                    tracing::warn!("{e}");
-                }
-                if !bad.iter().any(|(b, _)| b == id) {
-                    bad.push((id.to_string(), e.to_string()));
-                }
+                self.note_damage(id, &e, bad);
                 None
             }
         }
@@ -510,12 +796,14 @@ impl PackSet {
 
     /// Indexes the last scan could not read.
     pub fn bad(&self) -> Vec<(String, String)> {
+        let _ = self.ensure_checked();
         self.state.read().map(|s| s.bad.clone()).unwrap_or_default()
     }
 
     /// The plain bytes of every compression group's members together, by pack and frame
     /// offset (for each grouped object's share of its frame, [`IndexEntry::stored_share`]).
     pub fn group_plain_sizes(&self) -> std::collections::HashMap<(String, u64), u64> {
+        let _ = self.ensure_checked();
         let Ok(st) = self.state.read() else {
             return Default::default();
         };
@@ -530,6 +818,7 @@ impl PackSet {
 
     /// Every object of one kind in the known packs, with its pack's id.
     pub fn objects(&self, kind: ObjectKind) -> Vec<(IndexEntry, String)> {
+        let _ = self.ensure_checked();
         let Ok(st) = self.state.read() else {
             return Vec::new();
         };
@@ -547,11 +836,19 @@ impl PackSet {
 }
 
 impl PackSet {
+    /// How many packs are still searched in place (their index not yet read whole).
+    #[cfg(test)]
+    pub(super) fn in_place(&self) -> usize {
+        self.read_state()
+            .map(|st| st.packs.iter().filter(|p| p.unchecked.is_some()).count())
+            .unwrap_or(0)
+    }
+
     /// Makes a pack this process just committed known without rescanning the directory.
     pub fn add(&self, id: &str, entries: &[IndexEntry]) -> Result<()> {
         let mut st = self.write_state()?;
         if !st.packs.iter().any(|p| p.id == id) {
-            let known = self.known(id, entries.to_vec());
+            let known = self.known(id, entries.to_vec(), None);
             st.packs.push(known);
             st.packs.sort_by(|a, b| a.id.cmp(&b.id));
         }

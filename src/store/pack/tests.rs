@@ -344,3 +344,77 @@ fn groups_decoded_into_recycled_buffers_read_right_and_the_buffers_stay_few() {
     assert!(spare.iter().all(|b| b.capacity() <= SPARE_KEPT));
     assert_eq!(set.frames.free.lock().unwrap().len(), DECODERS);
 }
+
+#[test]
+fn reads_search_indexes_in_place_until_they_are_checked_and_agree_with_them() {
+    let d = tempfile::tempdir().unwrap();
+    let objs = small_objects(60);
+    grouping_writer(d.path(), &objs).commit(".tmp-").unwrap();
+    let mut w = PackWriter::new(d.path(), ".tmp-").unwrap();
+    let alone = b"stored alone".to_vec();
+    w.append(ObjectKind::Chunk, B3Digest::of(&alone), &alone)
+        .unwrap();
+    w.commit(".tmp-").unwrap();
+    let set = PackSet::new(d.path().to_path_buf());
+    for (k, dg, b) in &objs {
+        assert_eq!(
+            set.read(*k, dg, None).unwrap(),
+            Some(Stored::Plain(b.clone()))
+        );
+    }
+    assert_eq!(
+        set.read(ObjectKind::Chunk, &B3Digest::of(&alone), None)
+            .unwrap(),
+        Some(Stored::Alone(alone.clone()))
+    );
+    assert_eq!(set.in_place(), 2, "reads that hit need no index read whole");
+    // A miss cannot be trusted from a search in place (an old index may be unsorted): it
+    // waits for the indexes to be read whole, then answers.
+    let absent = B3Digest::of(b"absent");
+    assert_eq!(set.read(ObjectKind::Chunk, &absent, None).unwrap(), None);
+    assert_eq!(set.in_place(), 0);
+    for (k, dg, b) in &objs {
+        assert_eq!(
+            set.read(*k, dg, None).unwrap(),
+            Some(Stored::Plain(b.clone()))
+        );
+        assert!(set.contains(*k, dg));
+    }
+    assert!(set.bad().is_empty());
+}
+
+#[test]
+fn an_index_damaged_behind_a_sound_shape_never_yields_another_objects_bytes() {
+    let d = tempfile::tempdir().unwrap();
+    let objs = small_objects(60);
+    let (id, _) = grouping_writer(d.path(), &objs).commit(".tmp-").unwrap();
+    // Two chunks of the same group: the first one's entry is made to point at the second's
+    // bytes. Every field stays in bounds; only the index's checksum tells.
+    let chunks: Vec<&(ObjectKind, B3Digest, Vec<u8>)> =
+        objs.iter().filter(|o| o.0 == ObjectKind::Chunk).collect();
+    let (x, y) = (chunks[0], chunks[1]);
+    let path = d.path().join(format!("{id}.idx"));
+    let mut raw = std::fs::read(&path).unwrap();
+    let rec_of = |raw: &[u8], dg: &B3Digest| {
+        (16..raw.len() - 32)
+            .step_by(ENTRY_BYTES_GROUPS)
+            .find(|&at| raw[at + 1..at + 33] == dg.as_bytes()[..])
+            .unwrap()
+    };
+    let (rx, ry) = (rec_of(&raw, &x.1), rec_of(&raw, &y.1));
+    let y_place = raw[ry + 33..ry + ENTRY_BYTES_GROUPS].to_vec();
+    raw[rx + 33..rx + ENTRY_BYTES_GROUPS].copy_from_slice(&y_place);
+    std::fs::write(&path, &raw).unwrap();
+    let set = PackSet::new(d.path().to_path_buf());
+    // Searched in place, the entry leads to the other chunk's bytes: they do not hash to the
+    // digest asked for, so the index is read whole, found damaged and set aside.
+    assert_eq!(set.read(ObjectKind::Chunk, &x.1, None).unwrap(), None);
+    assert_eq!(set.in_place(), 0);
+    let bad = set.bad();
+    assert_eq!(bad.len(), 1, "{bad:?}");
+    assert_eq!(bad[0].0, id);
+    assert!(bad[0].1.contains("checksum mismatch"), "{bad:?}");
+    // Nothing of the damaged pack is served any more.
+    assert_eq!(set.read(ObjectKind::Chunk, &y.1, None).unwrap(), None);
+    assert!(!set.contains(ObjectKind::Chunk, &y.1));
+}
