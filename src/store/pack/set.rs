@@ -282,62 +282,66 @@ impl PackSet {
             return Ok(());
         }
         self.ensure_loaded()?;
-        let _g = self
-            .check
-            .lock()
-            .map_err(|_| StoreError::Backend("pack check lock poisoned".into()))?;
-        if !self.checked.load(Acquire) {
-            self.check_in_place_indexes()?;
-            self.checked.store(true, Release);
+        // One index at a time, each under the lock: a caller that needs them all takes over
+        // from the low-priority background reader after at most one index, at its own
+        // priority, rather than waiting for a thread the scheduler may starve.
+        loop {
+            let g = self
+                .check
+                .lock()
+                .map_err(|_| StoreError::Backend("pack check lock poisoned".into()))?;
+            if self.checked.load(Acquire) {
+                return Ok(());
+            }
+            if !self.check_one_in_place_index()? {
+                self.checked.store(true, Release);
+                return Ok(());
+            }
+            drop(g);
+            std::thread::yield_now();
         }
-        Ok(())
     }
 
-    fn check_in_place_indexes(&self) -> Result<()> {
+    /// Reads one index left unchecked whole; `false` if none is left.
+    fn check_one_in_place_index(&self) -> Result<bool> {
         use std::os::unix::fs::FileExt;
-        let todo: Vec<(String, std::sync::Arc<std::fs::File>, u64)> = self
-            .read_state()?
-            .packs
-            .iter()
-            .filter_map(|p| {
-                let u = p.unchecked.as_ref()?;
-                Some((p.id.clone(), u.idx.clone(), u.pack_len))
+        let next = self.read_state()?.packs.iter().find_map(|p| {
+            let u = p.unchecked.as_ref()?;
+            Some((p.id.clone(), u.idx.clone(), u.pack_len))
+        });
+        let Some((id, idx, pack_len)) = next else {
+            return Ok(false);
+        };
+        // Read with no lock on the index held: lookups go on meanwhile.
+        let whole = idx
+            .metadata()
+            .and_then(|m| {
+                let mut raw = vec![0; m.len().try_into().unwrap_or(usize::MAX)];
+                idx.read_exact_at(&mut raw, 0).map(|()| raw)
             })
-            .collect();
-        for (id, idx, pack_len) in todo {
-            // Read with no lock held: lookups go on meanwhile.
-            let whole = idx
-                .metadata()
-                .and_then(|m| {
-                    let mut raw = vec![0; m.len().try_into().unwrap_or(usize::MAX)];
-                    idx.read_exact_at(&mut raw, 0).map(|()| raw)
-                })
-                .map_err(|e| {
-                    StoreError::io(format!("reading {}", self.index_path(&id).display()), e)
-                })
-                .and_then(|raw| decode_index(&id, &raw, pack_len));
-            let mut st = self.write_state()?;
-            let Some(i) = st.packs.iter().position(|p| p.id == id) else {
-                continue;
-            };
-            match whole {
-                Ok(entries) => {
-                    st.packs[i].entries = sorted(entries);
-                    st.packs[i].unchecked = None;
-                }
-                Err(e) => {
-                    st.packs.remove(i);
-                    let mut bad = Vec::new();
-                    self.note_damage(&id, &e, &mut bad);
-                    for b in bad {
-                        if !st.bad.iter().any(|(id, _)| *id == b.0) {
-                            st.bad.push(b);
-                        }
+            .map_err(|e| StoreError::io(format!("reading {}", self.index_path(&id).display()), e))
+            .and_then(|raw| decode_index(&id, &raw, pack_len));
+        let mut st = self.write_state()?;
+        let Some(i) = st.packs.iter().position(|p| p.id == id) else {
+            return Ok(true);
+        };
+        match whole {
+            Ok(entries) => {
+                st.packs[i].entries = sorted(entries);
+                st.packs[i].unchecked = None;
+            }
+            Err(e) => {
+                st.packs.remove(i);
+                let mut bad = Vec::new();
+                self.note_damage(&id, &e, &mut bad);
+                for b in bad {
+                    if !st.bad.iter().any(|(id, _)| *id == b.0) {
+                        st.bad.push(b);
                     }
                 }
             }
         }
-        Ok(())
+        Ok(true)
     }
 
     pub fn dir(&self) -> &Path {
