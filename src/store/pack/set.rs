@@ -653,10 +653,14 @@ impl PackSet {
             .into_iter()
             .filter_map(|id| {
                 if in_place {
-                    let u = self.unchecked_or_skip(id, &mut bad)?;
+                    let u = self.or_skip(id, self.open_unchecked(id), &mut bad)?;
                     Some((id.clone(), Vec::new(), Some(u)))
                 } else {
-                    Some((id.clone(), self.entries_or_skip(id, &mut bad)?, None))
+                    Some((
+                        id.clone(),
+                        self.or_skip(id, self.entries_of(id), &mut bad)?,
+                        None,
+                    ))
                 }
             })
             .collect();
@@ -712,11 +716,11 @@ impl PackSet {
         }
     }
 
-    /// A pack's index opened to be searched in place, its shape checked against its length;
-    /// `None` as for [`PackSet::entries_or_skip`].
-    fn unchecked_or_skip(&self, id: &str, bad: &mut Vec<(String, String)>) -> Option<Unchecked> {
-        match self.open_unchecked(id) {
-            Ok(u) => Some(u),
+    /// What reading pack `id`'s index gave; `None` if the pack went away meanwhile (a gc) or
+    /// its index is unreadable (recorded in `bad`, for gc and verify to report).
+    fn or_skip<T>(&self, id: &str, got: Result<T>, bad: &mut Vec<(String, String)>) -> Option<T> {
+        match got {
+            Ok(v) => Some(v),
             Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
                 None
             }
@@ -727,6 +731,7 @@ impl PackSet {
         }
     }
 
+    /// A pack's index opened to be searched in place, its shape checked against its length.
     fn open_unchecked(&self, id: &str) -> Result<Unchecked> {
         use std::os::unix::fs::FileExt;
         let (idx_path, pack) = (self.index_path(id), self.pack_path(id));
@@ -764,25 +769,6 @@ impl PackSet {
         }
         if !bad.iter().any(|(b, _)| b == id) {
             bad.push((id.to_string(), e.to_string()));
-        }
-    }
-
-    /// A pack's entries; `None` if it went away meanwhile (a gc) or its index is unreadable
-    /// (recorded in `bad`, for gc and verify to report).
-    pub(super) fn entries_or_skip(
-        &self,
-        id: &str,
-        bad: &mut Vec<(String, String)>,
-    ) -> Option<Vec<IndexEntry>> {
-        match self.entries_of(id) {
-            Ok(e) => Some(e),
-            Err(StoreError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                None
-            }
-            Err(e) => {
-                self.note_damage(id, &e, bad);
-                None
-            }
         }
     }
 
