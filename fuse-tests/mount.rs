@@ -515,6 +515,57 @@ fn a_walk_costs_one_readdirplus_per_reply_no_lookups_and_no_chunk_reads() {
     assert!(cached < 100_000, "{ops:?}");
 }
 
+/// CPU time (user + system, clock ticks) of process `pid` so far.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) start at its closing ')'.
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// A walk of many small directories is a burst of back-to-back requests: the mount polls the
+/// kernel for them (counted in `polling_bursts`), lists exactly what a mount that never polls
+/// lists, and stops polling once the walk ends (its CPU time stands still); `--no-poll` never
+/// polls.
+#[test]
+fn a_walk_is_served_by_polling_which_stops_when_the_walk_ends() {
+    require_fuse!();
+    let store = TestStore::new();
+    let src = store.dir.path().join("src");
+    for d in 0..800 {
+        write(&src.join(format!("d{:03}/e{d}/f", d % 40)), b"x", false);
+    }
+    import_named(&store, &src, "w");
+    let walk = |m: &Mount| {
+        let out = Command::new("find")
+            .arg(m.path().join("w"))
+            .args(["-printf", "%P %s %m %y\n"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let mut lines: Vec<Vec<u8>> = out.stdout.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        lines.sort();
+        lines
+    };
+    let plain = Mount::start(&store.url(), &["--no-poll"]);
+    let want = walk(&plain);
+    assert_eq!(want.len(), 1 + 1 + 40 + 800 * 2, "every entry listed");
+    assert_eq!(ops(plain.path()).get("polling_bursts"), Some(&0));
+    drop(plain);
+
+    let m = Mount::start(&store.url(), &[]);
+    assert_eq!(walk(&m), want, "polling lists exactly what blocking reads list");
+    let bursts = ops(m.path()).get("polling_bursts").copied().unwrap_or(0);
+    assert!(bursts >= 1, "1,680 back-to-back requests were not polled for");
+    // A poller left running would take a whole CPU: ≈ 50 ticks in half a second.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = cpu_ticks(m.pid());
+    std::thread::sleep(Duration::from_millis(500));
+    let spent = cpu_ticks(m.pid()) - before;
+    assert!(spent <= 5, "the idle mount used {spent} ticks in 500 ms");
+}
+
 /// `--cache-size` bounds what a mount keeps: reading four times the budget of distinct
 /// content leaves the caches' own figures within it (the store's read memory taken out) and
 /// the process's peak memory within the budget plus a fixed margin, not the bytes read.

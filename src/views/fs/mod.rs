@@ -111,6 +111,8 @@ pub struct MountOptions {
     pub record_trace: Option<PathBuf>,
     /// Replay this trace of the mounted root as prefetch.
     pub replay: Option<crate::model::trace::TraceRef>,
+    /// Poll the kernel channel while metadata requests come back to back (see `spin.rs`).
+    pub poll: bool,
 }
 
 /// What a mount at `/nix/store` shows so that an unmodified Nix opens it as its local store:
@@ -151,6 +153,7 @@ impl Default for MountOptions {
             passthrough: true,
             record_trace: None,
             replay: None,
+            poll: true,
         }
     }
 }
@@ -342,6 +345,7 @@ mod glue;
 mod passthrough;
 mod read;
 mod session;
+mod spin;
 mod stats;
 mod times;
 pub mod trace;
@@ -448,7 +452,7 @@ impl GranaryFs {
                 Arc::new(DirView::new(empty.digest(), &empty).map_err(StoreError::from)?)
             },
             root_stamps: Mutex::new(HashMap::new()),
-            stats: Arc::default(),
+            stats: Arc::new(Stats::with_polling(opts.poll)),
             file_cache: match &opts.file_cache {
                 Some(o) => Some(Arc::new(FileCache::open(o.clone()).map_err(|e| {
                     StoreError::Backend(format!("file cache {}: {e}", o.dir.display()))

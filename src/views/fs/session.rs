@@ -6,6 +6,7 @@ use super::*;
 /// A mounted filesystem, not yet serving.
 pub struct Mounted {
     session: fuser::Session<GranaryFs>,
+    stats: Arc<Stats>,
     unmounter: fuser::SessionUnmounter,
     pub mountpoint: PathBuf,
 }
@@ -166,14 +167,19 @@ pub fn mount(fs: GranaryFs, mountpoint: &Path, opts: &MountOptions) -> Result<Mo
     }
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
+    let stats = fs.inner.stats.clone();
     let mut session =
         fuser::Session::new(fs, mountpoint, &config).map_err(|source| MountError::Mount {
             path: mountpoint.display().to_string(),
             source,
         })?;
     let unmounter = session.unmount_callable();
+    // The session's own channel; with more threads, the others' clones are made in `run`
+    // and keep blocking (one poller is enough for a sequential walker).
+    stats.spin.attach(std::os::fd::AsFd::as_fd(&session));
     Ok(Mounted {
         session,
+        stats,
         unmounter,
         mountpoint: mountpoint.to_path_buf(),
     })
@@ -195,7 +201,18 @@ impl Mounted {
                 }
             }
         });
-        self.session.run()
+        let watcher = {
+            let stats = self.stats.clone();
+            std::thread::Builder::new()
+                .name("granary-poll".into())
+                .spawn(move || stats.spin.watch())
+        };
+        let res = self.session.run();
+        self.stats.spin.stop();
+        if let Ok(w) = watcher {
+            let _ = w.join();
+        }
+        res
     }
 }
 

@@ -5,6 +5,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
+use super::spin::Spinner;
+
 /// The kinds of kernel request counted.
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Op {
@@ -52,11 +54,24 @@ pub(crate) struct Stats {
     pub dirs_prefetched: AtomicU64,
     /// Opens answered with FUSE passthrough to a cached file.
     pub passthrough_opens: AtomicU64,
+    /// Polls the channel while metadata requests come back to back; fed by `count`.
+    pub spin: Spinner,
 }
 
 impl Stats {
+    /// Counters, and a spinner that polls the channel during bursts if `poll`.
+    pub(crate) fn with_polling(poll: bool) -> Self {
+        Self {
+            spin: Spinner::new(poll),
+            ..Self::default()
+        }
+    }
+
     pub(crate) fn count(&self, op: Op) {
         self.count[op as usize].fetch_add(1, Ordering::Relaxed);
+        if !matches!(op, Op::Read | Op::Forget | Op::Statfs) {
+            self.spin.note();
+        }
     }
 
     pub(crate) fn waited(&self, op: Op, since: Instant) {
@@ -99,6 +114,10 @@ impl Stats {
         out.push_str(&format!(
             "passthrough_opens {}\n",
             get(&self.passthrough_opens)
+        ));
+        out.push_str(&format!(
+            "polling_bursts {}\n",
+            get(&self.spin.engaged)
         ));
         for (name, n) in extra {
             out.push_str(&format!("{name} {n}\n"));
