@@ -544,7 +544,11 @@ fn a_walk_is_served_by_polling_which_stops_when_the_walk_ends() {
             .output()
             .unwrap();
         assert!(out.status.success());
-        let mut lines: Vec<Vec<u8>> = out.stdout.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect();
+        let mut lines: Vec<Vec<u8>> = out
+            .stdout
+            .split(|&b| b == b'\n')
+            .map(<[u8]>::to_vec)
+            .collect();
         lines.sort();
         lines
     };
@@ -555,9 +559,16 @@ fn a_walk_is_served_by_polling_which_stops_when_the_walk_ends() {
     drop(plain);
 
     let m = Mount::start(&store.url(), &[]);
-    assert_eq!(walk(&m), want, "polling lists exactly what blocking reads list");
+    assert_eq!(
+        walk(&m),
+        want,
+        "polling lists exactly what blocking reads list"
+    );
     let bursts = ops(m.path()).get("polling_bursts").copied().unwrap_or(0);
-    assert!(bursts >= 1, "1,680 back-to-back requests were not polled for");
+    assert!(
+        bursts >= 1,
+        "1,680 back-to-back requests were not polled for"
+    );
     // A poller left running would take a whole CPU: ≈ 50 ticks in half a second.
     std::thread::sleep(Duration::from_millis(100));
     let before = cpu_ticks(m.pid());

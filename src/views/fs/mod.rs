@@ -331,6 +331,8 @@ fn dispatch(
     let mut fut = Box::pin(fut);
     let mut cx = Context::from_waker(futures::task::noop_waker_ref());
     if fut.as_mut().poll(&mut cx).is_pending() {
+        // The answer needs the store (decompressing, loading): the CPU a poller would take.
+        stats.spin.pause();
         let stats = stats.clone();
         rt.spawn(async move {
             fut.await;

@@ -11,8 +11,8 @@
 //! non-blocking mode, which makes fuser's read loop retry at once (it retries on EAGAIN), and
 //! a watcher puts it back to blocking once no metadata request has come for [`IDLE`]. The
 //! cost is one busy CPU for the length of the burst plus at most two [`IDLE`] periods.
-//! Reads do not start or prolong polling: their answers wait on decompression, which needs
-//! the CPU a poller would take.
+//! Reads do not start or prolong polling, and any request that has to wait for the store
+//! (decompressing, loading) stops it: the store's work needs the CPU a poller would take.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -111,6 +111,14 @@ impl Spinner {
         }
     }
 
+    /// A request had to wait for the store: stop polling, and count a burst afresh.
+    pub(crate) fn pause(&self) {
+        self.window_count.store(0, Ordering::Relaxed);
+        if self.polling() {
+            self.set_polling(false);
+        }
+    }
+
     fn set_polling(&self, on: bool) {
         let Some(fd) = self.fd.get() else { return };
         if self.polling.swap(on, Ordering::Relaxed) == on {
@@ -143,9 +151,7 @@ impl Spinner {
                 continue;
             }
             std::thread::sleep(IDLE);
-            let idle = self
-                .now()
-                .saturating_sub(self.last.load(Ordering::Relaxed));
+            let idle = self.now().saturating_sub(self.last.load(Ordering::Relaxed));
             if idle >= IDLE.as_nanos() as u64 {
                 self.set_polling(false);
             }
@@ -222,6 +228,14 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert!(!s.polling() && !nonblocking(&a), "quiet switches it off");
+        // A request that waits for the store stops polling at once.
+        for _ in 0..BURST {
+            s.note();
+        }
+        assert!(s.polling());
+        s.pause();
+        assert!(!s.polling() && !nonblocking(&a));
+        assert_eq!(s.engaged.load(Ordering::Relaxed), 2);
         s.stop();
         w.join().unwrap();
         assert!(!nonblocking(&a));

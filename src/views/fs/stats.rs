@@ -115,10 +115,7 @@ impl Stats {
             "passthrough_opens {}\n",
             get(&self.passthrough_opens)
         ));
-        out.push_str(&format!(
-            "polling_bursts {}\n",
-            get(&self.spin.engaged)
-        ));
+        out.push_str(&format!("polling_bursts {}\n", get(&self.spin.engaged)));
         for (name, n) in extra {
             out.push_str(&format!("{name} {n}\n"));
         }
