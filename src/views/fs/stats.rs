@@ -69,8 +69,11 @@ impl Stats {
 
     pub(crate) fn count(&self, op: Op) {
         self.count[op as usize].fetch_add(1, Ordering::Relaxed);
-        if !matches!(op, Op::Read | Op::Forget | Op::Statfs) {
-            self.spin.note();
+        match op {
+            // Data is flowing: its decompression needs the CPU a poller would take.
+            Op::Read => self.spin.pause(),
+            Op::Forget | Op::Statfs => {}
+            _ => self.spin.note(),
         }
     }
 
