@@ -11,6 +11,9 @@
 //! non-blocking mode, which makes fuser's read loop retry at once (it retries on EAGAIN), and
 //! a watcher puts it back to blocking once no metadata request has come for [`IDLE`]. The
 //! cost is one busy CPU for the length of the burst plus at most two [`IDLE`] periods.
+//! Polling only starts, and only goes on, while the machine has a CPU to spare (no more tasks
+//! runnable than CPUs, the poller and the walker included): next to other busy jobs a poller
+//! would take their CPU, so it leaves the requests to wake-ups.
 //! A read request, or any request that has to wait for the store (decompressing, loading),
 //! stops polling and starts the count of a burst afresh: the store's work needs the CPU a
 //! poller would take (a cold `tar` never polls; a warm one, all opens, does).
@@ -44,6 +47,12 @@ pub(crate) struct Spinner {
     stopped: AtomicBool,
     /// Times polling was switched on.
     pub engaged: AtomicU64,
+    /// Bursts left to wake-ups because every CPU was busy.
+    pub crowded: AtomicU64,
+    /// CPUs this process may run on.
+    cpus: usize,
+    /// Tasks runnable right now (`/proc/loadavg`; a stand-in in unit tests).
+    running: fn() -> Option<usize>,
     watcher: Mutex<Option<Thread>>,
 }
 
@@ -65,6 +74,9 @@ impl Spinner {
             polling: AtomicBool::new(false),
             stopped: AtomicBool::new(false),
             engaged: AtomicU64::new(0),
+            crowded: AtomicU64::new(0),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            running: running_tasks,
             watcher: Mutex::new(None),
         }
     }
@@ -108,6 +120,11 @@ impl Spinner {
             return;
         }
         if self.window_count.fetch_add(1, Ordering::Relaxed) + 1 >= BURST {
+            if self.crowded() {
+                self.crowded.fetch_add(1, Ordering::Relaxed);
+                self.window_count.store(0, Ordering::Relaxed);
+                return;
+            }
             self.set_polling(true);
         }
     }
@@ -154,7 +171,7 @@ impl Spinner {
             }
             std::thread::sleep(IDLE);
             let idle = self.now().saturating_sub(self.last.load(Ordering::Relaxed));
-            if idle >= IDLE.as_nanos() as u64 {
+            if idle >= IDLE.as_nanos() as u64 || self.crowded() {
                 self.set_polling(false);
             }
         }
@@ -168,6 +185,20 @@ impl Spinner {
             t.unpark();
         }
     }
+}
+
+impl Spinner {
+    /// More tasks runnable right now than CPUs (`/proc/loadavg`'s fourth field counts the
+    /// caller, and a polling thread). Unreadable: taken as crowded.
+    fn crowded(&self) -> bool {
+        (self.running)().is_none_or(|n| n > self.cpus)
+    }
+}
+
+/// `/proc/loadavg`'s count of runnable tasks.
+fn running_tasks() -> Option<usize> {
+    let l = std::fs::read_to_string("/proc/loadavg").ok()?;
+    l.split_whitespace().nth(3)?.split('/').next()?.parse().ok()
 }
 
 fn set_nonblocking(fd: i32, on: bool) -> std::io::Result<()> {
@@ -199,10 +230,18 @@ mod tests {
         unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) & libc::O_NONBLOCK != 0 }
     }
 
+    /// A spinner that sees an idle machine, whatever else the tests run.
+    fn idle_machine() -> Spinner {
+        Spinner {
+            running: || Some(1),
+            ..Spinner::new(true)
+        }
+    }
+
     #[test]
     fn a_burst_switches_polling_on_and_quiet_switches_it_off() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let s = std::sync::Arc::new(Spinner::new(true));
+        let s = std::sync::Arc::new(idle_machine());
         s.attach(a.as_fd());
         let w = {
             let s = s.clone();
@@ -244,15 +283,36 @@ mod tests {
     }
 
     #[test]
-    fn slow_requests_and_a_disabled_spinner_never_poll() {
+    fn slow_requests_a_busy_machine_and_a_disabled_spinner_never_poll() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let s = Spinner::new(true);
+        let s = idle_machine();
         s.attach(a.as_fd());
         for _ in 0..BURST * 2 {
             s.note();
             std::thread::sleep(WINDOW / 4);
         }
         assert!(!s.polling(), "{} requests spread out", BURST * 2);
+        // Every CPU busy: a burst is left to wake-ups, and counted as such.
+        let busy = Spinner {
+            running: || Some(usize::MAX),
+            ..Spinner::new(true)
+        };
+        busy.attach(a.as_fd());
+        for _ in 0..BURST * 4 {
+            busy.note();
+        }
+        assert!(!busy.polling() && !nonblocking(&a));
+        assert_eq!(busy.crowded.load(Ordering::Relaxed), 4);
+        assert_eq!(busy.engaged.load(Ordering::Relaxed), 0);
+        let unknown = Spinner {
+            running: || None,
+            ..Spinner::new(true)
+        };
+        unknown.attach(a.as_fd());
+        for _ in 0..BURST {
+            unknown.note();
+        }
+        assert!(!unknown.polling(), "an unreadable load counts as busy");
         let off = Spinner::new(false);
         off.attach(a.as_fd());
         for _ in 0..BURST * 4 {

@@ -118,7 +118,11 @@ impl Stats {
             "passthrough_opens {}\n",
             get(&self.passthrough_opens)
         ));
-        out.push_str(&format!("polling_bursts {}\n", get(&self.spin.engaged)));
+        out.push_str(&format!(
+            "polling_bursts {}\npolling_crowded_out {}\n",
+            get(&self.spin.engaged),
+            get(&self.spin.crowded)
+        ));
         for (name, n) in extra {
             out.push_str(&format!("{name} {n}\n"));
         }
