@@ -120,7 +120,7 @@ impl Spinner {
             return;
         }
         if self.window_count.fetch_add(1, Ordering::Relaxed) + 1 >= BURST {
-            if self.crowded() {
+            if self.crowded(0) {
                 self.crowded.fetch_add(1, Ordering::Relaxed);
                 self.window_count.store(0, Ordering::Relaxed);
                 return;
@@ -171,7 +171,8 @@ impl Spinner {
             }
             std::thread::sleep(IDLE);
             let idle = self.now().saturating_sub(self.last.load(Ordering::Relaxed));
-            if idle >= IDLE.as_nanos() as u64 || self.crowded() {
+            // Here the watcher itself is runnable too, beside the poller and the walker.
+            if idle >= IDLE.as_nanos() as u64 || self.crowded(1) {
                 self.set_polling(false);
             }
         }
@@ -188,10 +189,10 @@ impl Spinner {
 }
 
 impl Spinner {
-    /// More tasks runnable right now than CPUs (`/proc/loadavg`'s fourth field counts the
-    /// caller, and a polling thread). Unreadable: taken as crowded.
-    fn crowded(&self) -> bool {
-        (self.running)().is_none_or(|n| n > self.cpus)
+    /// More tasks runnable right now than CPUs and `ours` (`/proc/loadavg`'s fourth field
+    /// counts the caller, and a polling thread). Unreadable: taken as crowded.
+    fn crowded(&self, ours: usize) -> bool {
+        (self.running)().is_none_or(|n| n > self.cpus + ours)
     }
 }
 
