@@ -13,3 +13,20 @@ cleanup() {
 }
 trap cleanup EXIT
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
+# mount_spec LABEL=BINARY=STORE_DIR[=FLAG,FLAG...] ROOT: mounts the store at $mnt with that build
+# (flags comma-separated; a `--file-cache` directory is emptied first), waits until $mnt/ROOT
+# answers, and sets `label`; unmount_spec ends it.
+mount_spec() {
+  local bin store extra i flags=()
+  IFS='=' read -r label bin store extra <<<"$1"
+  [[ -n $extra ]] && IFS=',' read -r -a flags <<<"$extra"
+  for ((i = 0; i < ${#flags[@]}; i++)); do
+    [[ ${flags[i]} == --file-cache ]] && rm -rf "${flags[i + 1]}"
+  done
+  "$bin" --store "file://$store" mount "${flags[@]}" "$mnt" >/dev/null 2>&1 &
+  pid=$!
+  for _ in $(seq 400); do stat "$mnt/$2" >/dev/null 2>&1 && return 0; sleep 0.005; done
+  echo "$label: the mount did not answer" >&2
+  return 1
+}
+unmount_spec() { kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""; }

@@ -22,16 +22,9 @@ for ((r = 1; r <= rounds; r++)); do
   warm[source]+="$src "
   line="source $src"
   for sys in "$@"; do
-    IFS='=' read -r label bin store extra <<<"$sys"
-    flags=(${extra//,/ })
-    for ((i = 0; i < ${#flags[@]}; i++)); do
-      [[ ${flags[i]} == --file-cache ]] && rm -rf "${flags[i + 1]}"
-    done
-    "$bin" --store "file://$store" mount "${flags[@]}" "$mnt" >/dev/null 2>&1 &
-    pid=$!
-    for _ in $(seq 400); do stat "$mnt/$root" >/dev/null 2>&1 && break; sleep 0.005; done
+    mount_spec "$sys" "$root"
     c=$(readall "$mnt") w=$(readall "$mnt")
-    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+    unmount_spec
     cold[$label]+="$c " warm[$label]+="$w "
     line+="  $label $c/$w"
   done

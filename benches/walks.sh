@@ -19,13 +19,9 @@ for ((r = 1; r <= rounds; r++)); do
   line="source $(walk "$corpus")"
   times[source]+="${line#source } "
   for sys in "$@"; do
-    IFS='=' read -r label bin store extra <<<"$sys"
-    # shellcheck disable=SC2086
-    "$bin" --store "file://$store" mount ${extra//,/ } "$mnt" >/dev/null 2>&1 &
-    pid=$!
-    for _ in $(seq 400); do stat "$mnt/$root" >/dev/null 2>&1 && break; sleep 0.005; done
+    mount_spec "$sys" "$root"
     t=$(walk "$mnt")
-    kill -TERM "$pid"; wait "$pid" 2>/dev/null || true; pid=""
+    unmount_spec
     times[$label]+="$t "
     line+="  $label $t"
   done
