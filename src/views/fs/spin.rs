@@ -54,6 +54,8 @@ pub(crate) struct Spinner {
     /// Tasks runnable right now (`/proc/loadavg`; a stand-in in unit tests).
     running: fn() -> Option<usize>,
     watcher: Mutex<Option<Thread>>,
+    /// Held while `polling` and the channel's flag change.
+    switching: Mutex<()>,
 }
 
 impl Default for Spinner {
@@ -78,6 +80,7 @@ impl Spinner {
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             running: running_tasks,
             watcher: Mutex::new(None),
+            switching: Mutex::new(()),
         }
     }
 
@@ -140,14 +143,18 @@ impl Spinner {
 
     fn set_polling(&self, on: bool) {
         let Some(fd) = self.fd.get() else { return };
-        if self.polling.swap(on, Ordering::Relaxed) == on {
+        // The flag and the descriptor change together: were the session's thread switching
+        // on while the watcher switched off, the two could end up apart, and a channel left
+        // non-blocking with the flag off would spin until the next burst.
+        let _switching = super::lock(&self.switching);
+        if self.polling() == on {
             return;
         }
         if let Err(e) = set_nonblocking(fd.as_raw_fd(), on) {
             tracing::debug!("cannot switch FUSE channel polling: {e}");
-            self.polling.store(false, Ordering::Relaxed);
             return;
         }
+        self.polling.store(on, Ordering::Relaxed);
         if on {
             self.engaged.fetch_add(1, Ordering::Relaxed);
             self.window_count.store(0, Ordering::Relaxed);
@@ -186,9 +193,7 @@ impl Spinner {
             t.unpark();
         }
     }
-}
 
-impl Spinner {
     /// More tasks runnable right now than CPUs and `ours` (`/proc/loadavg`'s fourth field
     /// counts the caller, and a polling thread). Unreadable: taken as crowded.
     fn crowded(&self, ours: usize) -> bool {
