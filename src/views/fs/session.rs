@@ -201,15 +201,17 @@ impl Mounted {
                 }
             }
         });
-        let watcher = {
+        // A watcher only where polling can start (not with `--no-poll`): no thread to start
+        // on the way to the first request otherwise.
+        let watcher = self.stats.spin.attached().then(|| {
             let stats = self.stats.clone();
             std::thread::Builder::new()
                 .name("granary-poll".into())
                 .spawn(move || stats.spin.watch())
-        };
+        });
         let res = self.session.run();
         self.stats.spin.stop();
-        if let Ok(w) = watcher {
+        if let Some(Ok(w)) = watcher {
             let _ = w.join();
         }
         res

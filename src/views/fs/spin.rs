@@ -92,6 +92,12 @@ impl Spinner {
         self.polling.load(Ordering::Relaxed)
     }
 
+    /// Whether it holds the session's channel (else nothing ever polls, and no watcher is
+    /// needed).
+    pub(crate) fn attached(&self) -> bool {
+        self.fd.get().is_some()
+    }
+
     /// Takes a duplicate of the session's channel; without one, nothing ever polls.
     pub(crate) fn attach(&self, channel: BorrowedFd<'_>) {
         if !self.enabled {
@@ -108,7 +114,7 @@ impl Spinner {
     /// Called for every metadata request, on the session's thread: a few relaxed atomics,
     /// and a `fcntl` when polling starts.
     pub(crate) fn note(&self) {
-        if self.fd.get().is_none() {
+        if !self.attached() {
             return;
         }
         let now = self.now();
@@ -167,7 +173,7 @@ impl Spinner {
     /// The watcher: sleeps until polling starts, then switches it off once metadata requests
     /// stop. Runs on its own thread until [`Spinner::stop`].
     pub(crate) fn watch(&self) {
-        if self.fd.get().is_none() {
+        if !self.attached() {
             return;
         }
         *super::lock(&self.watcher) = Some(std::thread::current());
