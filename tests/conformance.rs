@@ -260,6 +260,7 @@ fn s3_gc_keeps_what_an_import_with_an_old_view_reused() {
             },
             nix: None,
             times: None,
+            times_head: Vec::new(),
             traces: Vec::new(),
         };
         let put = |s: &store::Store, data: Vec<u8>| {

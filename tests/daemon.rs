@@ -150,6 +150,7 @@ fn library_store_over_daemon() {
                 },
                 nix: None,
                 times: None,
+                times_head: Vec::new(),
                 traces: Vec::new(),
             })
             .await
@@ -298,6 +299,7 @@ fn large_directories_cross_the_wire() {
                 },
                 nix: None,
                 times: None,
+                times_head: Vec::new(),
                 traces: Vec::new(),
             })
             .await
@@ -392,6 +394,7 @@ fn many_concurrent_clients() {
                                     node: node.clone(),
                                     nix: None,
                                     times: None,
+                                    times_head: Vec::new(),
                                     traces: Vec::new(),
                                 },
                             )

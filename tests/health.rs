@@ -691,6 +691,7 @@ fn a_size_that_disagrees_with_its_blob_is_refused_everywhere() {
                 node: Node::Directory { digest, size: 1 },
                 nix: None,
                 times: None,
+                times_head: Vec::new(),
                 traces: Vec::new(),
             };
             store.roots.put(&root).await.unwrap();
@@ -963,4 +964,61 @@ fn a_format_2_store_is_read_and_written_without_groups() {
     assert_same_tree(&src, &dst);
     let (ok, lines) = verify_out(&s, &[]);
     assert!(ok, "{lines:?}");
+}
+
+/// Nanoseconds since the epoch of a path's mtime (links not followed).
+fn mtime_ns(p: &Path) -> i64 {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).unwrap();
+    m.mtime() * 1_000_000_000 + m.mtime_nsec()
+}
+
+#[test]
+fn a_root_record_keeps_the_head_of_its_times_and_verify_says_when_it_disagrees() {
+    use granary::model::castore::RootRecord;
+    let src_dir = tempfile::tempdir().unwrap();
+    let src = src_dir.path().join("src");
+    for f in ["b", "a/x", "c/y"] {
+        let p = src.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, f).unwrap();
+    }
+    let s = TestStore::new();
+    s.ok(&["import", "--name", "t", src.to_str().unwrap()]);
+    let record_path = s.path().join("roots").join("t");
+    let rec = RootRecord::decode(&std::fs::read(&record_path).unwrap()).unwrap();
+    // The top's time, then its entries' in name order.
+    let want: Vec<i64> = ["", "a", "b", "c"]
+        .iter()
+        .map(|e| mtime_ns(&src.join(e)))
+        .collect();
+    assert_eq!(rec.times_head, want);
+    assert!(verify_out(&s, &[]).0);
+
+    // A head that disagrees with its table is named, with the first record that differs.
+    let mut bad = rec.clone();
+    bad.times_head[2] += 1;
+    std::fs::write(&record_path, bad.encode()).unwrap();
+    let (ok, lines) = verify_out(&s, &[]);
+    assert!(!ok);
+    let table = rec.times.unwrap().digest;
+    assert_eq!(
+        lines[0],
+        format!(
+            "root t: the head of times table {table} it keeps disagrees with the table at record 2"
+        )
+    );
+    std::fs::write(&record_path, rec.encode()).unwrap();
+    assert!(verify_out(&s, &[]).0);
+
+    // A top with more entries than a head holds: the head is its own time alone.
+    let wide = src_dir.path().join("wide");
+    std::fs::create_dir_all(&wide).unwrap();
+    for i in 0..=granary::model::times::HEAD_ENTRIES_MAX {
+        std::fs::write(wide.join(format!("f{i}")), b"").unwrap();
+    }
+    s.ok(&["import", "--name", "wide", wide.to_str().unwrap()]);
+    let rec = RootRecord::decode(&std::fs::read(s.path().join("roots/wide")).unwrap()).unwrap();
+    assert_eq!(rec.times_head, vec![mtime_ns(&wide)]);
+    assert!(verify_out(&s, &["wide"]).0);
 }

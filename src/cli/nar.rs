@@ -94,6 +94,7 @@ pub async fn cmd_import_nar(
             ca: args.ca.unwrap_or_default(),
         }),
         times: None,
+        times_head: Vec::new(),
         traces: Vec::new(),
     };
     store

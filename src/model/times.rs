@@ -87,6 +87,23 @@ impl TimesPos {
     }
 }
 
+/// Most entries of a top directory whose block a root record's head copies (beyond that the
+/// head holds the top's own record only): 1,024 records, 8 KiB in the record.
+pub const HEAD_ENTRIES_MAX: usize = 1024;
+
+/// The head a root record keeps of `records` (a whole table) for a tree whose top directory
+/// has `top_entries` entries (0 for a file or symlink): the top's record and, when the top has
+/// at most [`HEAD_ENTRIES_MAX`] entries, their block, which follows it. With it a mount
+/// answers the lookups of the top and of its entries without reading the table.
+pub fn head(records: &[i64], top_entries: usize) -> Vec<i64> {
+    let n = if top_entries <= HEAD_ENTRIES_MAX {
+        1 + top_entries
+    } else {
+        1
+    };
+    records[..n.min(records.len())].to_vec()
+}
+
 /// Byte offset of record `index` in the table.
 pub fn offset_of(index: u64) -> u64 {
     HEADER.saturating_add(index.saturating_mul(RECORD))
@@ -215,5 +232,17 @@ mod tests {
             size: bytes.len() as u64
         }
         .fits(&dir(2)));
+    }
+
+    #[test]
+    fn a_head_is_the_top_and_its_block_when_the_top_is_small() {
+        // top: [a/ (2 entries), b, c/ (1 entry)]: the top's block is records 1..=3.
+        let recs: Vec<i64> = (10..17).collect();
+        assert_eq!(head(&recs, 3), vec![10, 11, 12, 13]);
+        assert_eq!(head(&[42], 0), vec![42], "a file's table is its one record");
+        // A top with more entries than a head holds: its own record only.
+        let big: Vec<i64> = (0..HEAD_ENTRIES_MAX as i64 + 2).collect();
+        assert_eq!(head(&big, HEAD_ENTRIES_MAX + 1), vec![0]);
+        assert_eq!(head(&big, HEAD_ENTRIES_MAX).len(), HEAD_ENTRIES_MAX + 1);
     }
 }

@@ -266,6 +266,7 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         },
         nix: None,
         times: None,
+        times_head: Vec::new(),
         traces: Vec::new(),
     };
     for r in [rec("b", 2), rec("a", 2), rec("a", 3)] {

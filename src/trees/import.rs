@@ -454,22 +454,31 @@ pub async fn import_path(
         None => Vec::new(),
     };
     let node = put_tree(store, &walked, &results).await?;
-    let times = if opts.no_times {
-        None
+    let (times, times_head) = if opts.no_times {
+        (None, Vec::new())
     } else {
-        let table = times::encode(&times_table(mtime, &walked));
-        let w = write_all(store, &table)
+        let records = times_table(mtime, &walked);
+        let top_entries = match &walked {
+            Walked::Dir(children) => children.len(),
+            _ => 0,
+        };
+        let w = write_all(store, &times::encode(&records))
             .await
             .map_err(|e| ImportError::Store {
                 path: path.to_path_buf(),
                 source: e,
             })?;
-        Some(TimesRef {
+        let table = TimesRef {
             digest: w.digest,
             size: w.size,
-        })
+        };
+        (Some(table), times::head(&records, top_entries))
     };
-    Ok(Imported { node, times })
+    Ok(Imported {
+        node,
+        times,
+        times_head,
+    })
 }
 
 /// What an import made: the tree's node, and its table of times unless told not to record
@@ -478,6 +487,8 @@ pub async fn import_path(
 pub struct Imported {
     pub node: Node,
     pub times: Option<TimesRef>,
+    /// The table's head for a root record ([`times::head`]).
+    pub times_head: Vec<i64>,
 }
 
 /// The mtimes of a walked tree in the table's order ([`crate::model::times`]): the top, then
@@ -529,6 +540,7 @@ pub async fn import_named(
                 node: node.node.clone(),
                 nix: None,
                 times: node.times,
+                times_head: node.times_head.clone(),
                 traces: previous_traces,
             };
             store

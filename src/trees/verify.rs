@@ -14,6 +14,7 @@ use std::fmt;
 use futures::StreamExt;
 
 use crate::model::castore::{B3Digest, Directory, Node};
+use crate::model::times::{self, TimesRef};
 use crate::store::{BlobMeta, BlobReader, ObjectKind, Result, Store, StoreError};
 
 /// What a problem is about.
@@ -267,6 +268,12 @@ pub async fn verify_with(
                         t.size,
                         crate::model::times::TimesRef::expected_size(&root.node).unwrap_or(0)
                     ),
+                    None,
+                );
+            } else if let Some(i) = head_disagrees(store, t, &root.times_head).await {
+                f.add(
+                    Subject::Root(name.clone()),
+                    format!("the head of times table {} it keeps disagrees with the table at record {i}", t.digest),
                     None,
                 );
             }
@@ -583,4 +590,22 @@ pub async fn repair(store: &Store, from: &Store, problems: &[Problem]) -> Result
         }
     }
     Ok(out)
+}
+
+/// The first record where a root record's copy of the head of its times table differs from
+/// the table; `None` if they agree, or if the table cannot be read (reported as a file of the
+/// tree).
+async fn head_disagrees(store: &Store, t: &TimesRef, head: &[i64]) -> Option<usize> {
+    if head.is_empty() {
+        return None;
+    }
+    let reader = BlobReader::open_sized(store.blobs.clone(), t.digest, t.size)
+        .await
+        .ok()?;
+    let bytes = reader
+        .read_at(times::HEADER, head.len() * times::RECORD as usize)
+        .await
+        .ok()?;
+    let table = times::decode_records(&bytes);
+    (0..head.len()).find(|&i| table.get(i) != head.get(i))
 }

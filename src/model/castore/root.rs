@@ -3,7 +3,7 @@
 use bytes::Bytes;
 use prost::Message;
 
-use crate::model::times::TimesRef;
+use crate::model::times::{self, TimesRef};
 use crate::model::trace::TraceRef;
 
 use super::{
@@ -81,6 +81,10 @@ pub struct RootRecord {
     pub nix: Option<NixInfo>,
     /// The tree's recorded modification times, if its import recorded them.
     pub times: Option<TimesRef>,
+    /// The first records of `times` ([`crate::model::times::head`]); empty without a table
+    /// or where the writer kept none. Only ever a prefix of the table (`granary verify`
+    /// checks it).
+    pub times_head: Vec<i64>,
     /// Recorded read orders of jobs on the tree, replayed as prefetch by mounts.
     pub traces: Vec<TraceRef>,
 }
@@ -116,6 +120,12 @@ impl RootRecord {
             times: self.times.map(|t| proto::Times {
                 digest: Bytes::copy_from_slice(t.digest.as_bytes()),
                 size: t.size,
+                head: self
+                    .times_head
+                    .iter()
+                    .flat_map(|r| r.to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into(),
             }),
             traces: self.traces.iter().map(TraceRef::to_proto).collect(),
         }
@@ -146,12 +156,29 @@ impl RootRecord {
                 )));
             }
         }
-        let times = match r.times {
-            Some(t) => Some(TimesRef {
-                digest: B3Digest::try_from(&t.digest[..])?,
-                size: t.size,
-            }),
-            None => None,
+        let (times, times_head) = match r.times {
+            Some(t) => {
+                let table = TimesRef {
+                    digest: B3Digest::try_from(&t.digest[..])?,
+                    size: t.size,
+                };
+                let records = t.head.len() / times::RECORD as usize;
+                if t.head.len() % times::RECORD as usize != 0
+                    || records > 1 + times::HEAD_ENTRIES_MAX
+                    || times::offset_of(records as u64) > t.size
+                {
+                    return Err(ModelError::Root(format!(
+                        "{name}: head of times table {} is {} bytes: not whole records \
+                         of a {}-byte table, or more than {} of them",
+                        table.digest,
+                        t.head.len(),
+                        t.size,
+                        1 + times::HEAD_ENTRIES_MAX
+                    )));
+                }
+                (Some(table), times::decode_records(&t.head))
+            }
+            None => (None, Vec::new()),
         };
         let traces = r
             .traces
@@ -164,6 +191,7 @@ impl RootRecord {
             node,
             nix: r.nix,
             times,
+            times_head,
             traces,
         })
     }
@@ -194,6 +222,7 @@ mod tests {
                 node,
                 nix: None,
                 times: None,
+                times_head: Vec::new(),
                 traces: Vec::new(),
             };
             assert_eq!(RootRecord::decode(&r.encode()).unwrap(), r);
@@ -202,9 +231,23 @@ mod tests {
                     digest: B3Digest::of(b"t"),
                     size: 24,
                 }),
+                times_head: vec![-7],
                 ..r
             };
             assert_eq!(RootRecord::decode(&timed.encode()).unwrap(), timed);
+            // A head longer than its table (24 bytes: one record) is refused.
+            let long = RootRecord {
+                times_head: vec![1, 2],
+                ..timed.clone()
+            };
+            let e = RootRecord::decode(&long.encode()).unwrap_err().to_string();
+            assert!(e.contains("head of times table"), "{e}");
+            // So is one that is not whole records.
+            let mut p = proto::Root::decode(&timed.encode()[..]).unwrap();
+            if let Some(t) = &mut p.times {
+                t.head = Bytes::from_static(&[1, 2, 3]);
+            }
+            assert!(RootRecord::decode(&p.encode_to_vec()).is_err());
         }
         let bad = RootRecord {
             name: "a/b".into(),
@@ -213,6 +256,7 @@ mod tests {
             },
             nix: None,
             times: None,
+            times_head: Vec::new(),
             traces: Vec::new(),
         };
         assert!(RootRecord::decode(&bad.encode()).is_err());

@@ -314,6 +314,12 @@ pub fn grouped(group_bytes: u32, len: usize) -> bool {
 /// of 506), and alone they are read without decompressing anyone else's bytes.
 pub const GROUPED_MAX: usize = 128 << 10;
 
+/// Plain bytes of a group of directories and blob indexes. Smaller than a chunk group: they
+/// are read one at a time where latency shows (a fresh mount's first lookups, a file's open),
+/// and a whole 2 MiB group decompressed for one directory cost 1–3 ms; metadata is a small
+/// share of a store, so the ratio lost to smaller groups is a small share of its bytes.
+pub const METADATA_GROUP_BYTES: usize = 256 << 10;
+
 /// A pack being written: a temp file in `packs/`, committed by [`PackWriter::commit`], or
 /// bytes in memory for an object store ([`PackWriter::in_memory`], [`PackWriter::finish`]).
 pub struct PackWriter {
@@ -560,7 +566,16 @@ impl PackWriter {
         std::sync::Arc::make_mut(&mut g.plain).extend_from_slice(plain);
         g.members.push((kind, digest, m));
         self.at.insert((kind, digest), Slot::Open(c, m));
-        Ok(g.plain.len() >= self.group_bytes as usize)
+        Ok(g.plain.len() >= self.seal_at(c))
+    }
+
+    /// Plain bytes at which open group `c` is sealed: the store's group size for chunks, at
+    /// most [`METADATA_GROUP_BYTES`] for directories and blob indexes.
+    fn seal_at(&self, c: usize) -> usize {
+        match c {
+            0 => self.group_bytes as usize,
+            _ => (self.group_bytes as usize).min(METADATA_GROUP_BYTES),
+        }
     }
 
     /// Compresses an open group into one frame and appends it.

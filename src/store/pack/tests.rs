@@ -203,6 +203,51 @@ fn grouped_objects_are_each_read_alone_before_and_after_commit() {
 }
 
 #[test]
+fn metadata_is_grouped_smaller_than_chunks() {
+    let d = tempfile::tempdir().unwrap();
+    let group = 4 * METADATA_GROUP_BYTES as u32;
+    let mut w = PackWriter::new(d.path(), ".tmp-")
+        .unwrap()
+        .with_groups(group, 3);
+    // 3 MiB of each kind in objects of 20 KiB (each distinct).
+    let mut objs = Vec::new();
+    for i in 0..3 * 52 {
+        for kind in [ObjectKind::Chunk, ObjectKind::Directory] {
+            let bytes = format!("{kind:?} {i} ").repeat(20 << 10).into_bytes()[..20 << 10].to_vec();
+            let digest = B3Digest::of(&bytes);
+            w.add_grouped(kind, digest, &bytes).unwrap();
+            objs.push((kind, digest, bytes));
+        }
+    }
+    let (_, entries) = w.commit(".tmp-").unwrap();
+    let sizes = group_plain_sizes(&entries);
+    let biggest = |kind| {
+        entries
+            .iter()
+            .filter(|e| e.kind == kind)
+            .map(|e| sizes[&e.offset])
+            .max()
+            .unwrap()
+    };
+    // Sealed once full: at most one object beyond the size.
+    let meta = biggest(ObjectKind::Directory);
+    assert!(
+        meta >= METADATA_GROUP_BYTES as u64 && meta < (METADATA_GROUP_BYTES + (20 << 10)) as u64,
+        "{meta}"
+    );
+    let chunks = biggest(ObjectKind::Chunk);
+    assert!(chunks >= group as u64, "{chunks}");
+    // Every object reads back.
+    let set = PackSet::new(d.path().to_path_buf());
+    for (k, dg, b) in &objs {
+        assert_eq!(
+            set.read(*k, dg, None).unwrap(),
+            Some(Stored::Plain(b.clone()))
+        );
+    }
+}
+
+#[test]
 fn a_damaged_group_fails_every_object_in_it_by_name_and_no_other() {
     let d = tempfile::tempdir().unwrap();
     let objs = small_objects(60);

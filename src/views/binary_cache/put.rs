@@ -187,6 +187,7 @@ pub(super) async fn put_file(
             ca: info.ca,
         }),
         times: None,
+        times_head: Vec::new(),
         traces: Vec::new(),
     };
     c.store.roots.put(&root).await?;

@@ -295,6 +295,7 @@ impl Substituter {
             node,
             nix: Some(nix),
             times: None,
+            times_head: Vec::new(),
             traces: Vec::new(),
         };
         self.store

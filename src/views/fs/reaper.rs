@@ -30,14 +30,11 @@ pub fn spawn(exe: &Path, mountpoint: &Path) -> io::Result<Reaper> {
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
-    // SAFETY: setsid is async-signal-safe. Its own session keeps the helper out of the
-    // server's process group, so a signal sent to that group does not take both.
-    unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-            libc::setsid();
-            Ok(())
-        });
-    }
+    // Its own process group keeps the helper out of the server's, so a signal sent to that
+    // group (Ctrl-C) does not take both. (Not `setsid` in a `pre_exec`: that forces a
+    // `fork`, which copies this process's whole address space while the mount's first
+    // requests are being answered; this way std spawns with `posix_spawn`.)
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn()?;
     let pipe = child
         .stdin

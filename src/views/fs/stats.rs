@@ -54,6 +54,9 @@ pub(crate) struct Stats {
     pub dirs_prefetched: AtomicU64,
     /// Opens answered with FUSE passthrough to a cached file.
     pub passthrough_opens: AtomicU64,
+    /// Reads of times answered from a root record's head, and reads of a table.
+    pub times_from_head: AtomicU64,
+    pub times_read: AtomicU64,
     /// Polls the channel while metadata requests come back to back; fed by `count`.
     pub spin: Spinner,
 }
@@ -117,6 +120,11 @@ impl Stats {
         out.push_str(&format!(
             "passthrough_opens {}\n",
             get(&self.passthrough_opens)
+        ));
+        out.push_str(&format!(
+            "times_from_head {}\ntimes_read {}\n",
+            get(&self.times_from_head),
+            get(&self.times_read)
         ));
         out.push_str(&format!(
             "polling_bursts {}\npolling_crowded_out {}\n",

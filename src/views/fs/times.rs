@@ -11,8 +11,17 @@ use crate::model::times::{self, TimesPos, TimesRef};
 use inode::{BlockTimes, Stamp};
 
 impl Inner {
-    /// Records `index..index + n` of `table`.
+    /// Records `index..index + n` of `table`: from the head its root record carries where it
+    /// holds them, else read.
     async fn read_times(&self, table: &TimesRef, index: u64, n: u64) -> Result<Vec<i64>, Errno> {
+        if let Some(head) = lock(&self.times_heads).get(&table.digest) {
+            let end = index.checked_add(n).and_then(|e| usize::try_from(e).ok());
+            if let Some(records) = end.and_then(|e| head.get(index as usize..e)) {
+                self.stats.times_from_head.fetch_add(1, Ordering::Relaxed);
+                return Ok(records.to_vec());
+            }
+        }
+        self.stats.times_read.fetch_add(1, Ordering::Relaxed);
         let what = || format!("times table {}", table.digest);
         let len = n
             .checked_mul(times::RECORD)
@@ -94,6 +103,13 @@ impl Inner {
     /// The stamp of a named root, remembered for the top-level listing.
     pub(super) async fn root_stamp(&self, rec: &RootRecord) -> Result<Stamp, Errno> {
         let at = rec.times.filter(|t| fits(t, &rec.node));
+        if let Some(t) = &at {
+            if !rec.times_head.is_empty() {
+                lock(&self.times_heads)
+                    .entry(t.digest)
+                    .or_insert_with(|| Arc::from(&rec.times_head[..]));
+            }
+        }
         let stamp = self.top_stamp(at.map(|t| (t, TimesPos::TOP))).await?;
         lock(&self.root_stamps).insert(Bytes::from(rec.name.clone().into_bytes()), stamp.clone());
         Ok(stamp)

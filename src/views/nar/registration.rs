@@ -122,6 +122,7 @@ mod tests {
             node,
             nix: info,
             times: None,
+            times_head: Vec::new(),
             traces: Vec::new(),
         };
         store.roots.put(&rec).await.unwrap();

@@ -269,6 +269,7 @@ async fn import_one(
         node: imp.node.clone(),
         nix: Some(nix),
         times: None,
+        times_head: Vec::new(),
         traces: Vec::new(),
     };
     Ok((imp, references, root))

@@ -349,23 +349,25 @@ impl Sessions {
         // Not tied to the client's call: the import finishes whether or not it is still there.
         tokio::task::spawn_blocking(move || {
             let outcome = build_tree(&rt, &store, &entries, &spool, &session).and_then(|node| {
-                let times = match times_table(&entries) {
-                    Some(t) => {
+                let (times, times_head) = match times_table(&entries) {
+                    Some((t, top_entries)) => {
                         let mut w = BlobWriter::new(&store, blob_writer::PUTS_IN_FLIGHT);
                         w.write_blocking(&times::encode(&t))?;
                         let done = w.finish_blocking()?;
-                        Some(TimesRef {
+                        let table = TimesRef {
                             digest: done.digest,
                             size: done.size,
-                        })
+                        };
+                        (Some(table), times::head(&t, top_entries))
                     }
-                    None => None,
+                    None => (None, Vec::new()),
                 };
                 let rec = RootRecord {
                     name: root_name.clone(),
                     node,
                     nix: None,
                     times,
+                    times_head,
                     traces: Vec::new(),
                 };
                 if !root_name.is_empty() {
@@ -439,13 +441,14 @@ fn children_of(entries: &[Spooled]) -> HashMap<&[u8], Vec<usize>> {
 
 /// The mtimes of an uploaded tree in the times table's order ([`crate::model::times`]), if
 /// every entry came with one.
-fn times_table(entries: &[Spooled]) -> Option<Vec<i64>> {
+fn times_table(entries: &[Spooled]) -> Option<(Vec<i64>, usize)> {
     let mtimes = entries
         .iter()
         .map(|e| e.mtime)
         .collect::<Option<Vec<i64>>>()?;
     let children = children_of(entries);
     let mut out = vec![*mtimes.first()?];
+    let top_entries = children.get(&entries[0].path[..]).map_or(0, |k| k.len());
     let mut stack = vec![0usize];
     while let Some(d) = stack.pop() {
         let Some(kids) = children.get(&entries[d].path[..]) else {
@@ -458,7 +461,7 @@ fn times_table(entries: &[Spooled]) -> Option<Vec<i64>> {
             }
         }
     }
-    Some(out)
+    Some((out, top_entries))
 }
 
 /// Imports a spooled tree (on a blocking thread): files chunked with the store's
