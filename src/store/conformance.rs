@@ -278,6 +278,21 @@ pub async fn check(store: &Store, corrupt: Option<Corrupt<'_>>) -> Result<(), St
         ok("root get", store.roots.get("a").await)? == Some(rec("a", 3)),
         "a replaced root reads back old"
     );
+    // Everything a record holds comes back: its times table and the head of it included.
+    let timed = RootRecord {
+        times: Some(crate::model::times::TimesRef {
+            digest: d_parent,
+            size: crate::model::times::offset_of(3),
+        }),
+        times_head: vec![-5, 1_700_000_000_123_456_789],
+        ..rec("timed", 2)
+    };
+    ok("root put", store.roots.put(&timed).await)?;
+    ensure!(
+        ok("root get", store.roots.get("timed").await)? == Some(timed),
+        "a root record with times reads back otherwise"
+    );
+    ok("root delete", store.roots.delete("timed").await)?;
     ensure!(
         ok("root delete", store.roots.delete("a").await)?,
         "delete found no root"
