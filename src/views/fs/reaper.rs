@@ -12,28 +12,28 @@ use std::process::{Child, ChildStdin, Command, Stdio};
 /// The hidden subcommand that runs [`reap_main`].
 pub const SUBCOMMAND: &str = "__reap-mount";
 
-/// A running helper. Dropping it (at the end of a clean exit, after unmounting) lets the
-/// helper see the pipe close, find no mount and exit.
+/// A running helper. [`Reaper::arm`] tells it which mount to watch; dropping it (at the end
+/// of a clean exit, after unmounting, or when the mount failed) lets the helper see the pipe
+/// close, find no mount of its own and exit.
 pub struct Reaper {
-    _pipe: ChildStdin,
+    pipe: ChildStdin,
     _child: Child,
 }
 
-/// Starts the helper for the mount now at `mountpoint`, from the binary `exe`.
-pub fn spawn(exe: &Path, mountpoint: &Path) -> io::Result<Reaper> {
-    let id = super::mount_id(mountpoint)
-        .ok_or_else(|| io::Error::other(format!("{} is not mounted", mountpoint.display())))?;
+/// Starts the helper for a mount about to be made at `mountpoint`, from the binary `exe`.
+/// Started before the mount (and armed once it is made) so that starting a process is not in
+/// the way of the mount's first requests.
+pub fn start(exe: &Path, mountpoint: &Path) -> io::Result<Reaper> {
     let mut cmd = Command::new(exe);
     cmd.arg(SUBCOMMAND)
         .arg(mountpoint)
-        .arg(id.to_string())
         .current_dir("/")
         .stdin(Stdio::piped())
         .stdout(Stdio::null());
     // Its own process group keeps the helper out of the server's, so a signal sent to that
     // group (Ctrl-C) does not take both. (Not `setsid` in a `pre_exec`: that forces a
-    // `fork`, which copies this process's whole address space while the mount's first
-    // requests are being answered; this way std spawns with `posix_spawn`.)
+    // `fork`, which copies this process's whole address space; this way std spawns with
+    // `posix_spawn`.)
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = cmd.spawn()?;
     let pipe = child
@@ -41,9 +41,47 @@ pub fn spawn(exe: &Path, mountpoint: &Path) -> io::Result<Reaper> {
         .take()
         .ok_or_else(|| io::Error::other("no pipe to the helper"))?;
     Ok(Reaper {
-        _pipe: pipe,
+        pipe,
         _child: child,
     })
+}
+
+impl Reaper {
+    /// Tells the helper the kernel mount ID of the mount now at `mountpoint`: from here on,
+    /// its server's death detaches it.
+    pub fn arm(&mut self, mountpoint: &Path) -> io::Result<()> {
+        use std::io::Write;
+        let id = super::mount_id(mountpoint)
+            .ok_or_else(|| io::Error::other(format!("{} is not mounted", mountpoint.display())))?;
+        writeln!(self.pipe, "{id}")
+    }
+}
+
+/// The mount ID the server writes (one line), then blocks until stdin reaches EOF (the pipe's
+/// write end only the server holds; the kernel closes it when the server is gone, however it
+/// died). `None` if the pipe closed before a whole line came: nothing was mounted.
+fn read_id_then_eof() -> Option<u64> {
+    let mut line = Vec::new();
+    let mut buf = [0u8; 64];
+    let mut id = None;
+    loop {
+        match io::stdin().lock().read(&mut buf) {
+            Ok(0) => return id,
+            Ok(n) if id.is_none() => {
+                line.extend_from_slice(&buf[..n]);
+                if let Some(end) = line.iter().position(|&b| b == b'\n') {
+                    id = std::str::from_utf8(&line[..end])
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok());
+                } else if line.len() > 64 {
+                    return None;
+                }
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return id,
+        }
+    }
 }
 
 /// Blocks until stdin (a pipe whose write end only the watched process holds, and never
@@ -60,18 +98,17 @@ pub fn wait_for_eof() {
     }
 }
 
-/// The helper: `granary __reap-mount MOUNTPOINT MOUNT_ID`. Single-threaded, no runtime.
+/// The helper: `granary __reap-mount MOUNTPOINT`, the mount ID on stdin. Single-threaded, no
+/// runtime.
 pub fn reap_main(args: &[OsString]) -> i32 {
-    let (Some(path), Some(id)) = (args.first(), args.get(1)) else {
-        eprintln!("granary: error: {SUBCOMMAND} MOUNTPOINT MOUNT_ID");
+    let Some(path) = args.first() else {
+        eprintln!("granary: error: {SUBCOMMAND} MOUNTPOINT (mount ID on stdin)");
         return 2;
     };
     let path = PathBuf::from(path);
-    let Some(id) = id.to_str().and_then(|s| s.parse::<u64>().ok()) else {
-        eprintln!("granary: error: {SUBCOMMAND}: bad mount ID {id:?}");
-        return 2;
+    let Some(id) = read_id_then_eof() else {
+        return 0;
     };
-    wait_for_eof();
     if super::mount_id(&path) != Some(id) {
         return 0;
     }

@@ -104,18 +104,22 @@ pub async fn mount_session(
         path: mountpoint.display().to_string(),
         source: io::Error::other(format!("{what}: {e}")),
     };
+    // Should this process be killed outright, a helper detaches the mount (best effort). It is
+    // started while the store is opened and armed once the mount is made: starting it after
+    // took the CPU from the mount's first requests.
+    let warn = |e: io::Error| tracing::warn!("a SIGKILL would leave the mount dead: {e}");
+    let mut reaper =
+        reaper.and_then(|exe| super::reaper::start(exe, mountpoint).map_err(warn).ok());
     let Served {
         mut serving,
         mut unmounter,
         tracer,
     } = mount_and_serve(store, opts, mountpoint).await?;
     let finish = || finish_trace(tracer.as_ref(), opts.record_trace.as_deref());
-    // Should this process be killed outright, a helper detaches the mount (best effort).
-    let _reaper = reaper.and_then(|exe| {
-        super::reaper::spawn(exe, mountpoint)
-            .map_err(|e| tracing::warn!("a SIGKILL would leave the mount dead: {e}"))
-            .ok()
-    });
+    // (A helper left unarmed finds no mount ID when the pipe closes, and does nothing.)
+    if let Some(Err(e)) = reaper.as_mut().map(|r| r.arm(mountpoint)) {
+        warn(e);
+    }
     on_mounted();
     tokio::select! {
         res = &mut serving => {
