@@ -271,9 +271,10 @@ pub async fn verify_with(
                     None,
                 );
             } else if let Some(i) = head_disagrees(store, t, &root.times_head).await {
+                let why = format!("the head of times table {} it keeps", t.digest);
                 f.add(
                     Subject::Root(name.clone()),
-                    format!("the head of times table {} it keeps disagrees with the table at record {i}", t.digest),
+                    format!("{why} disagrees with the table at record {i}"),
                     None,
                 );
             }

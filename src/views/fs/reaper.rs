@@ -57,31 +57,13 @@ impl Reaper {
     }
 }
 
-/// The mount ID the server writes (one line), then blocks until stdin reaches EOF (the pipe's
-/// write end only the server holds; the kernel closes it when the server is gone, however it
-/// died). `None` if the pipe closed before a whole line came: nothing was mounted.
-fn read_id_then_eof() -> Option<u64> {
-    let mut line = Vec::new();
-    let mut buf = [0u8; 64];
-    let mut id = None;
-    loop {
-        match io::stdin().lock().read(&mut buf) {
-            Ok(0) => return id,
-            Ok(n) if id.is_none() => {
-                line.extend_from_slice(&buf[..n]);
-                if let Some(end) = line.iter().position(|&b| b == b'\n') {
-                    id = std::str::from_utf8(&line[..end])
-                        .ok()
-                        .and_then(|s| s.trim().parse().ok());
-                } else if line.len() > 64 {
-                    return None;
-                }
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(_) => return id,
-        }
-    }
+/// The mount ID the server writes on stdin (one line); `None` if the pipe closed before a
+/// whole line came (nothing was mounted).
+fn read_id() -> Option<u64> {
+    use std::io::BufRead;
+    let mut line = String::new();
+    io::stdin().lock().take(32).read_line(&mut line).ok()?;
+    line.strip_suffix('\n')?.parse().ok()
 }
 
 /// Blocks until stdin (a pipe whose write end only the watched process holds, and never
@@ -106,7 +88,9 @@ pub fn reap_main(args: &[OsString]) -> i32 {
         return 2;
     };
     let path = PathBuf::from(path);
-    let Some(id) = read_id_then_eof() else {
+    let id = read_id();
+    wait_for_eof();
+    let Some(id) = id else {
         return 0;
     };
     if super::mount_id(&path) != Some(id) {

@@ -10,11 +10,14 @@ use crate::model::castore::RootRecord;
 use crate::model::times::{self, TimesPos, TimesRef};
 use inode::{BlockTimes, Stamp};
 
+/// Most records of times-table heads a mount keeps (8 MiB).
+const HEADS_MAX_RECORDS: usize = 1 << 20;
+
 impl Inner {
     /// Records `index..index + n` of `table`: from the head its root record carries where it
     /// holds them, else read.
     async fn read_times(&self, table: &TimesRef, index: u64, n: u64) -> Result<Vec<i64>, Errno> {
-        if let Some(head) = lock(&self.times_heads).get(&table.digest) {
+        if let Some(head) = lock(&self.times_heads).0.get(&table.digest) {
             let end = index.checked_add(n).and_then(|e| usize::try_from(e).ok());
             if let Some(records) = end.and_then(|e| head.get(index as usize..e)) {
                 self.stats.times_from_head.fetch_add(1, Ordering::Relaxed);
@@ -105,9 +108,15 @@ impl Inner {
         let at = rec.times.filter(|t| fits(t, &rec.node));
         if let Some(t) = &at {
             if !rec.times_head.is_empty() {
-                lock(&self.times_heads)
-                    .entry(t.digest)
-                    .or_insert_with(|| Arc::from(&rec.times_head[..]));
+                let mut heads = lock(&self.times_heads);
+                // Bounded: past it (tens of thousands of roots with wide tops), a root's
+                // first lookups read its table as a record without a head does.
+                if heads.1 + rec.times_head.len() <= HEADS_MAX_RECORDS
+                    && !heads.0.contains_key(&t.digest)
+                {
+                    heads.1 += rec.times_head.len();
+                    heads.0.insert(t.digest, Arc::from(&rec.times_head[..]));
+                }
             }
         }
         let stamp = self.top_stamp(at.map(|t| (t, TimesPos::TOP))).await?;
