@@ -233,7 +233,7 @@ struct Inner {
     /// The heads of times tables that root records carry, by table, and their records in
     /// all: a lookup of a root or of an entry of its top is answered from them without
     /// reading the table.
-    times_heads: Mutex<(HashMap<B3Digest, Arc<[i64]>>, usize)>,
+    times_heads: Mutex<times::Heads>,
     stats: Arc<Stats>,
     file_cache: Option<Arc<FileCache>>,
     /// Passthrough was asked for (a file cache and not `passthrough: false`)...
@@ -458,7 +458,7 @@ impl GranaryFs {
                 Arc::new(DirView::new(empty.digest(), &empty).map_err(StoreError::from)?)
             },
             root_stamps: Mutex::new(HashMap::new()),
-            times_heads: Mutex::new((HashMap::new(), 0)),
+            times_heads: Mutex::default(),
             stats: Arc::new(Stats::with_polling(opts.poll)),
             file_cache: match &opts.file_cache {
                 Some(o) => Some(Arc::new(FileCache::open(o.clone()).map_err(|e| {

@@ -13,11 +13,18 @@ use inode::{BlockTimes, Stamp};
 /// Most records of times-table heads a mount keeps (8 MiB).
 const HEADS_MAX_RECORDS: usize = 1 << 20;
 
+/// The heads of times tables that root records carry, by table, and their records in all.
+#[derive(Default)]
+pub(super) struct Heads {
+    by_table: HashMap<B3Digest, Arc<[i64]>>,
+    records: usize,
+}
+
 impl Inner {
     /// Records `index..index + n` of `table`: from the head its root record carries where it
     /// holds them, else read.
     async fn read_times(&self, table: &TimesRef, index: u64, n: u64) -> Result<Vec<i64>, Errno> {
-        if let Some(head) = lock(&self.times_heads).0.get(&table.digest) {
+        if let Some(head) = lock(&self.times_heads).by_table.get(&table.digest) {
             let end = index.checked_add(n).and_then(|e| usize::try_from(e).ok());
             if let Some(records) = end.and_then(|e| head.get(index as usize..e)) {
                 self.stats.times_from_head.fetch_add(1, Ordering::Relaxed);
@@ -111,11 +118,13 @@ impl Inner {
                 let mut heads = lock(&self.times_heads);
                 // Bounded: past it (tens of thousands of roots with wide tops), a root's
                 // first lookups read its table as a record without a head does.
-                if heads.1 + rec.times_head.len() <= HEADS_MAX_RECORDS
-                    && !heads.0.contains_key(&t.digest)
+                if heads.records + rec.times_head.len() <= HEADS_MAX_RECORDS
+                    && !heads.by_table.contains_key(&t.digest)
                 {
-                    heads.1 += rec.times_head.len();
-                    heads.0.insert(t.digest, Arc::from(&rec.times_head[..]));
+                    heads.records += rec.times_head.len();
+                    heads
+                        .by_table
+                        .insert(t.digest, Arc::from(&rec.times_head[..]));
                 }
             }
         }
